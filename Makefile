@@ -1,0 +1,47 @@
+# agentd developer entry points. A fresh Debian/Ubuntu machine needs only python3.11 (with its
+# venv module), pip and make: everything else is installed into $(VENV) from pyproject.toml.
+
+VENV ?= .venv
+PY ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)
+PYTEST_ARGS ?=
+
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := test
+.PHONY: install test test-fast lint demo bench clean distclean
+
+# The stamp is remade whenever pyproject.toml changes. pip itself is not upgraded: the venv's own
+# pip is enough for an editable install, and it saves a network round trip.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --disable-pip-version-check --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# pytest's status goes straight to make: 1 (failures), 2-4 (errors) and 5 (no tests collected)
+# all fail the target. Nothing here may mask it (no leading '-', no '|| true', no pipe).
+test: $(STAMP)
+	$(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Called as a module so the demo does not depend on the CLI's wiring of `agentd demo`.
+demo: $(STAMP)
+	$(PYTHON) -m agentd.demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PYTHON) bench/socket_bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-run
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,374 @@
+"""The audit stream: one line per decision, coalesced (decision 10).
+
+Theory of operation: ``record()`` is called for every decision on the main socket, the
+credentials socket, ``watch`` and admin ops. It is sync, never blocks and never raises: it only
+counts the record under its key (socket, op, decision, pid, process start time, uid, exe, unit,
+name, version, stale) in a bounded in-memory table. ``run()`` flushes the table every
+``flush_interval``: one JSON line per key with the time of the key's first record and a
+``count``, so a process reading the same version a thousand times a second costs one line a
+second. Past ``max_pending`` distinct keys between two flushes, new keys are counted as
+``dropped`` (metric, and one ``"decision": "dropped"`` line at the next flush) instead of growing
+memory without bound.
+
+Lines never carry a secret value (``record()`` has no argument for one). Keys are sorted::
+
+    {"count":3,"decision":"allow","exe":"/usr/bin/app","name":"db","op":"get","pid":42,
+     "socket":"main","stale":false,"time":"2025-01-01T00:00:00.000Z","uid":1000,
+     "unit":"app.service","version":7}
+
+Sinks: ``cfg.path`` absolute -> a JSON-lines file (created 0600 with O_NOFOLLOW, missing parent
+directories 0700), rotated by size to ``path.1`` .. ``path.<backups>``; ``"journal"`` ->
+journald's native protocol (fields MESSAGE, SYSLOG_IDENTIFIER=agentd-audit, AGENTD_AUDIT=1,
+PRIORITY=6), or stderr when there is no journal socket; None -> off. Writes run in a worker thread
+(``trio.to_thread``); a failed write is counted in ``write_errors`` and logged once per burst of
+failures, never raised to callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from agentd.cell import Cell
+from agentd.config import AuditConfig
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"  # read at each flush (tests patch it)
+MAX_PENDING = 10_000
+FINAL_FLUSH_TIMEOUT = 5.0  # seconds a flush at shutdown may take before lines are given up
+
+# (socket, op, decision, pid, start_time, uid, exe, unit, name, version, stale)
+_Key = tuple[str, str, str, int, int | None, int, str | None, str | None, str | None,
+             int | None, bool | None]
+
+
+@dataclass(frozen=True)
+class AuditStatistics:
+    records: int        # record() calls while audit is on (dropped ones included)
+    lines_written: int
+    dropped: int        # records not kept because max_pending keys were pending
+    write_errors: int   # lines that could not be written
+
+
+class _Group:
+    __slots__ = ("count", "first")
+
+    def __init__(self, first: float) -> None:
+        self.first = first
+        self.count = 0
+
+
+class _Sink(Protocol):
+    def begin(self) -> None: ...
+    def write_line(self, line: str) -> None: ...
+    def end(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _iso(t: float) -> str:
+    stamp = datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents with mode 0700."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+
+
+class _FileSink:
+    """Appends to ``path``; rotates to ``path.1`` .. ``path.<backups>`` past ``max_bytes``."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self._path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._fd: int | None = None
+        self._id: tuple[int, int] | None = None
+        self._size = 0
+
+    def begin(self) -> None:
+        # Reopen when someone else moved or removed the file (logrotate, an admin).
+        if self._fd is None:
+            return
+        try:
+            st = os.stat(self._path, follow_symlinks=False)
+        except FileNotFoundError:
+            self.close()
+            return
+        if (st.st_dev, st.st_ino) != self._id:
+            self.close()
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode()
+        fd = self._open()
+        if self._size > 0 and self._size + len(data) > self._max_bytes:
+            self._rotate()
+            fd = self._open()
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            self._size += n
+
+    def end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _open(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        _make_dirs(self._path.parent)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self._path, flags, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{self._path} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._id, self._size = fd, (st.st_dev, st.st_ino), st.st_size
+        return fd
+
+    def _rotate(self) -> None:
+        self.close()
+        base = str(self._path)
+        if self._backups <= 0:
+            os.unlink(base)
+            return
+        for i in range(self._backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{base}.{i}", f"{base}.{i + 1}")
+        os.replace(base, f"{base}.1")
+
+
+class _JournalSink:
+    """journald's native protocol; stderr when there is no journal to talk to."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    def begin(self) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(1.0)
+
+    def write_line(self, line: str) -> None:
+        # json.dumps escapes newlines, so every value fits the simple KEY=VALUE form.
+        payload = (f"MESSAGE={line}\nSYSLOG_IDENTIFIER=agentd-audit\nAGENTD_AUDIT=1\n"
+                   "PRIORITY=6\n").encode()
+        assert self._sock is not None
+        try:
+            self._sock.sendto(payload, JOURNAL_SOCKET)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not self._warned:
+                log.warning("no journal at %s; audit lines go to stderr", JOURNAL_SOCKET)
+                self._warned = True
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            sock.close()
+
+
+class Audit:
+    """Coalesces audit records and writes them out periodically.
+
+    Start ``run()`` in the daemon's nursery; cancelling it flushes what is pending (for at most
+    ``FINAL_FLUSH_TIMEOUT`` seconds) and closes the file. ``flush()`` is the sync equivalent for
+    shutdown paths outside trio and for tests; ``close()`` releases the file without flushing.
+
+    Args:
+        cfg: the ``[audit]`` section.
+        clock: wall-clock seconds, for each group's ``time``.
+        max_pending: distinct keys kept between two flushes.
+
+    Raises:
+        ValueError: ``cfg.path`` is neither None, ``"journal"`` nor an absolute path.
+    """
+
+    def __init__(self, cfg: AuditConfig, *, clock: Callable[[], float] = time.time,
+                 max_pending: int = MAX_PENDING) -> None:
+        self._cfg = cfg
+        self._clock = clock
+        self._max_pending = max_pending
+        self._sink: _Sink | None
+        if cfg.path is None:
+            self._sink = None
+        elif cfg.path == JOURNAL:
+            self._sink = _JournalSink()
+        elif os.path.isabs(cfg.path):
+            self._sink = _FileSink(Path(cfg.path), cfg.max_bytes, cfg.backups)
+        else:
+            raise ValueError("audit path must be absolute, 'journal', or None")
+        self._pending: dict[_Key, _Group] = {}
+        self._dropped_pending = 0
+        self._dropped_first = 0.0
+        self._records = 0
+        self._dropped = 0
+        self._lines_written = 0
+        self._write_errors = 0
+        self._failing = False
+        self._lock = threading.Lock()  # one writer at a time: run()'s thread or flush()
+        self.flushed: Cell[int] = Cell(0)  # number of completed flushes
+
+    @property
+    def enabled(self) -> bool:
+        return self._sink is not None
+
+    def record(self, *, op: str, decision: str, pid: int, uid: int, exe: str | None = None,
+               unit: str | None = None, name: str | None = None, version: int | None = None,
+               stale: bool | None = None, start_time: int | None = None,
+               socket: str = "main") -> None:
+        """Count one decision. Sync, never blocks, never raises.
+
+        ``decision`` is e.g. "allow", "deny", "not_found", "unavailable", "error",
+        "rate_limited"; ``socket`` is "main", "credentials", or "admin".
+        """
+        if self._sink is None:
+            return
+        try:
+            self._records += 1
+            key: _Key = (socket, op, decision, pid, start_time, uid, exe, unit, name, version,
+                         stale)
+            group = self._pending.get(key)
+            if group is None:
+                if len(self._pending) >= self._max_pending:
+                    if self._dropped_pending == 0:
+                        self._dropped_first = self._clock()
+                    self._dropped_pending += 1
+                    self._dropped += 1
+                    return
+                group = self._pending[key] = _Group(self._clock())
+            group.count += 1
+        except Exception:
+            log.exception("audit record failed")
+
+    def flush(self) -> None:
+        """Write what is pending now. Sync: blocks on file or journal I/O."""
+        lines = self._take()
+        if lines:
+            self._write(lines)
+        self.flushed.set(self.flushed.value + 1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Flush every ``cfg.flush_interval`` until cancelled; then flush once more and close."""
+        task_status.started()
+        if self._sink is None:
+            await trio.sleep_forever()
+        try:
+            while True:
+                await trio.sleep(self._cfg.flush_interval)
+                await self._flush_async(final=False)
+        finally:
+            with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
+                await self._flush_async(final=True)
+
+    def close(self) -> None:
+        """Close the audit file (it is reopened by the next write)."""
+        if self._sink is not None:
+            with self._lock:
+                self._sink.close()
+
+    def statistics(self) -> AuditStatistics:
+        return AuditStatistics(records=self._records, lines_written=self._lines_written,
+                               dropped=self._dropped, write_errors=self._write_errors)
+
+    async def _flush_async(self, *, final: bool) -> None:
+        lines = self._take()
+        if lines or final:
+            # The final flush may be abandoned by its timeout; the thread then finishes alone.
+            await trio.to_thread.run_sync(self._write, lines, final, abandon_on_cancel=final)
+        self.flushed.set(self.flushed.value + 1)
+
+    def _take(self) -> list[str]:
+        """Swap out the pending table and format it (trio thread: no lock needed)."""
+        pending, self._pending = self._pending, {}
+        lines = [self._line(key, group) for key, group in pending.items()]
+        if self._dropped_pending:
+            line: dict[str, Any] = dict.fromkeys(
+                ("socket", "pid", "uid", "unit", "exe", "name", "version", "stale"))
+            line.update(time=_iso(self._dropped_first), op="audit", decision="dropped",
+                        count=self._dropped_pending)
+            lines.append(json.dumps(line, sort_keys=True, separators=(",", ":")))
+            log.warning("audit dropped %d records: more than %d distinct keys pending",
+                        self._dropped_pending, self._max_pending)
+            self._dropped_pending = 0
+        return lines
+
+    @staticmethod
+    def _line(key: _Key, group: _Group) -> str:
+        sock, op, decision, pid, _start_time, uid, exe, unit, name, version, stale = key
+        obj = {"time": _iso(group.first), "socket": sock, "op": op, "decision": decision,
+               "pid": pid, "uid": uid, "unit": unit, "exe": exe, "name": name,
+               "version": version, "stale": stale, "count": group.count}
+        # ensure_ascii: an exe path with odd bytes (surrogate escapes) or newlines stays one line
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    def _write(self, lines: list[str], close: bool = False) -> None:
+        """Write ``lines`` to the sink (worker thread or sync flush); count, never raise."""
+        sink = self._sink
+        if sink is None:
+            return
+        with self._lock:
+            done = 0
+            try:
+                sink.begin()
+                for line in lines:
+                    sink.write_line(line)
+                    done += 1
+                    self._lines_written += 1
+            except (OSError, ValueError) as exc:
+                self._write_errors += len(lines) - done
+                with contextlib.suppress(OSError):
+                    sink.close()
+                if not self._failing:
+                    self._failing = True
+                    log.error("audit write failed (%s); lines are being lost", exc)
+            else:
+                if self._failing:
+                    self._failing = False
+                    log.warning("audit writes work again after %d lost lines",
+                                self._write_errors)
+            finally:
+                try:
+                    sink.end()
+                    if close:
+                        sink.close()
+                except OSError:
+                    pass

@@ -1,0 +1,278 @@
+"""The sealed secret store: versions, staleness, single-flight fetches (decisions 5 and 6).
+
+Theory of operation: each entry holds its value as an AES-256-GCM blob (``crypto.Sealer``, by
+default under a per-process random key) of the msgpack-packed data, with ``msgpack([name,
+version])`` as associated data, so a blob only opens under the name and version it was stored
+with. Beside the blob the entry keeps metadata (version, fetched_at, expires_at, stale,
+stale_since) and a keyed fingerprint of the packed data; ``info()`` and ``names()`` never open a
+seal, ``get()`` opens it and hands out a deep read-only copy.
+
+Versions: for KV v2 the upstream's version decides (newer replaces, same refreshes, older is a
+lagging standby and is ignored). For kinds without one (``version=None``: kv1, leased) the cache
+keeps a local counter that grows only when the fingerprint of the data changes.
+
+``changes`` is a latest-value cell set to ``(name, version)`` whenever a put stores a new value,
+and ``(name, -1)`` when an entry is removed (revocation on evidence, or an admin op). An entry
+dropped because its seal failed to open is not announced there (that is not evidence of
+revocation); it is counted in ``statistics().seal_failures`` and refetched on schedule.
+
+Everything here is sync and never blocks, except ``single_flight``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import msgpack
+import trio
+
+from agentd.cell import Cell
+from agentd.crypto import Sealer
+from agentd.errors import CryptoError, Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REMOVED = -1  # the version announced in ``changes`` when an entry goes away
+
+
+@dataclass(frozen=True)
+class CachedSecret:
+    """An opened entry. ``data`` is plaintext and deeply read-only: drop it once used."""
+
+    name: str
+    data: Mapping[str, Any] = field(repr=False)
+    version: int
+    fetched_at: float
+    expires_at: float | None
+    stale: bool
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """An entry's metadata; reading it never opens the seal."""
+
+    name: str
+    version: int
+    fetched_at: float
+    expires_at: float | None
+    stale: bool
+    stale_since: float | None
+
+
+@dataclass(frozen=True)
+class CacheStatistics:
+    entries: int
+    stale: int
+    seal_failures: int
+
+
+@dataclass
+class _Entry:
+    blob: bytes
+    fingerprint: bytes
+    version: int
+    fetched_at: float
+    expires_at: float | None
+    stale: bool = False
+    stale_since: float | None = None
+
+
+class _Flight:
+    """One fetch in progress, shared by every caller for the same name."""
+
+    __slots__ = ("abandoned", "done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    """msgpack ``default``: pack read-only mappings (MappingProxyType, frozen data) as maps."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise TypeError(f"cannot pack a value of type {type(obj).__name__}")
+
+
+def _associated_data(name: str, version: int) -> bytes:
+    packed: bytes = msgpack.packb([name, version])
+    return packed
+
+
+class Cache:
+    """Sealed secret entries by local name.
+
+    Args:
+        sealer: seals the entries; default a fresh per-process random key.
+        clock: wall-clock seconds (``fetched_at``, ``stale_since`` defaults).
+    """
+
+    def __init__(self, sealer: Sealer | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._sealer = sealer if sealer is not None else Sealer.generate()
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._seal_failures = 0
+        self.changes: Cell[tuple[str, int] | None] = Cell(None)
+
+    def put(self, name: str, data: Mapping[str, Any], *, version: int | None,
+            fetched_at: float | None = None, expires_at: float | None = None) -> bool:
+        """Store a freshly fetched value; return True when it is a new value.
+
+        ``version`` is the upstream's (KV v2) or None (the cache counts). A stored value with the
+        same version is only refreshed (fetched_at, expires_at, stale cleared) and False is
+        returned; an older version is ignored (a lagging standby) and False is returned. The same
+        version with different data (the secret's path changed on a reload) replaces the value.
+
+        Raises:
+            TypeError: ``data`` holds something msgpack cannot pack.
+        """
+        when = self._clock() if fetched_at is None else fetched_at
+        packed: bytes = msgpack.packb(data, default=_plain)
+        fingerprint = self._sealer.fingerprint(packed)
+        old = self._entries.get(name)
+        if old is not None:
+            if version is None:
+                if old.fingerprint == fingerprint:
+                    self._refresh(old, when, expires_at)
+                    return False
+                version = old.version + 1
+            elif version < old.version:
+                log.debug("ignoring %s version %d older than cached %d (lagging standby?)",
+                          name, version, old.version)
+                return False
+            elif version == old.version:
+                if old.fingerprint == fingerprint:
+                    self._refresh(old, when, expires_at)
+                    return False
+                log.warning("%s version %d changed its data; replacing the cached value",
+                            name, version)
+        elif version is None:
+            version = 1
+        blob = self._sealer.seal(packed, _associated_data(name, version))
+        self._entries[name] = _Entry(blob, fingerprint, version, when, expires_at)
+        self.changes.set((name, version))
+        return True
+
+    @staticmethod
+    def _refresh(entry: _Entry, when: float, expires_at: float | None) -> None:
+        entry.fetched_at = when
+        entry.expires_at = expires_at
+        entry.stale = False
+        entry.stale_since = None
+
+    def get(self, name: str) -> CachedSecret | None:
+        """Open the entry for ``name``; None if absent or its seal fails (the entry is dropped)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        try:
+            packed = self._sealer.open(entry.blob, _associated_data(name, entry.version))
+        except CryptoError as exc:
+            self._seal_failures += 1
+            if self._entries.get(name) is entry:
+                del self._entries[name]
+            log.error("dropped cached %s: %s", name, exc)
+            return None
+        data = _freeze(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+        return CachedSecret(name=name, data=data, version=entry.version,
+                            fetched_at=entry.fetched_at, expires_at=entry.expires_at,
+                            stale=entry.stale)
+
+    def info(self, name: str) -> EntryInfo | None:
+        """Metadata of the entry for ``name`` (None if absent), without opening it."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        return EntryInfo(name=name, version=entry.version, fetched_at=entry.fetched_at,
+                         expires_at=entry.expires_at, stale=entry.stale,
+                         stale_since=entry.stale_since)
+
+    def mark_stale(self, name: str, *, since: float | None = None) -> None:
+        """Mark ``name`` stale (a refresh failed); keeps the time of the first failure."""
+        entry = self._entries.get(name)
+        if entry is None or entry.stale:
+            return
+        entry.stale = True
+        entry.stale_since = self._clock() if since is None else since
+
+    def remove(self, name: str) -> bool:
+        """Drop ``name`` (revoked or deleted); announce ``(name, -1)``. False if absent."""
+        if self._entries.pop(name, None) is None:
+            return False
+        self.changes.set((name, REMOVED))
+        return True
+
+    def names(self) -> list[str]:
+        """The cached names, sorted."""
+        return sorted(self._entries)
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(
+            entries=len(self._entries),
+            stale=sum(1 for e in self._entries.values() if e.stale),
+            seal_failures=self._seal_failures,
+        )
+
+    async def single_flight(self, name: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fetch()`` for ``name`` unless one is already running; share its outcome.
+
+        The first caller runs its ``fetch`` in its own task; callers arriving meanwhile wait and
+        get the same result, or the same exception object raised again. Different names never
+        wait for each other.
+
+        Cancellation: a cancelled waiter just stops waiting. If the runner is cancelled (or its
+        fetch raises a BaseException that is not an Exception), the flight is abandoned and
+        each waiter retries: one of them becomes the new runner with its own ``fetch``. So one
+        client going away never fails the others. ``Unavailable("refresh cancelled")`` is raised
+        only to a waiter whose retries keep being abandoned (more than a few times in a row).
+        """
+        for _ in range(8):
+            flight = self._flights.get(name)
+            if flight is None:
+                return await self._run_flight(name, fetch)
+            await flight.done.wait()
+            if flight.abandoned:
+                continue
+            if flight.error is not None:
+                raise flight.error
+            result: T = flight.result
+            return result
+        raise Unavailable("refresh cancelled")
+
+    async def _run_flight(self, name: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        flight = _Flight()
+        self._flights[name] = flight
+        try:
+            result = await fetch()
+        except Exception as exc:
+            flight.error = exc
+            raise
+        except BaseException:
+            flight.abandoned = True
+            raise
+        else:
+            flight.result = result
+            return result
+        finally:
+            if self._flights.get(name) is flight:
+                del self._flights[name]
+            flight.done.set()

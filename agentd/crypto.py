@@ -1,0 +1,212 @@
+"""Sealing, process hardening and key files (decision 6). The only importer of ``cryptography``.
+
+Theory of operation: every cache entry is sealed with AES-256-GCM by a ``Sealer`` that holds one
+key (a per-process random key for the in-memory cache, a key file or systemd credential for the
+on-disk snapshot). A sealed blob is ``nonce (12 random bytes) || ciphertext || tag``; the caller
+passes associated data (for the cache: the entry's name and version) that must match on opening,
+so a blob cannot be replayed under another name or version. Anything that fails authentication
+raises ``CryptoError`` with a message that never contains data.
+
+What this protects: a heap read (core dump, swap, a stray debug print, a snapshot file copied off
+the host) shows ciphertext only. What it does not: an attacker who can read the whole process
+memory also finds the key. Python cannot wipe ``bytes`` objects, so plaintext lives only as long
+as the caller keeps a reference; ``harden_process()`` keeps the kernel from writing it to a core
+file and keeps other same-uid processes from ptracing the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import resource
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from agentd.errors import CryptoError
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+_FINGERPRINT_LABEL = b"agentd fingerprint v1"
+
+# <linux/prctl.h>
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+
+
+class Sealer:
+    """AES-256-GCM with one key. Holds no plaintext; ``repr()`` shows no key.
+
+    Raises:
+        CryptoError: from the constructor when the key is not 32 bytes, from ``open()`` when a
+            blob fails authentication or is too short to be one.
+    """
+
+    __slots__ = ("_aead", "_fingerprint_key")
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise CryptoError(f"a sealing key must be {KEY_BYTES} bytes")
+        self._aead = AESGCM(key)
+        # A separate key for fingerprints, so a digest never reveals anything about the sealing
+        # key and the raw key need not be kept beside the AEAD object.
+        self._fingerprint_key = hmac.new(key, _FINGERPRINT_LABEL, hashlib.sha256).digest()
+
+    @classmethod
+    def generate(cls) -> Sealer:
+        """A sealer with a fresh random key (the per-process cache key)."""
+        return cls(os.urandom(KEY_BYTES))
+
+    def __repr__(self) -> str:
+        return "Sealer(<key hidden>)"
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        """Encrypt and authenticate ``plaintext``; bind it to ``associated_data``."""
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, associated_data)
+
+    def open(self, blob: bytes, associated_data: bytes) -> bytes:
+        """Return the plaintext of ``blob`` sealed with ``associated_data``.
+
+        Raises:
+            CryptoError: the blob is too short, was altered, or was sealed with another key or
+                other associated data.
+        """
+        if len(blob) < NONCE_BYTES + TAG_BYTES:
+            raise CryptoError("sealed data is truncated")
+        try:
+            return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data)
+        except InvalidTag:
+            raise CryptoError("sealed data failed authentication") from None
+
+    def fingerprint(self, data: bytes) -> bytes:
+        """A keyed digest (HMAC-SHA256) of ``data``: equal data, equal digests, under this key.
+
+        Lets the cache tell whether a value changed without keeping the plaintext; without the
+        key a digest cannot be used to confirm a guessed value.
+        """
+        return hmac.new(self._fingerprint_key, data, hashlib.sha256).digest()
+
+
+def harden_process() -> None:
+    """Make this process non-dumpable and turn core dumps off (decision 6).
+
+    ``PR_SET_DUMPABLE 0`` also keeps processes of the same uid (without CAP_SYS_PTRACE) from
+    attaching to the agent or reading its ``/proc/PID/mem``. Failures are logged, never raised:
+    a kernel without prctl must not keep the agent from starting.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+        prctl.restype = ctypes.c_int
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                          ctypes.c_ulong]
+        if prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
+    except (OSError, AttributeError) as exc:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) unavailable: %s", exc)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.warning("setrlimit(RLIMIT_CORE, 0) failed: %s", exc)
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """Return the 32-byte key in ``path``, creating it (mode 0600) on first use.
+
+    A missing parent directory is created with mode 0700. A new key is written to a temporary
+    file (O_CREAT|O_EXCL|O_NOFOLLOW, 0600), synced, and then hard-linked into place, so a crash
+    never leaves a short key file behind and two starters racing end up with the same key.
+
+    Raises:
+        CryptoError: naming the path (never the key) when the file is a symlink, not a regular
+            file, of the wrong size, accessible by group or others, owned by another user than
+            root or this process, or cannot be read or created.
+    """
+    for _ in range(3):
+        try:
+            return _read_key(path)
+        except FileNotFoundError:
+            pass
+        _create_key(path)
+    raise CryptoError(f"{path}: key file keeps disappearing")
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CryptoError(f"{path}: key file is a symlink; refusing it") from None
+        raise CryptoError(f"{path}: cannot open key file: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CryptoError(f"{path}: key file is not a regular file")
+        if st.st_mode & 0o077:
+            raise CryptoError(
+                f"{path}: key file has mode {stat.S_IMODE(st.st_mode):04o};"
+                " it must not be accessible by group or others (use 0600)"
+            )
+        if st.st_uid not in (0, os.geteuid()):
+            raise CryptoError(f"{path}: key file is owned by uid {st.st_uid}")
+        if st.st_size != KEY_BYTES:
+            raise CryptoError(
+                f"{path}: key file holds {st.st_size} bytes; it must hold {KEY_BYTES} raw bytes"
+            )
+        key = os.read(fd, KEY_BYTES + 1)
+    except OSError as exc:
+        raise CryptoError(f"{path}: cannot read key file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(key) != KEY_BYTES:
+        raise CryptoError(f"{path}: key file changed while it was read")
+    return key
+
+
+def _create_key(path: Path) -> None:
+    parent = path.parent
+    try:
+        if not parent.exists():
+            parent.mkdir(mode=0o700, parents=True)
+            os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+        tmp = parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                key = os.urandom(KEY_BYTES)
+                written = 0
+                while written < KEY_BYTES:
+                    written += os.write(fd, key[written:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # Fails if another starter won the race: then its key is the one to use.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise CryptoError(f"{path}: cannot create key file: {exc.strerror}") from None
+    log.info("created a new cache key file %s", path)

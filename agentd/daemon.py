@@ -1,0 +1,181 @@
+"""Composition root: build every component from the config and run them in one nursery.
+
+Start order (decision 10):
+
+1. harden the process (non-dumpable, no core dumps), then load nothing secret before that;
+2. start the audit writer, the authenticator (which logs in with backoff) and the refresher
+   (which fetches every declared secret as soon as there is a token);
+3. wait until every secret has a value, or ``ready_timeout`` at the latest, so a dead upstream on
+   first boot never blocks boot;
+4. bind the socket (or take systemd's) and start accepting, then send ``READY=1``;
+5. run until SIGTERM/SIGINT; on the way out flush the audit stream, revoke a login token that no
+   lease depends on, and remove the socket.
+
+Every long-running piece is ``async def run(..., task_status)`` and nothing holds a nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agentd import __version__, systemd
+from agentd.audit import Audit
+from agentd.auth import Authenticator
+from agentd.cache import Cache
+from agentd.config import Config
+from agentd.crypto import Sealer, harden_process
+from agentd.refresh import Refresher
+from agentd.server import Server, open_listener
+from agentd.upstream import Upstream
+
+log = logging.getLogger("agentd.daemon")
+
+
+class Agent:
+    """One running agent: the components built from one config and their shared state."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.ready = trio.Event()
+        self.upstream = Upstream(config.upstream)
+        self.auth = Authenticator(config.upstream, self.upstream)
+        self.cache = Cache(Sealer.generate())
+        self.audit = Audit(config.audit)
+        self.refresher = Refresher(config, self.upstream, self.auth, self.cache)
+        self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
+
+    def status(self) -> Mapping[str, Any]:
+        """What ``agentd status`` shows: upstream, auth, every secret's state. Never a value."""
+        up = self.upstream.statistics()
+        auth = self.auth.statistics()
+        secrets: dict[str, Any] = {}
+        refresh_state = self.refresher.status()
+        for name, secret in sorted(self.config.secrets.items()):
+            info = self.cache.info(name)
+            secrets[name] = {
+                "kind": secret.kind,
+                "path": secret.path,
+                "version": info.version if info else None,
+                "fetched_at": info.fetched_at if info else None,
+                "stale": info.stale if info else None,
+                **refresh_state[name],
+            }
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "ready": self.ready.is_set(),
+            "upstream": {
+                "address": up.address,
+                "up": up.up,
+                "requests": up.requests,
+                "errors": up.errors,
+                "last_error": up.last_error,
+            },
+            "auth": {
+                "method": auth.method,
+                "state": auth.state,
+                "expires_at": auth.expires_at,
+                "logins": auth.logins,
+                "renewals": auth.renewals,
+                "failures": auth.failures,
+                "last_error": auth.last_error,
+            },
+            "secrets": secrets,
+            "counts": {
+                "secrets": len(secrets),
+                "cached": sum(1 for s in secrets.values() if s["version"] is not None),
+                "stale": sum(1 for s in secrets.values() if s["stale"]),
+                "templates": len(self.config.templates),
+            },
+            "server": self.server.statistics(),
+            "audit": vars(self.audit.statistics()) if hasattr(self.audit.statistics(), "__dict__")
+            else dict(self.audit.statistics()._asdict()),  # type: ignore[attr-defined]
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the agent until cancelled. ``task_status.started()`` fires at READY."""
+        config = self.config
+        listener: socket.socket | None = None
+        activated = systemd.listen_fds()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.audit.run)
+                nursery.start_soon(self.auth.run)
+                await nursery.start(self.refresher.run)
+                with trio.move_on_after(config.agent.ready_timeout) as waited:
+                    await self.refresher.wait_all_fetched()
+                if waited.cancelled_caught:
+                    log.warning(
+                        "ready_timeout passed before every secret was fetched; serving what there is",
+                        extra={"ready_timeout": config.agent.ready_timeout},
+                    )
+                if activated:
+                    listener = activated[0]
+                    for extra in activated[1:]:
+                        extra.close()
+                else:
+                    listener = open_listener(
+                        config.agent.socket,
+                        mode=config.agent.socket_mode,
+                        group=config.agent.socket_group,
+                    )
+                await nursery.start(self.server.serve, listener)
+                self.ready.set()
+                systemd.notify("READY=1")
+                log.info(
+                    "agentd ready",
+                    extra={"socket": str(config.agent.socket), "secrets": len(config.secrets),
+                           "version": __version__},
+                )
+                interval = systemd.watchdog_interval()
+                if interval:
+                    nursery.start_soon(_watchdog, interval)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                systemd.notify("STOPPING=1")
+                self.audit.flush()
+                await self.auth.revoke()
+                await self.upstream.aclose()
+            if listener is not None:
+                listener.close()
+                if not activated:
+                    _unlink_socket(config.agent.socket)
+
+
+async def _watchdog(interval: float) -> None:
+    # Sent from the main loop: if the loop wedges, the pings stop and systemd restarts us.
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def _unlink_socket(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+async def serve(config: Config) -> None:
+    """Run an agent until SIGTERM or SIGINT."""
+    harden_process()
+    agent = Agent(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            nursery.start_soon(agent.run)
+            async for signum in signals:
+                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                nursery.cancel_scope.cancel()
+                break

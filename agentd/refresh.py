@@ -1,0 +1,190 @@
+"""Per-secret schedules: fetch at start, poll every ``refresh`` with jitter, back off on failure.
+
+Theory of operation: ``Refresher.run`` starts one task per declared secret. Each task waits for a
+token, fetches its secret through ``Cache.single_flight`` (so an admin ``refresh`` racing the poll
+makes one upstream request, not two), stores it, and sleeps ``refresh`` +-10%. Failures never
+remove a value on their own (decision 5):
+
+- TransientError (connection, timeout, 5xx, 429, sealed): the cached value is marked stale and the
+  task retries with full-jitter backoff, honouring Retry-After;
+- AuthError: the token is handed back to the authenticator (``invalidate``) to log in again; the
+  value is kept (stale);
+- UpstreamNotFound: positive evidence that the secret was deleted upstream: the entry is dropped and
+  ``get`` answers ``not_found`` until the secret comes back;
+- any other PermanentError: kept stale, logged, retried with backoff at the cap.
+
+``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
+decision 10; the daemon bounds it by ``ready_timeout``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from agentd.auth import Authenticator
+from agentd.backoff import Backoff, jittered
+from agentd.cache import Cache
+from agentd.config import Config, SecretConfig
+from agentd.errors import (
+    AuthError,
+    PermanentError,
+    TransientError,
+    UpstreamError,
+    UpstreamNotFound,
+)
+from agentd.upstream import Upstream
+
+log = logging.getLogger("agentd.refresh")
+
+
+@dataclass
+class SecretState:
+    """Mutable bookkeeping of one secret's schedule (not the value: that lives sealed in Cache)."""
+
+    name: str
+    revoked: bool = False
+    failures: int = 0
+    last_error: str | None = None
+    last_attempt: float | None = None
+    next_attempt: float | None = None     # trio clock
+    fetched: trio.Event | None = None
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "revoked": self.revoked,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_attempt": self.last_attempt,
+        }
+
+
+class Refresher:
+    """Keeps the cache filled with the declared secrets. Owns no value; ``run`` lives in a nursery."""
+
+    def __init__(
+        self,
+        config: Config,
+        upstream: Upstream,
+        auth: Authenticator,
+        cache: Cache,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._upstream = upstream
+        self._auth = auth
+        self._cache = cache
+        self._clock = clock
+        self.states: dict[str, SecretState] = {
+            name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll every declared secret until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for secret in self._config.secrets.values():
+                nursery.start_soon(self._poll, secret, name=f"refresh:{secret.name}")
+            task_status.started()
+
+    async def wait_all_fetched(self) -> None:
+        """Return once every declared secret has been fetched at least once."""
+        for state in self.states.values():
+            assert state.fetched is not None
+            await state.fetched.wait()
+
+    def is_revoked(self, name: str) -> bool:
+        state = self.states.get(name)
+        return state is not None and state.revoked
+
+    async def refresh(self, name: str) -> int:
+        """Fetch ``name`` from the upstream now and store it; return the cached version.
+
+        Raises UpstreamError subclasses (the caller decides what to tell its client).
+        """
+        secret = self._config.secrets[name]
+        return await self._cache.single_flight(name, lambda: self._fetch(secret))
+
+    async def _fetch(self, secret: SecretConfig) -> int:
+        state = self.states[secret.name]
+        token = await self._auth.wait_for_token()
+        state.last_attempt = self._clock()
+        try:
+            value = await self._upstream.read_secret(secret.kind, secret.path)
+        except AuthError:
+            self._auth.invalidate(token)
+            raise
+        changed = self._cache.put(
+            secret.name,
+            value.data,
+            version=value.version,
+            fetched_at=self._clock(),
+            expires_at=value.expires_at,
+        )
+        info = self._cache.info(secret.name)
+        assert info is not None
+        if changed:
+            log.info("secret updated", extra={"secret": secret.name, "version": info.version})
+        if state.revoked:
+            log.info("secret is back upstream", extra={"secret": secret.name})
+        state.revoked = False
+        state.failures = 0
+        state.last_error = None
+        assert state.fetched is not None
+        state.fetched.set()
+        return info.version
+
+    async def _poll(self, secret: SecretConfig) -> None:
+        cfg = self._config.upstream
+        backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
+        state = self.states[secret.name]
+        while True:
+            try:
+                await self.refresh(secret.name)
+            except TransientError as exc:
+                delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
+                self._failed(state, exc, delay)
+            except UpstreamNotFound as exc:
+                # Positive evidence of deletion (decision 5): stop serving it at once.
+                if self._cache.remove(secret.name) or not state.revoked:
+                    log.warning(
+                        "secret deleted upstream, no longer served",
+                        extra={"secret": secret.name, "error": str(exc)},
+                    )
+                state.revoked = True
+                assert state.fetched is not None
+                state.fetched.set()      # a known answer (not_found) counts for readiness
+                delay = jittered(secret.refresh)
+                state.last_error = str(exc)
+            except (AuthError, PermanentError, UpstreamError) as exc:
+                delay = backoff.next_delay()
+                self._failed(state, exc, delay)
+            else:
+                backoff.reset()
+                delay = jittered(secret.refresh)
+            state.next_attempt = trio.current_time() + delay
+            await trio.sleep(delay)
+
+    def _failed(self, state: SecretState, exc: UpstreamError, delay: float) -> None:
+        state.failures += 1
+        state.last_error = str(exc)
+        had_value = self._cache.info(state.name) is not None
+        self._cache.mark_stale(state.name, since=self._clock())
+        log.warning(
+            "refresh failed",
+            extra={
+                "secret": state.name,
+                "error": str(exc),
+                "error_type": type(exc).__name__,
+                "serving": "stale" if had_value else "nothing",
+                "retry_in": round(delay, 2),
+            },
+        )
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: state.as_status() for name, state in sorted(self.states.items())}

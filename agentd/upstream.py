@@ -1,0 +1,375 @@
+"""OpenBao/Vault HTTP client: the only module that imports httpx.
+
+Theory of operation: ``Upstream.request()`` sends one API call (``path`` without ``/v1/``) through a
+single ``httpx.AsyncClient`` (it runs on trio through anyio). The configured addresses are tried in
+order, starting at the last one that answered (sticky); a connection-level failure (connect error,
+timeout, reset, protocol error), a 5xx (which includes a sealed node's 503), a standby code (472,
+473) or a redirect fails the *same* request over to the next address, each address at most once per
+request. Anything else is the answer: 4xx are never failed over. Every attempt holds one slot of a
+``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight than that.
+
+Failures are translated here, once, into agentd's tree (``_transport_error`` and
+``_status_error``): transport errors, 5xx, 429 (with its Retry-After), 472/473 -> TransientError;
+401/403 -> AuthError; 404 -> UpstreamNotFound; other 4xx and malformed replies -> PermanentError.
+Messages carry method, path, status and the upstream's own ``errors`` strings (capped), never a
+request body, a header, a token or secret data.
+
+The client ignores the environment (``trust_env=False``): a host's ``HTTP_PROXY`` must never see the
+``X-Vault-Token`` header. ``aclose()`` closes the connection pool.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json as jsonlib
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from agentd.config import UpstreamConfig
+from agentd.errors import (
+    AuthError,
+    PermanentError,
+    TransientError,
+    UpstreamError,
+    UpstreamNotFound,
+)
+
+log = logging.getLogger("agentd.upstream")
+
+MAX_ERROR_TEXT = 300          # characters of the upstream's "errors" kept in a message
+STANDBY_STATUSES = frozenset({472, 473})
+SECRET_KINDS = ("kv2", "kv1")
+_NOT_JSON: Any = object()      # marker: the body was not JSON
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    """One value read from the upstream. ``repr()`` never shows ``data``."""
+
+    data: Mapping[str, Any] = field(repr=False)
+    version: int | None                # KV v2 version; None when the upstream has none (kv1)
+    expires_at: float | None = None    # unix time when the value itself expires (leases)
+    lease_id: str | None = None
+    lease_duration: float | None = None
+    renewable: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamStatistics:
+    address: str                 # the address the next request starts with
+    up: bool                     # the last attempt reached a working server
+    requests: int                # request() / read_secret() calls
+    errors: int                  # calls that raised
+    last_error: str | None
+    latency_ms_last: float | None
+    in_flight: int = 0           # attempts holding a concurrency slot now
+    in_flight_peak: int = 0      # the most ever held at once (<= max_concurrency)
+
+
+class _Failover(TransientError):
+    """A TransientError after which the same request may go to the next address."""
+
+
+def _no_token() -> str | None:
+    return None
+
+
+def _errors_text(body: Any) -> str:
+    """The upstream's ``errors`` strings, joined and capped (they never hold secrets)."""
+    if not isinstance(body, dict):
+        return ""
+    errors = body.get("errors")
+    if not isinstance(errors, list):
+        return ""
+    text = "; ".join(str(e) for e in errors if e)
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[: MAX_ERROR_TEXT - 3] + "..."
+    return text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _decode_body(response: httpx.Response) -> Any:
+    """The JSON body, {} when empty; raises ValueError when it is not JSON."""
+    if response.status_code == 204 or not response.content:
+        return {}
+    return jsonlib.loads(response.content)
+
+
+def _transport_error(exc: httpx.TransportError, method: str, path: str, address: str) -> _Failover:
+    """Translate an httpx transport failure (the request may not have reached the upstream)."""
+    if isinstance(exc, httpx.TimeoutException):
+        what = f"timed out ({type(exc).__name__})"
+    elif isinstance(exc, httpx.ConnectError):
+        what = "cannot connect"
+    else:
+        what = f"connection failed ({type(exc).__name__})"
+    return _Failover(f"{method} {path}: {address}: {what}")
+
+
+def _status_error(method: str, path: str, response: httpx.Response, body: Any) -> UpstreamError:
+    """Translate an HTTP error status into agentd's tree."""
+    status = response.status_code
+    detail = _errors_text(body)
+    message = f"{method} {path}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        return AuthError(message, status=status)
+    if status == 404:
+        return UpstreamNotFound(message, status=status)
+    if status == 429:
+        return TransientError(
+            message, status=status, retry_after=_retry_after(response.headers.get("retry-after"))
+        )
+    if status >= 500 or status in STANDBY_STATUSES or 300 <= status < 400:
+        return _Failover(
+            message, status=status, retry_after=_retry_after(response.headers.get("retry-after"))
+        )
+    return PermanentError(message, status=status)
+
+
+def _plain(exc: UpstreamError) -> UpstreamError:
+    """Callers see TransientError, never the private _Failover marker class."""
+    if isinstance(exc, _Failover):
+        plain = TransientError(str(exc), status=exc.status, retry_after=exc.retry_after)
+        plain.__cause__ = exc.__cause__
+        return plain
+    return exc
+
+
+class Upstream:
+    """A client for one OpenBao/Vault cluster (one or more addresses).
+
+    Lifetime: create it, use it from any trio task, ``await aclose()`` at the end. ``token_source``
+    is how authentication plugs in: the Authenticator sets it; by default it returns None (no
+    token header).
+
+    Raises (from every request): TransientError, AuthError, PermanentError, UpstreamNotFound.
+    """
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        if not cfg.addresses:
+            raise ValueError("upstream needs at least one address")
+        self._cfg = cfg
+        self._addresses = tuple(a.rstrip("/") for a in cfg.addresses)
+        self._current = 0
+        self.token_source: Callable[[], str | None] = _no_token
+        verify: ssl.SSLContext | bool = True
+        if cfg.ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(cfg.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise PermanentError(f"cannot load upstream ca_file {cfg.ca_file}: {exc}") from exc
+        headers = {"X-Vault-Request": "true"}
+        if cfg.namespace:
+            headers["X-Vault-Namespace"] = cfg.namespace
+        self._client = httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(cfg.timeout),
+            trust_env=False,
+            follow_redirects=False,
+            headers=headers,
+        )
+        self._limiter = trio.CapacityLimiter(cfg.max_concurrency)
+        self._up = True
+        self._requests = 0
+        self._errors = 0
+        self._last_error: str | None = None
+        self._latency_ms: float | None = None
+        self._in_flight = 0
+        self._in_flight_peak = 0
+
+    # --- public API -------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        token: str | None = None,
+        authenticated: bool = True,
+    ) -> dict[str, Any]:
+        """Call ``/v1/<path>`` and return the decoded JSON object ({} for 204 or an empty body).
+
+        ``token`` overrides ``token_source()``; ``authenticated=False`` sends no token at all.
+        """
+        self._requests += 1
+        try:
+            response, body = await self._exchange(method, path, json, token, authenticated)
+            return self._result(method, path, response, body)
+        except UpstreamError as exc:
+            self._count_error(exc)
+            raise _plain(exc) from exc.__cause__
+
+    async def read_secret(self, kind: str, path: str) -> SecretValue:
+        """Read a KV secret. ``kind`` is "kv2" (path like ``secret/data/x``) or "kv1".
+
+        A KV v2 version that is deleted or destroyed raises UpstreamNotFound saying so.
+        """
+        if kind not in SECRET_KINDS:
+            raise ValueError(f"unsupported secret kind {kind!r}")
+        self._requests += 1
+        try:
+            response, body = await self._exchange("GET", path, None, None, True)
+            if kind == "kv2":
+                return self._kv2_value(path, response, body)
+            result = self._result("GET", path, response, body)
+            data = result.get("data")
+            if not isinstance(data, dict):
+                raise PermanentError(f"GET {path}: reply has no data object")
+            return SecretValue(data=data, version=None)
+        except UpstreamError as exc:
+            self._count_error(exc)
+            raise _plain(exc) from exc.__cause__
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Idempotent."""
+        await self._client.aclose()
+
+    def statistics(self) -> UpstreamStatistics:
+        return UpstreamStatistics(
+            address=self._addresses[self._current],
+            up=self._up,
+            requests=self._requests,
+            errors=self._errors,
+            last_error=self._last_error,
+            latency_ms_last=self._latency_ms,
+            in_flight=self._in_flight,
+            in_flight_peak=self._in_flight_peak,
+        )
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _count_error(self, exc: UpstreamError) -> None:
+        self._errors += 1
+        self._last_error = str(exc)
+
+    def _kv2_value(self, path: str, response: httpx.Response, body: Any) -> SecretValue:
+        data = body.get("data") if isinstance(body, dict) else None
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        if isinstance(metadata, dict) and response.status_code in (200, 404):
+            version = metadata.get("version")
+            if metadata.get("destroyed"):
+                raise UpstreamNotFound(
+                    f"GET {path}: version {version} destroyed", status=response.status_code
+                )
+            if metadata.get("deletion_time"):
+                raise UpstreamNotFound(
+                    f"GET {path}: version {version} deleted", status=response.status_code
+                )
+        result = self._result("GET", path, response, body)
+        data = result.get("data")
+        if not isinstance(data, dict):
+            raise PermanentError(f"GET {path}: reply has no data object")
+        values = data.get("data")
+        metadata = data.get("metadata")
+        if values is None:
+            raise UpstreamNotFound(f"GET {path}: no data (deleted)", status=response.status_code)
+        if not isinstance(values, dict) or not isinstance(metadata, dict):
+            raise PermanentError(f"GET {path}: reply is not a KV v2 secret")
+        version = metadata.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise PermanentError(f"GET {path}: reply has no KV v2 version")
+        return SecretValue(data=values, version=version)
+
+    def _result(
+        self, method: str, path: str, response: httpx.Response, body: Any
+    ) -> dict[str, Any]:
+        if response.status_code >= 300:
+            raise _status_error(method, path, response, body)
+        if body is _NOT_JSON:
+            raise PermanentError(
+                f"{method} {path}: HTTP {response.status_code}: reply is not JSON",
+                status=response.status_code,
+            )
+        if not isinstance(body, dict):
+            raise PermanentError(
+                f"{method} {path}: HTTP {response.status_code}: reply is not a JSON object",
+                status=response.status_code,
+            )
+        return body
+
+    async def _exchange(
+        self, method: str, path: str, json: Any, token: str | None, authenticated: bool
+    ) -> tuple[httpx.Response, Any]:
+        """Send to each address in turn (sticky start) until one gives a non-failover answer."""
+        headers: dict[str, str] = {}
+        if authenticated:
+            value = token if token is not None else self.token_source()
+            if value:
+                headers["X-Vault-Token"] = value
+        count = len(self._addresses)
+        start = self._current
+        last: _Failover | None = None
+        for step in range(count):
+            index = (start + step) % count
+            address = self._addresses[index]
+            try:
+                response, body = await self._attempt(address, method, path, json, headers)
+            except _Failover as exc:
+                self._up = False
+                last = exc
+                log.warning(
+                    "upstream attempt failed",
+                    extra={"address": address, "method": method, "path": path, "error": str(exc)},
+                )
+                continue
+            if index != self._current:
+                log.info("upstream failover", extra={"address": address})
+                self._current = index
+            self._up = True
+            return response, body
+        assert last is not None
+        raise last
+
+    async def _attempt(
+        self, address: str, method: str, path: str, json: Any, headers: dict[str, str]
+    ) -> tuple[httpx.Response, Any]:
+        url = f"{address}/v1/{path.lstrip('/')}"
+        async with self._limiter:
+            self._in_flight += 1
+            self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
+            started = time.perf_counter()
+            try:
+                response = await self._client.request(method, url, json=json, headers=headers)
+            except httpx.TransportError as exc:
+                raise _transport_error(exc, method, path, address) from exc
+            except httpx.InvalidURL as exc:
+                raise PermanentError(f"{method} {path}: invalid URL for {address}") from exc
+            finally:
+                self._in_flight -= 1
+            self._latency_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            body = _decode_body(response)
+        except ValueError:
+            body = _NOT_JSON
+        if response.status_code >= 500 or response.status_code in STANDBY_STATUSES or (
+            300 <= response.status_code < 400
+        ):
+            raise _status_error(method, path, response, body)
+        return response, body
+

@@ -1,0 +1,98 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from agentd.access import Peer, grants, process_start_time, rule_matches
+from agentd.config import PolicyConfig
+
+
+def peer(uid: int = 1000, gid: int = 1000, groups: tuple[int, ...] = (), **kw: object) -> Peer:
+    return Peer(pid=1, uid=uid, gid=gid, groups=frozenset(groups) | {gid}, **kw)  # type: ignore[arg-type]
+
+
+def test_peer_from_socketpair_is_this_process() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        me = Peer.from_socket(a)
+    assert (me.pid, me.uid, me.gid) == (os.getpid(), os.getuid(), os.getgid())
+    assert me.start_time is not None
+    assert me.user == "root"
+    assert me.exe == os.path.realpath(sys.executable)
+    assert me.still_same_process()
+
+
+def test_start_time_changes_when_the_pid_names_another_process() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        ghost = Peer.from_ids(child.pid, 0, 0)
+        assert ghost.still_same_process()
+    finally:
+        child.kill()
+        child.wait()
+    # The pid is gone now; a recycled pid would carry a different start time.
+    assert not ghost.still_same_process()
+    recycled = Peer(pid=os.getpid(), uid=0, gid=0, start_time=1)
+    assert not recycled.still_same_process()
+
+
+def test_start_time_parsed_after_the_last_parenthesis() -> None:
+    # A command name with spaces and ')' must not shift the fields.
+    script = (
+        "import ctypes, sys, time; ctypes.CDLL(None).prctl(15, b'a) b (c', 0, 0, 0); "
+        "print('named', flush=True); time.sleep(30)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"named\n"
+        with open(f"/proc/{child.pid}/stat") as f:
+            stat = f.read()
+        assert "(a) b (c)" in stat
+        expected = int(stat.rsplit(")", 1)[1].split()[19])
+        assert process_start_time(child.pid) == expected
+        # A naive split on spaces would read a different field.
+        assert int(stat.split()[21]) != expected
+    finally:
+        child.kill()
+        child.communicate()
+
+
+@pytest.mark.parametrize(
+    ("rule", "p", "expected"),
+    [
+        (PolicyConfig(name="r", allow=("db",), uids=(1000,)), peer(), True),
+        (PolicyConfig(name="r", allow=("db",), uids=(1001,)), peer(), False),
+        # every listed attribute must match
+        (PolicyConfig(name="r", allow=("db",), uids=(1000,), gids=(5,)), peer(), False),
+        (PolicyConfig(name="r", allow=("db",), uids=(1000,), gids=(5,)), peer(groups=(5,)), True),
+        # a list matches when any element does
+        (PolicyConfig(name="r", allow=("db",), uids=(7, 1000)), peer(), True),
+        (PolicyConfig(name="r", allow=("db",), exe=("/usr/bin/app",)), peer(exe="/usr/bin/app"),
+         True),
+        (PolicyConfig(name="r", allow=("db",), exe=("/usr/bin/app",)), peer(exe=None), False),
+        (PolicyConfig(name="r", allow=("db",), units=("a.service",)), peer(unit="b.service"),
+         False),
+        # no selector: matches nobody
+        (PolicyConfig(name="r", allow=("db",)), peer(), False),
+    ],
+)
+def test_rule_matching(rule: PolicyConfig, p: Peer, expected: bool) -> None:
+    assert rule_matches(rule, p) is expected
+
+
+def test_grants_add_up_and_deny_by_default() -> None:
+    rules = [
+        PolicyConfig(name="app", allow=("db", "api-*"), uids=(1000,)),
+        PolicyConfig(name="ops", allow=("tls",), gids=(50,), admin=True),
+        PolicyConfig(name="other", allow=("*",), uids=(2000,)),
+    ]
+    g = grants(rules, peer(groups=(50,)))
+    assert g.rules == ("app", "ops")
+    assert g.admin
+    assert g.readable(["db", "api-key", "api", "tls", "x"]) == ["api-key", "db", "tls"]
+    nobody = grants(rules, peer(uid=3000, gid=3000))
+    assert nobody.readable(["db", "tls"]) == []
+    assert not nobody.admin
