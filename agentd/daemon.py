@@ -16,6 +16,7 @@ Every long-running piece is ``async def run(..., task_status)`` and nothing hold
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -99,8 +100,7 @@ class Agent:
                 "templates": len(self.config.templates),
             },
             "server": self.server.statistics(),
-            "audit": vars(self.audit.statistics()) if hasattr(self.audit.statistics(), "__dict__")
-            else dict(self.audit.statistics()._asdict()),  # type: ignore[attr-defined]
+            "audit": dataclasses.asdict(self.audit.statistics()),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
