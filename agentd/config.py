@@ -1,11 +1,14 @@
 """TOML configuration -> frozen, validated dataclasses.
 
 Theory of operation: ``load(path)`` reads the main file and then ``conf.d/*.toml`` beside it
-(sorted), parses each with tomllib, and validates in two phases (as OpenBao's agent config does): phase one
-turns raw tables into typed values key by key, collecting *every* problem instead of stopping at the
-first; phase two checks cross-references (a policy granting a pattern, a template naming a secret,
-file permissions). If anything is wrong, one ``ConfigError`` carries all problems, each formatted as
-``file:line: key.path: message`` (line is where the key can be located in that file, 0 if nowhere).
+(sorted), parses each with tomllib, and validates in two phases (as OpenBao's agent config does):
+phase one turns raw tables into typed values key by key, collecting *every* problem instead of
+stopping at the first; phase two checks cross-references (a policy granting a pattern, a template
+naming a secret) and, unless ``check_permissions=False``, the filesystem (files exist, and nobody
+but root or the agent's user can change them). If anything is wrong, one ``ConfigError`` carries
+all problems, each formatted as ``file:line: key.path: message`` (line is where the key, or its
+table header, can be located in that file; 0 if nowhere). A small locator over the raw text finds
+lines, since tomllib does not keep them.
 
 The dataclasses below are the contract the rest of agentd codes against. All are frozen; mappings
 are read-only.
@@ -671,7 +674,7 @@ class _Builder:
         main, data = parsed[0]
         main.table(data, (), _MAIN_ONLY + _ANYWHERE)
         agent = self.agent(main, data.get("agent", {}))
-        upstream = self.upstream(main, data.get("upstream"))
+        upstream = self.upstream(main, data.get("upstream", {}))
         cache = self.cache(main, data.get("cache", {}))
         audit = self.audit(main, data.get("audit", {}))
         for file, extra in parsed[1:]:
@@ -725,9 +728,6 @@ class _Builder:
     def upstream(self, f: _File, raw: object) -> UpstreamConfig:
         key: KeyPath = ("upstream",)
         d = UpstreamConfig()
-        if raw is None:
-            f.problem((*key, "addresses"), "required")
-            raw = {}
         t = f.table(raw, key, tuple(UpstreamConfig.__dataclass_fields__))
         positive = _duration(0.0, strict=True)
         ca_file = f.get(t, key, "ca_file", _abs_path, None)
@@ -840,7 +840,7 @@ class _Builder:
     def policy(self, f: _File, key: KeyPath, raw: object) -> None:
         fields = ("name", "allow", "admin", *_SELECTORS)
         t = f.table(raw, key, fields)
-        if t and not any(s in t for s in _SELECTORS):
+        if isinstance(raw, dict) and not any(s in t for s in _SELECTORS):
             f.problem(key, f"a policy needs at least one of {', '.join(_SELECTORS)}")
         uids = list(f.get(t, key, "uids", _id_list, _NO_INTS))
         gids = list(f.get(t, key, "gids", _id_list, _NO_INTS))
@@ -917,10 +917,10 @@ class _Builder:
         destination = f.get(t, key, "destination", _abs_path, Path("/"), required=True)
         source = f.get(t, key, "source", _abs_path, None)
         contents = f.get(t, key, "contents", _string, None)
-        if ("source" in t) == ("contents" in t) and t:
+        if isinstance(raw, dict) and ("source" in t) == ("contents" in t):
             f.problem(key, "set exactly one of source or contents")
         if contents is not None:
-            self.refs.append((f, (*key, "contents"), "contents", _secret_refs(contents)))
+            self.refs.append((f, (*key, "contents"), "template", _secret_refs(contents)))
         if source is not None:
             self.file_checks.append(_FileCheck(f, (*key, "source"), source, template=True))
         mode, owner, group, command, timeout, wait = self._action(f, t, key)
