@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     with_socket(p)
     p = sub.add_parser("ping", help="check that the agent answers")
     with_socket(p)
-    p = sub.add_parser("demo", help="run a local OpenBao dev server and the agent end to end")
+    p = sub.add_parser("demo", add_help=False,
+                       help="run a local OpenBao dev server and the agent end to end")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -281,6 +282,12 @@ def write_agent_files(
         f"socket = {_toml_str(files.socket)}",
         f"state_dir = {_toml_str(files.state_dir)}",
         'ready_timeout = "10s"',
+    ]
+    if os.geteuid() != 0:
+        # Config and credential files must be owned by root or the agent's user: say who we are.
+        with contextlib.suppress(KeyError):
+            lines.append(f"user = {_toml_str(pwd.getpwuid(os.geteuid()).pw_name)}")
+    lines += [
         "",
         "[upstream]",
         f"addresses = [{_toml_str(address)}]",
@@ -416,6 +423,7 @@ def _run_demo(work: Path, bao_bin: str) -> None:
             username, took = wait_for("agentd serving 'db'", first_read, timeout=30.0,
                                       interval=0.25, alive=started.check_alive)
         except DemoError:
+            started.check_alive()                       # "agentd exited with status N" first
             raise DemoError(f"agentd did not serve 'db' within 30 s; last answer: "
                             f"{_last_line(get('db', 'username').stderr)}") from None
         print(f"$ agentd run -c {files.config}")
@@ -464,7 +472,14 @@ def _run_demo(work: Path, bao_bin: str) -> None:
                            alive=started.check_alive)
         print(f"rotation picked up in {took:.1f} s")
 
+        def audit_lines() -> list[str]:
+            try:
+                return files.audit.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                return []
+
         _heading(7, "outage: OpenBao stopped (SIGSTOP)")
+        audited_before_outage = len(audit_lines())
         bao.pause()
         try:
             print(f"OpenBao pid {bao.proc.pid} stopped; it accepts connections but never answers")
@@ -486,17 +501,18 @@ def _run_demo(work: Path, bao_bin: str) -> None:
         _heading(8, "audit trail (no values in it)")
         agent.check_alive()
 
-        def audit_lines() -> list[str] | None:
-            try:
-                text = files.audit.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                return None
-            return text.splitlines() or None
-
-        try:
-            lines, _ = wait_for("audit lines", audit_lines, timeout=5.0, interval=0.25)
-        except DemoError:
-            lines = []
+        # The audit stream is coalesced and flushed about once a second: wait (at most 5 s) until
+        # the outage reads are in and the file has stopped growing for 1.5 s.
+        lines = audit_lines()
+        deadline = time.monotonic() + 5.0
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now_lines = audit_lines()
+            if len(now_lines) != len(lines):
+                lines, quiet_since = now_lines, time.monotonic()
+            elif len(lines) > audited_before_outage and time.monotonic() - quiet_since >= 1.5:
+                break
         print(f"$ tail -n 4 {files.audit}")
         for line in lines[-4:]:
             print(line)

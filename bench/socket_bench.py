@@ -24,7 +24,6 @@ import platform
 import queue
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -227,9 +226,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nagentd socket benchmark: Python {platform.python_version()}, "
               f"{os.cpu_count()} CPUs, Linux {platform.release()}, audit on (file)\n")
         print(table(rows))
-        all_lat = sorted(x for row in rows for x in row.latencies_ms)
-        if all_lat:
-            print(f"\nmean latency over all requests: {statistics.fmean(all_lat):.3f} ms")
         return 0
     except Exception as exc:
         print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
