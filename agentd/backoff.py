@@ -18,7 +18,7 @@ class Backoff:
         self.base = base
         self.cap = cap
         self.failures = 0
-        self._rng = rng or random.Random()  # noqa: S311 (jitter, not crypto)
+        self._rng = rng or random.Random()
 
     def next_delay(self, *, at_least: float = 0.0) -> float:
         """Count one more failure and return how long to wait before the next attempt.

@@ -16,6 +16,7 @@ Every long-running piece is ``async def run(..., task_status)`` and nothing hold
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -117,7 +118,7 @@ class Agent:
                     await self.refresher.wait_all_fetched()
                 if waited.cancelled_caught:
                     log.warning(
-                        "ready_timeout passed before every secret was fetched; serving what there is",
+                        "ready_timeout passed before every secret was fetched",
                         extra={"ready_timeout": config.agent.ready_timeout},
                     )
                 if activated:
@@ -162,10 +163,8 @@ async def _watchdog(interval: float) -> None:
 
 
 def _unlink_socket(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 async def serve(config: Config) -> None:

@@ -65,7 +65,7 @@ class SecretState:
 
 
 class Refresher:
-    """Keeps the cache filled with the declared secrets. Owns no value; ``run`` lives in a nursery."""
+    """Keeps the cache filled with the declared secrets; ``run`` lives in a nursery."""
 
     def __init__(
         self,
@@ -85,7 +85,9 @@ class Refresher:
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Poll every declared secret until cancelled."""
         async with trio.open_nursery() as nursery:
             for secret in self._config.secrets.values():

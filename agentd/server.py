@@ -7,11 +7,11 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
    connection when the global or per-uid connection cap is reached;
 2. feeds received bytes to a ``protocol.ServerConnection`` and handles its events in order, so
    pipelined requests are answered in order;
-3. before each reply re-checks that the pid still names the process identified at accept; if not,
-   the connection is closed without an answer (pid reuse);
+3. before each reply re-checks that the pid still names the process identified at accept; if
+   not, the connection is closed without an answer (pid reuse);
 4. closes the connection when a frame is not completed within ``frame_timeout``, when it is idle
-   for ``idle_timeout``, when a reply cannot be sent within ``frame_timeout`` (a client that does not
-   read), or after a framing error (whose reply carries ``id`` nil).
+   for ``idle_timeout``, when a reply cannot be sent within ``frame_timeout`` (a client that does
+   not read), or after a framing error (whose reply carries ``id`` nil).
 
 A handler catches its own errors: one bad client can never take the server down. Every decision on
 a secret is written to the audit stream.
@@ -55,7 +55,9 @@ log = logging.getLogger("agentd.server")
 RECEIVE_SIZE = 65536
 
 
-def open_listener(path: Path, *, mode: int, group: int | None, backlog: int = 128) -> socket.socket:
+def open_listener(
+    path: Path, *, mode: int, group: int | None, backlog: int = 128
+) -> socket.socket:
     """Bind and listen on ``path`` with its final mode and group set before ``listen``.
 
     A stale socket file from an earlier run is replaced; any other kind of file is refused.
@@ -67,7 +69,7 @@ def open_listener(path: Path, *, mode: int, group: int | None, backlog: int = 12
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
         os.unlink(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -120,7 +122,10 @@ class Server:
         }
 
     async def serve(
-        self, listener: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        listener: socket.socket,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections on ``listener`` until cancelled. Does not close ``listener``."""
         sock = trio.socket.from_stdlib_socket(listener)

@@ -14,8 +14,15 @@ import trio
 
 from agentd.client import Client
 from agentd.errors import Forbidden, RequestError
-from tests.agentfixture import NOBODY, RunningAgent, Seeded, running_agent, seed, socket_dir, \
-    write_config
+from tests.agentfixture import (
+    NOBODY,
+    RunningAgent,
+    Seeded,
+    running_agent,
+    seed,
+    socket_dir,
+    write_config,
+)
 from tests.openbao import DevServer
 from tests.peers import run_as
 
@@ -140,7 +147,9 @@ async def test_other_uid_sees_only_its_grant(agent: RunningAgent, seeded: Seeded
     audit = [json.loads(line) for line in agent.audit_text().splitlines()]
     denied = {(a["uid"], a["name"]) for a in audit if a["decision"] == "deny"}
     assert {(NOBODY, "other"), (NOBODY, "does-not-exist"), (1000, "db")} <= denied
-    allowed = [a for a in audit if a["decision"] == "allow" and a["uid"] == NOBODY and a["op"] == "get"]
+    allowed = [
+        a for a in audit if a["decision"] == "allow" and a["uid"] == NOBODY and a["op"] == "get"
+    ]
     assert allowed and allowed[0]["name"] == "db" and allowed[0]["version"] == 1
     assert seeded.markers["db"] not in agent.audit_text()
 
@@ -161,7 +170,9 @@ async def test_new_version_is_served_within_a_refresh(
     assert reply["stale"] is False
 
 
-async def test_admin_status_and_refresh(agent: RunningAgent, bao: DevServer, seeded: Seeded) -> None:
+async def test_admin_status_and_refresh(
+    agent: RunningAgent, bao: DevServer, seeded: Seeded
+) -> None:
     with trio.fail_after(10):
         status = await call(agent.socket, "status")
         assert status["ready"] is True
