@@ -26,7 +26,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,35 @@ class UpstreamStatistics:
 
 class _Failover(TransientError):
     """A TransientError after which the same request may go to the next address."""
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body whose iterator is a plain object, not an async generator.
+
+    httpx's own ByteStream iterates with an async generator; when the connection dies while the
+    body is being sent (a reset), that generator is left suspended and garbage collected with a
+    ResourceWarning. A plain iterator has nothing to finalise.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _Once(self._data)
+
+
+class _Once:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
 
 
 def _no_token() -> str | None:
@@ -346,6 +375,18 @@ class Upstream:
         assert last is not None
         raise last
 
+    def _build(
+        self, method: str, url: str, json: Any, headers: dict[str, str]
+    ) -> httpx.Request:
+        if json is None:
+            return self._client.build_request(method, url, headers=headers)
+        body = jsonlib.dumps(json, separators=(",", ":"), allow_nan=False).encode()
+        request = self._client.build_request(
+            method, url, content=body, headers={**headers, "Content-Type": "application/json"}
+        )
+        request.stream = _Body(body)
+        return request
+
     async def _attempt(
         self, address: str, method: str, path: str, json: Any, headers: dict[str, str]
     ) -> tuple[httpx.Response, Any]:
@@ -355,7 +396,7 @@ class Upstream:
             self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
             started = time.perf_counter()
             try:
-                response = await self._client.request(method, url, json=json, headers=headers)
+                response = await self._client.send(self._build(method, url, json, headers))
             except httpx.TransportError as exc:
                 raise _transport_error(exc, method, path, address) from exc
             except httpx.InvalidURL as exc:
