@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         from agentd import daemon, logs
 
         logs.setup(config.agent.log_level)
-        trio.run(daemon.serve, config)
+        trio.run(partial(daemon.serve, config, config_path=path))
         return 0
     if args.command == "demo":
         from agentd import demo

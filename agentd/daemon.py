@@ -29,12 +29,14 @@ from typing import Any
 
 import trio
 
-from agentd import __version__, systemd
+from agentd import __version__, logs, systemd
+from agentd import config as config_mod
 from agentd.audit import Audit
 from agentd.auth import Authenticator
 from agentd.cache import Cache
 from agentd.config import Config
 from agentd.crypto import Sealer, harden_process
+from agentd.errors import ConfigError
 from agentd.refresh import Refresher
 from agentd.server import Server, open_listener
 from agentd.upstream import Upstream
@@ -45,8 +47,11 @@ log = logging.getLogger("agentd.daemon")
 class Agent:
     """One running agent: the components built from one config and their shared state."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path or (config.files[0] if config.files else None)
+        self.reloads = 0
+        self.reload_failures = 0
         self.started_at = time.time()
         self.ready = trio.Event()
         self.upstream = Upstream(config.upstream)
@@ -101,8 +106,57 @@ class Agent:
                 "templates": len(self.config.templates),
             },
             "server": self.server.statistics(),
+            "reloads": {"applied": self.reloads, "refused": self.reload_failures},
             "audit": dataclasses.asdict(self.audit.statistics()),
         }
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it without dropping the cache or the socket.
+
+        An invalid new config is logged and the running one stays. Changes that need a restart
+        (the socket, the upstream, the audit destination) are logged and not applied.
+        Returns True when the new config was applied.
+        """
+        if self.config_path is None:
+            return False
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            self.reload_failures += 1
+            log.error(
+                "reload refused: the new config is invalid; the running config stays",
+                extra={"problems": exc.problems},
+            )
+            return False
+        old = self.config
+        for section in ("upstream", "audit"):
+            if getattr(new, section) != getattr(old, section):
+                log.warning("reload: changes to [%s] need a restart; not applied", section)
+        if (new.agent.socket, new.agent.socket_mode, new.agent.socket_group) != (
+            old.agent.socket, old.agent.socket_mode, old.agent.socket_group
+        ):
+            log.warning("reload: changes to the socket need a restart; not applied")
+        new = dataclasses.replace(
+            new,
+            upstream=old.upstream,
+            audit=old.audit,
+            agent=dataclasses.replace(
+                new.agent,
+                socket=old.agent.socket,
+                socket_mode=old.agent.socket_mode,
+                socket_group=old.agent.socket_group,
+            ),
+        )
+        self.config = new
+        self.refresher.apply_config(new)
+        self.server.config = new
+        logs.set_level(new.agent.log_level)
+        self.reloads += 1
+        log.info(
+            "config reloaded",
+            extra={"secrets": len(new.secrets), "policies": len(new.policies)},
+        )
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the agent until cancelled. ``task_status.started()`` fires at READY."""
@@ -167,14 +221,19 @@ def _unlink_socket(path: Path) -> None:
         os.unlink(path)
 
 
-async def serve(config: Config) -> None:
-    """Run an agent until SIGTERM or SIGINT."""
+async def serve(config: Config, *, config_path: Path | None = None) -> None:
+    """Run an agent until SIGTERM or SIGINT; SIGHUP reloads the config."""
     harden_process()
-    agent = Agent(config)
+    agent = Agent(config, config_path=config_path)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             nursery.start_soon(agent.run)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    systemd.notify("RELOADING=1")
+                    agent.reload()
+                    systemd.notify("READY=1")
+                    continue
                 log.info("shutting down", extra={"signal": signal.Signals(signum).name})
                 nursery.cancel_scope.cancel()
                 break

@@ -84,19 +84,60 @@ class Refresher:
         self.states: dict[str, SecretState] = {
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None   # lives exactly as long as run()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Poll every declared secret until cancelled."""
         async with trio.open_nursery() as nursery:
-            for secret in self._config.secrets.values():
-                nursery.start_soon(self._poll, secret, name=f"refresh:{secret.name}")
-            task_status.started()
+            self._nursery = nursery
+            try:
+                for secret in self._config.secrets.values():
+                    self._start(secret)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def _start(self, secret: SecretConfig) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._scopes[secret.name] = scope
+
+        async def poll() -> None:
+            with scope:
+                await self._poll(secret)
+
+        self._nursery.start_soon(poll, name=f"refresh:{secret.name}")
+
+    def apply_config(self, config: Config) -> None:
+        """Switch to a new config: start new secrets, stop removed ones, restart changed ones.
+
+        A secret whose kind or path changed is dropped from the cache first (its old value
+        belongs to another upstream object); one whose schedule changed keeps its value.
+        """
+        old = self._config
+        self._config = config
+        for name, secret in old.secrets.items():
+            new = config.secrets.get(name)
+            if new == secret:
+                continue
+            self._scopes.pop(name).cancel()
+            if new is None or (new.kind, new.path) != (secret.kind, secret.path):
+                self._cache.remove(name)
+                self.states.pop(name, None)
+        for name, secret in config.secrets.items():
+            if old.secrets.get(name) == secret:
+                continue
+            self.states.setdefault(name, SecretState(name=name, fetched=trio.Event()))
+            if self._nursery is not None:
+                self._start(secret)
 
     async def wait_all_fetched(self) -> None:
         """Return once every declared secret has been fetched at least once."""
-        for state in self.states.values():
+        for state in list(self.states.values()):
             assert state.fetched is not None
             await state.fetched.wait()
 

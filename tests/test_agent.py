@@ -264,3 +264,44 @@ async def test_no_secret_or_credential_in_logs_audit_or_errors(
         assert marker not in logs_text
         assert marker not in audit_text
         assert marker not in json.dumps(replies[2:])
+
+
+async def test_reload_applies_a_good_config_and_keeps_serving_on_a_bad_one(
+    agent: RunningAgent, bao: DevServer, seeded: Seeded
+) -> None:
+    original = agent.config_path.read_text()
+    # A broken file: refused, the running config keeps serving.
+    agent.config_path.write_text(original + "\n[secrets.bad]\nkind = 'nope'\n")
+    assert agent.agent.reload() is False
+    with trio.fail_after(10):
+        assert (await call(agent.socket, "get", name="db", field="username"))["data"] == "app"
+    log_text = agent.log_text()
+    assert "reload refused" in log_text
+    assert "secrets.bad.kind" in log_text
+
+    # A good one: a new secret is fetched and granted; a removed grant takes effect.
+    extra_value = seeded.marker("extra")
+    bao.kv_put(f"{seeded.prefix}/extra", {"v": extra_value})
+    agent.config_path.write_text(
+        original.replace('allow = ["db"]', 'allow = ["extra"]')
+        + f'\n[secrets.extra]\nkind = "kv2"\npath = "secret/data/{seeded.prefix}/extra"\n'
+    )
+    assert agent.agent.reload() is True
+    with trio.fail_after(10):
+        while True:
+            try:
+                reply = await call(agent.socket, "get", name="extra", field="v")
+                break
+            except RequestError as exc:
+                assert exc.code == "unavailable"
+                await trio.sleep(0.05)
+    assert reply["data"] == extra_value
+
+    def nobody_list() -> Any:
+        with Client.connect(agent.socket, timeout=10) as c:
+            return c.list()
+
+    with trio.fail_after(10):
+        assert (await run_as(NOBODY, NOBODY, nobody_list))["value"] == ["extra"]
+        # the cache was not dropped: db keeps its version and was not re-fetched as new
+        assert (await call(agent.socket, "get", name="db"))["version"] == 1

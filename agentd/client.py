@@ -1,0 +1,411 @@
+"""Small clients for agentd's socket, built on the sans-IO core in ``protocol.py``.
+
+``Client`` is blocking (stdlib ``socket``): for the CLI and for applications that have no event
+loop. ``AsyncClient`` is the same on trio: for tests, the bench and trio applications. Both send
+one request at a time and wait for its reply; a reply that is an error is raised as the matching
+``RequestError`` subclass (``Forbidden``, ``NotFound``, ``Unavailable``...), and anything wrong
+with the connection itself (no socket, EOF, garbage, timeout) as ``ClientError``.
+
+``watch(names)`` sends the request and checks its reply at once (so ``Forbidden`` is raised by
+the call), then returns an iterator of ``Event``; the connection is given over to that stream.
+
+``resolve_socket_path()`` implements the CLI's rule for finding the socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Final
+
+import trio
+
+from agentd.errors import ClientError, ConfigError, UsageError
+from agentd.protocol import CLOSED, NEED_DATA, ClientConnection, Event, Response
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "AsyncClient",
+    "Client",
+    "Event",
+    "open_client",
+    "resolve_socket_path",
+]
+
+DEFAULT_SOCKET: Final = "/run/agentd/agentd.sock"
+RECEIVE_SIZE: Final = 65536
+
+
+def resolve_socket_path(
+    socket: str | None, config_path: str | None, environ: Mapping[str, str]
+) -> str:
+    """The socket a client command should use.
+
+    ``--socket`` wins; else, with ``-c FILE``, the ``[agent] socket`` of that file (or the
+    default path if it sets none, since that is where its agent listens); else
+    ``$AGENTD_SOCKET`` if set and not empty; else ``/run/agentd/agentd.sock``.
+
+    Raises:
+        UsageError: ``--socket`` is an empty string.
+        ConfigError: the config file cannot be read or parsed, or ``agent.socket`` is not a
+            non-empty string.
+    """
+    if socket is not None:
+        if not socket:
+            raise UsageError("--socket must not be empty")
+        return socket
+    if config_path is not None:
+        return _socket_from_config(config_path)
+    return environ.get("AGENTD_SOCKET") or DEFAULT_SOCKET
+
+
+def _socket_from_config(config_path: str) -> str:
+    # Only agent.socket is read here, on purpose: a client needs no full config validation.
+    try:
+        with open(config_path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError([f"{config_path}: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{config_path}: {exc}"]) from exc
+    agent = data.get("agent", {})
+    if not isinstance(agent, dict):
+        raise ConfigError([f"{config_path}: agent: must be a table"])
+    path = agent.get("socket", DEFAULT_SOCKET)
+    if not isinstance(path, str) or not path:
+        raise ConfigError([f"{config_path}: agent.socket: must be a non-empty string"])
+    return path
+
+
+def _names(result: Mapping[str, Any]) -> list[str]:
+    names = result.get("names")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ClientError("agentd sent a list reply without a list of 'names'")
+    return names
+
+
+def _result(response: Response | Event, id_: int) -> dict[str, Any]:
+    """The result of the reply to request ``id_``, or its error raised."""
+    if isinstance(response, Event):
+        raise ClientError(f"agentd sent a watch event while a reply to request {id_} was due")
+    if response.error is not None:
+        # An error with id nil answers a request the agent could not read (or a refused
+        # connection): it still belongs to the one request outstanding.
+        if response.id in (id_, None):
+            raise response.error
+    elif response.id == id_:
+        return dict(response.result)
+    raise ClientError(f"agentd answered request {response.id} while {id_} was due")
+
+
+# --- blocking client ----------------------------------------------------------------------------
+
+
+class Client:
+    """A blocking connection to agentd. Close it with ``close()`` or use it as a context
+    manager; it is not safe to share between threads.
+
+    Every method raises the ``RequestError`` subclass of an error reply, or ``ClientError`` if
+    the connection fails, times out or carries garbage (the client is unusable afterwards).
+    """
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        self._sock = sock
+        self._path = path
+        self._conn = ClientConnection()
+        self._broken: str | None = None
+
+    @classmethod
+    def connect(cls, path: str | os.PathLike[str], *, timeout: float = 10.0) -> Client:
+        """Connect to the agent listening at ``path``; ``timeout`` (seconds) applies to the
+        connect and to each reply.
+
+        Raises:
+            ClientError: the socket is missing, refuses the connection or does not answer.
+        """
+        where = os.fspath(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(where)
+        except OSError as exc:
+            sock.close()
+            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+        return cls(sock, where)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        self._broken = self._broken or "the client was closed"
+        self._sock.close()
+
+    def call(self, op: str, /, **args: Any) -> dict[str, Any]:
+        """Send one request and return its result (the reply without id and ok)."""
+        if self._broken is not None:
+            raise ClientError(f"connection to agentd at {self._path} is unusable: {self._broken}")
+        done = False
+        try:
+            id_ = self._send(op, **args)
+            response = self._next()
+            done = True
+        finally:
+            if not done:
+                self._broken = "an earlier call did not complete"
+        return _result(response, id_)
+
+    def ping(self) -> None:
+        """Check that the agent answers."""
+        self.call("ping")
+
+    def get(self, name: str, field: str | None = None) -> dict[str, Any]:
+        """The ``get`` result: ``data`` (or the field's value), ``version``, ``fetched_at``,
+        ``expires_at`` and ``stale``."""
+        if field is None:
+            return self.call("get", name=name)
+        return self.call("get", name=name, field=field)
+
+    def list(self) -> list[str]:
+        """The names this process may read, sorted."""
+        return _names(self.call("list"))
+
+    def status(self) -> dict[str, Any]:
+        """The agent's status (admin only)."""
+        return self.call("status")
+
+    def refresh(self, name: str) -> dict[str, Any]:
+        """Re-read ``name`` from the upstream now; the result holds the new ``version``
+        (admin only)."""
+        return self.call("refresh", name=name)
+
+    def watch(self, names: Sequence[str]) -> Iterator[Event]:
+        """Watch ``names``; the request is checked here, and events come from the iterator.
+
+        The connection is given over to the stream: make no other call on this client. The
+        iterator waits without a timeout and raises ``ClientError`` when the agent closes the
+        connection.
+        """
+        self.call("watch", names=list(names))
+        self._broken = "the connection is given over to a watch"
+        self._sock.settimeout(None)
+        return self._events()
+
+    def _events(self) -> Iterator[Event]:
+        while True:
+            event = self._next()
+            if not isinstance(event, Event):
+                raise ClientError(f"agentd sent a reply to request {event.id} during a watch")
+            yield event
+
+    def _send(self, op: str, /, **args: Any) -> int:
+        id_, data = self._conn.send_request(op, **args)
+        try:
+            self._sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            # The agent closed the connection, perhaps after a reply such as rate_limited that
+            # is still waiting to be read: let _next() find it (or report the close).
+            pass
+        except TimeoutError as exc:
+            raise ClientError(f"agentd at {self._path} did not take the request in time") from exc
+        except OSError as exc:
+            raise ClientError(f"cannot send to agentd at {self._path}: {_reason(exc)}") from exc
+        return id_
+
+    def _next(self) -> Response | Event:
+        while True:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = self._sock.recv(RECEIVE_SIZE)
+                except TimeoutError as exc:
+                    raise ClientError(f"agentd at {self._path} did not answer in time") from exc
+                except OSError as exc:
+                    raise ClientError(f"cannot read from agentd at {self._path}: "
+                                      f"{_reason(exc)}") from exc
+                self._conn.receive_data(data)
+            elif event is CLOSED:
+                raise ClientError(f"agentd at {self._path} closed the connection")
+            else:
+                return event
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+# --- trio client --------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """A trio connection to agentd: the same methods as ``Client``, async.
+
+    Get one with ``async with AsyncClient.connect(path) as client:`` or
+    ``client = await open_client(path)`` (then ``await client.aclose()``). Calls from several
+    tasks are serialised, one request at a time. There is no timeout parameter: wrap calls in
+    ``trio.fail_after()``. A call cancelled half-way leaves the connection unusable (later calls
+    raise ``ClientError``), since its reply may still be in flight.
+    """
+
+    def __init__(self, stream: trio.SocketStream, path: str) -> None:
+        self._stream = stream
+        self._path = path
+        self._conn = ClientConnection()
+        self._lock = trio.Lock()
+        self._broken: str | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, path: str | os.PathLike[str]) -> AsyncIterator[AsyncClient]:
+        """Connect for the duration of an ``async with`` block; closed on exit.
+
+        Raises:
+            ClientError: the socket is missing or refuses the connection.
+        """
+        client = await open_client(path)
+        async with client:
+            yield client
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection. Idempotent."""
+        self._broken = self._broken or "the client was closed"
+        await self._stream.aclose()
+
+    async def call(self, op: str, /, **args: Any) -> dict[str, Any]:
+        """Send one request and return its result (the reply without id and ok)."""
+        async with self._lock:
+            self._check()
+            done = False
+            try:
+                id_ = await self._send(op, **args)
+                response = await self._next()
+                done = True
+            finally:
+                if not done:
+                    self._broken = self._broken or "an earlier call did not complete"
+        return _result(response, id_)
+
+    async def ping(self) -> None:
+        """Check that the agent answers."""
+        await self.call("ping")
+
+    async def get(self, name: str, field: str | None = None) -> dict[str, Any]:
+        """The ``get`` result, as ``Client.get``."""
+        if field is None:
+            return await self.call("get", name=name)
+        return await self.call("get", name=name, field=field)
+
+    async def list(self) -> list[str]:
+        """The names this process may read, sorted."""
+        return _names(await self.call("list"))
+
+    async def status(self) -> dict[str, Any]:
+        """The agent's status (admin only)."""
+        return await self.call("status")
+
+    async def refresh(self, name: str) -> dict[str, Any]:
+        """Re-read ``name`` from the upstream now (admin only)."""
+        return await self.call("refresh", name=name)
+
+    async def watch(self, names: Sequence[str]) -> AsyncIterator[Event]:
+        """Watch ``names``: ``async for event in await client.watch(["db"]):``.
+
+        The request is checked here (``Forbidden`` is raised by this call); the connection is
+        then given over to the returned stream (other calls raise ``ClientError``), which
+        raises ``ClientError`` when the agent closes the connection.
+        """
+        await self.call("watch", names=list(names))
+        self._broken = "the connection is given over to a watch"
+        return _EventStream(self)
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise ClientError(f"connection to agentd at {self._path} is unusable: {self._broken}")
+
+    async def _send(self, op: str, /, **args: Any) -> int:
+        id_, data = self._conn.send_request(op, **args)
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError:
+            # The agent closed the connection, perhaps after a reply such as rate_limited that
+            # is still waiting to be read: let _next() find it (or report the close).
+            pass
+        except OSError as exc:
+            raise ClientError(f"cannot send to agentd at {self._path}: {_reason(exc)}") from exc
+        return id_
+
+    async def _next(self) -> Response | Event:
+        while True:
+            event = self._conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = await self._stream.receive_some(RECEIVE_SIZE)
+                except (OSError, trio.BrokenResourceError) as exc:
+                    raise ClientError(f"cannot read from agentd at {self._path}: "
+                                      f"{exc}") from exc
+                self._conn.receive_data(data)
+            elif event is CLOSED:
+                raise ClientError(f"agentd at {self._path} closed the connection")
+            else:
+                return event
+
+
+class _EventStream:
+    """The events of one watch (an async iterator; not an async generator, so nothing is left
+    to finalise when the consumer stops early)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        async with self._client._lock:
+            event = await self._client._next()
+        if not isinstance(event, Event):
+            raise ClientError(f"agentd sent a reply to request {event.id} during a watch")
+        return event
+
+
+async def open_client(path: str | os.PathLike[str]) -> AsyncClient:
+    """Connect to the agent at ``path``; the caller closes it with ``aclose()`` (or uses it in
+    ``async with``). Bound the wait with ``trio.fail_after()``.
+
+    Raises:
+        ClientError: the socket is missing or refuses the connection.
+    """
+    where = os.fspath(path)
+    try:
+        stream = await trio.open_unix_socket(where)
+    except OSError as exc:
+        raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+    return AsyncClient(stream, where)

@@ -1,0 +1,488 @@
+"""Sans-IO framing and messages of the agentd wire protocol (v1).
+
+Theory of operation
+-------------------
+
+This module never touches a socket and never imports trio: like h11, it is a pair of pure state
+machines that turn bytes into events and events into bytes. The I/O shells (``server.py``,
+``client.py``) are thin loops around them::
+
+    bytes in ──► receive_data(data) ──► buffer ──► next_event() ──► Request / Rejected / ...
+    reply    ◄── send_result() / send_error() / send_event() ◄── the shell's decision
+
+A frame is a 4-byte unsigned big-endian length N followed by N bytes holding one msgpack map with
+string keys. ``receive_data(b"")`` means end of file. ``next_event()`` is called in a loop until
+it returns ``NEED_DATA`` (feed more bytes) or ``CLOSED`` (stop reading); several pipelined frames
+fed at once come out one by one, in order.
+
+Errors come in two weights, and the type says which (see ``errors.py``):
+
+- A *request* error (a well-formed map with a bad id, version, op or argument) becomes
+  ``Rejected(id, error)``; the shell sends ``send_error(id, error)`` and the connection goes on.
+- A *framing* error (a length over ``max_request_bytes``, seen as soon as the 4-byte header is in,
+  without waiting for the body; a zero length; a body that is not exactly one msgpack map with
+  string keys) becomes ``Rejected(None, FramingError)``. The byte stream can no longer be trusted:
+  the connection is ``broken``, every later ``next_event()`` returns ``CLOSED``, and the shell
+  sends the error reply and closes.
+
+Decoding never raises anything but our own errors: whatever msgpack or the validation throws on
+hostile input is turned into a ``Rejected``. Messages in those errors name keys (cut to a bounded
+length) but never echo argument values, which might be secret-ish.
+
+``ClientConnection`` is the mirror image for clients: ``send_request()`` assigns increasing ids,
+``next_event()`` yields ``Response`` and ``Event`` objects, error replies arrive as the matching
+``RequestError`` subclass (unknown codes as ``InternalError``), and a server that sends garbage
+raises ``ClientError``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, Literal, NoReturn
+
+import msgpack
+
+from agentd.errors import (
+    ERROR_CODES,
+    BadRequest,
+    ClientError,
+    FrameTooLarge,
+    InternalError,
+    MalformedFrame,
+    RequestError,
+    UnknownOp,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "CLOSED",
+    "HEADER_SIZE",
+    "MAX_NAME_LENGTH",
+    "MAX_WATCH_NAMES",
+    "NEED_DATA",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "Arg",
+    "ArgKind",
+    "ClientConnection",
+    "Closed",
+    "Event",
+    "NeedData",
+    "Rejected",
+    "Request",
+    "Response",
+    "ServerConnection",
+]
+
+PROTOCOL_VERSION: Final = 1
+HEADER_SIZE: Final = 4
+MAX_FRAME_LENGTH: Final = 2**32 - 1
+MAX_NAME_LENGTH: Final = 256
+MAX_WATCH_NAMES: Final = 256
+_MAX_KEY_IN_MESSAGE: Final = 64
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+"""``next_event()`` needs more bytes: call ``receive_data()`` first."""
+CLOSED: Final = _Sentinel.CLOSED
+"""No more events will come: the peer sent EOF, or the stream is broken."""
+NeedData = Literal[_Sentinel.NEED_DATA]
+Closed = Literal[_Sentinel.CLOSED]
+
+
+# --- argument schemas ---------------------------------------------------------------------------
+
+
+class ArgKind(enum.Enum):
+    """What an argument must hold."""
+
+    NAME = "a string of 1 to 256 characters"
+    NAMES = "a non-empty list of at most 256 strings of 1 to 256 characters"
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of an op: its kind, and whether the request must carry it."""
+
+    kind: ArgKind
+    required: bool = True
+
+
+OPS: Final[dict[str, Mapping[str, Arg]]] = {
+    "ping": {},
+    "get": {"name": Arg(ArgKind.NAME), "field": Arg(ArgKind.NAME, required=False)},
+    "list": {},
+    "watch": {"names": Arg(ArgKind.NAMES)},
+    "status": {},
+    "refresh": {"name": Arg(ArgKind.NAME)},
+}
+"""Every op of protocol v1 and its arguments. Anything not listed is refused."""
+
+_ENVELOPE_KEYS: Final = frozenset({"v", "id", "op"})
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= MAX_NAME_LENGTH
+
+
+def _check_arg(kind: ArgKind, value: object) -> Any | None:
+    """The validated (and frozen) value, or None if it does not fit ``kind``."""
+    if kind is ArgKind.NAME:
+        return value if _is_name(value) else None
+    if (
+        isinstance(value, list)
+        and 1 <= len(value) <= MAX_WATCH_NAMES
+        and all(_is_name(item) for item in value)
+    ):
+        return tuple(value)
+    return None
+
+
+def _key(key: str) -> str:
+    """A key for an error message: quoted, and cut so that a hostile key cannot flood a log."""
+    if len(key) > _MAX_KEY_IN_MESSAGE:
+        return repr(key[:_MAX_KEY_IN_MESSAGE]) + "..."
+    return repr(key)
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int, but true is not a request id.
+    return type(value) is int
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid request. ``args`` holds exactly the op's arguments (no v, id or op), validated:
+    names are ``str``, ``watch``'s ``names`` is a ``tuple[str, ...]``; absent optional arguments
+    are absent (use ``args.get("field")``)."""
+
+    id: int
+    op: str
+    args: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request that must be answered with ``error``. ``id`` is None when it could not be read.
+    If ``error`` is a ``FramingError``, the connection is broken: reply, then close."""
+
+    id: int | None
+    error: RequestError
+
+
+@dataclass(frozen=True)
+class Response:
+    """The reply to one request (client side). ``result`` holds the reply without id and ok;
+    ``error`` is set (and ``ok`` false) for an error reply."""
+
+    id: int | None
+    ok: bool
+    result: Mapping[str, Any]
+    error: RequestError | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A ``watch`` event (client side): ``event`` is "changed" or "revoked"; ``fields`` holds the
+    rest (``name``, ``version``). ``id`` is the id of the watch request."""
+
+    id: int
+    event: str
+    fields: Mapping[str, Any]
+
+
+# --- framing ------------------------------------------------------------------------------------
+
+
+def _frame(message: Mapping[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME_LENGTH:
+        raise ValueError("message too large for one frame")
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
+
+
+def _decode_map(body: bytes, *, strict_map_key: bool) -> dict[str, Any] | None:
+    """The msgpack map in ``body`` (one object, nothing after it, string keys), or None."""
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=strict_map_key, use_list=True)
+    except Exception:  # hostile input: ExtraData, ValueError, UnicodeDecodeError, RecursionError..
+        return None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        return None
+    return value
+
+
+class _FrameBuffer:
+    """Bytes received and not yet consumed, cut into frames."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        if self.eof:
+            if data:
+                raise RuntimeError("receive_data() called with data after EOF")
+            return
+        if data:
+            self._data += data
+        else:
+            self.eof = True
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def length(self) -> int | None:
+        """The length announced by the next frame's header, or None if it is not all in yet."""
+        if len(self._data) < HEADER_SIZE:
+            return None
+        return int.from_bytes(self._data[:HEADER_SIZE], "big")
+
+    def has_frame(self) -> bool:
+        length = self.length()
+        return length is not None and len(self._data) >= HEADER_SIZE + length
+
+    def take(self, length: int) -> bytes:
+        """Remove one frame whose body is ``length`` bytes (it must be complete) and return
+        its body."""
+        end = HEADER_SIZE + length
+        body = bytes(self._data[HEADER_SIZE:end])
+        del self._data[:end]
+        return body
+
+
+# --- server side --------------------------------------------------------------------------------
+
+
+class ServerConnection:
+    """The server's half of one connection. Pure state: no I/O, no clock, no locks.
+
+    Args:
+        max_request_bytes: the largest frame body accepted; a larger length is answered with
+            ``too_large`` and breaks the connection.
+    """
+
+    def __init__(self, *, max_request_bytes: int = 65536) -> None:
+        if max_request_bytes < 1:
+            raise ValueError("max_request_bytes must be positive")
+        self.max_request_bytes = max_request_bytes
+        self._buffer = _FrameBuffer()
+        self._broken = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the peer; ``b""`` means EOF. Bytes after a framing error are
+        dropped.
+
+        Raises:
+            RuntimeError: data after EOF (a bug in the caller).
+        """
+        if self._broken:
+            return
+        self._buffer.feed(data)
+
+    @property
+    def broken(self) -> bool:
+        """True once a framing error was returned: send its reply, then close."""
+        return self._broken
+
+    @property
+    def has_partial_frame(self) -> bool:
+        """True if bytes of a frame are buffered but the frame is not complete yet."""
+        return not self._broken and len(self._buffer) > 0 and not self._buffer.has_frame()
+
+    def next_event(self) -> Request | Rejected | NeedData | Closed:
+        """The next event from the buffered bytes. Never raises."""
+        if self._broken:
+            return CLOSED
+        buffer = self._buffer
+        length = buffer.length()
+        if length is None:
+            return CLOSED if buffer.eof else NEED_DATA
+        if length > self.max_request_bytes:
+            return self._break(
+                FrameTooLarge(f"request of {length} bytes is over the limit of "
+                              f"{self.max_request_bytes} bytes")
+            )
+        if length == 0:
+            return self._break(MalformedFrame("empty frame"))
+        if not buffer.has_frame():
+            # EOF in the middle of a frame: nothing to answer, just close.
+            return CLOSED if buffer.eof else NEED_DATA
+        message = _decode_map(buffer.take(length), strict_map_key=True)
+        if message is None:
+            return self._break(MalformedFrame("frame body is not a msgpack map with string keys"))
+        return _validate(message)
+
+    def _break(self, error: MalformedFrame | FrameTooLarge) -> Rejected:
+        self._broken = True
+        self._buffer.clear()
+        return Rejected(None, error)
+
+    def send_result(self, id: int, result: Mapping[str, Any]) -> bytes:
+        """The frame of a success reply ``{"id": id, "ok": true, **result}``."""
+        if not _ENVELOPE_KEYS.isdisjoint(result) or "ok" in result or "error" in result:
+            raise ValueError("result must not contain the keys v, id, op, ok or error")
+        return _frame({"id": id, "ok": True, **result})
+
+    def send_error(self, id: int | None, error: RequestError) -> bytes:
+        """The frame of an error reply ``{"id": id, "ok": false, "error": {code, message}}``."""
+        return _frame(
+            {"id": id, "ok": False, "error": {"code": error.code, "message": error.message}}
+        )
+
+    def send_event(self, id: int, event: str, /, **fields: Any) -> bytes:
+        """The frame of a watch event ``{"id": id, "event": event, **fields}``."""
+        if "ok" in fields:
+            raise ValueError("an event must not contain the key ok")
+        return _frame({"id": id, "event": event, **fields})
+
+
+def _validate(message: dict[str, Any]) -> Request | Rejected:
+    """Check a decoded request map against the envelope and the op's schema."""
+    if "id" not in message:
+        return Rejected(None, BadRequest("request has no 'id'"))
+    id_ = message["id"]
+    if not _is_int(id_):
+        return Rejected(None, BadRequest("'id' must be an integer"))
+    if "v" not in message:
+        return Rejected(id_, BadRequest("request has no 'v'"))
+    version = message["v"]
+    if not (_is_int(version) and version == PROTOCOL_VERSION):
+        return Rejected(id_, UnsupportedVersion(f"only protocol version {PROTOCOL_VERSION} "
+                                                "is supported"))
+    if "op" not in message:
+        return Rejected(id_, BadRequest("request has no 'op'"))
+    op = message["op"]
+    if not isinstance(op, str):
+        return Rejected(id_, UnknownOp("'op' must be a string"))
+    schema = OPS.get(op)
+    if schema is None:
+        return Rejected(id_, UnknownOp(f"unknown op {_key(op)}"))
+    extra = sorted(key for key in message if key not in _ENVELOPE_KEYS and key not in schema)
+    if extra:
+        return Rejected(id_, BadRequest(f"{op}: unknown argument {_key(extra[0])}"))
+    args: dict[str, Any] = {}
+    for key, arg in schema.items():
+        if key not in message:
+            if arg.required:
+                return Rejected(id_, BadRequest(f"{op}: missing argument {_key(key)}"))
+            continue
+        value = _check_arg(arg.kind, message[key])
+        if value is None:
+            return Rejected(id_, BadRequest(f"{op}: argument {_key(key)} must be "
+                                            f"{arg.kind.value}"))
+        args[key] = value
+    return Request(id_, op, MappingProxyType(args))
+
+
+# --- client side --------------------------------------------------------------------------------
+
+
+class ClientConnection:
+    """The client's half of one connection. Pure state: no I/O.
+
+    Args:
+        max_response_bytes: the largest reply frame accepted; a larger one raises ClientError.
+    """
+
+    def __init__(self, *, max_response_bytes: int = 16 * 1024 * 1024) -> None:
+        self.max_response_bytes = max_response_bytes
+        self._buffer = _FrameBuffer()
+        self._next_id = 1
+        self._broken = False
+
+    def send_request(self, op: str, /, **args: Any) -> tuple[int, bytes]:
+        """The id assigned (1, 2, ...) and the frame of the request ``op`` with ``args``."""
+        clash = _ENVELOPE_KEYS.intersection(args)
+        if clash:
+            raise ValueError(f"argument names {sorted(clash)} are reserved")
+        id_ = self._next_id
+        self._next_id += 1
+        return id_, _frame({"v": PROTOCOL_VERSION, "id": id_, "op": op, **args})
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the server; ``b""`` means EOF."""
+        if self._broken:
+            return
+        self._buffer.feed(data)
+
+    @property
+    def has_partial_frame(self) -> bool:
+        """True if bytes of a reply are buffered but the reply is not complete yet."""
+        return not self._broken and len(self._buffer) > 0 and not self._buffer.has_frame()
+
+    def next_event(self) -> Response | Event | NeedData | Closed:
+        """The next reply or watch event.
+
+        Raises:
+            ClientError: the server sent something that is not a valid reply, or closed the
+                connection in the middle of one. The connection is unusable afterwards.
+        """
+        if self._broken:
+            raise ClientError("the connection to agentd is broken")
+        buffer = self._buffer
+        length = buffer.length()
+        if length is not None and length > self.max_response_bytes:
+            self._fail(f"reply of {length} bytes is over the limit of "
+                       f"{self.max_response_bytes} bytes")
+        if length is None or not buffer.has_frame():
+            if not buffer.eof:
+                return NEED_DATA
+            if len(buffer):
+                self._fail("agentd closed the connection in the middle of a reply")
+            return CLOSED
+        message = _decode_map(buffer.take(length), strict_map_key=False)
+        if message is None:
+            self._fail("agentd sent a reply that is not a msgpack map")
+        return self._parse(message)
+
+    def _fail(self, message: str) -> NoReturn:
+        self._broken = True
+        self._buffer.clear()
+        raise ClientError(message)
+
+    def _parse(self, message: dict[str, Any]) -> Response | Event:
+        id_ = message.pop("id", None)
+        if id_ is not None and not _is_int(id_):
+            self._fail("agentd sent a reply with a bad 'id'")
+        if "ok" not in message and "event" in message:
+            event = message.pop("event")
+            if id_ is None or not isinstance(event, str):
+                self._fail("agentd sent a malformed watch event")
+            return Event(id_, event, MappingProxyType(message))
+        ok = message.pop("ok", None)
+        if ok is True:
+            if id_ is None:
+                self._fail("agentd sent a success reply without an 'id'")
+            return Response(id_, True, MappingProxyType(message), None)
+        if ok is not False:
+            self._fail("agentd sent a reply without a boolean 'ok'")
+        detail = message.pop("error", None)
+        if not isinstance(detail, dict):
+            self._fail("agentd sent an error reply without an 'error' map")
+        code = detail.get("code")
+        text = detail.get("message")
+        if not isinstance(code, str) or not isinstance(text, str):
+            self._fail("agentd sent an error reply without a code and message")
+        cls = ERROR_CODES.get(code)
+        error = cls(text) if cls is not None else InternalError(
+            f"{text} (unknown error code {_key(code)})"
+        )
+        return Response(id_, False, MappingProxyType(message), error)
