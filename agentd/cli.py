@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,113 @@ def _parser() -> argparse.ArgumentParser:
     with_socket(p)
     p = sub.add_parser("ping", help="check that the agent answers")
     with_socket(p)
+    p = sub.add_parser("catalog", help="every declared secret, its schedule and its consumers")
+    with_socket(p)
+    p.add_argument("--upstream-policy", action="store_true",
+                   help="print the least-privilege OpenBao policy (HCL) for this catalog")
+    p.add_argument("--json", action="store_true", help="print the catalog as JSON")
+    p = sub.add_parser("exec", help="run a program with secrets in its environment",
+                       description="Ask the agent as the calling user, then run PROG with the "
+                                   "values in its environment.")
+    with_socket(p)
+    p.add_argument("--env", action="append", default=[], metavar="VAR=NAME[.FIELD]",
+                   help="set VAR to the field's value (or the secret's data as JSON); repeat")
+    p.add_argument("--restart-on-change", action="store_true",
+                   help="stay as the parent and restart PROG when a value changes")
+    p.add_argument("--signal", default="TERM", help="sent to PROG before a restart (TERM)")
+    p.add_argument("--grace", default="10s",
+                   help="wait this long after --signal before SIGKILL (10s)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROG [ARGS...]")
     p = sub.add_parser("demo", add_help=False,
                        help="run a local OpenBao dev server and the agent end to end")
     p.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_manual(parser, sub.choices)
     return parser
+
+
+_COMMON = """\
+exit status:
+  0  success
+  1  runtime failure: the agent, the upstream, a file, or a request denied or unavailable
+  2  usage or configuration error
+
+environment:
+  AGENTD_SOCKET  the socket client commands use when neither --socket nor -c is given
+
+files:
+  /etc/agentd/agentd.toml, /etc/agentd/conf.d/*.toml   configuration
+  /run/agentd/agentd.sock                               the client socket
+  /var/lib/agentd/                                      sealed snapshot and its key
+  /var/log/agentd/audit.jsonl                           audit stream
+
+see also: docs/operations.md, docs/configuration.md, docs/protocol.md
+  (installed in /usr/share/doc/agentd/), systemctl(1), agentd.service, agentd.socket"""
+
+# Man-style texts for `agentd COMMAND --help`: (description, examples). Appended to what each
+# subparser already says; the common sections follow the examples.
+_MANUAL: dict[str, tuple[str, str]] = {
+    "run": (
+        "Run the agent in the foreground (it never forks; systemd supervises it). It logs in, "
+        "fetches every declared secret, then accepts on the socket (or the one systemd passes "
+        "with socket activation) and sends READY=1. SIGHUP reloads the configuration, "
+        "SIGTERM/SIGINT stop it cleanly. Logs are JSON lines on stderr.",
+        "examples:\n  agentd run -c /etc/agentd/agentd.toml\n"
+        "  systemctl start agentd        # the packaged unit runs exactly this",
+    ),
+    "check-config": (
+        "Load the configuration (and conf.d/*.toml beside it) exactly as `run` would, and print "
+        "every problem at once as FILE:LINE: KEY: MESSAGE. Exit 0 means `run` accepts it.",
+        "examples:\n  agentd check-config -c /etc/agentd/agentd.toml && systemctl reload agentd",
+    ),
+    "get": (
+        "Ask the agent for secret NAME as the calling user (that user's policies decide). "
+        "With FIELD, print that field's raw value; without, the data as JSON. A secret this "
+        "caller may not read is `forbidden`, whether it exists or not.",
+        "examples:\n  agentd get db password\n  agentd get db --json | jq .version",
+    ),
+    "list": (
+        "Print the names of the secrets the calling user may read, one per line.",
+        "examples:\n  agentd list",
+    ),
+    "status": (
+        "Print the agent's state as JSON: upstream, auth, every secret's version, age and stale "
+        "flag, reloads, audit counters. Needs a policy with admin = true.",
+        "examples:\n  sudo agentd status | jq .secrets",
+    ),
+    "catalog": (
+        "Print every secret declared in the configuration: kind, upstream path, refresh or "
+        "lease schedule, pinned version, and its consumers (policies, credential units, "
+        "templates, bundles). If the agent answers and this caller is admin, the next rotation "
+        "is shown too. --upstream-policy prints the least-privilege OpenBao policy (HCL) the "
+        "agent's own login needs for exactly this catalog.",
+        "examples:\n  agentd catalog -c /etc/agentd/agentd.toml\n"
+        "  agentd catalog --upstream-policy | bao policy write agentd-host -",
+    ),
+    "ping": (
+        "Check that the agent answers on its socket; prints `ok`.",
+        "examples:\n  agentd ping --timeout 2 || systemctl status agentd",
+    ),
+    "exec": (
+        "",
+        "examples:\n  agentd exec --env DB_PASSWORD=db.password -- /usr/bin/app --serve\n"
+        "  agentd exec --restart-on-change --env DB=db -- /usr/bin/app",
+    ),
+}
+
+
+def _add_manual(parser: argparse.ArgumentParser,
+                commands: Mapping[str, argparse.ArgumentParser]) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("commands: run, check-config, get, list, status, catalog, ping, exec, demo;\n"
+                     "`agentd COMMAND --help` describes each.\n\n" + _COMMON)
+    for name, (description, examples) in _MANUAL.items():
+        command = commands.get(name)
+        if command is None:
+            continue
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        if description:
+            command.description = textwrap.fill(description, 78)
+        command.epilog = f"{examples}\n\n{_COMMON}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,7 +210,68 @@ def _run(args: argparse.Namespace) -> int:
         from agentd import demo
 
         return int(demo.main(args.rest))
+    if args.command == "exec":
+        return _exec_command(args)
+    if args.command == "catalog":
+        return _catalog_command(args)
     return _client_command(args)
+
+
+def _catalog_command(args: argparse.Namespace) -> int:
+    from agentd import catalog
+    from agentd import config as config_mod
+    from agentd.client import Client, resolve_socket_path
+
+    path = _config_path(args)
+    if not path.exists():
+        raise ConfigError([f"{path}:0: no such file"])
+    config = config_mod.load(path, check_permissions=False)
+    if args.upstream_policy:
+        sys.stdout.write(catalog.upstream_policy(config))
+        return 0
+    status: Any = None
+    try:   # the running agent adds the next rotation and expiry, if this caller is admin
+        with Client.connect(resolve_socket_path(args.socket, args.config, os.environ),
+                            timeout=min(args.timeout, 2.0)) as client:
+            status = client.status()
+    except AgentdError:
+        status = None
+    items = catalog.entries(config, status)
+    if args.json:
+        print(json.dumps(items, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(catalog.render(items))
+    return 0
+
+
+def _exec_command(args: argparse.Namespace) -> int:
+    from agentd import execcmd
+    from agentd.client import resolve_socket_path
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("exec: no program given (agentd exec --env VAR=NAME -- PROG)")
+    if not args.env:
+        raise UsageError("exec: give at least one --env VAR=NAME[.FIELD]")
+    specs = [execcmd.parse_env_spec(text) for text in args.env]
+    stop_signal = execcmd.parse_signal(args.signal)
+    grace = execcmd.parse_grace(args.grace)
+    path = resolve_socket_path(args.socket, args.config, os.environ)
+    if not args.restart_on_change:
+        execcmd.exec_with_env(path, specs, argv, timeout=args.timeout, environ=os.environ)
+    import logging
+
+    import trio
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    exec_log = logging.getLogger("agentd.exec")
+    exec_log.addHandler(handler)
+    exec_log.propagate = False
+    supervisor = execcmd.Supervisor(path, specs, argv, stop_signal=stop_signal, grace=grace)
+    return trio.run(supervisor.run)
 
 
 def _client_command(args: argparse.Namespace) -> int:

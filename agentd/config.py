@@ -41,8 +41,8 @@ else:  # pragma: no cover
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
 DEFAULT_SOCKET = Path("/run/agentd/agentd.sock")
 SECRET_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"  # noqa: S105 (a name, not a password)
-SECRET_KINDS: tuple[str, ...] = ("kv2", "kv1")          # leased, pki later
-AUTH_METHODS: tuple[str, ...] = ("approle", "token_file")
+SECRET_KINDS: tuple[str, ...] = ("kv2", "kv1", "leased", "pki")
+AUTH_METHODS: tuple[str, ...] = ("approle", "token_file", "cert", "jwt")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 UNIT_SUFFIXES: tuple[str, ...] = (
     ".service", ".socket", ".timer", ".scope", ".slice", ".target", ".path",
@@ -62,6 +62,9 @@ class AgentConfig:
     user: str | None = None                  # the agent's own user, if not root (file checks)
     max_connections: int = 1024              # open connections on the socket, all peers
     max_connections_per_uid: int = 64
+    requests_per_second_per_uid: int = 100       # token bucket refill rate, per uid
+    request_burst_per_uid: int = 200             # token bucket size, per uid
+    max_watchers_per_uid: int = 16               # open watch streams, per uid
     max_request_bytes: int = 65536
     idle_timeout: float = 300.0              # close a connection idle this long
     frame_timeout: float = 5.0               # close a connection whose frame is not complete
@@ -69,17 +72,22 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    method: str = "approle"                  # approle | token_file (cert, jwt later)
+    method: str = "approle"                  # approle | token_file | cert | jwt
     mount: str | None = None                 # auth mount path; default: the method's name
     role_id_file: Path | None = None
     secret_id_file: Path | None = None
     token_file: Path | None = None
+    cert_file: Path | None = None            # cert: client certificate (PEM), read at each login
+    key_file: Path | None = None             # cert: its private key (PEM)
+    jwt_file: Path | None = None             # jwt: the token, re-read at each login
+    role: str | None = None                  # cert (optional), jwt (required): the auth role
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
     addresses: tuple[str, ...] = ()
     ca_file: Path | None = None
+    tls_server_name: str | None = None       # verify the server's certificate for this name
     namespace: str | None = None
     timeout: float = 10.0                    # per request
     max_concurrency: int = 8                 # requests in flight to the upstream
@@ -105,12 +113,27 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None    # (host, port) of the /metrics HTTP endpoint
+    textfile: Path | None = None             # node_exporter textfile, rewritten atomically
+    textfile_interval: float = 15.0
+
+
+@dataclass(frozen=True)
 class SecretConfig:
     name: str
-    kind: str                                # kv2 | kv1 (leased, pki later)
+    kind: str                                # kv2 | kv1 | leased | pki
     path: str                                # API path without /v1/, e.g. secret/data/app/db
     refresh: float = 300.0
     max_stale: float | None = None           # None: [cache] max_stale
+    params: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))  # pki
+    renew_at: float = 2.0 / 3.0              # pki, leased: fraction of the lifetime
+    revoke_previous: bool = False            # pki: revoke the replaced serial after grace
+    grace: float = 30.0                      # leased, pki: old lease/serial revoked after this
+    revoke_on_shutdown: bool = False         # leased: revoke the lease at a clean shutdown
+    version: int | None = None               # kv2: pin this version (rollback)
+    check: tuple[str, ...] = ()              # argv run on a new value before it goes live
+    expect_rotation_every: float | None = None   # alarm when it rotates more often than this
 
 
 @dataclass(frozen=True)
@@ -124,6 +147,7 @@ class PolicyConfig:
     exe: tuple[str, ...] = ()
     units: tuple[str, ...] = ()
     admin: bool = False
+    exe_sha256: tuple[str, ...] = ()         # lowercase hex sha256 of the executable
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,7 @@ class Config:
     templates: tuple[TemplateConfig, ...] = ()
     bundles: tuple[BundleConfig, ...] = ()
     files: tuple[Path, ...] = ()             # the files this config was read from
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def max_stale_for(self, name: str) -> float:
         secret = self.secrets[name]
@@ -183,9 +208,21 @@ class Config:
 # Loading
 # --------------------------------------------------------------------------------------------
 
-_MAIN_ONLY = ("agent", "upstream", "cache", "audit")
+_MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
 _ANYWHERE = ("secrets", "policy", "template", "bundle")
-_SELECTORS = ("uids", "users", "gids", "groups", "exe", "units")
+_SECRET_KEYS = (
+    "kind", "path", "refresh", "max_stale", "params", "renew_at", "revoke_previous", "grace",
+    "revoke_on_shutdown", "version", "check", "expect_rotation_every",
+)
+_KIND_ONLY: dict[str, tuple[str, ...]] = {   # keys that only some kinds use
+    "params": ("pki",),
+    "renew_at": ("pki", "leased"),
+    "revoke_previous": ("pki",),
+    "grace": ("pki", "leased"),
+    "revoke_on_shutdown": ("leased",),
+    "version": ("kv2",),
+}
+_SELECTORS = ("uids", "users", "gids", "groups", "exe", "exe_sha256", "units")
 _SECRET_REF = re.compile(r"""secret\(\s*(?P<q>['"])(?P<name>[^'"]*)(?P=q)\s*\)""")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -620,6 +657,15 @@ def _secret_path(value: object) -> str:
     return text
 
 
+def _listen(value: object) -> tuple[str, int]:
+    text = _string(value)
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Invalid('expected "HOST:PORT", e.g. "127.0.0.1:9464"')
+    return host, int(port)
+
+
 def _credential_name(value: object) -> str:
     text = _nonempty(value)
     if "/" in text:
@@ -635,6 +681,20 @@ def _audit_path(value: object) -> str | None:
     if isinstance(value, str) and value.startswith("/"):
         return value
     raise _Invalid('expected an absolute path, "journal", or "off"')
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid("expected a number between 0 and 1, like 0.66")
+    if not 0.0 < float(value) < 1.0:
+        raise _Invalid("must be greater than 0 and less than 1")
+    return float(value)
+
+
+def _params(value: object) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise _Invalid('expected a table like { common_name = "web.internal", ttl = "24h" }')
+    return dict(value)
 
 
 def _secret_refs(text: str) -> list[str]:
@@ -677,6 +737,7 @@ class _Builder:
         upstream = self.upstream(main, data.get("upstream", {}))
         cache = self.cache(main, data.get("cache", {}))
         audit = self.audit(main, data.get("audit", {}))
+        metrics = self.metrics(main, data.get("metrics", {}))
         for file, extra in parsed[1:]:
             for name in extra:
                 if name in _MAIN_ONLY:
@@ -696,6 +757,7 @@ class _Builder:
             templates=tuple(self.templates),
             bundles=tuple(self.bundles),
             files=tuple(file.path for file, _ in parsed),
+            metrics=metrics,
         )
 
     # -- main-file sections
@@ -718,6 +780,16 @@ class _Builder:
             max_connections_per_uid=f.get(
                 t, key, "max_connections_per_uid", _integer(1), d.max_connections_per_uid
             ),
+            requests_per_second_per_uid=f.get(
+                t, key, "requests_per_second_per_uid", _integer(1),
+                d.requests_per_second_per_uid,
+            ),
+            request_burst_per_uid=f.get(
+                t, key, "request_burst_per_uid", _integer(1), d.request_burst_per_uid
+            ),
+            max_watchers_per_uid=f.get(
+                t, key, "max_watchers_per_uid", _integer(0), d.max_watchers_per_uid
+            ),
             max_request_bytes=f.get(
                 t, key, "max_request_bytes", _integer(64), d.max_request_bytes
             ),
@@ -736,6 +808,7 @@ class _Builder:
         config = UpstreamConfig(
             addresses=f.get(t, key, "addresses", _url_list, d.addresses, required=True),
             ca_file=ca_file,
+            tls_server_name=f.get(t, key, "tls_server_name", _nonempty, None),
             namespace=f.get(t, key, "namespace", _nonempty, None),
             timeout=f.get(t, key, "timeout", positive, d.timeout),
             max_concurrency=f.get(t, key, "max_concurrency", _integer(1), d.max_concurrency),
@@ -753,9 +826,13 @@ class _Builder:
         key: KeyPath = ("upstream", "auth")
         t = f.table(raw, key, tuple(AuthConfig.__dataclass_fields__))
         method = f.get(t, key, "method", _choice(AUTH_METHODS), "", required=True)
-        wanted = {"approle": ("role_id_file", "secret_id_file"), "token_file": ("token_file",)}
+        wanted = {
+            "approle": ("role_id_file", "secret_id_file"), "token_file": ("token_file",),
+            "cert": ("cert_file", "key_file"), "jwt": ("jwt_file",),
+        }
         files: dict[str, Path | None] = {}
-        for name in ("role_id_file", "secret_id_file", "token_file"):
+        for name in ("role_id_file", "secret_id_file", "token_file", "cert_file", "key_file",
+                     "jwt_file"):
             needed = name in wanted.get(method, ())
             if method and not needed and name in t:
                 f.problem((*key, name), f"not used by method {method!r}")
@@ -763,7 +840,7 @@ class _Builder:
             files[name] = f.get(t, key, name, _abs_path, None, required=needed)
             path = files[name]
             if path is not None:
-                credential = name != "role_id_file"
+                credential = name not in ("role_id_file", "cert_file")
                 self.file_checks.append(_FileCheck(f, (*key, name), path, credential=credential))
         return AuthConfig(
             method=method or "approle",
@@ -771,7 +848,18 @@ class _Builder:
             role_id_file=files.get("role_id_file"),
             secret_id_file=files.get("secret_id_file"),
             token_file=files.get("token_file"),
+            cert_file=files.get("cert_file"),
+            key_file=files.get("key_file"),
+            jwt_file=files.get("jwt_file"),
+            role=self._auth_role(f, t, key, method),
         )
+
+    @staticmethod
+    def _auth_role(f: _File, t: Mapping[str, object], key: KeyPath, method: str) -> str | None:
+        if method and method not in ("cert", "jwt") and "role" in t:
+            f.problem((*key, "role"), f"not used by method {method!r}")
+            return None
+        return f.get(t, key, "role", _nonempty, None, required=method == "jwt")
 
     def cache(self, f: _File, raw: object) -> CacheConfig:
         key: KeyPath = ("cache",)
@@ -795,6 +883,18 @@ class _Builder:
             backups=f.get(t, key, "backups", _integer(0), d.backups),
             flush_interval=f.get(
                 t, key, "flush_interval", _duration(0.0, strict=True), d.flush_interval
+            ),
+        )
+
+    def metrics(self, f: _File, raw: object) -> MetricsConfig:
+        key: KeyPath = ("metrics",)
+        d = MetricsConfig()
+        t = f.table(raw, key, tuple(MetricsConfig.__dataclass_fields__))
+        return MetricsConfig(
+            listen=f.get(t, key, "listen", _listen, d.listen),
+            textfile=f.get(t, key, "textfile", _abs_path, d.textfile),
+            textfile_interval=f.get(
+                t, key, "textfile_interval", _duration(1.0), d.textfile_interval
             ),
         )
 
@@ -825,13 +925,29 @@ class _Builder:
             f.problem(key, f"invalid secret name {name!r}: must match {SECRET_NAME_PATTERN}")
         if name in self.secret_where:
             f.problem(key, f"secret {name!r} is already declared at {self.secret_where[name]}")
-        t = f.table(raw, key, ("kind", "path", "refresh", "max_stale"))
+        t = f.table(raw, key, _SECRET_KEYS)
+        kind = f.get(t, key, "kind", _choice(SECRET_KINDS), "", required=True)
+        for option, kinds in _KIND_ONLY.items():
+            if kind and option in t and kind not in kinds:
+                f.problem((*key, option), f"not used by kind {kind!r}")
+        no_params: dict[str, object] = {}
+        params = f.get(t, key, "params", _params, no_params)
         config = SecretConfig(
             name=name,
-            kind=f.get(t, key, "kind", _choice(SECRET_KINDS), "", required=True),
+            kind=kind,
             path=f.get(t, key, "path", _secret_path, "", required=True),
             refresh=f.get(t, key, "refresh", _duration(1.0), SecretConfig.refresh),
             max_stale=f.get(t, key, "max_stale", _duration(), None),
+            params=MappingProxyType(params),
+            renew_at=f.get(t, key, "renew_at", _fraction, SecretConfig.renew_at),
+            revoke_previous=f.get(t, key, "revoke_previous", _bool, False),
+            grace=f.get(t, key, "grace", _duration(), SecretConfig.grace),
+            revoke_on_shutdown=f.get(t, key, "revoke_on_shutdown", _bool, False),
+            version=f.get(t, key, "version", _integer(1), None),
+            check=f.get(t, key, "check", _argv, _NO_STRS),
+            expect_rotation_every=f.get(
+                t, key, "expect_rotation_every", _duration(0.0, strict=True), None
+            ),
         )
         if name not in self.secret_where:
             self.secret_where[name] = f.where(key)
@@ -860,6 +976,11 @@ class _Builder:
         for path in exe:
             if not path.startswith("/"):
                 f.problem((*key, "exe"), f"{path!r} is not an absolute path")
+        exe_sha256 = f.get(t, key, "exe_sha256", _string_list, _NO_STRS)
+        for digest in exe_sha256:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                f.problem((*key, "exe_sha256"), f"{digest[:80]!r} is not a sha256 "
+                          "(64 hexadecimal digits)")
         units = f.get(t, key, "units", _string_list, _NO_STRS)
         for unit in units:
             if "/" in unit or not unit.endswith(UNIT_SUFFIXES) or unit in UNIT_SUFFIXES:
@@ -880,6 +1001,7 @@ class _Builder:
                 exe=exe,
                 units=units,
                 admin=f.get(t, key, "admin", _bool, False),
+                exe_sha256=tuple(d.lower() for d in exe_sha256),
             )
         )
 

@@ -9,6 +9,14 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
    pipelined requests are answered in order;
 3. before each reply re-checks that the pid still names the process identified at accept; if
    not, the connection is closed without an answer (pid reuse);
+3a. takes a token from the peer uid's bucket for each request (``requests_per_second_per_uid``,
+   ``request_burst_per_uid``); a request over the rate is answered ``rate_limited``, so a flood
+   from one uid costs that uid its answers and leaves other uids served;
+3b. after a successful ``watch``, gives the connection over to that watch: it compares the
+   watched names' versions with what the client last heard of each time ``cache.changes``
+   moves (so events are never lost to the cell skipping a value, and at most one event per name
+   is pending), sends ``changed``/``revoked`` events, reads nothing but EOF, and drops a watcher
+   that does not take an event within ``frame_timeout``;
 4. closes the connection when a frame is not completed within ``frame_timeout``, when it is idle
    for ``idle_timeout``, when a reply cannot be sent within ``frame_timeout`` (a client that does
    not read), or after a framing error (whose reply carries ``id`` nil).
@@ -19,6 +27,7 @@ a secret is written to the audit stream.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,9 +42,10 @@ from typing import Any
 import trio
 
 from agentd import protocol
-from agentd.access import Grants, Peer, grants
+from agentd.access import ExeHasher, Grants, Peer, grants, needs_exe_sha256
 from agentd.audit import Audit
 from agentd.cache import Cache
+from agentd.cell import Cell
 from agentd.config import Config
 from agentd.errors import (
     BadRequest,
@@ -103,7 +113,8 @@ class Server:
         status: Callable[[], Mapping[str, Any]],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        self._config = config
+        self._reloads: Cell[int] = Cell(0)     # moves when the config is replaced (watchers)
         self._cache = cache
         self._refresher = refresher
         self._audit = audit
@@ -111,14 +122,36 @@ class Server:
         self._clock = clock
         self._connections = 0
         self._per_uid: Counter[int] = Counter()
+        self._watchers: Counter[int] = Counter()
+        self._buckets: dict[int, list[float]] = {}      # uid -> [tokens, trio time of update]
         self.refused_connections = 0
         self.requests = 0
+        self.requests_by_op: Counter[str] = Counter()            # for metrics
+        self.decisions: Counter[tuple[str, str]] = Counter()     # (op, decision), for metrics
+        self.rate_limited = 0
+        self.pid_reused = 0
+        # How a connection's peer is identified; tests swap it (fake proc root, no pidfd).
+        self.identify: Callable[[socket.socket], Peer] = Peer.from_socket
+        self.exe_hasher = ExeHasher()
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """Replace the config (a reload): later requests use it, and watchers re-check grants."""
+        self._config = config
+        self._reloads.set(self._reloads.value + 1)
 
     def statistics(self) -> dict[str, int]:
         return {
             "connections": self._connections,
             "refused_connections": self.refused_connections,
             "requests": self.requests,
+            "rate_limited": self.rate_limited,
+            "watchers": sum(self._watchers.values()),
+            "pid_reused": self.pid_reused,
         }
 
     async def serve(
@@ -145,9 +178,10 @@ class Server:
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
         uid: int | None = None
+        peer: Peer | None = None
         try:
             try:
-                peer = Peer.from_socket(conn)  # type: ignore[arg-type]
+                peer = self.identify(conn)  # type: ignore[arg-type]
             except OSError as exc:
                 log.warning("no peer credentials", extra={"error": str(exc)})
                 return
@@ -168,6 +202,9 @@ class Server:
             uid = peer.uid
             self._connections += 1
             self._per_uid[uid] += 1
+            if needs_exe_sha256(self.config.policies):
+                digest = await trio.to_thread.run_sync(self.exe_hasher.digest, peer)
+                peer = peer.with_exe_sha256(digest)
             await self._converse(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -179,6 +216,8 @@ class Server:
                 self._per_uid[uid] -= 1
                 if not self._per_uid[uid]:
                     del self._per_uid[uid]
+            if peer is not None:
+                peer.close()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -198,13 +237,16 @@ class Server:
                 continue
             if event is protocol.CLOSED:
                 return
-            if not peer.still_same_process():
-                log.warning("peer pid now names another process; closing", extra={"pid": peer.pid})
-                self._audit.record(op="reply", decision="pid_reused", pid=peer.pid, uid=peer.uid,
-                                   exe=peer.exe, start_time=peer.start_time)
+            if not self._same_process(peer):
                 return
             if isinstance(event, protocol.Rejected):
-                reply = conn.send_error(event.id, event.error)
+                error = event.error
+                if not conn.broken and not self._take_token(peer.uid):
+                    # Malformed requests cost a token too, or they would be a free flood.
+                    self.rate_limited += 1
+                    error = RateLimited(f"over {agent.requests_per_second_per_uid} requests per "
+                                        f"second for uid {peer.uid}")
+                reply = conn.send_error(event.id, error)
                 if not await self._send(stream, reply):
                     return
                 if conn.broken:
@@ -212,6 +254,24 @@ class Server:
                 continue
             assert isinstance(event, protocol.Request)
             self.requests += 1
+            self.requests_by_op[event.op] += 1
+            if not self._take_token(peer.uid):
+                self.rate_limited += 1
+                reply = conn.send_error(event.id, RateLimited(
+                    f"over {agent.requests_per_second_per_uid} requests per second for uid "
+                    f"{peer.uid}"))
+                if not await self._send(stream, reply):
+                    return
+                continue
+            if event.op == "watch":
+                try:
+                    names = self._check_watch(event, peer)
+                except RequestError as exc:
+                    if not await self._send(stream, conn.send_error(event.id, exc)):
+                        return
+                    continue
+                await self._watch(stream, conn, event.id, names, peer)
+                return
             try:
                 result = await self._dispatch(event, peer)
             except RequestError as exc:
@@ -220,6 +280,133 @@ class Server:
                 reply = conn.send_result(event.id, result)
             if not await self._send(stream, reply):
                 return
+
+    def _same_process(self, peer: Peer) -> bool:
+        """Re-check before a reply that the pid still names the peer; audit and log if not."""
+        if peer.still_same_process():
+            return True
+        self.pid_reused += 1
+        log.warning("peer pid now names another process; closing", extra={"pid": peer.pid})
+        self._audit.record(op="reply", decision="pid_reused", pid=peer.pid, uid=peer.uid,
+                           exe=peer.exe, start_time=peer.start_time)
+        return False
+
+    def _take_token(self, uid: int) -> bool:
+        """Take one request token from ``uid``'s bucket; False if it is empty."""
+        agent = self.config.agent
+        rate, burst = float(agent.requests_per_second_per_uid), float(agent.request_burst_per_uid)
+        now = trio.current_time()
+        bucket = self._buckets.get(uid)
+        if bucket is None:
+            if len(self._buckets) >= 4096:
+                # Buckets refilled to the brim carry no state: drop them to bound the table.
+                for key in [k for k, (t, at) in self._buckets.items()
+                            if t + (now - at) * rate >= burst]:
+                    del self._buckets[key]
+            bucket = self._buckets[uid] = [burst, now]
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    # --- watch -------------------------------------------------------------------------------
+
+    def _check_watch(self, request: protocol.Request, peer: Peer) -> tuple[str, ...]:
+        names: tuple[str, ...] = tuple(dict.fromkeys(request.args["names"]))
+        allowed = grants(self.config.policies, peer)
+        for name in names:
+            if name not in self.config.secrets or not allowed.may_read(name):
+                self._record(peer, "watch", "deny", name=name)
+                raise Forbidden(f"not allowed to read {name[:64]!r}")
+        if self._watchers[peer.uid] >= self.config.agent.max_watchers_per_uid:
+            self._record(peer, "watch", "rate_limited")
+            raise RateLimited(f"too many watches for uid {peer.uid}")
+        for name in names:
+            self._record(peer, "watch", "allow", name=name)
+        return names
+
+    def _version_of(self, name: str) -> int | None:
+        info = self._cache.info(name)
+        return None if info is None else info.version
+
+    async def _watch(
+        self,
+        stream: trio.SocketStream,
+        conn: protocol.ServerConnection,
+        id_: int,
+        names: tuple[str, ...],
+        peer: Peer,
+    ) -> None:
+        """Serve one watch until the client goes away, is too slow, or loses its grant."""
+        seen = (self._cache.changes.generation, self._reloads.generation)
+        heard = {name: self._version_of(name) for name in names}
+        self._watchers[peer.uid] += 1
+        try:
+            if not await self._send(stream, conn.send_result(id_, {})):
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_wait_eof, stream, nursery.cancel_scope)
+                while True:
+                    seen = await self._wait_wake(seen)
+                    allowed = grants(self.config.policies, peer)
+                    if any(n not in self.config.secrets or not allowed.may_read(n)
+                           for n in names):
+                        self._record(peer, "watch", "deny")
+                        break
+                    for name in names:
+                        event = self._watch_event(name, heard)
+                        if event is None:
+                            continue
+                        if not self._same_process(peer):
+                            nursery.cancel_scope.cancel()
+                            return
+                        kind, version = event
+                        frame = conn.send_event(id_, kind, name=name, version=version)
+                        if not await self._send(stream, frame):
+                            log.info("dropping a slow watcher", extra={"pid": peer.pid})
+                            self._record(peer, "watch", "dropped", name=name)
+                            nursery.cancel_scope.cancel()
+                            return
+                nursery.cancel_scope.cancel()
+        finally:
+            self._watchers[peer.uid] -= 1
+            if not self._watchers[peer.uid]:
+                del self._watchers[peer.uid]
+
+    async def _wait_wake(self, seen: tuple[int, int]) -> tuple[int, int]:
+        """Wait until the cache announces a change or the config is replaced; return the new
+        (changes, reloads) generations."""
+        result = list(seen)
+        async with trio.open_nursery() as nursery:
+
+            async def changed() -> None:
+                result[0], _ = await self._cache.changes.wait_changed(seen[0])
+                nursery.cancel_scope.cancel()
+
+            async def reloaded() -> None:
+                result[1], _ = await self._reloads.wait_changed(seen[1])
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(changed)
+            nursery.start_soon(reloaded)
+        return result[0], result[1]
+
+    def _watch_event(self, name: str, heard: dict[str, int | None]) -> tuple[str, int] | None:
+        """The event the client is owed for ``name`` (updating ``heard``), or None."""
+        version = self._version_of(name)
+        last = heard[name]
+        if version is not None:
+            if version == last:
+                return None
+            heard[name] = version
+            return "changed", version
+        if last is None or not self._refresher.is_revoked(name):
+            return None         # not fetched yet, or dropped without evidence: nothing to say
+        heard[name] = None
+        return "revoked", last
 
     async def _send(self, stream: trio.SocketStream, data: bytes) -> bool:
         """Send one reply; False (close) if the client does not take it within frame_timeout."""
@@ -264,9 +451,11 @@ class Server:
                 raise NotFound(f"secret {name!r} was deleted or revoked upstream")
             self._record(peer, "get", "unavailable", name=name)
             raise Unavailable(f"secret {name!r} has not been fetched yet")
-        if entry.stale and self._clock() > entry.fetched_at + self.config.max_stale_for(name):
-            self._record(peer, "get", "unavailable", name=name, version=entry.version, stale=True)
-            raise Unavailable(f"secret {name!r} is past its max_stale")
+        if self._clock() > entry.serve_until(self.config.max_stale_for(name)):
+            # past the earlier of fetched_at + max_stale and the value's own expiry (decision 5)
+            self._record(peer, "get", "unavailable", name=name, version=entry.version,
+                         stale=entry.stale)
+            raise Unavailable(f"secret {name!r} is past its stale deadline")
         data: Any = entry.data
         if field is not None:
             if field not in entry.data:
@@ -310,10 +499,19 @@ class Server:
         version: int | None = None,
         stale: bool | None = None,
     ) -> None:
+        self.decisions[(op, decision)] += 1
         self._audit.record(
             op=op, decision=decision, pid=peer.pid, uid=peer.uid, exe=peer.exe, unit=peer.unit,
             name=name, version=version, stale=stale, start_time=peer.start_time,
         )
+
+
+async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Read a watch connection until the client closes it or sends anything: then end the watch
+    (a watch connection carries nothing from the client after the watch request)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.receive_some(1)
+    scope.cancel()
 
 
 def _plain(value: Any) -> Any:

@@ -14,6 +14,7 @@ from agentd.config import (
     AuditConfig,
     CacheConfig,
     Config,
+    SecretConfig,
     WaitConfig,
     format_key,
     load,
@@ -37,7 +38,14 @@ BAD: dict[str, list[tuple[str, int, str]]] = {
         ("", 10, "secrets.DB: invalid secret name 'DB': must match [a-z0-9][a-z0-9_-]{0,62}"),
     ],
     "bad-unknown-kind.toml": [
-        ("", 11, "secrets.db.kind: unknown value 'pki': expected one of 'kv2', 'kv1'"),
+        (
+            "", 11,
+            "secrets.db.kind: unknown value 'ssh': expected one of 'kv2', 'kv1', 'leased', 'pki'",
+        ),
+    ],
+    "bad-secret-option-for-kind.toml": [
+        ("", 12, "secrets.web.version: not used by kind 'pki'"),
+        ("", 13, "secrets.web.renew_at: must be greater than 0 and less than 1"),
     ],
     "bad-missing-addresses.toml": [("", 2, "upstream.addresses: required")],
     "bad-approle-missing-secret-id-file.toml": [
@@ -50,7 +58,8 @@ BAD: dict[str, list[tuple[str, int, str]]] = {
         (
             "",
             14,
-            "policy[0]: a policy needs at least one of uids, users, gids, groups, exe, units",
+            "policy[0]: a policy needs at least one of uids, users, gids, groups, exe, "
+            "exe_sha256, units",
         ),
     ],
     "bad-allow-matches-nothing.toml": [
@@ -103,6 +112,9 @@ BAD: dict[str, list[tuple[str, int, str]]] = {
             "policy[0].units: 'app' is not a systemd unit name (expected a suffix like .service)",
         ),
     ],
+    "bad-policy-exe-sha256.toml": [
+        ("", 15, "policy[0].exe_sha256: 'abc123' is not a sha256 (64 hexadecimal digits)"),
+    ],
     "bad-bundle-file-name.toml": [
         (
             "",
@@ -137,7 +149,7 @@ BAD: dict[str, list[tuple[str, int, str]]] = {
             "",
             11,
             "upstream.auth.method: unknown value 'kerberos': "
-            "expected one of 'approle', 'token_file'",
+            "expected one of 'approle', 'token_file', 'cert', 'jwt'",
         ),
         (
             "",
@@ -200,6 +212,7 @@ def test_reference_config_parses_with_every_default() -> None:
     assert cfg.upstream.auth.secret_id_file == Path("/etc/agentd/secret_id")
     assert sorted(cfg.secrets) == ["db", "web-tls"]
     assert cfg.secrets["db"].refresh == 300.0
+    assert cfg.secrets["web-tls"] == SecretConfig(name="web-tls", kind="pki", path="pki/issue/web")
     assert cfg.max_stale_for("db") == 86400.0
     assert cfg.key_file == Path("/var/lib/agentd/cache.key")
     (policy,) = cfg.policies
@@ -399,7 +412,7 @@ def test_format_key() -> None:
 
 
 def test_secret_kinds_are_a_tuple_to_extend() -> None:
-    assert config.SECRET_KINDS == ("kv2", "kv1")
+    assert config.SECRET_KINDS == ("kv2", "kv1", "leased", "pki")
 
 
 # -- conf.d ---------------------------------------------------------------------------------------
@@ -486,7 +499,7 @@ def test_an_almost_empty_file(tmp_path: Path) -> None:
         f"{main}:0: upstream.addresses: required",
         f"{main}:0: upstream.auth.method: required",
         f"{main}:1: policy[0]: a policy needs at least one of "
-        "uids, users, gids, groups, exe, units",
+        "uids, users, gids, groups, exe, exe_sha256, units",
         f"{main}:1: policy[0].allow: required",
         f"{main}:2: template[0].destination: required",
         f"{main}:2: template[0]: set exactly one of source or contents",

@@ -567,7 +567,7 @@ _frames = st.one_of(
 )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=7000, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     pieces=st.lists(_frames, max_size=6),
     cuts=st.lists(st.integers(min_value=0), max_size=10),
@@ -612,7 +612,7 @@ _requests = st.one_of(
 )
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3000, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(requests=st.lists(_requests, min_size=1, max_size=5), cuts=st.lists(st.integers(0)))
 def test_fuzz_valid_requests_survive_any_split(
     requests: list[tuple[str, dict[str, Any]]], cuts: list[int]
