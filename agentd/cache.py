@@ -16,12 +16,18 @@ and ``(name, -1)`` when an entry is removed (revocation on evidence, or an admin
 dropped because its seal failed to open is not announced there (that is not evidence of
 revocation); it is counted in ``statistics().seal_failures`` and refetched on schedule.
 
+``updates`` is a cell set on every mutation, metadata included (a refresh that only moves
+``fetched_at``, a stale mark): the snapshot writer uses it to persist ``fetched_at``. For the
+snapshot, ``export_sealed`` re-seals every entry under another sealer (the snapshot key) and
+``import_sealed`` opens such records back into the cache, marked stale (decision 6).
+
 Everything here is sync and never blocks, except ``single_flight``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +59,32 @@ class CachedSecret:
     expires_at: float | None
     stale: bool
 
+    def serve_until(self, max_stale: float) -> float:
+        """The stale deadline (decision 5); see ``stale_deadline``."""
+        return stale_deadline(self.fetched_at, self.expires_at, self.stale, max_stale)
+
+
+def stale_deadline(fetched_at: float, expires_at: float | None, stale: bool,
+                   max_stale: float) -> float:
+    """Until when a value may be served: the earlier of ``fetched_at + max_stale`` (once it is
+    stale) and the value's own expiry (a lease or a certificate), in unix seconds."""
+    deadline = fetched_at + max_stale if stale else math.inf
+    if expires_at is not None:
+        deadline = min(deadline, expires_at)
+    return deadline
+
+
+@dataclass(frozen=True)
+class SealedRecord:
+    """One entry as it goes into the snapshot: ``blob`` sealed under the snapshot's sealer."""
+
+    name: str
+    version: int
+    fetched_at: float
+    expires_at: float | None
+    stale_since: float | None
+    blob: bytes = field(repr=False)
+
 
 @dataclass(frozen=True)
 class EntryInfo:
@@ -64,6 +96,10 @@ class EntryInfo:
     expires_at: float | None
     stale: bool
     stale_since: float | None
+
+    def serve_until(self, max_stale: float) -> float:
+        """The stale deadline (decision 5); see ``stale_deadline``."""
+        return stale_deadline(self.fetched_at, self.expires_at, self.stale, max_stale)
 
 
 @dataclass(frozen=True)
@@ -132,6 +168,7 @@ class Cache:
         self._flights: dict[str, _Flight] = {}
         self._seal_failures = 0
         self.changes: Cell[tuple[str, int] | None] = Cell(None)
+        self.updates: Cell[None] = Cell(None)
 
     def put(self, name: str, data: Mapping[str, Any], *, version: int | None,
             fetched_at: float | None = None, expires_at: float | None = None) -> bool:
@@ -170,14 +207,15 @@ class Cache:
         blob = self._sealer.seal(packed, _associated_data(name, version))
         self._entries[name] = _Entry(blob, fingerprint, version, when, expires_at)
         self.changes.set((name, version))
+        self.updates.set(None)
         return True
 
-    @staticmethod
-    def _refresh(entry: _Entry, when: float, expires_at: float | None) -> None:
+    def _refresh(self, entry: _Entry, when: float, expires_at: float | None) -> None:
         entry.fetched_at = when
         entry.expires_at = expires_at
         entry.stale = False
         entry.stale_since = None
+        self.updates.set(None)
 
     def get(self, name: str) -> CachedSecret | None:
         """Open the entry for ``name``; None if absent or its seal fails (the entry is dropped)."""
@@ -213,13 +251,74 @@ class Cache:
             return
         entry.stale = True
         entry.stale_since = self._clock() if since is None else since
+        self.updates.set(None)
 
     def remove(self, name: str) -> bool:
         """Drop ``name`` (revoked or deleted); announce ``(name, -1)``. False if absent."""
         if self._entries.pop(name, None) is None:
             return False
         self.changes.set((name, REMOVED))
+        self.updates.set(None)
         return True
+
+    def export_sealed(
+        self, sealer: Sealer, associated_data: Callable[[str, int], bytes]
+    ) -> list[SealedRecord]:
+        """Every entry re-sealed under ``sealer`` with ``associated_data(name, version)``.
+
+        Each plaintext exists only while it is re-sealed. An entry whose own seal fails is left
+        out (and dropped, as ``get`` would).
+        """
+        records: list[SealedRecord] = []
+        for name in sorted(self._entries):
+            entry = self._entries[name]
+            try:
+                packed = self._sealer.open(entry.blob, _associated_data(name, entry.version))
+            except CryptoError as exc:
+                self._seal_failures += 1
+                del self._entries[name]
+                log.error("dropped cached %s: %s", name, exc)
+                continue
+            records.append(SealedRecord(
+                name=name, version=entry.version, fetched_at=entry.fetched_at,
+                expires_at=entry.expires_at,
+                stale_since=entry.stale_since if entry.stale else None,
+                blob=sealer.seal(packed, associated_data(name, entry.version)),
+            ))
+        return records
+
+    def import_sealed(
+        self, records: list[SealedRecord], sealer: Sealer,
+        associated_data: Callable[[str, int], bytes], *, since: float | None = None,
+    ) -> list[str]:
+        """Open ``records`` (from ``export_sealed``) into the cache, each marked stale.
+
+        A name already cached is skipped (a fetched value beats a restored one). Announces each
+        restored value in ``changes``. Returns the restored names.
+
+        Raises:
+            CryptoError: a record fails to open; nothing is imported then.
+        """
+        opened: list[tuple[SealedRecord, bytes]] = []
+        for record in records:
+            opened.append((record, sealer.open(record.blob,
+                                               associated_data(record.name, record.version))))
+        now = self._clock() if since is None else since
+        restored: list[str] = []
+        for record, packed in opened:
+            if record.name in self._entries:
+                continue
+            blob = self._sealer.seal(packed, _associated_data(record.name, record.version))
+            self._entries[record.name] = _Entry(
+                blob, self._sealer.fingerprint(packed), record.version, record.fetched_at,
+                record.expires_at, stale=True,
+                stale_since=record.stale_since if record.stale_since is not None else now,
+            )
+            restored.append(record.name)
+            self.changes.set((record.name, record.version))
+        if restored:
+            self.updates.set(None)
+        return restored
 
     def names(self) -> list[str]:
         """The cached names, sorted."""

@@ -22,13 +22,17 @@ import ctypes.util
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import resource
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agentd.errors import CryptoError
@@ -210,3 +214,84 @@ def _create_key(path: Path) -> None:
     except OSError as exc:
         raise CryptoError(f"{path}: cannot create key file: {exc.strerror}") from None
     log.info("created a new cache key file %s", path)
+
+
+# --- X.509 (kind = "pki") --------------------------------------------------------------------
+
+CLOCK_SKEW = 300.0   # seconds of clock difference allowed between this host and the upstream
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What the agent needs to know about a verified certificate (never the key)."""
+
+    serial: str           # colon-separated lowercase hex, as OpenBao prints it
+    not_before: float     # unix time
+    not_after: float      # unix time
+    subject: str
+
+
+def _load_cert(pem: str, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem.encode())
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(f"{what} is not a PEM certificate") from exc
+
+
+def _serial_text(number: int) -> str:
+    raw = number.to_bytes(max(1, (number.bit_length() + 7) // 8), "big")
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def check_certificate(
+    certificate: str,
+    private_key: str,
+    issuing_ca: str,
+    ca_chain: list[str] | tuple[str, ...] = (),
+    *,
+    now: float,
+    skew: float = CLOCK_SKEW,
+) -> CertificateInfo:
+    """Verify an issued key pair before it may replace the one being served (decision 4).
+
+    Checks that the private key belongs to the certificate, that the certificate was signed by
+    ``issuing_ca`` and every element of ``ca_chain`` by the next one (the chain verifies up to
+    the issuing CA), and that the validity window covers ``now`` give or take ``skew`` seconds.
+
+    Raises:
+        CryptoError: saying which check failed (never with key material in it).
+    """
+    cert = _load_cert(certificate, "certificate")
+    issuer = _load_cert(issuing_ca, "issuing_ca")
+    try:
+        key = serialization.load_pem_private_key(private_key.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CryptoError("private_key is not an unencrypted PEM private key") from exc
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise CryptoError("private_key does not match the certificate")
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CryptoError("certificate is not signed by issuing_ca") from exc
+    chain = [_load_cert(pem, "ca_chain element") for pem in ca_chain]
+    if chain and chain[0] != issuer:
+        raise CryptoError("ca_chain does not start with issuing_ca")
+    for child, parent in itertools.pairwise(chain):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise CryptoError("ca_chain does not verify (an element is not signed by the next)") \
+                from exc
+    not_before = cert.not_valid_before_utc.timestamp()
+    not_after = cert.not_valid_after_utc.timestamp()
+    if now + skew < not_before:
+        raise CryptoError(f"certificate is not valid yet (not before {not_before:.0f})")
+    if now - skew > not_after:
+        raise CryptoError(f"certificate has expired (not after {not_after:.0f})")
+    return CertificateInfo(
+        serial=_serial_text(cert.serial_number),
+        not_before=not_before,
+        not_after=not_after,
+        subject=cert.subject.rfc4514_string(),
+    )

@@ -3,13 +3,15 @@
 Start order (decision 10):
 
 1. harden the process (non-dumpable, no core dumps), then load nothing secret before that;
-2. start the audit writer, the authenticator (which logs in with backoff) and the refresher
-   (which fetches every declared secret as soon as there is a token);
-3. wait until every secret has a value, or ``ready_timeout`` at the latest, so a dead upstream on
-   first boot never blocks boot;
+2. start the audit writer, restore the encrypted snapshot into the cache (stale, before the
+   upstream is asked anything) and start its writer, then the authenticator (which logs in with
+   backoff) and the refresher (which fetches every declared secret as soon as there is a token;
+   restored ones at their own jittered phase);
+3. wait until every secret has a value (fetched or restored), or ``ready_timeout`` at the
+   latest, so a dead upstream on first boot never blocks boot;
 4. bind the socket (or take systemd's) and start accepting, then send ``READY=1``;
-5. run until SIGTERM/SIGINT; on the way out flush the audit stream, revoke a login token that no
-   lease depends on, and remove the socket.
+5. run until SIGTERM/SIGINT; on the way out write the snapshot, flush the audit stream, revoke
+   a login token that no lease depends on, and remove the socket.
 
 Every long-running piece is ``async def run(..., task_status)`` and nothing holds a nursery.
 """
@@ -20,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -29,16 +32,19 @@ from typing import Any
 
 import trio
 
-from agentd import __version__, logs, systemd
+from agentd import __version__, logs, metrics, systemd, watch
 from agentd import config as config_mod
 from agentd.audit import Audit
 from agentd.auth import Authenticator
 from agentd.cache import Cache
 from agentd.config import Config
+from agentd.creds import CredentialsServer, close_listener, open_credentials_listener
 from agentd.crypto import Sealer, harden_process
 from agentd.errors import ConfigError
 from agentd.refresh import Refresher
+from agentd.render import Renderer
 from agentd.server import Server, open_listener
+from agentd.snapshot import Snapshot, host_id
 from agentd.upstream import Upstream
 
 log = logging.getLogger("agentd.daemon")
@@ -54,12 +60,18 @@ class Agent:
         self.reload_failures = 0
         self.started_at = time.time()
         self.ready = trio.Event()
-        self.upstream = Upstream(config.upstream)
+        self.host_id = host_id()
+        # per-host address order and schedule phases (decision 9)
+        self.upstream = Upstream(config.upstream, order_seed=self.host_id, outage_gate=True)
         self.auth = Authenticator(config.upstream, self.upstream)
         self.cache = Cache(Sealer.generate())
+        self.snapshot = Snapshot.from_config(config, host=self.host_id)
         self.audit = Audit(config.audit)
-        self.refresher = Refresher(config, self.upstream, self.auth, self.cache)
+        self.refresher = Refresher(config, self.upstream, self.auth, self.cache,
+                                   rng=random.Random(f"agentd-schedule:{self.host_id}"))
         self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
+        self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
+        self.renderer = Renderer(config, self.cache)
 
     def status(self) -> Mapping[str, Any]:
         """What ``agentd status`` shows: upstream, auth, every secret's state. Never a value."""
@@ -106,8 +118,12 @@ class Agent:
                 "templates": len(self.config.templates),
             },
             "server": self.server.statistics(),
+            "credentials": self.credentials.statistics(),
+            "snapshot": dataclasses.asdict(self.snapshot.statistics()),
+            "alerts": {"policy_denied": self.refresher.policy_denied},
             "reloads": {"applied": self.reloads, "refused": self.reload_failures},
             "audit": dataclasses.asdict(self.audit.statistics()),
+            "templates": self.renderer.statistics(),
         }
 
     def reload(self) -> bool:
@@ -132,8 +148,10 @@ class Agent:
         for section in ("upstream", "audit"):
             if getattr(new, section) != getattr(old, section):
                 log.warning("reload: changes to [%s] need a restart; not applied", section)
-        if (new.agent.socket, new.agent.socket_mode, new.agent.socket_group) != (
-            old.agent.socket, old.agent.socket_mode, old.agent.socket_group
+        if (new.agent.socket, new.agent.socket_mode, new.agent.socket_group,
+                new.agent.credentials_socket) != (
+            old.agent.socket, old.agent.socket_mode, old.agent.socket_group,
+            old.agent.credentials_socket,
         ):
             log.warning("reload: changes to the socket need a restart; not applied")
         new = dataclasses.replace(
@@ -145,11 +163,14 @@ class Agent:
                 socket=old.agent.socket,
                 socket_mode=old.agent.socket_mode,
                 socket_group=old.agent.socket_group,
+                credentials_socket=old.agent.credentials_socket,
             ),
         )
         self.config = new
         self.refresher.apply_config(new)
         self.server.config = new
+        self.credentials.config = new
+        self.renderer.apply_config(new)
         logs.set_level(new.agent.log_level)
         self.reloads += 1
         log.info(
@@ -162,14 +183,23 @@ class Agent:
         """Run the agent until cancelled. ``task_status.started()`` fires at READY."""
         config = self.config
         listener: socket.socket | None = None
+        creds_listener: socket.socket | None = None
         activated = systemd.listen_fds()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.audit.run)
+                # the snapshot first, before the upstream is asked anything (decision 6)
+                restored = self.snapshot.load_into(self.cache, names=set(config.secrets))
+                self.refresher.mark_restored(restored)
+                await nursery.start(self.snapshot.run, self.cache)
                 nursery.start_soon(self.auth.run)
                 await nursery.start(self.refresher.run)
+                await nursery.start(metrics.run, self)      # [metrics] listen / textfile
+                await nursery.start(self.renderer.run)      # templates and bundles
+                await nursery.start(watch.run, self)        # hot reload, drift repair
                 with trio.move_on_after(config.agent.ready_timeout) as waited:
                     await self.refresher.wait_all_fetched()
+                    await self.renderer.wait_first_pass()   # first render (decision 10)
                 if waited.cancelled_caught:
                     log.warning(
                         "ready_timeout passed before every secret was fetched",
@@ -186,6 +216,9 @@ class Agent:
                         group=config.agent.socket_group,
                     )
                 await nursery.start(self.server.serve, listener)
+                if config.agent.credentials_socket is not None:
+                    creds_listener = open_credentials_listener(config.agent.credentials_socket)
+                    await nursery.start(self.credentials.serve, creds_listener)
                 self.ready.set()
                 systemd.notify("READY=1")
                 log.info(
@@ -200,13 +233,17 @@ class Agent:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 systemd.notify("STOPPING=1")
+                await self.snapshot.flush(self.cache)
                 self.audit.flush()
-                await self.auth.revoke()
+                if not self.refresher.kinds.holds_leases():   # its leases die with the token
+                    await self.auth.revoke()
                 await self.upstream.aclose()
             if listener is not None:
                 listener.close()
                 if not activated:
                     _unlink_socket(config.agent.socket)
+            if creds_listener is not None and config.agent.credentials_socket is not None:
+                close_listener(creds_listener, config.agent.credentials_socket)
 
 
 async def _watchdog(interval: float) -> None:
@@ -226,9 +263,19 @@ async def serve(config: Config, *, config_path: Path | None = None) -> None:
     harden_process()
     agent = Agent(config, config_path=config_path)
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        watched = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        stall_hook = os.environ.get("AGENTD_TEST_STALL_ON_SIGUSR2") == "1"
+        if stall_hook:
+            watched.append(signal.SIGUSR2)
+        with trio.open_signal_receiver(*watched) as signals:
             nursery.start_soon(agent.run)
             async for signum in signals:
+                if stall_hook and signum == signal.SIGUSR2:
+                    # TEST ONLY (AGENTD_TEST_STALL_ON_SIGUSR2=1): wedge the trio loop so that
+                    # WATCHDOG=1 stops and systemd's watchdog has to restart the service.
+                    log.warning("test hook: stalling the main loop")
+                    time.sleep(3600)  # noqa: ASYNC251  (blocking on purpose)
+                    continue
                 if signum == signal.SIGHUP:
                     systemd.notify("RELOADING=1")
                     agent.reload()

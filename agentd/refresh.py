@@ -8,10 +8,16 @@ remove a value on their own (decision 5):
 - TransientError (connection, timeout, 5xx, 429, sealed): the cached value is marked stale and the
   task retries with full-jitter backoff, honouring Retry-After;
 - AuthError: the token is handed back to the authenticator (``invalidate``) to log in again; the
-  value is kept (stale);
+  value is kept (stale); a second 403 in a row (after a fresh login or a token check) is a policy
+  refusal upstream: logged as an error and raised as an alert (``policy_denied``), never a
+  revocation;
 - UpstreamNotFound: positive evidence that the secret was deleted upstream: the entry is dropped and
   ``get`` answers ``not_found`` until the secret comes back;
 - any other PermanentError: kept stale, logged, retried with backoff at the cap.
+
+Schedules are spread per host (decision 9): the daemon seeds ``rng`` with the host id. A secret
+that already has a value when its task starts (restored from the snapshot) is first refreshed at a
+random phase within ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -20,6 +26,7 @@ decision 10; the daemon bounds it by ``ready_timeout``).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +45,12 @@ from agentd.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
+from agentd.kinds import Kinds
 from agentd.upstream import Upstream
 
 log = logging.getLogger("agentd.refresh")
+
+RESTORED_SPREAD = 30.0   # restored secrets first refresh within this long (or their `refresh`)
 
 
 @dataclass
@@ -54,6 +64,8 @@ class SecretState:
     last_attempt: float | None = None
     next_attempt: float | None = None     # trio clock
     fetched: trio.Event | None = None
+    denials: int = 0                      # consecutive 403s
+    policy_denied: bool = False           # alert: 403s survived a fresh login / token check
 
     def as_status(self) -> dict[str, Any]:
         return {
@@ -61,6 +73,7 @@ class SecretState:
             "failures": self.failures,
             "last_error": self.last_error,
             "last_attempt": self.last_attempt,
+            "policy_denied": self.policy_denied,
         }
 
 
@@ -75,12 +88,16 @@ class Refresher:
         cache: Cache,
         *,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self._config = config
+        # schedule phases and backoff jitter; the daemon seeds it with the host id (decision 9)
+        self._rng = rng or random.Random()
         self._upstream = upstream
         self._auth = auth
         self._cache = cache
         self._clock = clock
+        self.kinds = Kinds(upstream, cache, clock=clock)   # per-kind steps (kinds.py)
         self.states: dict[str, SecretState] = {
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }
@@ -94,6 +111,7 @@ class Refresher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
+                await nursery.start(self.kinds.run)
                 for secret in self._config.secrets.values():
                     self._start(secret)
                 task_status.started()
@@ -125,9 +143,12 @@ class Refresher:
             if new == secret:
                 continue
             self._scopes.pop(name).cancel()
-            if new is None or (new.kind, new.path) != (secret.kind, secret.path):
+            if new is None or (new.kind, new.path, new.version) != (
+                secret.kind, secret.path, secret.version
+            ):
                 self._cache.remove(name)
                 self.states.pop(name, None)
+                self.kinds.forget(name)
         for name, secret in config.secrets.items():
             if old.secrets.get(name) == secret:
                 continue
@@ -140,6 +161,18 @@ class Refresher:
         for state in list(self.states.values()):
             assert state.fetched is not None
             await state.fetched.wait()
+
+    def mark_restored(self, names: list[str]) -> None:
+        """Names restored from the snapshot count as fetched for readiness (decision 10)."""
+        for name in names:
+            state = self.states.get(name)
+            if state is not None and state.fetched is not None:
+                state.fetched.set()
+
+    @property
+    def policy_denied(self) -> list[str]:
+        """Secrets whose reads are refused (403) with a token the upstream accepts: an alert."""
+        return sorted(name for name, state in self.states.items() if state.policy_denied)
 
     def is_revoked(self, name: str) -> bool:
         state = self.states.get(name)
@@ -158,7 +191,7 @@ class Refresher:
         token = await self._auth.wait_for_token()
         state.last_attempt = self._clock()
         try:
-            value = await self._upstream.read_secret(secret.kind, secret.path)
+            value = await self.kinds.fetch(secret)
         except AuthError:
             self._auth.invalidate(token)
             raise
@@ -172,20 +205,29 @@ class Refresher:
         info = self._cache.info(secret.name)
         assert info is not None
         if changed:
+            self.kinds.observe(secret, value.data)
             log.info("secret updated", extra={"secret": secret.name, "version": info.version})
         if state.revoked:
             log.info("secret is back upstream", extra={"secret": secret.name})
         state.revoked = False
         state.failures = 0
         state.last_error = None
+        state.denials = 0
+        state.policy_denied = False
         assert state.fetched is not None
         state.fetched.set()
         return info.version
 
     async def _poll(self, secret: SecretConfig) -> None:
         cfg = self._config.upstream
-        backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
+        backoff = Backoff(cfg.backoff_min, cfg.backoff_max, rng=self._rng)
         state = self.states[secret.name]
+        if self._cache.info(secret.name) is not None:
+            # restored from the snapshot (or kept over a reload): refresh at this secret's own
+            # phase, not all at once with the others
+            first = self._rng.uniform(0.0, min(secret.refresh, RESTORED_SPREAD))
+            state.next_attempt = trio.current_time() + first
+            await trio.sleep(first)
         while True:
             try:
                 await self.refresh(secret.name)
@@ -202,16 +244,35 @@ class Refresher:
                 state.revoked = True
                 assert state.fetched is not None
                 state.fetched.set()      # a known answer (not_found) counts for readiness
-                delay = jittered(secret.refresh)
+                delay = jittered(secret.refresh, rng=self._rng)
                 state.last_error = str(exc)
-            except (AuthError, PermanentError, UpstreamError) as exc:
+            except AuthError as exc:
+                delay = backoff.next_delay()
+                self._denied(state, exc)
+                self._failed(state, exc, delay)
+            except (PermanentError, UpstreamError) as exc:
                 delay = backoff.next_delay()
                 self._failed(state, exc, delay)
             else:
                 backoff.reset()
-                delay = jittered(secret.refresh)
+                delay = self.kinds.next_delay(secret, jittered(secret.refresh, rng=self._rng))
             state.next_attempt = trio.current_time() + delay
             await trio.sleep(delay)
+
+    def _denied(self, state: SecretState, exc: AuthError) -> None:
+        """A 403 on a read. The first one hands the token back for a check or a new login; a
+        second in a row (the token was confirmed or replaced meanwhile) is a policy refusal:
+        the value stays served stale, never revoked (decision 5), and an alert is raised."""
+        if exc.status != 403:
+            state.denials = 0
+            return
+        state.denials += 1
+        if state.denials >= 2 and not state.policy_denied:
+            state.policy_denied = True
+            log.error(
+                "upstream policy denies this secret to a valid token; serving it stale",
+                extra={"secret": state.name, "error": str(exc)},
+            )
 
     def _failed(self, state: SecretState, exc: UpstreamError, delay: float) -> None:
         state.failures += 1
@@ -230,4 +291,18 @@ class Refresher:
         )
 
     def status(self) -> dict[str, dict[str, Any]]:
-        return {name: state.as_status() for name, state in sorted(self.states.items())}
+        return {
+            name: {**state.as_status(), **self.kinds.status(self._config.secrets[name]),
+                   "next_rotation": self._wall(state.next_attempt)}
+            for name, state in sorted(self.states.items())
+            if name in self._config.secrets
+        }
+
+    def _wall(self, when: float | None) -> float | None:
+        """A trio-clock time as unix time (for status and catalog)."""
+        if when is None:
+            return None
+        try:
+            return self._clock() + (when - trio.current_time())
+        except RuntimeError:     # not inside trio
+            return None

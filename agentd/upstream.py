@@ -2,7 +2,8 @@
 
 Theory of operation: ``Upstream.request()`` sends one API call (``path`` without ``/v1/``) through a
 single ``httpx.AsyncClient`` (it runs on trio through anyio). The configured addresses are tried in
-order, starting at the last one that answered (sticky); a connection-level failure (connect error,
+a per-host order (``order_seed``, the host id: see ``spread_addresses``), starting at the last one
+that answered (sticky); a connection-level failure (connect error,
 timeout, reset, protocol error), a 5xx (which includes a sealed node's 503), a standby code (472,
 473) or a redirect fails the *same* request over to the next address, each address at most once per
 request. Anything else is the answer: 4xx are never failed over. Every attempt holds one slot of a
@@ -14,6 +15,14 @@ Failures are translated here, once, into agentd's tree (``_transport_error`` and
 Messages carry method, path, status and the upstream's own ``errors`` strings (capped), never a
 request body, a header, a token or secret data.
 
+Outage gate (``outage_gate=True``, what the daemon uses; decision 9): once a request has failed on
+every address (connection failures, 5xx, sealed, standby), the host stops sending for a
+full-jitter backoff window (``backoff_min`` .. ``backoff_max``, growing with each failed probe);
+requests in the window fail at once with a TransientError whose ``retry_after`` is the time left,
+and when it ends a single request goes out as the probe (others keep failing fast meanwhile). A
+probe that gets any answer from a node closes the gate. So however many secrets a host has, an
+outage costs the upstream about one request per window from it, not one per secret.
+
 The client ignores the environment (``trust_env=False``): a host's ``HTTP_PROXY`` must never see the
 ``X-Vault-Token`` header. ``aclose()`` closes the connection pool.
 """
@@ -24,6 +33,7 @@ import email.utils
 import json as jsonlib
 import logging
 import math
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -33,6 +43,7 @@ from typing import Any
 import httpx
 import trio
 
+from agentd.backoff import Backoff
 from agentd.config import UpstreamConfig
 from agentd.errors import (
     AuthError,
@@ -72,6 +83,7 @@ class UpstreamStatistics:
     latency_ms_last: float | None
     in_flight: int = 0           # attempts holding a concurrency slot now
     in_flight_peak: int = 0      # the most ever held at once (<= max_concurrency)
+    gated: int = 0               # requests failed at once by the outage gate (never sent)
 
 
 class _Failover(TransientError):
@@ -105,6 +117,16 @@ class _Once:
             raise StopAsyncIteration
         data, self._data = self._data, None
         return data
+
+
+def spread_addresses(addresses: tuple[str, ...], seed: str | None) -> tuple[str, ...]:
+    """``addresses`` in a per-host order (decision 9): shuffled by ``seed`` (the host id), so a
+    fleet does not start at, nor fail over to, the same node in step. None keeps the order."""
+    if seed is None or len(addresses) < 2:
+        return addresses
+    order = list(addresses)
+    random.Random(f"agentd-addresses:{seed}").shuffle(order)
+    return tuple(order)
 
 
 def _no_token() -> str | None:
@@ -189,6 +211,39 @@ def _plain(exc: UpstreamError) -> UpstreamError:
     return exc
 
 
+def tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
+    """Verifying TLS (system CAs, or only ``ca_file``), TLS 1.2 at least; with ``cert`` auth the
+    client certificate too. There is deliberately no way to turn verification off.
+
+    Raises:
+        PermanentError: a CA, certificate or key file cannot be loaded.
+    """
+    try:
+        context = ssl.create_default_context(
+            cafile=str(cfg.ca_file) if cfg.ca_file is not None else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentError(f"cannot load upstream ca_file {cfg.ca_file}: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_client_cert(context, cfg)
+    return context
+
+
+def load_client_cert(context: ssl.SSLContext, cfg: UpstreamConfig) -> None:
+    """(Re)load the ``cert`` auth method's client certificate and key into ``context``; new
+    connections present it (a renewed certificate is picked up at the next login)."""
+    auth = cfg.auth
+    if auth.method != "cert" or auth.cert_file is None or auth.key_file is None:
+        return
+    try:
+        context.load_cert_chain(str(auth.cert_file), str(auth.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentError(
+            f"cannot load the client certificate {auth.cert_file} / key {auth.key_file}: "
+            f"{type(exc).__name__}"
+        ) from None
+
+
 class Upstream:
     """A client for one OpenBao/Vault cluster (one or more addresses).
 
@@ -199,19 +254,27 @@ class Upstream:
     Raises (from every request): TransientError, AuthError, PermanentError, UpstreamNotFound.
     """
 
-    def __init__(self, cfg: UpstreamConfig) -> None:
+    def __init__(
+        self, cfg: UpstreamConfig, *, order_seed: str | None = None, outage_gate: bool = False
+    ) -> None:
         if not cfg.addresses:
             raise ValueError("upstream needs at least one address")
         self._cfg = cfg
-        self._addresses = tuple(a.rstrip("/") for a in cfg.addresses)
+        self._addresses = spread_addresses(
+            tuple(a.rstrip("/") for a in cfg.addresses), order_seed
+        )
         self._current = 0
         self.token_source: Callable[[], str | None] = _no_token
-        verify: ssl.SSLContext | bool = True
-        if cfg.ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=str(cfg.ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise PermanentError(f"cannot load upstream ca_file {cfg.ca_file}: {exc}") from exc
+        self._gate: Backoff | None = None
+        if outage_gate:
+            self._gate = Backoff(cfg.backoff_min, cfg.backoff_max,
+                                 rng=random.Random(f"agentd-gate:{order_seed}"))
+        self._gate_until = -math.inf     # trio clock; the gate is open before this
+        self._probing = False
+        self._gated = 0
+        verify = self._tls = tls_context(cfg)
+        self._retired: list[httpx.AsyncClient] = []     # pools replaced for a new client cert
+        self._extensions = {"sni_hostname": cfg.tls_server_name} if cfg.tls_server_name else {}
         headers = {"X-Vault-Request": "true"}
         if cfg.namespace:
             headers["X-Vault-Namespace"] = cfg.namespace
@@ -275,8 +338,30 @@ class Upstream:
             self._count_error(exc)
             raise _plain(exc) from exc.__cause__
 
+    async def renew_client_identity(self) -> None:
+        """Re-read the cert auth method's certificate and key into a fresh connection pool, so
+        the next request (the cert login) presents them: a pooled connection would present the
+        certificate of its own handshake. The previous pool is closed at the next renewal (its
+        requests have finished by then) or at ``aclose()``.
+
+        Raises:
+            PermanentError: the certificate or key cannot be loaded.
+        """
+        context = tls_context(self._cfg)
+        old = self._client
+        self._client = httpx.AsyncClient(
+            verify=context, timeout=old.timeout, trust_env=False, follow_redirects=False,
+            headers=old.headers,
+        )
+        self._tls = context
+        retired, self._retired = self._retired, [old]
+        for client in retired:
+            await client.aclose()
+
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent."""
+        for client in self._retired:
+            await client.aclose()
         await self._client.aclose()
 
     def statistics(self) -> UpstreamStatistics:
@@ -289,6 +374,7 @@ class Upstream:
             latency_ms_last=self._latency_ms,
             in_flight=self._in_flight,
             in_flight_peak=self._in_flight_peak,
+            gated=self._gated,
         )
 
     # --- internals --------------------------------------------------------------------------
@@ -351,6 +437,44 @@ class Upstream:
             value = token if token is not None else self.token_source()
             if value:
                 headers["X-Vault-Token"] = value
+        probe = self._pass_gate(method, path)
+        try:
+            response, body = await self._try_addresses(method, path, json, headers)
+        except _Failover as exc:
+            if self._gate is not None:
+                delay = self._gate.next_delay(at_least=exc.retry_after or 0.0)
+                self._gate_until = trio.current_time() + delay
+                if self._gate.failures == 1:
+                    log.warning("upstream unreachable on every address; backing off",
+                                extra={"retry_in": round(delay, 2)})
+            raise
+        else:
+            if self._gate is not None and self._gate.failures:
+                log.info("upstream reachable again")
+                self._gate.reset()
+                self._gate_until = -math.inf
+            return response, body
+        finally:
+            if probe:
+                self._probing = False
+
+    def _pass_gate(self, method: str, path: str) -> bool:
+        """Raise at once while the outage gate is closed; True when this request is the probe."""
+        if self._gate is None or not self._gate.failures:
+            return False
+        left = self._gate_until - trio.current_time()
+        if left > 0 or self._probing:
+            self._gated += 1
+            raise TransientError(
+                f"{method} {path}: upstream unreachable; next attempt in {max(left, 0.0):.1f} s",
+                retry_after=max(left, 0.0),
+            )
+        self._probing = True
+        return True
+
+    async def _try_addresses(
+        self, method: str, path: str, json: Any, headers: dict[str, str]
+    ) -> tuple[httpx.Response, Any]:
         count = len(self._addresses)
         start = self._current
         last: _Failover | None = None
@@ -379,10 +503,12 @@ class Upstream:
         self, method: str, url: str, json: Any, headers: dict[str, str]
     ) -> httpx.Request:
         if json is None:
-            return self._client.build_request(method, url, headers=headers)
+            return self._client.build_request(method, url, headers=headers,
+                                              extensions=self._extensions)
         body = jsonlib.dumps(json, separators=(",", ":"), allow_nan=False).encode()
         request = self._client.build_request(
-            method, url, content=body, headers={**headers, "Content-Type": "application/json"}
+            method, url, content=body, headers={**headers, "Content-Type": "application/json"},
+            extensions=self._extensions,
         )
         request.stream = _Body(body)
         return request

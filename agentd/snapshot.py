@@ -1,0 +1,305 @@
+"""The encrypted on-disk snapshot of the cache (decision 6), and the host's identity.
+
+Theory of operation: ``Snapshot`` owns one file, ``state_dir/cache.snapshot``. Its layout is
+``MAGIC`` followed by one AES-256-GCM blob (``crypto.Sealer`` under the snapshot key) whose
+associated data is ``MAGIC`` plus the host id, so a file copied to another host, or sealed under
+another key, fails authentication. Inside is a msgpack map: the format version, when it was
+written, and one record per cache entry (name, version, fetched_at, expires_at, stale_since and
+the entry's value sealed again with ``[host id, name, version]`` as associated data, so a record
+cannot be replayed under another name or version). ``fetched_at`` is kept, so a restart does not
+reset a value's stale deadline.
+
+- ``load_into(cache)`` runs at start, before the upstream is asked anything: every record goes into
+  the cache marked stale. A file that fails authentication or parsing is renamed aside
+  (``cache.snapshot.bad-<unix time>``), logged, counted, and never served.
+- ``run()`` is the writer task: a new value or a removal is written within ``WRITE_DELAY`` (1 s,
+  batched); a change of metadata only (``fetched_at`` moved by a refresh, a stale mark) within
+  ``METADATA_DELAY``. ``flush()`` writes at a clean shutdown.
+- A write goes to a temp file (O_EXCL|O_NOFOLLOW, 0600), is fsynced, renamed over the snapshot and
+  the directory fsynced, off the trio thread. If it fails (a full disk), the temp file is removed,
+  the previous snapshot stays, and ``statistics().write_failures`` counts it.
+
+The key comes from ``[cache] key_credential`` (``$CREDENTIALS_DIRECTORY/<name>``, 32 raw bytes) or
+``key_file`` (default ``state_dir/cache.key``, created 0600 on first start). The agent's token is
+not written: it is sealed in only when leased secrets depend on it (``token`` in the file format is
+kept for that), and there are none yet; a login token is revoked at a clean shutdown instead.
+
+Nothing here logs a value, a key or a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from agentd.cache import Cache, SealedRecord
+from agentd.config import Config
+from agentd.crypto import KEY_BYTES, Sealer, load_or_create_key
+from agentd.errors import CryptoError
+
+log = logging.getLogger("agentd.snapshot")
+
+MAGIC = b"AGENTD-SNAPSHOT-1\n"
+FORMAT = 1
+FILE_NAME = "cache.snapshot"
+WRITE_DELAY = 1.0          # a new value is on disk within this long
+METADATA_DELAY = 60.0      # a refresh that only moved fetched_at, within this long
+MACHINE_ID = Path("/etc/machine-id")
+
+
+def host_id(path: Path = MACHINE_ID) -> str:
+    """This host's identity: ``/etc/machine-id``, else a digest of the host name."""
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        value = ""
+    if value:
+        return value
+    return "host-" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:32]
+
+
+def load_key(config: Config) -> bytes:
+    """The snapshot key: the systemd credential if configured, else the key file.
+
+    Raises:
+        CryptoError: naming the credential or the file (never the key) when it is unusable.
+    """
+    name = config.cache.key_credential
+    if name is None:
+        return load_or_create_key(config.key_file)
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise CryptoError(
+            f"key_credential {name!r} is set but $CREDENTIALS_DIRECTORY is not"
+            " (LoadCredential= missing in the unit?)"
+        )
+    path = Path(directory) / name
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise CryptoError(f"{path}: cannot read the key credential: {exc.strerror}") from None
+    if len(key) != KEY_BYTES:
+        raise CryptoError(f"{path}: the key credential holds {len(key)} bytes, not {KEY_BYTES}")
+    return key
+
+
+@dataclass(frozen=True)
+class SnapshotStatistics:
+    path: str
+    enabled: bool                 # False: no usable key; nothing is loaded or written
+    loaded: int                   # entries restored at start
+    rejected: int                 # files moved aside (failed authentication or parsing)
+    writes: int
+    write_failures: int           # e.g. a full disk: the previous snapshot stayed
+    last_write: float | None      # unix time of the last good write
+    last_error: str | None
+
+
+class Snapshot:
+    """The cache's sealed copy in ``state_dir``.
+
+    Args:
+        path: the snapshot file.
+        sealer: seals under the snapshot key; None disables the snapshot (no usable key).
+        host: the host id bound into the associated data.
+    """
+
+    def __init__(self, path: Path, sealer: Sealer | None, *, host: str) -> None:
+        self.path = path
+        self._sealer = sealer
+        self._host = host
+        self._outer_ad = MAGIC + msgpack.packb([host])
+        self._loaded = 0
+        self._rejected = 0
+        self._writes = 0
+        self._write_failures = 0
+        self._last_write: float | None = None
+        self._last_error: str | None = None
+        self._write_lock = trio.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, *, host: str | None = None) -> Snapshot:
+        """Build from ``[agent] state_dir`` and ``[cache]``; an unusable key is logged and the
+        snapshot disabled (the agent still runs, without surviving restarts)."""
+        path = config.agent.state_dir / FILE_NAME
+        try:
+            sealer: Sealer | None = Sealer(load_key(config))
+        except CryptoError as exc:
+            log.error("snapshot disabled: no usable key", extra={"error": str(exc)})
+            sealer = None
+        return cls(path, sealer, host=host_id() if host is None else host)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sealer is not None
+
+    def statistics(self) -> SnapshotStatistics:
+        return SnapshotStatistics(
+            path=str(self.path), enabled=self.enabled, loaded=self._loaded,
+            rejected=self._rejected, writes=self._writes, write_failures=self._write_failures,
+            last_write=self._last_write, last_error=self._last_error,
+        )
+
+    def _inner_ad(self, name: str, version: int) -> bytes:
+        packed: bytes = msgpack.packb(["agentd-snapshot-entry", self._host, name, version])
+        return packed
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def load_into(self, cache: Cache, *, names: set[str] | None = None) -> list[str]:
+        """Restore the snapshot into ``cache`` (entries marked stale); return the names restored.
+
+        Only ``names`` (the declared secrets) are restored when given. A missing file restores
+        nothing; a bad one is moved aside and restores nothing. Sync: a small local file.
+        """
+        if self._sealer is None:
+            return []
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.error("cannot read the snapshot", extra={"path": str(self.path),
+                                                           "error": exc.strerror})
+            return []
+        try:
+            records = self._decode(raw)
+            if names is not None:
+                records = [r for r in records if r.name in names]
+            restored = cache.import_sealed(records, self._sealer, self._inner_ad)
+        except (CryptoError, ValueError, TypeError, KeyError,
+                msgpack.UnpackException) as exc:
+            self._reject(f"{type(exc).__name__}: {exc}")
+            return []
+        self._loaded = len(restored)
+        log.info("snapshot restored", extra={"path": str(self.path), "secrets": len(restored)})
+        return restored
+
+    def _decode(self, raw: bytes) -> list[SealedRecord]:
+        assert self._sealer is not None
+        if not raw.startswith(MAGIC):
+            raise ValueError("not an agentd snapshot")
+        plain = self._sealer.open(raw[len(MAGIC):], self._outer_ad)
+        body = msgpack.unpackb(plain, raw=False, strict_map_key=True)
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ValueError("unknown snapshot format")
+        records: list[SealedRecord] = []
+        for item in body["entries"]:
+            name, version, fetched_at, expires_at, stale_since, blob = item
+            if not (isinstance(name, str) and isinstance(version, int)
+                    and isinstance(fetched_at, (int, float)) and isinstance(blob, bytes)):
+                raise ValueError("malformed snapshot record")
+            records.append(SealedRecord(
+                name=name, version=version, fetched_at=float(fetched_at),
+                expires_at=None if expires_at is None else float(expires_at),
+                stale_since=None if stale_since is None else float(stale_since), blob=blob,
+            ))
+        return records
+
+    def _reject(self, why: str) -> None:
+        self._rejected += 1
+        aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            log.error("snapshot rejected and could not be moved aside; not served",
+                      extra={"path": str(self.path), "why": why, "error": exc.strerror})
+            return
+        log.error("snapshot rejected, moved aside, not served",
+                  extra={"path": str(self.path), "moved_to": str(aside), "why": why})
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def encode(self, cache: Cache, *, token: bytes | None = None) -> bytes:
+        """The sealed file contents for ``cache`` now. ``token`` is for leased secrets (unused)."""
+        assert self._sealer is not None
+        records = cache.export_sealed(self._sealer, self._inner_ad)
+        body: dict[str, Any] = {
+            "format": FORMAT,
+            "written_at": time.time(),
+            "entries": [[r.name, r.version, r.fetched_at, r.expires_at, r.stale_since, r.blob]
+                        for r in records],
+            "token": token,
+        }
+        return MAGIC + self._sealer.seal(msgpack.packb(body), self._outer_ad)
+
+    async def write(self, cache: Cache) -> bool:
+        """Write the snapshot of ``cache`` now; False (logged, counted) when it failed."""
+        if self._sealer is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        async with self._write_lock:
+            data = self.encode(cache)
+            try:
+                await trio.to_thread.run_sync(_write_atomic, self.path, data)
+            except OSError as exc:
+                self._write_failures += 1
+                self._last_error = f"{type(exc).__name__}: {exc.strerror}"
+                log.error("snapshot write failed; the previous snapshot stays",
+                          extra={"path": str(self.path), "error": exc.strerror})
+                return False
+            self._writes += 1
+            self._last_write = time.time()
+            self._last_error = None
+            return True
+
+    async def flush(self, cache: Cache) -> bool:
+        """Write at a clean shutdown."""
+        return await self.write(cache)
+
+    async def run(self, cache: Cache, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write after every change (batched) until cancelled."""
+        updates_seen = cache.updates.generation
+        changes_seen = cache.changes.generation
+        task_status.started()
+        if self._sealer is None:
+            await trio.sleep_forever()
+        while True:
+            updates_seen, _ = await cache.updates.wait_changed(updates_seen)
+            if cache.changes.generation == changes_seen:
+                # metadata only: wait longer, unless a value changes meanwhile
+                with trio.move_on_after(METADATA_DELAY):
+                    await cache.changes.wait_changed(changes_seen)
+            await trio.sleep(WRITE_DELAY)
+            updates_seen = cache.updates.generation
+            changes_seen = cache.changes.generation
+            await self.write(cache)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """temp (0600, O_EXCL|O_NOFOLLOW) + fsync + rename + fsync(dir). Raises OSError."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o700, parents=True)
+    tmp = parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
