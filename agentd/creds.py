@@ -211,8 +211,9 @@ class CredentialsServer:
                 decision = "not_found" if self._refresher.is_revoked(name) else "unavailable"
                 raise Denied(decision, f"secret {name!r} has no value")
             version = entry.version
-            if entry.stale and self._clock() > entry.fetched_at + self.config.max_stale_for(name):
-                raise Denied("unavailable", f"secret {name!r} is past its max_stale")
+            if self._clock() > entry.serve_until(self.config.max_stale_for(name)):
+                # past the earlier of fetched_at + max_stale and the value's own expiry
+                raise Denied("unavailable", f"secret {name!r} is past its stale deadline")
             if field:
                 if field not in entry.data:
                     raise Denied("not_found", f"secret {name!r} has no field {field[:64]!r}")

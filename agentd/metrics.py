@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agentd import __version__
+from agentd.cache import stale_deadline
 
 if TYPE_CHECKING:
     from agentd.daemon import Agent
@@ -175,6 +176,9 @@ class AgentCollector:
         next_refresh = GaugeMetricFamily("agentd_secret_next_refresh_timestamp_seconds",
                                          "When the next refresh is scheduled (unix seconds)",
                                          labels=labels)
+        anomalies = CounterMetricFamily(
+            "agentd_secret_anomalies", "Anomaly signals: rotation faster than "
+            "expect_rotation_every, reuse of a recent previous value", labels=[*labels, "anomaly"])
         states = agent.refresher.states
         offset = _trio_to_unix(now)
         for name, secret in sorted(agent.config.secrets.items()):
@@ -187,16 +191,20 @@ class AgentCollector:
                 fetched.add_metric(key, info.fetched_at)
                 age.add_metric(key, max(0.0, now - info.fetched_at))
                 stale.add_metric(key, int(info.stale))
-                deadline.add_metric(key, info.fetched_at + agent.config.max_stale_for(name))
+                # when it would stop being served if it went stale now (or has)
+                deadline.add_metric(key, stale_deadline(
+                    info.fetched_at, info.expires_at, True, agent.config.max_stale_for(name)))
                 if info.expires_at is not None:
                     expiry.add_metric(key, info.expires_at)
+            for anomaly, count in agent.refresher.kinds.status(secret)["anomalies"].items():
+                anomalies.add_metric([*key, anomaly], count)
             if state is not None:
                 revoked.add_metric(key, int(state.revoked))
                 failures.add_metric(key, state.failures)
                 if state.next_attempt is not None and offset is not None:
                     next_refresh.add_metric(key, state.next_attempt + offset)
         yield from (version, fetched, age, stale, cached, revoked, failures, expiry, deadline,
-                    next_refresh)
+                    next_refresh, anomalies)
 
 
 def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
