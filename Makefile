@@ -9,7 +9,8 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
-.PHONY: install test test-fast lint demo bench clean distclean
+.PHONY: install test test-fast lint demo bench bench-socket clean distclean
+.PHONY: deb rpm package-test
 
 # The stamp is remade whenever pyproject.toml changes. pip itself is not upgraded: the venv's own
 # pip is enough for an editable install, and it saves a network round trip.
@@ -36,8 +37,29 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m agentd.demo $(DEMO_ARGS)
 
+# agentd against the OpenBao Agent, all scenarios, 3 rounds (about 15 minutes; not in `make test`).
 bench: $(STAMP)
+	$(PYTHON) bench/compare.py $(BENCH_ARGS)
+
+bench-socket: $(STAMP)
 	$(PYTHON) bench/socket_bench.py $(BENCH_ARGS)
+
+# Packages (packaging/build.sh, nfpm): a venv under /opt/agentd built with /usr/bin/python3.11.
+# Reproducible: SOURCE_DATE_EPOCH defaults to the last commit's time. Output in dist/.
+deb: $(STAMP)
+	BUILD_PYTHON=$(PYTHON) packaging/build.sh stage
+	BUILD_PYTHON=$(PYTHON) packaging/build.sh deb
+
+rpm: $(STAMP)
+	BUILD_PYTHON=$(PYTHON) packaging/build.sh stage
+	BUILD_PYTHON=$(PYTHON) packaging/build.sh rpm
+
+# The package tier alone (also part of `make test`): unit checks, package contents, installs in a
+# clean mmdebstrap root, and the real unit under systemd-nspawn. Needs root and the apt packages
+# that .ci/run installs (rpm, mmdebstrap, systemd-container).
+package-test: $(STAMP)
+	$(PYTHON) -m pytest -p no:cacheprovider tests/test_units.py tests/test_packages.py \
+		tests/test_systemd_nspawn.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-run

@@ -11,7 +11,7 @@ Every loop is bounded in count and in time. The agent's CPU time per request com
 ``/proc/<pid>/stat`` (utime + stime) before and after each phase. Results are printed as a
 markdown table. Everything started here is stopped in a ``finally``.
 
-Run it with ``make bench`` (or ``.venv/bin/python bench/socket_bench.py --help``).
+Run it with ``make bench-socket`` (or ``.venv/bin/python bench/socket_bench.py --help``).
 """
 
 from __future__ import annotations
