@@ -170,9 +170,67 @@ class TokenFileLogin:
         )
 
 
+class CertLogin:
+    """``POST auth/<mount>/login`` over TLS with a client certificate (``cert_file``/``key_file``,
+    re-read before each login, so a certificate renewed on disk is the one that logs in).
+
+    The certificate can be the host's machine identity: a ``pki`` secret rendered to those files.
+    """
+
+    name = "cert"
+
+    def __init__(self, cfg: AuthConfig, *, clock: Callable[[], float] = time.time) -> None:
+        if cfg.cert_file is None or cfg.key_file is None:
+            raise ValueError("cert login needs cert_file and key_file")
+        self._role = cfg.role
+        self._mount = (cfg.mount or "cert").strip("/")
+        self._clock = clock
+
+    async def login(self, upstream: Upstream) -> Token:
+        try:
+            await upstream.renew_client_identity()
+        except PermanentError as exc:
+            raise AuthError(f"cert login: {exc}") from exc
+        body = {"name": self._role} if self._role else {}
+        obtained_at = self._clock()
+        path = f"auth/{self._mount}/login"
+        try:
+            reply = await upstream.request("POST", path, json=body, authenticated=False)
+        except PermanentError as exc:
+            raise AuthError(f"cert login failed: {exc}", status=exc.status) from exc
+        return _token_from_auth(reply, path, obtained_at=obtained_at, from_login=True)
+
+
+class JwtLogin:
+    """``POST auth/<mount>/login`` with ``role`` and the JWT in ``jwt_file`` (re-read at each
+    login: whatever refreshes that file, e.g. a workload identity issuer, is picked up)."""
+
+    name = "jwt"
+
+    def __init__(self, cfg: AuthConfig, *, clock: Callable[[], float] = time.time) -> None:
+        if cfg.jwt_file is None or not cfg.role:
+            raise ValueError("jwt login needs jwt_file and role")
+        self._jwt_file = cfg.jwt_file
+        self._role = cfg.role
+        self._mount = (cfg.mount or "jwt").strip("/")
+        self._clock = clock
+
+    async def login(self, upstream: Upstream) -> Token:
+        body = {"role": self._role, "jwt": await _read_credential(self._jwt_file, "jwt_file")}
+        obtained_at = self._clock()
+        path = f"auth/{self._mount}/login"
+        try:
+            reply = await upstream.request("POST", path, json=body, authenticated=False)
+        except PermanentError as exc:
+            raise AuthError(f"jwt login failed: {exc}", status=exc.status) from exc
+        return _token_from_auth(reply, path, obtained_at=obtained_at, from_login=True)
+
+
 LOGIN_METHODS: dict[str, Callable[[AuthConfig], LoginMethod]] = {
     AppRoleLogin.name: AppRoleLogin,
     TokenFileLogin.name: TokenFileLogin,
+    CertLogin.name: CertLogin,
+    JwtLogin.name: JwtLogin,
 }
 
 

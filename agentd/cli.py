@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-policy", action="store_true",
                    help="print the least-privilege OpenBao policy (HCL) for this catalog")
     p.add_argument("--json", action="store_true", help="print the catalog as JSON")
+    p = sub.add_parser("render", help="show which files rendering would change (--dry-run)")
+    with_socket(p)
+    p.add_argument("--dry-run", action="store_true", required=True,
+                   help="compare only; write nothing (the only mode)")
     p = sub.add_parser("exec", help="run a program with secrets in its environment",
                        description="Ask the agent as the calling user, then run PROG with the "
                                    "values in its environment.")
@@ -128,6 +132,15 @@ _MANUAL: dict[str, tuple[str, str]] = {
         "flag, reloads, audit counters. Needs a policy with admin = true.",
         "examples:\n  sudo agentd status | jq .secrets",
     ),
+    "render": (
+        "With --dry-run (the only mode): render every [[template]] and [[bundle]] of the "
+        "configuration with the values the running agent serves to this caller (its socket, so "
+        "this caller's policies decide; run it as root), compare with the files on disk, and "
+        "print for each file: create, update (content differs, mode, owner), unchanged, or "
+        "error. Values are never printed, only sizes. Nothing is written. Exit 1 if any "
+        "template fails.",
+        "examples:\n  agentd render --dry-run -c /etc/agentd/agentd.toml",
+    ),
     "catalog": (
         "Print every secret declared in the configuration: kind, upstream path, refresh or "
         "lease schedule, pinned version, and its consumers (policies, credential units, "
@@ -152,7 +165,8 @@ _MANUAL: dict[str, tuple[str, str]] = {
 def _add_manual(parser: argparse.ArgumentParser,
                 commands: Mapping[str, argparse.ArgumentParser]) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ("commands: run, check-config, get, list, status, catalog, ping, exec, demo;\n"
+    parser.epilog = ("commands: run, check-config, get, list, status, catalog, ping, exec, "
+                     "render, demo;\n"
                      "`agentd COMMAND --help` describes each.\n\n" + _COMMON)
     for name, (description, examples) in _MANUAL.items():
         command = commands.get(name)
@@ -214,7 +228,45 @@ def _run(args: argparse.Namespace) -> int:
         return _exec_command(args)
     if args.command == "catalog":
         return _catalog_command(args)
+    if args.command == "render":
+        return _render_command(args)
     return _client_command(args)
+
+
+def _render_command(args: argparse.Namespace) -> int:
+    """``render --dry-run``: render with values from the running agent, compare, write nothing."""
+    import trio
+
+    from agentd import config as config_mod
+    from agentd import render
+    from agentd.client import open_client, resolve_socket_path
+
+    path = _config_path(args)
+    if not path.exists():
+        raise ConfigError([f"{path}:0: no such file"])
+    config = config_mod.load(path)
+    socket_path = resolve_socket_path(args.socket, args.config, os.environ)
+
+    async def plan() -> list[render.PlannedChange]:
+        with trio.fail_after(args.timeout + 60):
+            client = await open_client(socket_path)
+            try:
+                async def fetch(name: str) -> Any:
+                    return (await client.get(name))["data"]
+
+                return await render.dry_run(config, fetch)
+            finally:
+                await client.aclose()
+
+    plans = trio.run(plan)
+    width = max((len(p.path) for p in plans), default=4)
+    for p in plans:
+        print(f"{p.action:<9} {p.path:<{width}}  {p.reason}")
+    changes = sum(1 for p in plans if p.action in ("create", "update"))
+    errors = sum(1 for p in plans if p.action == "error")
+    print(f"{changes} file(s) would change, {errors} error(s), "
+          f"{len(plans) - changes - errors} unchanged")
+    return 1 if errors else 0
 
 
 def _catalog_command(args: argparse.Namespace) -> int:

@@ -180,6 +180,7 @@ class BundleConfig:
     command_timeout: float = 30.0
     wait: WaitConfig = field(default_factory=WaitConfig)
     grace: float = 60.0
+    modes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per file
 
 
 @dataclass(frozen=True)
@@ -594,6 +595,8 @@ def _uid(value: object) -> int:
         try:
             return pwd.getpwnam(value).pw_uid
         except KeyError:
+            if value.isdigit():             # "1000": a number, as chown(1) takes it
+                return int(value)
             raise _Invalid(f"no such user {value!r}") from None
     raise _Invalid("expected a user name or a uid")
 
@@ -606,6 +609,8 @@ def _gid(value: object) -> int:
         try:
             return grp.getgrnam(value).gr_gid
         except KeyError:
+            if value.isdigit():             # "1000": a number, as chown(1) takes it
+                return int(value)
             raise _Invalid(f"no such group {value!r}") from None
     raise _Invalid("expected a group name or a gid")
 
@@ -1078,6 +1083,20 @@ class _Builder:
                     continue
                 files[name] = text
                 self.refs.append((f, fkey, "template", _secret_refs(text)))
+        modes: dict[str, int] = {}
+        if "modes" in t:
+            if not isinstance(t["modes"], dict):
+                f.problem((*key, "modes"), 'expected a table of file name = mode like "0640"')
+            else:
+                for name, value in t["modes"].items():
+                    mkey = (*key, "modes", name)
+                    if name not in files:
+                        f.problem(mkey, f"{name!r} is not one of this bundle's files")
+                        continue
+                    try:
+                        modes[name] = _mode(value)
+                    except _Invalid as exc:
+                        f.problem(mkey, str(exc))
         mode, owner, group, command, timeout, wait = self._action(f, t, key)
         self.bundles.append(
             BundleConfig(
@@ -1090,6 +1109,7 @@ class _Builder:
                 command_timeout=timeout,
                 wait=wait,
                 grace=f.get(t, key, "grace", _duration(), BundleConfig.grace),
+                modes=MappingProxyType(modes),
             )
         )
 

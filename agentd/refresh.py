@@ -1,8 +1,11 @@
 """Per-secret schedules: fetch at start, poll every ``refresh`` with jitter, back off on failure.
 
-Theory of operation: ``Refresher.run`` starts one task per declared secret. Each task waits for a
-token, fetches its secret through ``Cache.single_flight`` (so an admin ``refresh`` racing the poll
-makes one upstream request, not two), stores it, and sleeps ``refresh`` +-10%. Failures never
+Theory of operation: ``Refresher.run`` starts one task per declared secret. What one step does
+and when the next is due differ per kind (poll, issue a certificate, renew or re-read a lease):
+that lives in ``kinds.Kinds``; this module keeps the schedule, single-flight and failure rules.
+Each task waits for a token, fetches its secret through ``Cache.single_flight`` (so an admin
+``refresh`` racing the poll makes one upstream request, not two), stores it, and sleeps
+``refresh`` +-10% (or what its kind says). Failures never
 remove a value on their own (decision 5):
 
 - TransientError (connection, timeout, 5xx, 429, sealed): the cached value is marked stale and the
@@ -112,6 +115,7 @@ class Refresher:
             self._nursery = nursery
             try:
                 await nursery.start(self.kinds.run)
+                nursery.start_soon(self.kinds.follow_token, self._auth, self.refresh)
                 for secret in self._config.secrets.values():
                     self._start(secret)
                 task_status.started()
@@ -191,7 +195,9 @@ class Refresher:
         token = await self._auth.wait_for_token()
         state.last_attempt = self._clock()
         try:
-            value = await self.kinds.fetch(secret)
+            value = await self.kinds.fetch(
+                secret, token=token, token_expires_at=self._auth.statistics().expires_at
+            )
         except AuthError:
             self._auth.invalidate(token)
             raise

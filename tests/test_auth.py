@@ -98,7 +98,7 @@ def _token_accepted(bao: DevServer, token: str) -> bool:
 
 
 def test_login_methods_registry() -> None:
-    assert set(LOGIN_METHODS) == {"approle", "token_file"}
+    assert set(LOGIN_METHODS) == {"approle", "token_file", "cert", "jwt"}
     token = Token(value="s.hidden", ttl=10, renewable=True, obtained_at=100.0, from_login=True)
     assert "s.hidden" not in repr(token)
     assert token.expires_at == 110.0
