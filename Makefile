@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
 .PHONY: install test test-fast lint demo bench bench-socket clean distclean
-.PHONY: deb rpm package-test
+.PHONY: deb rpm package-test system-deps
 
 # The stamp is remade whenever pyproject.toml changes. pip itself is not upgraded: the venv's own
 # pip is enough for an editable install, and it saves a network round trip.
@@ -23,7 +23,10 @@ install: $(STAMP)
 
 # pytest's status goes straight to make: 1 (failures), 2-4 (errors) and 5 (no tests collected)
 # all fail the target. Nothing here may mask it (no leading '-', no '|| true', no pipe).
-test: $(STAMP)
+system-deps:
+	scripts/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
