@@ -7,8 +7,10 @@ Start order (decision 10):
    upstream is asked anything) and start its writer, then the authenticator (which logs in with
    backoff) and the refresher (which fetches every declared secret as soon as there is a token;
    restored ones at their own jittered phase);
-3. wait until every secret has a value (fetched or restored), or ``ready_timeout`` at the
-   latest, so a dead upstream on first boot never blocks boot;
+3. start the renderer (templates, bundles) and the file watcher (hot reload, drift repair);
+   wait until every secret has a value (fetched or restored) and every template was rendered
+   once, or ``ready_timeout`` at the latest, so a dead upstream on first boot or one broken
+   template never blocks boot;
 4. bind the socket (or take systemd's) and start accepting, then send ``READY=1``;
 5. run until SIGTERM/SIGINT; on the way out write the snapshot, flush the audit stream, revoke
    a login token that no lease depends on, and remove the socket.

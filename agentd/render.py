@@ -1,0 +1,1142 @@
+"""Templates and bundles: sandboxed render, atomic file and bundle writes, change commands.
+
+Theory of operation (decision 8):
+
+- **Render** happens in a worker subprocess (``python -m agentd.render``), never on the trio
+  thread and never in a thread: Jinja2's ``SandboxedEnvironment`` bounds neither time nor memory
+  (``'x' * 10**8`` renders), and a thread cannot be killed. The worker gets one request at a time
+  over a pipe (4-byte length + msgpack map: the template text, the data of the secrets it names,
+  the output limit), renders with ``StrictUndefined`` and ``keep_trailing_newline`` (byte-exact
+  output) and answers with the bytes or an error message scrubbed of secret values. The parent
+  kills it (SIGKILL) when ``RENDER_TIMEOUT`` passes and starts a fresh one for the next request;
+  the worker also runs under ``RLIMIT_AS`` and stops producing output past ``MAX_OUTPUT``. It is
+  made non-dumpable like the agent, since it sees plaintext.
+- **Which secrets a template reads** is taken from its text (``secret('name')`` with a literal
+  name, the same rule config validation uses); only those secrets are handed to the worker, and
+  ``secret()`` with any other name fails the render. A template is rendered again only when the
+  version of one of its inputs changes (``cache.changes`` wakes the renderer, which compares
+  versions, so coalesced wake-ups lose nothing), when its ``source`` file changes, or when its
+  file drifted.
+- **Atomic write** (``write_file``): every step relative to an open directory fd. A random temp
+  name is created with O_EXCL|O_NOFOLLOW and mode 0600, fchown'd and fchmod'ed to the final owner
+  and mode before any byte is written, written, fsynced, renamed over the destination, and the
+  directory fsynced. Identical output with the right mode and owner is not rewritten. A
+  destination that is a symlink, or a directory writable by anyone but root or the agent, is
+  refused.
+- **Bundles** (``write_bundle``) use Kubernetes' AtomicWriter layout: files go into a fresh
+  ``..<version>`` directory, ``..data`` is a symlink to it, each file name is a symlink to
+  ``..data/<name>``; one rename of ``..data`` swaps the whole set, and the old version directory is
+  removed after ``grace``.
+- **Fail closed**: a render or write that fails keeps the last good file; the error is logged
+  with the target and reason, counted, and retried with backoff; other targets go on.
+- **Commands** run after a successful change: argv (no shell), debounced by ``wait = {min,
+  max}``, one at a time per target, ``command_timeout`` then SIGTERM to the process group, then
+  SIGKILL 5 s later; output captured into the log; a failure is retried with backoff.
+
+Leftover temp files (``.NAME.agentd-tmp-*``), a stray ``..data_tmp`` and unreferenced version
+directories are removed when the renderer starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import re
+import secrets as secrets_mod
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from agentd.backoff import Backoff
+from agentd.cache import Cache
+from agentd.config import BundleConfig, Config, TemplateConfig
+from agentd.errors import AgentdError
+
+log = logging.getLogger("agentd.render")
+
+RENDER_TIMEOUT = 5.0            # seconds a single render may take in the worker
+MAX_OUTPUT = 1 << 20            # bytes of output per file
+WORKER_MEMORY = 1 << 30         # RLIMIT_AS of the worker
+KILL_GRACE = 5.0                # seconds between SIGTERM and SIGKILL for a command
+MAX_COMMAND_OUTPUT = 16384      # bytes of a command's output kept for the log
+DRIFT_INTERVAL = 1.0            # at most one drift repair per target per this many seconds
+TMP_MARK = ".agentd-tmp-"
+DATA = "..data"
+DATA_TMP = "..data_tmp"
+
+_SECRET_REF = re.compile(r"""secret\(\s*(?P<q>['"])(?P<name>[^'"]+)(?P=q)\s*\)""")
+
+
+class RenderError(AgentdError):
+    """A template could not be rendered or written. The message never holds a secret value."""
+
+
+class _Waiting(RenderError):
+    """An input has no value yet (or was revoked): wait for a change, no backoff, no count."""
+
+
+def secret_refs(text: str) -> list[str]:
+    """The secret names a template reads (``secret('name')`` with a literal name)."""
+    return list(dict.fromkeys(m.group("name") for m in _SECRET_REF.finditer(text)))
+
+
+# --------------------------------------------------------------------------------------------
+# The render worker (runs in its own process)
+# --------------------------------------------------------------------------------------------
+
+
+def _frame(obj: Any) -> bytes:
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def _scrub(message: str, data: Mapping[str, Any]) -> str:
+    """Remove every secret string from an error message (and keep it short)."""
+    values: list[str] = []
+
+    def collect(v: Any) -> None:
+        if isinstance(v, Mapping):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                collect(x)
+        elif isinstance(v, (str, bytes)) and len(v) >= 3:
+            values.append(v if isinstance(v, str) else v.decode("utf-8", "replace"))
+
+    collect(data)
+    for v in sorted(values, key=len, reverse=True):
+        message = message.replace(v, "***")
+    return message[:300]
+
+
+def _render_in_worker(env: Any, cache: dict[str, Any], request: Mapping[str, Any]) -> bytes:
+    from types import MappingProxyType
+
+    def freeze(v: Any) -> Any:
+        if isinstance(v, dict):
+            return MappingProxyType({k: freeze(x) for k, x in v.items()})
+        if isinstance(v, list):
+            return tuple(freeze(x) for x in v)
+        return v
+
+    data: Mapping[str, Any] = request["secrets"]
+    frozen = {name: freeze(value) for name, value in data.items()}
+
+    def secret(name: str) -> Any:
+        if name not in frozen:
+            raise RenderError(f"secret({name!r}): not available to this template "
+                              "(undeclared, not fetched, or not named literally)")
+        return frozen[name]
+
+    text: str = request["template"]
+    template = cache.get(text)
+    if template is None:
+        if len(cache) > 4096:
+            cache.clear()
+        template = cache[text] = env.from_string(text)
+    limit: int = request["max_bytes"]
+    out: list[bytes] = []
+    size = 0
+    for chunk in template.generate(secret=secret):
+        piece = chunk.encode("utf-8", "surrogateescape")
+        size += len(piece)
+        if size > limit:
+            raise RenderError(f"output larger than {limit} bytes")
+        out.append(piece)
+    return b"".join(out)
+
+
+def worker_main() -> None:
+    """The worker loop: read a request from stdin, write the answer to stdout, until EOF."""
+    import base64
+    import json
+    import resource
+
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from agentd.crypto import harden_process
+
+    harden_process()
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+
+    def b64encode(value: Any) -> str:
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+        return base64.b64encode(raw).decode("ascii")
+
+    def b64decode(value: Any) -> str:
+        return base64.b64decode(str(value), validate=True).decode("utf-8", "surrogateescape")
+
+    def tojson(value: Any) -> str:
+        def plain(v: Any) -> Any:
+            if isinstance(v, Mapping):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            return v
+        return json.dumps(plain(value), sort_keys=True)
+
+    env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True,
+                               autoescape=False)
+    env.filters.update(b64encode=b64encode, b64decode=b64decode, tojson=tojson)
+    compiled: dict[str, Any] = {}
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = stdin.read(4)
+        if len(head) < 4:
+            return
+        (n,) = struct.unpack(">I", head)
+        request = msgpack.unpackb(stdin.read(n), raw=False)
+        try:
+            reply: dict[str, Any] = {"ok": True,
+                                     "output": _render_in_worker(env, compiled, request)}
+        except MemoryError:
+            reply = {"ok": False, "error": "out of memory while rendering"}
+        except Exception as exc:  # any template error becomes a message
+            name = type(exc).__name__
+            reply = {"ok": False, "error": f"{name}: {_scrub(str(exc), request['secrets'])}"}
+        stdout.write(_frame(reply))
+        stdout.flush()
+
+
+class RenderWorker:
+    """Parent side of the worker process. One request at a time; a timed-out worker is killed.
+
+    ``aclose()`` kills the process. Raises ``RenderError`` for template errors and timeouts.
+    """
+
+    def __init__(self, *, timeout: float = RENDER_TIMEOUT, max_bytes: int = MAX_OUTPUT) -> None:
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self._proc: trio.Process | None = None
+        self._buf = bytearray()
+        self._lock = trio.Lock()
+        self.started = 0
+        self.killed = 0
+
+    async def _start(self) -> trio.Process:
+        if self._proc is None or self._proc.returncode is not None:
+            self._proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "agentd.render"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+            self._buf = bytearray()
+            self.started += 1
+        return self._proc
+
+    async def _read_exactly(self, proc: trio.Process, n: int) -> bytes:
+        assert proc.stdout is not None
+        while len(self._buf) < n:
+            chunk = await proc.stdout.receive_some(65536)
+            if not chunk:
+                raise RenderError("the render worker exited")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def render(self, text: str, data: Mapping[str, Any]) -> bytes:
+        async with self._lock:
+            proc = await self._start()
+            assert proc.stdin is not None
+            try:
+                with trio.fail_after(self.timeout):
+                    await proc.stdin.send_all(_frame(
+                        {"template": text, "secrets": dict(data), "max_bytes": self.max_bytes}))
+                    (n,) = struct.unpack(">I", await self._read_exactly(proc, 4))
+                    reply = msgpack.unpackb(await self._read_exactly(proc, n), raw=False)
+            except trio.TooSlowError:
+                await self._kill()
+                raise RenderError(f"render took longer than {self.timeout:g}s: "
+                                  "worker killed") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, RenderError) as exc:
+                await self._kill()
+                raise RenderError("the render worker died") from exc
+        if not reply["ok"]:
+            raise RenderError(str(reply["error"]))
+        output: bytes = reply["output"]
+        return output
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self.killed += 1
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+                await _close_pipes(proc)
+
+    async def aclose(self) -> None:
+        await self._kill()
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes (sync, blocking: called through trio.to_thread)
+# --------------------------------------------------------------------------------------------
+
+
+def _os_error(where: str, what: str, exc: OSError) -> RenderError:
+    reason = exc.strerror or str(exc)
+    hint = ""
+    if exc.errno == errno.EROFS:
+        hint = (" (under systemd, ProtectSystem=strict makes it read-only: add the directory to "
+                "ReadWritePaths= in a drop-in)")
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = " (check the directory's permissions, or ReadWritePaths= under systemd)"
+    elif exc.errno == errno.ENOSPC:
+        hint = " (the file system is full)"
+    return RenderError(f"{where}: {what}: {reason}{hint}")
+
+
+def open_dir(path: Path) -> int:
+    """Open a directory for ``write_file``/``write_bundle``; the caller closes the fd."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _os_error(str(path), "cannot open the directory", exc) from exc
+
+
+def check_dir(dir_fd: int, where: str) -> None:
+    """Refuse a directory that someone other than root or the agent could write to."""
+    st = os.fstat(dir_fd)
+    owners = {0, os.geteuid()}
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in owners:
+        raise RenderError(f"{where}: directory is owned by uid {st.st_uid} (not root or the "
+                          "agent): refusing to write there")
+    if mode & 0o002 or (mode & 0o020 and st.st_gid not in {0, os.getegid()}):
+        raise RenderError(f"{where}: directory is writable by others (mode {mode:04o}): "
+                          "refusing to write there")
+
+
+def _ids(uid: int | None, gid: int | None) -> tuple[int, int]:
+    return (os.geteuid() if uid is None else uid, os.getegid() if gid is None else gid)
+
+
+def _same_file(dir_fd: int, name: str, data: bytes, mode: int, uid: int, gid: int) -> bool:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
+        return False
+    if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (mode, uid, gid):
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(len(data) + 1) == data
+    finally:
+        os.close(fd)
+
+
+def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
+               uid: int | None = None, gid: int | None = None, where: str = "") -> bool:
+    """Atomically make ``name`` in ``dir_fd`` hold ``data`` with ``mode``/``uid``/``gid``.
+
+    Returns False when the file already was exactly that (nothing touched). Raises
+    ``RenderError`` (the destination is kept as it was) on any failure.
+    """
+    where = where or name
+    uid, gid = _ids(uid, gid)
+    try:
+        st: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _os_error(where, "cannot stat the destination", exc) from exc
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise RenderError(f"{where}: the destination is a symlink: refusing to write through it")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise RenderError(f"{where}: the destination is not a regular file")
+    try:
+        if st is not None and _same_file(dir_fd, name, data, mode, uid, gid):
+            return False
+    except OSError as exc:
+        raise _os_error(where, "cannot read the destination", exc) from exc
+    tmp = f".{name}{TMP_MARK}{secrets_mod.token_hex(8)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _os_error(where, "cannot create a temp file", exc) from exc
+    try:
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise _os_error(where, "cannot write", exc) from exc
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise _os_error(where, "cannot fsync the directory", exc) from exc
+    return True
+
+
+def clean_temps(dir_fd: int) -> list[str]:
+    """Remove temp files left by an interrupted write (and a stray ``..data_tmp``)."""
+    removed = []
+    for name in os.listdir(dir_fd):
+        if TMP_MARK in name or name == DATA_TMP:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(name)
+    return removed
+
+
+def _readlink(name: str, dir_fd: int) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _replace_symlink(dir_fd: int, target: str, name: str) -> None:
+    tmp = f".{name}{TMP_MARK}{secrets_mod.token_hex(8)}"
+    os.symlink(target, tmp, dir_fd=dir_fd)
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def bundle_current(dir_fd: int, files: Mapping[str, bytes], modes: Mapping[str, int],
+                   uid: int, gid: int) -> bool:
+    """True when the live set already holds exactly ``files`` and every name links to it."""
+    current = _readlink(DATA, dir_fd)
+    if current is None or not current.startswith(".."):
+        return False
+    try:
+        vfd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if sorted(os.listdir(vfd)) != sorted(files):
+            return False
+        for name, data in files.items():
+            if not _same_file(vfd, name, data, modes[name], uid, gid):
+                return False
+            if _readlink(name, dir_fd) != f"{DATA}/{name}":
+                return False
+        return True
+    finally:
+        os.close(vfd)
+
+
+def write_bundle(dir_fd: int, files: Mapping[str, bytes], *, modes: Mapping[str, int],
+                 uid: int | None = None, gid: int | None = None, where: str = "") -> str | None:
+    """Make ``files`` live together in the AtomicWriter layout.
+
+    Returns None when nothing changed, else the name of the previous version directory (``""``
+    if there was none), which the caller removes after the grace period.
+    """
+    uid, gid = _ids(uid, gid)
+    try:
+        if bundle_current(dir_fd, files, modes, uid, gid):
+            return None
+        old = _readlink(DATA, dir_fd)
+        version = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{secrets_mod.token_hex(6)}"
+        os.mkdir(version, 0o755, dir_fd=dir_fd)
+        vfd = os.open(version, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+        try:
+            os.fchmod(vfd, 0o755)
+            for name, data in files.items():
+                write_file(vfd, name, data, mode=modes[name], uid=uid, gid=gid,
+                           where=f"{where}/{name}")
+        finally:
+            os.close(vfd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(DATA_TMP, dir_fd=dir_fd)
+        os.symlink(version, DATA_TMP, dir_fd=dir_fd)
+        os.rename(DATA_TMP, DATA, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)   # the one swap
+        for name in files:
+            link = f"{DATA}/{name}"
+            if _readlink(name, dir_fd) != link:
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        raise RenderError(f"{where}/{name}: is a directory")
+                except FileNotFoundError:
+                    pass
+                _replace_symlink(dir_fd, link, name)
+        for name in os.listdir(dir_fd):
+            target = _readlink(name, dir_fd)
+            if (not name.startswith("..") and name not in files and target is not None
+                    and target.startswith(f"{DATA}/")):
+                os.unlink(name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise _os_error(where, "cannot write the bundle", exc) from exc
+    return old or ""
+
+
+def remove_version(dir_fd: int, version: str) -> None:
+    """Remove an old version directory unless it is live again."""
+    if version and version.startswith("..") and version not in (DATA, DATA_TMP) \
+            and _readlink(DATA, dir_fd) != version:
+        _remove_dir(dir_fd, version)
+
+
+def _remove_dir(dir_fd: int, name: str) -> None:
+    """Remove a version directory (plain files only) relative to ``dir_fd``; errors ignored."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return
+    try:
+        for entry in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=dir_fd)
+
+
+def clean_bundle(dir_fd: int) -> list[str]:
+    """At start: temps, ``..data_tmp``, and version directories that ``..data`` does not name."""
+    removed = clean_temps(dir_fd)
+    live = _readlink(DATA, dir_fd)
+    for name in os.listdir(dir_fd):
+        if name.startswith("..") and name not in (DATA, DATA_TMP, live):
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    _remove_dir(dir_fd, name)
+                    removed.append(name)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and the renderer service
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetStatus:
+    """What ``status`` shows for one template or bundle. Never a value."""
+
+    renders: int = 0
+    writes: int = 0
+    failures: int = 0
+    drift_repairs: int = 0
+    last_error: str | None = None
+    last_ok_at: float | None = None
+    command_runs: int = 0
+    command_failures: int = 0
+    last_command_error: str | None = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(eq=False)
+class Target:
+    """One ``[[template]]`` or ``[[bundle]]`` and its state."""
+
+    config: TemplateConfig | BundleConfig
+    status: TargetStatus = field(default_factory=TargetStatus)
+    attempted: dict[str, int] | None = None       # input versions of the last attempt
+    attempted_once: trio.Event = field(default_factory=trio.Event)
+    wake: trio.Event = field(default_factory=trio.Event)
+    command_wake: trio.Event = field(default_factory=trio.Event)
+    refs: list[str] = field(default_factory=list)
+    written: tuple[int, ...] | None = None          # lstat fingerprint after our last write
+    last_render: float = -math.inf
+    urgent: bool = True                             # False: only drift asked for a render
+    writing: bool = False
+    recheck: bool = False
+    rendering: bool = False
+    first_change: float | None = None
+    last_change: float = 0.0
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def is_bundle(self) -> bool:
+        return isinstance(self.config, BundleConfig)
+
+    @property
+    def key(self) -> str:
+        c = self.config
+        return str(c.directory if isinstance(c, BundleConfig) else c.destination)
+
+    @property
+    def directory(self) -> Path:
+        c = self.config
+        return c.directory if isinstance(c, BundleConfig) else c.destination.parent
+
+    def texts(self) -> dict[str, str]:
+        """File name -> template text (reads ``source``: blocking, call from a thread)."""
+        c = self.config
+        if isinstance(c, BundleConfig):
+            return dict(c.files)
+        if c.source is not None:
+            try:
+                return {c.destination.name: c.source.read_text(encoding="utf-8")}
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RenderError(f"{c.destination}: cannot read the template "
+                                  f"{c.source}: {exc}") from exc
+        return {c.destination.name: c.contents or ""}
+
+    def mark(self, reason: str, *, drift: bool = False) -> None:
+        """Ask for a render; one asked for only because of drift is rate-limited."""
+        log.debug("render requested", extra={"target": self.key, "reason": reason})
+        if not drift:
+            self.urgent = True
+        self.wake.set()
+
+    def fingerprint(self) -> tuple[int, ...] | None:
+        """A cheap lstat-based fingerprint of what is on disk now (for drift detection)."""
+        c = self.config
+        try:
+            if isinstance(c, BundleConfig):
+                fd = os.open(c.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    live = _readlink(DATA, fd) or ""
+                    parts: list[int] = [hash(live)]
+                    for name in sorted(c.files):
+                        parts.append(hash(_readlink(name, fd)))
+                        st = os.stat(f"{live}/{name}", dir_fd=fd, follow_symlinks=False)
+                        parts += [st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size]
+                    return tuple(parts)
+                finally:
+                    os.close(fd)
+            st = os.lstat(c.destination)
+            return (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+
+
+def _modes(c: BundleConfig) -> dict[str, int]:
+    return {name: c.modes.get(name, c.mode) for name in c.files}
+
+
+class Renderer:
+    """Renders every template and bundle of the config, again when inputs change.
+
+    ``run()`` is a service (started with ``nursery.start``); ``apply_config()`` swaps targets on
+    reload; ``notify_path()`` is called by the watcher for source changes and drift;
+    ``wait_first_pass()`` returns once each target was attempted once (decision 10).
+    """
+
+    def __init__(self, config: Config, cache: Cache, *, backoff: tuple[float, float] = (1.0, 60.0),
+                 worker: RenderWorker | None = None) -> None:
+        self.config = config
+        self.cache = cache
+        self.backoff = backoff
+        self.worker = worker or RenderWorker()
+        self.targets: dict[str, Target] = {}
+        self._sources: dict[Path, list[Target]] | None = None     # source file -> targets
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[Target] = [self._target(c) for c in self._configs(config)]
+
+    @staticmethod
+    def _configs(config: Config) -> list[TemplateConfig | BundleConfig]:
+        return [*config.templates, *config.bundles]
+
+    def _target(self, c: TemplateConfig | BundleConfig) -> Target:
+        return Target(config=c)
+
+    # -- service
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await trio.to_thread.run_sync(self._clean_all, [t.config for t in self._pending])
+                for target in self._pending:
+                    self._start(target)
+                self._pending = []
+                nursery.start_soon(self._watch_changes)
+                task_status.started()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self.worker.aclose()
+
+    def _start(self, target: Target) -> None:
+        assert self._nursery is not None
+        self.targets[target.key] = target
+        self._sources = None
+        target.mark("start")
+        self._nursery.start_soon(self._run_target, target)
+
+    @staticmethod
+    def _clean_all(configs: Iterable[TemplateConfig | BundleConfig]) -> None:
+        done: set[tuple[Path, bool]] = set()
+        for c in configs:
+            bundle = isinstance(c, BundleConfig)
+            directory = c.directory if isinstance(c, BundleConfig) else c.destination.parent
+            if (directory, bundle) in done:
+                continue
+            done.add((directory, bundle))
+            try:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                removed = clean_bundle(fd) if bundle else clean_temps(fd)
+                if removed:
+                    log.info("removed leftover temp files",
+                             extra={"directory": str(directory), "count": len(removed)})
+            except OSError as exc:
+                log.warning("cannot clean leftover temp files",
+                            extra={"directory": str(directory), "error": str(exc)})
+            finally:
+                os.close(fd)
+
+    async def wait_first_pass(self) -> None:
+        """Return once every target has been attempted at least once."""
+        while True:
+            for target in list(self.targets.values()) + list(self._pending):
+                await target.attempted_once.wait()
+            if not self._pending:
+                return
+            await trio.sleep(0.05)
+
+    def apply_config(self, config: Config) -> None:
+        """Swap targets on reload: unchanged ones keep running, removed ones stop."""
+        self.config = config
+        wanted = {str(c.directory if isinstance(c, BundleConfig) else c.destination): c
+                  for c in self._configs(config)}
+        for key, target in list(self.targets.items()):
+            if wanted.get(key) != target.config:
+                target.cancel.cancel()
+                del self.targets[key]
+                self._sources = None
+        for key, c in wanted.items():
+            if key not in self.targets:
+                target = self._target(c)
+                if self._nursery is None:
+                    self._pending.append(target)
+                else:
+                    self._start(target)
+
+    def notify_path(self, path: Path) -> None:
+        """A file changed on disk: re-render targets whose source it is or whose output drifted."""
+        if TMP_MARK in path.name or path.name == DATA_TMP:
+            return                                  # our own temp files
+        candidates: list[tuple[Target, bool]] = []
+        for key in (str(path), str(path.parent)):
+            hit = self.targets.get(key)
+            if hit is not None and (key == str(path) or hit.is_bundle):
+                candidates.append((hit, False))
+        if self._sources is None:
+            self._sources = {}
+            for target in self.targets.values():
+                c = target.config
+                if isinstance(c, TemplateConfig) and c.source is not None:
+                    self._sources.setdefault(c.source, []).append(target)
+        candidates += [(target, True) for target in self._sources.get(path, ())]
+        for target, source in candidates:
+            output = not source
+            if source:
+                target.mark("template source changed")
+            elif output and target.writing:
+                target.recheck = True
+            elif output and target.attempted_once.is_set() and not target.writing \
+                    and target.fingerprint() != target.written:
+                target.status.drift_repairs += 1
+                log.warning("rendered file changed by someone else: writing it back",
+                            extra={"target": target.key, "path": str(path)})
+                target.mark("drift", drift=True)
+
+    def watched_paths(self) -> list[Path]:
+        """Directories the watcher should watch: template sources' and outputs' directories."""
+        dirs: dict[Path, None] = {}
+        for target in self.targets.values() or self._pending:
+            c = target.config
+            if isinstance(c, TemplateConfig) and c.source is not None:
+                dirs[c.source.parent] = None
+            dirs[target.directory] = None
+        return list(dirs)
+
+    def statistics(self) -> dict[str, Any]:
+        """Per target: counts and the last error. Never a value."""
+        return {key: dict(t.status.__dict__) for key, t in sorted(self.targets.items())}
+
+    # -- change detection
+
+    def _versions(self, refs: Iterable[str]) -> dict[str, int]:
+        out = {}
+        for name in refs:
+            info = self.cache.info(name)
+            out[name] = info.version if info is not None else -1
+        return out
+
+    async def _watch_changes(self) -> None:
+        seen = self.cache.changes.generation
+        while True:
+            generation, change = await self.cache.changes.wait_changed(seen)
+            # one change: only its templates; several coalesced: compare every target's inputs
+            only = change[0] if generation == seen + 1 and change is not None else None
+            seen = generation
+            for target in list(self.targets.values()):
+                if only is not None and only not in target.refs:
+                    continue
+                if target.attempted is not None and not target.rendering \
+                        and self._versions(target.refs) != target.attempted:
+                    target.mark("input changed")
+
+    # -- one target
+
+    async def _run_target(self, target: Target) -> None:
+        with target.cancel:                 # cancelled when a reload removes or changes it
+            async with trio.open_nursery() as nursery:
+                if target.config.command:
+                    nursery.start_soon(self._run_commands, target)
+                await self._render_loop(target)
+
+    async def _render_loop(self, target: Target) -> None:
+        backoff = Backoff(*self.backoff)
+        while True:
+            await target.wake.wait()
+            target.wake = trio.Event()
+            since = trio.current_time() - target.last_render
+            if not target.urgent and since < DRIFT_INTERVAL:
+                await trio.sleep(DRIFT_INTERVAL - since)    # rate-limit drift repair
+            target.urgent = False
+            target.last_render = trio.current_time()
+            target.rendering = True
+            try:
+                changed = await self._render_target(target)
+            except _Waiting as exc:
+                if target.status.last_error != str(exc):
+                    log.warning("render waits for a secret; the last good file stays",
+                                extra={"target": target.key, "error": str(exc)})
+                target.status.last_error = str(exc)
+                continue
+            except RenderError as exc:
+                target.status.failures += 1
+                target.status.last_error = str(exc)
+                delay = backoff.next_delay()
+                log.error("render failed; the last good file stays",
+                          extra={"target": target.key, "error": str(exc),
+                                 "retry_in": round(delay, 3)})
+                target.attempted_once.set()
+                with trio.move_on_after(delay):
+                    await target.wake.wait()
+                target.mark("retry")
+                continue
+            backoff.reset()
+            target.status.last_error = None
+            target.status.last_ok_at = time.time()
+            target.attempted_once.set()
+            if changed:
+                now = trio.current_time()
+                if target.first_change is None:
+                    target.first_change = now
+                target.last_change = now
+                target.command_wake.set()
+
+    async def _render_target(self, target: Target) -> bool:
+        try:
+            return await self._render_once(target)
+        finally:
+            target.rendering = False
+            if target.attempted is not None and self._versions(target.refs) != target.attempted:
+                target.mark("input changed during the render")
+
+    async def _render_once(self, target: Target) -> bool:
+        texts = await trio.to_thread.run_sync(target.texts)
+        refs: list[str] = []
+        for text in texts.values():
+            refs += secret_refs(text)
+        target.refs = list(dict.fromkeys(refs))
+        versions = self._versions(target.refs)
+        target.attempted = versions
+        data: dict[str, Any] = {}
+        for name in target.refs:
+            if name not in self.config.secrets:
+                raise RenderError(f"{target.key}: refers to undeclared secret {name!r}")
+            got = self.cache.get(name)
+            if got is None:
+                raise _Waiting(f"{target.key}: secret {name!r} has no value "
+                               "(not fetched yet, or revoked): waiting for it")
+            data[name] = _plain(got.data)
+        target.status.renders += 1
+        outputs: dict[str, bytes] = {}
+        for name, text in texts.items():
+            try:
+                outputs[name] = await self.worker.render(text, data)
+            except RenderError as exc:
+                raise RenderError(f"{target.key}: {name}: {exc}") from None
+        del data
+        target.writing = True       # events meanwhile are looked at once the write is done
+        target.recheck = False
+        try:
+            changed, target.written = await trio.to_thread.run_sync(self._write_and_stat,
+                                                                    target, outputs)
+        finally:
+            target.writing = False
+        if target.written is None or (target.recheck and target.fingerprint() != target.written):
+            target.mark("drift", drift=True)        # changed while we were writing
+        if changed:
+            target.status.writes += 1
+            if target.attempted_once.is_set():
+                log.info("rendered", extra={"target": target.key, "versions": versions})
+        return changed
+
+    def _write_and_stat(self, target: Target, outputs: Mapping[str, bytes]
+                        ) -> tuple[bool, tuple[int, ...] | None]:
+        changed = self._write(target.config, outputs)
+        return changed, target.fingerprint()
+
+    def _write(self, c: TemplateConfig | BundleConfig, outputs: Mapping[str, bytes]) -> bool:
+        if isinstance(c, BundleConfig):
+            where = str(c.directory)
+            try:
+                os.mkdir(c.directory, 0o755)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _os_error(where, "cannot create the bundle directory", exc) from exc
+            fd = open_dir(c.directory)
+            try:
+                check_dir(fd, where)
+                old = write_bundle(fd, outputs, modes=_modes(c), uid=c.owner, gid=c.group,
+                                   where=where)
+            finally:
+                os.close(fd)
+            if old is None:
+                return False
+            if old and self._nursery is not None:
+                trio.from_thread.run_sync(self._nursery.start_soon, self._remove_later,
+                                          c.directory, old, c.grace)
+            return True
+        where = str(c.destination)
+        fd = open_dir(c.destination.parent)
+        try:
+            check_dir(fd, where)
+            return write_file(fd, c.destination.name, outputs[c.destination.name],
+                              mode=c.mode, uid=c.owner, gid=c.group, where=where)
+        finally:
+            os.close(fd)
+
+    async def _remove_later(self, directory: Path, version: str, grace: float) -> None:
+        await trio.sleep(grace)
+
+        def remove() -> None:
+            with contextlib.suppress(OSError):
+                fd = open_dir(directory)
+                try:
+                    remove_version(fd, version)
+                finally:
+                    os.close(fd)
+
+        with contextlib.suppress(RenderError):
+            await trio.to_thread.run_sync(remove)
+
+    # -- commands
+
+    async def _run_commands(self, target: Target) -> None:
+        backoff = Backoff(*self.backoff)
+        c = target.config
+        while True:
+            await target.command_wake.wait()
+            # debounce: quiet for wait.min, but never later than wait.max after the first change
+            while c.wait.min > 0:
+                first = target.first_change if target.first_change is not None else 0.0
+                deadline = target.last_change + c.wait.min
+                if c.wait.max > 0:
+                    deadline = min(deadline, first + max(c.wait.max, c.wait.min))
+                if trio.current_time() >= deadline:
+                    break
+                await trio.sleep_until(deadline)
+            target.command_wake = trio.Event()
+            target.first_change = None
+            ok = await self._run_command(target)
+            if ok:
+                backoff.reset()
+                continue
+            delay = backoff.next_delay()
+            log.warning("command will be retried", extra={"target": target.key,
+                                                          "retry_in": round(delay, 3)})
+            await trio.sleep(delay)
+            target.command_wake.set()
+
+    async def _run_command(self, target: Target) -> bool:
+        c = target.config
+        target.status.command_runs += 1
+        try:
+            proc = await trio.lowlevel.open_process(
+                list(c.command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            return self._command_failed(target, f"cannot start: {exc.strerror or exc}", b"")
+        output = bytearray()
+        timed_out = False
+        drained = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async def collect() -> None:
+                assert proc.stdout is not None
+                async for chunk in proc.stdout:
+                    if len(output) < MAX_COMMAND_OUTPUT:
+                        output.extend(chunk[: MAX_COMMAND_OUTPUT - len(output)])
+                drained.set()
+
+            nursery.start_soon(collect)
+            try:
+                with trio.move_on_after(c.command_timeout) as scope:
+                    await proc.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    _killpg(proc, signal.SIGTERM)
+                    with trio.move_on_after(KILL_GRACE) as grace:
+                        await proc.wait()
+                    if grace.cancelled_caught:
+                        _killpg(proc, signal.SIGKILL)
+                        await proc.wait()
+                with trio.move_on_after(1):     # a daemonized child may keep the pipe open
+                    await drained.wait()
+                nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if proc.returncode is None:
+                        _killpg(proc, signal.SIGKILL)
+                        await proc.wait()
+                    await _close_pipes(proc)
+        if timed_out:
+            return self._command_failed(
+                target, f"timed out after {c.command_timeout:g}s: killed", bytes(output))
+        if proc.returncode != 0:
+            return self._command_failed(target, f"exit status {proc.returncode}", bytes(output))
+        log.info("command ran", extra={"target": target.key, "command": list(c.command),
+                                       "output": output.decode("utf-8", "replace")})
+        target.status.last_command_error = None
+        return True
+
+    def _command_failed(self, target: Target, reason: str, output: bytes) -> bool:
+        target.status.command_failures += 1
+        target.status.last_command_error = reason
+        log.error("command failed", extra={
+            "target": target.key, "command": list(target.config.command), "error": reason,
+            "output": output.decode("utf-8", "replace")})
+        return False
+
+
+async def _close_pipes(proc: trio.Process) -> None:
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            await stream.aclose()
+
+
+def _killpg(proc: trio.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+if __name__ == "__main__":
+    worker_main()
+
+
+# --------------------------------------------------------------------------------------------
+# agentd render --dry-run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedChange:
+    """What a render would do to one file. ``reason`` never holds a value."""
+
+    path: str
+    action: str          # "create" | "update" | "unchanged" | "error"
+    reason: str
+
+
+def _compare(path: Path, data: bytes, mode: int, uid: int, gid: int, *,
+             bundle: bool = False) -> PlannedChange:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return PlannedChange(str(path), "create", f"missing; would write {len(data)} bytes")
+    except OSError as exc:
+        return PlannedChange(str(path), "error", f"cannot stat: {exc.strerror}")
+    if stat.S_ISLNK(st.st_mode) and not bundle:
+        return PlannedChange(str(path), "error", "the destination is a symlink: would refuse")
+    try:
+        current = path.read_bytes()
+        st = path.stat()
+    except OSError as exc:
+        return PlannedChange(str(path), "error", f"cannot read: {exc.strerror}")
+    reasons = []
+    if current != data:
+        reasons.append(f"content differs ({len(current)} -> {len(data)} bytes, values masked)")
+    if stat.S_IMODE(st.st_mode) != mode:
+        reasons.append(f"mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        reasons.append(f"owner {st.st_uid}:{st.st_gid} -> {uid}:{gid}")
+    if reasons:
+        return PlannedChange(str(path), "update", "; ".join(reasons))
+    return PlannedChange(str(path), "unchanged", "identical")
+
+
+async def dry_run(config: Config, fetch: Any) -> list[PlannedChange]:
+    """What rendering ``config`` would change, file by file; nothing is written.
+
+    ``fetch(name)`` is an async callable returning a secret's data (the CLI asks the running
+    agent's socket, so the caller's own policies decide what it may see). Values never leave
+    this function: the result holds paths, actions and reasons only.
+    """
+    plans: list[PlannedChange] = []
+    worker = RenderWorker()
+    try:
+        for c in Renderer._configs(config):
+            target = Target(config=c)
+            try:
+                texts = target.texts()
+                data: dict[str, Any] = {}
+                for text in texts.values():
+                    for name in secret_refs(text):
+                        if name not in data:
+                            data[name] = _plain(await fetch(name))
+                outputs = {n: await worker.render(t, data) for n, t in texts.items()}
+            except (RenderError, AgentdError) as exc:
+                plans.append(PlannedChange(target.key, "error", str(exc)))
+                continue
+            uid, gid = _ids(c.owner, c.group)
+            if isinstance(c, BundleConfig):
+                modes = _modes(c)
+                for name, out in outputs.items():
+                    plans.append(_compare(c.directory / name, out, modes[name], uid, gid,
+                                          bundle=True))
+            else:
+                plans.append(_compare(c.destination, outputs[c.destination.name], c.mode,
+                                      uid, gid))
+    finally:
+        await worker.aclose()
+    return plans

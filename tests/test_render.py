@@ -1,0 +1,359 @@
+"""render.py on its own: the sandboxed worker, atomic file writes and bundles, on real files."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from agentd import render
+from agentd.render import RenderError, RenderWorker
+
+NOGROUP = grp.getgrnam("nogroup").gr_gid
+NOBODY = 65534
+SECRET = "MARKER-render-unit-5b1e0c"
+
+READER = r"""
+import os, re, stat, sys
+path, stop = sys.argv[1], sys.argv[2]
+pattern, mode = re.compile(sys.argv[3], re.S), int(sys.argv[4], 8)
+reads = bad = 0
+while not os.path.exists(stop):
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read().decode()
+    except FileNotFoundError:
+        bad += 1
+        continue
+    reads += 1
+    if not pattern.fullmatch(data) or stat.S_IMODE(st.st_mode) != mode:
+        bad += 1
+print(reads, bad)
+"""
+
+
+def _temps(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if render.TMP_MARK in n]
+
+
+@contextlib.contextmanager
+def dirfd(path: Path) -> Iterator[int]:
+    fd = render.open_dir(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+
+async def test_worker_output_is_byte_exact_with_filters() -> None:
+    worker = RenderWorker()
+    try:
+        with trio.fail_after(20):
+            out = await worker.render(
+                "u={{ secret('db').user }}\np={{ secret('db').password | b64encode }}\n"
+                "j={{ secret('db') | tojson }}\nd={{ 'aGk=' | b64decode }}\n\n",
+                {"db": {"user": "app", "password": SECRET}},
+            )
+    finally:
+        await worker.aclose()
+    import base64
+    assert out == (
+        f"u=app\np={base64.b64encode(SECRET.encode()).decode()}\n"
+        f'j={{"password": "{SECRET}", "user": "app"}}\nd=hi\n\n'
+    ).encode()
+
+
+async def test_worker_errors_are_clear_and_never_hold_a_value() -> None:
+    worker = RenderWorker()
+    data = {"db": {"password": SECRET}}
+    try:
+        with trio.fail_after(20):
+            with pytest.raises(RenderError, match="has no attribute 'nope'"):
+                await worker.render("{{ secret('db').nope }}", data)
+            with pytest.raises(RenderError, match="not available") as info:
+                await worker.render("{{ secret('other') }}", data)
+            with pytest.raises(RenderError) as info:
+                await worker.render("{{ secret('db').password + 1 }}", data)
+            assert SECRET not in str(info.value)
+            with pytest.raises(RenderError) as info:
+                await worker.render("{{ secret('db').password | b64decode }}", data)
+            assert SECRET not in str(info.value)
+            with pytest.raises(RenderError, match="unsafe"):
+                await worker.render("{{ ''.__class__.__mro__ }}", data)
+    finally:
+        await worker.aclose()
+
+
+async def test_worker_bounds_output() -> None:
+    worker = RenderWorker(timeout=20.0, max_bytes=4096)
+    try:
+        with trio.fail_after(30):
+            with pytest.raises(RenderError, match="larger than 4096 bytes"):
+                await worker.render("{{ 'x' * 10**8 }}", {})
+            assert worker.killed == 0
+            assert await worker.render("{{ 'x' * 4096 }}", {}) == b"x" * 4096
+    finally:
+        await worker.aclose()
+
+
+async def test_worker_bounds_time_by_killing_it() -> None:
+    worker = RenderWorker(timeout=1.0)
+    try:
+        with trio.fail_after(30):
+            with pytest.raises(RenderError, match="longer than 1s: worker killed"):
+                await worker.render("{% for i in range(100000) %}{% for j in range(100000) %}"
+                                    "{% endfor %}{% endfor %}", {})
+            assert worker.killed == 1
+            worker.timeout = 20.0
+            assert await worker.render("still {{ 'ok' }}", {}) == b"still ok"
+            assert worker.started == 2
+    finally:
+        await worker.aclose()
+
+
+def test_secret_refs() -> None:
+    assert render.secret_refs("{{ secret('a').x }}{{ secret(\"b\") }}{{ secret('a') }}") == [
+        "a", "b"]
+
+
+# -- atomic file writes --------------------------------------------------------------------------
+
+
+def test_write_exact_content_mode_owner_and_replace_by_rename(tmp_path: Path) -> None:
+    dest = tmp_path / "app.conf"
+    with dirfd(tmp_path) as fd:
+        assert render.write_file(fd, "app.conf", b"one\n", mode=0o640, uid=NOBODY, gid=NOGROUP)
+        st1 = dest.stat()
+        assert dest.read_bytes() == b"one\n"
+        assert (stat.S_IMODE(st1.st_mode), st1.st_uid, st1.st_gid) == (0o640, NOBODY, NOGROUP)
+        # identical output: nothing touched (same inode, same mtime)
+        assert not render.write_file(fd, "app.conf", b"one\n", mode=0o640, uid=NOBODY,
+                                     gid=NOGROUP)
+        st_same = dest.stat()
+        assert (st_same.st_ino, st_same.st_mtime_ns) == (st1.st_ino, st1.st_mtime_ns)
+        assert render.write_file(fd, "app.conf", b"two\n", mode=0o640, uid=NOBODY, gid=NOGROUP)
+    st2 = dest.stat()
+    assert st2.st_ino != st1.st_ino
+    assert (stat.S_IMODE(st2.st_mode), st2.st_uid, st2.st_gid) == (0o640, NOBODY, NOGROUP)
+    assert dest.read_bytes() == b"two\n"
+    assert _temps(tmp_path) == []
+
+
+def test_mode_or_owner_drift_is_rewritten(tmp_path: Path) -> None:
+    with dirfd(tmp_path) as fd:
+        render.write_file(fd, "f", b"x", mode=0o600)
+        os.chmod(tmp_path / "f", 0o644)
+        assert render.write_file(fd, "f", b"x", mode=0o600)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o600
+
+
+def test_symlink_destination_and_unsafe_directory_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with dirfd(tmp_path) as fd, pytest.raises(RenderError, match="is a symlink"):
+        render.write_file(fd, "link", b"secret", where="link")
+    assert (tmp_path / "real").read_text() == "keep"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with dirfd(shared) as fd, pytest.raises(RenderError, match="writable by others"):
+        render.check_dir(fd, str(shared))
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, NOBODY, NOGROUP)
+    with dirfd(other) as fd, pytest.raises(RenderError, match="owned by uid 65534"):
+        render.check_dir(fd, str(other))
+
+
+def test_leftover_temps_are_cleaned(tmp_path: Path) -> None:
+    (tmp_path / f".app.conf{render.TMP_MARK}0123").write_text("half")
+    (tmp_path / "app.conf").write_text("good")
+    with dirfd(tmp_path) as fd:
+        assert render.clean_temps(fd) == [f".app.conf{render.TMP_MARK}0123"]
+    assert os.listdir(tmp_path) == ["app.conf"]
+
+
+def test_reader_sees_only_complete_old_or_new_with_final_mode(tmp_path: Path) -> None:
+    stop = tmp_path / "stop"
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = 2000
+    with dirfd(out) as fd:
+        render.write_file(fd, "f", b"v0\n" * lines, mode=0o640, gid=NOGROUP)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, str(out / "f"), str(stop),
+             rf"(?:v(\d+)\n)(?:v\1\n){{{lines - 1}}}", "0640"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            for i in range(1, 201):
+                render.write_file(fd, "f", f"v{i}\n".encode() * lines, mode=0o640, gid=NOGROUP)
+        finally:
+            stop.touch()
+            output, _ = reader.communicate(timeout=30)
+    reads, bad = map(int, output.split())
+    assert reads > 0
+    assert bad == 0
+    assert _temps(out) == []
+
+
+@pytest.mark.slow
+def test_sigkill_during_writes_leaves_complete_file(tmp_path: Path) -> None:
+    """SIGKILL a writer (forked, using render.write_file) at random moments, 120 times."""
+    rng = random.Random(1234)
+    lines = 5000
+    with dirfd(tmp_path) as fd:
+        render.write_file(fd, "f", b"start\n" * lines, mode=0o640)
+    seen: set[str] = set()
+    for trial in range(120):
+        pid = os.fork()
+        if pid == 0:   # the child: write versions as fast as it can until killed
+            try:
+                cfd = render.open_dir(tmp_path)
+                for i in range(10**6):
+                    render.write_file(cfd, "f", f"t{trial}-{i}\n".encode() * lines, mode=0o640)
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        data = (tmp_path / "f").read_bytes().decode()
+        first = data.split("\n", 1)[0]
+        seen.add(first)
+        assert data == f"{first}\n" * lines, f"trial {trial}: partial file"
+        assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
+        with dirfd(tmp_path) as fd:
+            render.clean_temps(fd)   # what the renderer does at start
+        assert _temps(tmp_path) == []
+    assert len(seen) > 10     # the kills did land in the middle of bursts of writes
+
+
+# -- bundles -------------------------------------------------------------------------------------
+
+
+def _pair(i: int) -> dict[str, bytes]:
+    return {"cert.pem": f"CERT {i}\n".encode() * 50, "key.pem": f"KEY {i}\n".encode() * 50}
+
+
+BUNDLE_READER = r"""
+import os, sys
+d, stop = sys.argv[1], sys.argv[2]
+reads = bad = 0
+while not os.path.exists(stop):
+    try:
+        # resolve the directory once, as an app loading cert and key would
+        live = os.path.join(d, os.readlink(os.path.join(d, "..data")))
+        cert = open(os.path.join(live, "cert.pem")).read()
+        key = open(os.path.join(live, "key.pem")).read()
+    except FileNotFoundError:
+        continue   # the old set was removed after its grace: the next resolve finds the new one
+    reads += 1
+    ci = cert.split("\n")[0].split()[1]
+    ki = key.split("\n")[0].split()[1]
+    if ci != ki or cert != f"CERT {ci}\n" * 50 or key != f"KEY {ki}\n" * 50:
+        bad += 1
+    via = open(os.path.join(d, "cert.pem")).read()
+    if not via.startswith("CERT "):
+        bad += 1
+print(reads, bad)
+"""
+
+
+def test_bundle_layout_and_50_rotations_with_reader(tmp_path: Path) -> None:
+    d = tmp_path / "tls"
+    d.mkdir()
+    stop = tmp_path / "stop"
+    modes = {"cert.pem": 0o644, "key.pem": 0o640}
+    with dirfd(d) as fd:
+        assert render.write_bundle(fd, _pair(0), modes=modes, gid=NOGROUP) == ""
+        assert os.readlink(d / "cert.pem") == "..data/cert.pem"
+        assert os.readlink(d / "..data").startswith("..")
+        assert stat.S_IMODE((d / "key.pem").stat().st_mode) == 0o640
+        assert (d / "key.pem").stat().st_gid == NOGROUP
+        assert render.write_bundle(fd, _pair(0), modes=modes, gid=NOGROUP) is None
+        reader = subprocess.Popen([sys.executable, "-c", BUNDLE_READER, str(d), str(stop)],
+                                  stdout=subprocess.PIPE, text=True)
+        olds: list[str] = []
+        try:
+            for i in range(1, 51):
+                old = render.write_bundle(fd, _pair(i), modes=modes, gid=NOGROUP)
+                assert old
+                olds.append(old)
+                if len(olds) > 2:                   # a short grace: keep two old sets
+                    render.remove_version(fd, olds.pop(0))
+        finally:
+            stop.touch()
+            output, _ = reader.communicate(timeout=30)
+        reads, bad = map(int, output.split())
+        assert reads > 0 and bad == 0
+        assert (d / "key.pem").read_text() == "KEY 50\n" * 50
+        # start-up cleaning removes every set that ..data does not name
+        render.clean_bundle(fd)
+    versions = [n for n in os.listdir(d) if n.startswith("..") and n != "..data"]
+    assert versions == [os.readlink(d / "..data")]
+    assert sorted(n for n in os.listdir(d) if not n.startswith("..")) == ["cert.pem", "key.pem"]
+
+
+# -- full disk, read-only file system ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted(*args: str, target: Path) -> Iterator[None]:
+    target.mkdir(exist_ok=True)
+    result = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_enospc_keeps_old_file_with_a_clear_error(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    with mounted("-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", target=mnt), \
+            dirfd(mnt) as fd:
+        render.write_file(fd, "f", b"old\n", mode=0o640)
+        with pytest.raises(RenderError, match="No space left on device") as info:
+            render.write_file(fd, "f", b"x" * 200_000, mode=0o640, where=str(mnt / "f"))
+        assert str(mnt / "f") in str(info.value)
+        assert (mnt / "f").read_bytes() == b"old\n"
+        assert _temps(mnt) == []
+
+
+def test_erofs_error_mentions_readwritepaths(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("old\n")
+    ro = tmp_path / "ro"
+    with mounted("--bind", "-o", "ro", str(src), target=ro):
+        if os.access(ro, os.W_OK) and not _is_readonly(ro):
+            pytest.skip("read-only bind mount not effective here")
+        with dirfd(ro) as fd, pytest.raises(RenderError, match="ReadWritePaths="):
+            render.write_file(fd, "f", b"new\n", where=str(ro / "f"))
+        assert (ro / "f").read_text() == "old\n"
+
+
+def _is_readonly(path: Path) -> bool:
+    try:
+        fd = os.open(path / ".probe", os.O_CREAT | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    os.close(fd)
+    os.unlink(path / ".probe")
+    return False
