@@ -74,7 +74,12 @@ class AgentCollector:
         yield _gauge("agentd_upstream_up", "1 when the last upstream request got an answer",
                      int(up.up), {"address": up.address})
         yield _counter("agentd_upstream_requests", "Requests sent to the upstream", up.requests)
-        yield _counter("agentd_upstream_errors", "Upstream requests that failed", up.errors)
+        errors = CounterMetricFamily(
+            "agentd_upstream_errors", "Upstream requests that failed, by kind "
+            "(transient, auth, not_found, permanent)", labels=["kind"])
+        for kind in ("transient", "auth", "not_found", "permanent"):
+            errors.add_metric([kind], up.errors_by_kind.get(kind, 0))
+        yield errors
         yield _gauge("agentd_upstream_latency_seconds",
                      "Latency of the last upstream request", (up.latency_ms_last or 0) / 1000)
         yield _gauge("agentd_upstream_in_flight", "Upstream requests in flight", up.in_flight)
@@ -109,6 +114,13 @@ class AgentCollector:
         for (op, decision), count in sorted(agent.server.decisions.items()):
             decisions.add_metric([op, decision], count)
         yield decisions
+        denials = CounterMetricFamily(
+            "agentd_denials", "Denied requests by op and by the policies that matched the peer "
+            '("none": no policy matched it)', labels=["op", "policy"])
+        for (op, policy), count in sorted(agent.server.denials.items()):
+            denials.add_metric([op, policy], count)
+        yield denials
+        yield from self._templates()
         yield _counter("agentd_requests_rate_limited", "Requests answered rate_limited",
                        server["rate_limited"])
         yield _counter("agentd_connections_refused", "Connections refused over a cap",
@@ -129,6 +141,33 @@ class AgentCollector:
         reloads.add_metric(["applied"], agent.reloads)
         reloads.add_metric(["refused"], agent.reload_failures)
         yield reloads
+
+    def _templates(self) -> Iterator[Metric]:
+        """Per template or bundle (labelled by its destination): render and command results."""
+        targets = self._agent.renderer.statistics()
+        series = [
+            ("renders", "Renders attempted", "renders"),
+            ("writes", "Renders that changed the file(s) on disk", "writes"),
+            ("failures", "Renders or writes that failed (the last good file stayed)", "failures"),
+            ("drift_repairs", "Files written back after someone else changed them",
+             "drift_repairs"),
+            ("command_runs", "Change commands run", "command_runs"),
+            ("command_failures", "Change commands that failed or timed out",
+             "command_failures"),
+            ("render_seconds", "Time spent rendering and writing", "render_seconds"),
+            ("command_seconds", "Time change commands ran", "command_seconds"),
+        ]
+        for suffix, doc, key in series:
+            family = CounterMetricFamily(f"agentd_template_{suffix}", doc, labels=["target"])
+            for target, status in targets.items():
+                family.add_metric([target], status[key])
+            yield family
+        ok = GaugeMetricFamily("agentd_template_ok", "1 when the last render of the target "
+                               "succeeded", labels=["target"])
+        for target, status in targets.items():
+            ok.add_metric([target], int(status["last_error"] is None
+                                        and status["last_ok_at"] is not None))
+        yield ok
 
     def _snapshot(self) -> Iterator[Metric]:
         snapshot = getattr(self._agent, "snapshot", None)    # the on-disk cache snapshot

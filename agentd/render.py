@@ -554,6 +554,8 @@ class TargetStatus:
     command_runs: int = 0
     command_failures: int = 0
     last_command_error: str | None = None
+    render_seconds: float = 0.0          # total time spent rendering and writing
+    command_seconds: float = 0.0         # total time commands ran
 
 
 def _plain(value: Any) -> Any:
@@ -832,6 +834,7 @@ class Renderer:
             target.urgent = False
             target.last_render = trio.current_time()
             target.rendering = True
+            started = time.monotonic()
             try:
                 changed = await self._render_target(target)
             except _Waiting as exc:
@@ -852,6 +855,8 @@ class Renderer:
                     await target.wake.wait()
                 target.mark("retry")
                 continue
+            finally:
+                target.status.render_seconds += time.monotonic() - started
             backoff.reset()
             target.status.last_error = None
             target.status.last_ok_at = time.time()
@@ -990,6 +995,13 @@ class Renderer:
             target.command_wake.set()
 
     async def _run_command(self, target: Target) -> bool:
+        started = time.monotonic()
+        try:
+            return await self._run_command_timed(target)
+        finally:
+            target.status.command_seconds += time.monotonic() - started
+
+    async def _run_command_timed(self, target: Target) -> bool:
         c = target.config
         target.status.command_runs += 1
         try:

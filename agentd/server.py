@@ -128,6 +128,8 @@ class Server:
         self.requests = 0
         self.requests_by_op: Counter[str] = Counter()            # for metrics
         self.decisions: Counter[tuple[str, str]] = Counter()     # (op, decision), for metrics
+        # (op, policy) of every deny: the policies that matched the peer, "none" if none did
+        self.denials: Counter[tuple[str, str]] = Counter()
         self.rate_limited = 0
         self.pid_reused = 0
         # How a connection's peer is identified; tests swap it (fake proc root, no pidfd).
@@ -500,6 +502,9 @@ class Server:
         stale: bool | None = None,
     ) -> None:
         self.decisions[(op, decision)] += 1
+        if decision == "deny":
+            matched = grants(self.config.policies, peer).rules
+            self.denials[(op, ",".join(matched) or "none")] += 1
         self._audit.record(
             op=op, decision=decision, pid=peer.pid, uid=peer.uid, exe=peer.exe, unit=peer.unit,
             name=name, version=version, stale=stale, start_time=peer.start_time,

@@ -36,6 +36,7 @@ import math
 import random
 import ssl
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,18 @@ class UpstreamStatistics:
     in_flight: int = 0           # attempts holding a concurrency slot now
     in_flight_peak: int = 0      # the most ever held at once (<= max_concurrency)
     gated: int = 0               # requests failed at once by the outage gate (never sent)
+    errors_by_kind: Mapping[str, int] = field(default_factory=dict)   # see _error_kind
+
+
+def _error_kind(exc: UpstreamError) -> str:
+    """transient | auth | not_found | permanent: the label of the upstream error metric."""
+    if isinstance(exc, TransientError):
+        return "transient"
+    if isinstance(exc, AuthError):
+        return "auth"
+    if isinstance(exc, UpstreamNotFound):
+        return "not_found"
+    return "permanent"
 
 
 class _Failover(TransientError):
@@ -289,6 +302,7 @@ class Upstream:
         self._up = True
         self._requests = 0
         self._errors = 0
+        self._errors_by_kind: Counter[str] = Counter()
         self._last_error: str | None = None
         self._latency_ms: float | None = None
         self._in_flight = 0
@@ -370,6 +384,7 @@ class Upstream:
             up=self._up,
             requests=self._requests,
             errors=self._errors,
+            errors_by_kind=dict(self._errors_by_kind),
             last_error=self._last_error,
             latency_ms_last=self._latency_ms,
             in_flight=self._in_flight,
@@ -381,6 +396,7 @@ class Upstream:
 
     def _count_error(self, exc: UpstreamError) -> None:
         self._errors += 1
+        self._errors_by_kind[_error_kind(exc)] += 1
         self._last_error = str(exc)
 
     def _kv2_value(self, path: str, response: httpx.Response, body: Any) -> SecretValue:

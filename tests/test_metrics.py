@@ -210,3 +210,48 @@ def test_metrics_config_keys_and_reference(tmp_path: Path) -> None:
     problems = "\n".join(caught.value.problems)   # type: ignore[attr-defined]
     assert 'metrics.listen: expected "HOST:PORT"' in problems
     assert "metrics.textfile: expected an absolute path" in problems
+
+
+async def test_scrape_shows_upstream_errors_denials_by_policy_and_template_series(
+    bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded, tmp_path: Path
+) -> None:
+    port = free_port()
+    rendered = tmp_path / "out" / "db.conf"
+    rendered.parent.mkdir()
+    path = write_config(
+        tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
+        refresh="1h",
+        extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n'
+              f'[secrets.ghost]\nkind = "kv2"\npath = "secret/data/{seeded.prefix}/ghost"\n\n'
+              f'[[template]]\ncontents = "user={{{{ secret(\'db\').username }}}}\\n"\n'
+              f'destination = "{rendered}"\n',
+    )
+    async with running_agent(path) as running:
+        sock = str(running.socket)
+
+        def read(name: str) -> Any:
+            with Client.connect(sock, timeout=10) as c:
+                return c.get(name)["version"]
+
+        with trio.fail_after(30):
+            assert (await run_as(NOBODY, NOBODY, lambda: read("other")))["code"] == "forbidden"
+            assert (await run_as(1000, 1000, lambda: read("db")))["code"] == "forbidden"
+            assert (await run_as(1000, 1000, lambda: read("api")))["code"] == "forbidden"
+            async with httpx.AsyncClient() as http:
+                reply = await http.get(f"http://127.0.0.1:{port}/metrics")
+    got = samples(reply.text)
+    assert rendered.read_text() == "user=app\n"
+    # The ghost secret's 404 is counted as not_found; nothing else failed.
+    assert got[("agentd_upstream_errors_total", (("kind", "not_found"),))] >= 1
+    assert got[("agentd_upstream_errors_total", (("kind", "auth"),))] == 0
+    # Denials by the policies that matched the peer: nobody matched "nobody-db", uid 1000 none.
+    assert got[("agentd_denials_total", (("op", "get"), ("policy", "nobody-db")))] == 1
+    assert got[("agentd_denials_total", (("op", "get"), ("policy", "none")))] == 2
+    # One template: rendered once, written once, no failure, its last render ok.
+    writes = {labels: v for (name, labels), v in got.items()
+              if name == "agentd_template_writes_total"}
+    assert list(writes.values()) == [1]
+    (target,) = writes
+    assert got[("agentd_template_failures_total", target)] == 0
+    assert got[("agentd_template_ok", target)] == 1
+    assert got[("agentd_template_render_seconds_total", target)] > 0
