@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     with_socket(p)
     p = sub.add_parser("status", help="agent status (admin)")
     with_socket(p)
+    p.add_argument("--json", action="store_true", help="print the whole status as JSON")
     p = sub.add_parser("ping", help="check that the agent answers")
     with_socket(p)
     p = sub.add_parser("catalog", help="every declared secret, its schedule and its consumers")
@@ -326,6 +328,66 @@ def _exec_command(args: argparse.Namespace) -> int:
     return trio.run(supervisor.run)
 
 
+def _ago(when: Any, now: float) -> str:
+    if not isinstance(when, (int, float)):
+        return "-"
+    delta = now - when
+    word = "ago" if delta >= 0 else "from now"
+    delta = abs(delta)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{delta / size:.1f}{unit} {word}"
+    return f"{delta:.0f}s {word}"
+
+
+def format_status(status: Mapping[str, Any], *, now: float) -> str:
+    """``agentd status`` for people: upstream, auth, secrets, templates, recent errors."""
+    up, auth = status.get("upstream", {}), status.get("auth", {})
+    uptime = _ago(now - float(status.get("uptime", 0)), now).replace(" ago", "")
+    lines = [
+        f"agentd {status.get('version')}  pid {status.get('pid')}  "
+        f"{'ready' if status.get('ready') else 'NOT READY'}  up {uptime}",
+        f"upstream  {up.get('address')}  {'up' if up.get('up') else 'DOWN'}  "
+        f"requests {up.get('requests')}  errors {up.get('errors')}",
+        f"auth      {auth.get('method')}  {auth.get('state')}  "
+        f"token expires {_ago(auth.get('expires_at'), now) if auth.get('expires_at') else 'never'}",
+        "",
+        f"{'SECRET':<24} {'KIND':<7} {'VERSION':>7}  {'FETCHED':<14} {'STATE':<9} NEXT",
+    ]
+    errors: list[str] = []
+    for name, s in sorted(status.get("secrets", {}).items()):
+        if s.get("revoked"):
+            state = "revoked"
+        elif s.get("version") is None:
+            state = "missing"
+        else:
+            state = "stale" if s.get("stale") else "ok"
+        lines.append(
+            f"{name:<24} {s.get('kind', ''):<7} {s.get('version') or '-':>7}  "
+            f"{_ago(s.get('fetched_at'), now):<14} {state:<9} {_ago(s.get('next_rotation'), now)}"
+        )
+        if s.get("last_error"):
+            errors.append(f"secret {name}: {s['last_error']}")
+    templates = status.get("templates", {})
+    if templates:
+        lines += ["", f"{'TEMPLATE':<48} {'WRITES':>6} {'FAILS':>5}  LAST OK"]
+        for target, t in sorted(templates.items()):
+            lines.append(f"{target[-48:]:<48} {t.get('writes', 0):>6} {t.get('failures', 0):>5}"
+                         f"  {_ago(t.get('last_ok_at'), now)}")
+            for key in ("last_error", "last_command_error"):
+                if t.get(key):
+                    errors.append(f"template {target}: {t[key]}")
+    for source, err in (("upstream", up.get("last_error")), ("auth", auth.get("last_error"))):
+        if err:
+            errors.append(f"{source}: {err}")
+    denied = status.get("alerts", {}).get("policy_denied")
+    if denied:
+        errors.append(f"ALERT: upstream policy denies {', '.join(denied)} (served stale)")
+    lines += ["", "recent errors:" if errors else "recent errors: none"]
+    lines += [f"  {e}" for e in errors]
+    return "\n".join(lines) + "\n"
+
+
 def _client_command(args: argparse.Namespace) -> int:
     from agentd.client import Client, resolve_socket_path
 
@@ -351,7 +413,11 @@ def _client_command(args: argparse.Namespace) -> int:
                 print(name)
             return 0
         if args.command == "status":
-            print(json.dumps(client.status(), indent=2, sort_keys=True, default=str))
+            status = client.status()
+            if args.json:
+                print(json.dumps(status, indent=2, sort_keys=True, default=str))
+            else:
+                sys.stdout.write(format_status(status, now=time.time()))
             return 0
         if args.command == "ping":
             client.ping()

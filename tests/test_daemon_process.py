@@ -66,8 +66,18 @@ async def test_run_notifies_ready_serves_cli_and_stops_cleanly(
         assert denied.returncode == 1
         assert denied.stderr.startswith("agentd: forbidden:")
         assert "Traceback" not in denied.stderr
-        status = await trio.to_thread.run_sync(lambda: agentd("status", "--socket", str(sock)))
+        status = await trio.to_thread.run_sync(
+            lambda: agentd("status", "--json", "--socket", str(sock))
+        )
         assert json.loads(status.stdout)["auth"]["state"] == "ok"
+        human = await trio.to_thread.run_sync(lambda: agentd("status", "--socket", str(sock)))
+        assert human.returncode == 0
+        rows = {line.split()[0]: line.split() for line in human.stdout.splitlines() if line}
+        assert rows["auth"][1:3] == ["approle", "ok"]
+        assert rows["upstream"][1:3] == [bao.address, "up"]
+        assert rows["db"][1:3] == ["kv2", "1"]
+        assert rows["api"][1:3] == ["kv1", "1"]
+        assert "recent errors: none" in human.stdout
 
         proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(lambda: proc.wait(timeout=20)) == 0
