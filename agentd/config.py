@@ -167,6 +167,7 @@ class TemplateConfig:
     command: tuple[str, ...] = ()
     command_timeout: float = 30.0
     wait: WaitConfig = field(default_factory=WaitConfig)
+    backup: bool = False                     # keep the replaced file as DESTINATION.bak
 
 
 @dataclass(frozen=True)
@@ -1062,6 +1063,7 @@ class _Builder:
                 command=command,
                 command_timeout=timeout,
                 wait=wait,
+                backup=f.get(t, key, "backup", _bool, False),
             )
         )
 

@@ -346,12 +346,27 @@ def _same_file(dir_fd: int, name: str, data: bytes, mode: int, uid: int, gid: in
         os.close(fd)
 
 
+def _keep_backup(dir_fd: int, name: str) -> None:
+    """Make ``name.bak`` the current inode of ``name``: link under a temp name, rename over."""
+    link = f".{name}.bak{TMP_MARK}{secrets_mod.token_hex(8)}"
+    os.link(name, link, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    try:
+        os.rename(link, f"{name}.bak", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(link, dir_fd=dir_fd)
+        raise
+
+
 def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
-               uid: int | None = None, gid: int | None = None, where: str = "") -> bool:
+               uid: int | None = None, gid: int | None = None, where: str = "",
+               backup: bool = False) -> bool:
     """Atomically make ``name`` in ``dir_fd`` hold ``data`` with ``mode``/``uid``/``gid``.
 
-    Returns False when the file already was exactly that (nothing touched). Raises
-    ``RenderError`` (the destination is kept as it was) on any failure.
+    With ``backup``, the file being replaced is kept as ``name.bak``: a hard link to the old
+    inode, so the backup has exactly the old file's owner and mode and is never copied through
+    a moment with other permissions. Returns False when the file already was exactly that
+    (nothing touched). Raises ``RenderError`` (the destination is kept as it was) on any failure.
     """
     where = where or name
     uid, gid = _ids(uid, gid)
@@ -386,6 +401,8 @@ def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
             os.fsync(fd)
         finally:
             os.close(fd)
+        if backup and st is not None:
+            _keep_backup(dir_fd, name)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -948,7 +965,8 @@ class Renderer:
         try:
             check_dir(fd, where)
             return write_file(fd, c.destination.name, outputs[c.destination.name],
-                              mode=c.mode, uid=c.owner, gid=c.group, where=where)
+                              mode=c.mode, uid=c.owner, gid=c.group, where=where,
+                              backup=c.backup)
         finally:
             os.close(fd)
 

@@ -155,6 +155,26 @@ def test_write_exact_content_mode_owner_and_replace_by_rename(tmp_path: Path) ->
     assert _temps(tmp_path) == []
 
 
+def test_no_backup_unless_asked_and_then_with_the_old_owner_and_mode(tmp_path: Path) -> None:
+    with dirfd(tmp_path) as fd:
+        render.write_file(fd, "a.conf", b"one\n", mode=0o640, uid=NOBODY, gid=NOGROUP)
+        render.write_file(fd, "a.conf", b"two\n", mode=0o640, uid=NOBODY, gid=NOGROUP)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.conf"]
+        # first write with backup: nothing to keep yet
+        render.write_file(fd, "b.conf", b"one\n", mode=0o640, uid=NOBODY, gid=NOGROUP,
+                          backup=True)
+        assert not (tmp_path / "b.conf.bak").exists()
+        old = (tmp_path / "b.conf").stat()
+        render.write_file(fd, "b.conf", b"two\n", mode=0o640, uid=NOBODY, gid=NOGROUP,
+                          backup=True)
+    bak = (tmp_path / "b.conf.bak").stat()
+    assert (tmp_path / "b.conf.bak").read_bytes() == b"one\n"
+    assert (tmp_path / "b.conf").read_bytes() == b"two\n"
+    assert bak.st_ino == old.st_ino     # the old file itself, never copied
+    assert (stat.S_IMODE(bak.st_mode), bak.st_uid, bak.st_gid) == (0o640, NOBODY, NOGROUP)
+    assert _temps(tmp_path) == []
+
+
 def test_mode_or_owner_drift_is_rewritten(tmp_path: Path) -> None:
     with dirfd(tmp_path) as fd:
         render.write_file(fd, "f", b"x", mode=0o600)
