@@ -140,6 +140,15 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def thaw(value: Any) -> Any:
+    """A read-only value from the cache as plain dicts and lists (to pack, render or print)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
 def _plain(obj: Any) -> Any:
     """msgpack ``default``: pack read-only mappings (MappingProxyType, frozen data) as maps."""
     if isinstance(obj, Mapping):

@@ -45,7 +45,7 @@ from agentd.audit import Audit
 from agentd.cache import Cache
 from agentd.config import Config, PolicyConfig
 from agentd.refresh import Refresher
-from agentd.server import open_listener
+from agentd.server import open_listener, serve_listener
 
 log = logging.getLogger("agentd.creds")
 
@@ -145,17 +145,7 @@ class CredentialsServer:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections on ``listener`` until cancelled. Does not close ``listener``."""
-        sock = trio.socket.from_stdlib_socket(listener)
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                try:
-                    conn, _ = await sock.accept()
-                except OSError as exc:
-                    log.error("credentials accept failed, pausing", extra={"error": str(exc)})
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self._handle, conn)
+        await serve_listener(listener, self._handle, task_status=task_status)
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)

@@ -61,7 +61,7 @@ import msgpack
 import trio
 
 from agentd.backoff import Backoff
-from agentd.cache import Cache
+from agentd.cache import Cache, thaw
 from agentd.config import BundleConfig, Config, TemplateConfig
 from agentd.errors import AgentdError
 
@@ -183,13 +183,7 @@ def worker_main() -> None:
         return base64.b64decode(str(value), validate=True).decode("utf-8", "surrogateescape")
 
     def tojson(value: Any) -> str:
-        def plain(v: Any) -> Any:
-            if isinstance(v, Mapping):
-                return {k: plain(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [plain(x) for x in v]
-            return v
-        return json.dumps(plain(value), sort_keys=True)
+        return json.dumps(thaw(value), sort_keys=True)
 
     env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True,
                                autoescape=False)
@@ -575,13 +569,6 @@ class TargetStatus:
     command_seconds: float = 0.0         # total time commands ran
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
 
 @dataclass(eq=False)
 class Target:
@@ -909,7 +896,7 @@ class Renderer:
             if got is None:
                 raise _Waiting(f"{target.key}: secret {name!r} has no value "
                                "(not fetched yet, or revoked): waiting for it")
-            data[name] = _plain(got.data)
+            data[name] = thaw(got.data)
         target.status.renders += 1
         outputs: dict[str, bytes] = {}
         for name, text in texts.items():
@@ -1153,7 +1140,7 @@ async def dry_run(config: Config, fetch: Any) -> list[PlannedChange]:
                 for text in texts.values():
                     for name in secret_refs(text):
                         if name not in data:
-                            data[name] = _plain(await fetch(name))
+                            data[name] = thaw(await fetch(name))
                 outputs = {n: await worker.render(t, data) for n, t in texts.items()}
             except (RenderError, AgentdError) as exc:
                 plans.append(PlannedChange(target.key, "error", str(exc)))

@@ -35,7 +35,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import trio
 from agentd import protocol
 from agentd.access import ExeHasher, Grants, Peer, grants, needs_exe_sha256
 from agentd.audit import Audit
-from agentd.cache import Cache
+from agentd.cache import Cache, thaw
 from agentd.cell import Cell
 from agentd.config import Config
 from agentd.errors import (
@@ -98,6 +98,32 @@ def open_listener(
         sock.close()
         raise
     return sock
+
+
+async def serve_listener(
+    listener: socket.socket,
+    handle: Callable[[trio.socket.SocketType], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on ``listener`` until cancelled, one ``handle(conn)`` task per connection.
+
+    Running out of descriptors or memory pauses accepting briefly instead of ending the server;
+    ``handle`` must catch its own errors. Does not close ``listener``.
+    """
+    sock = trio.socket.from_stdlib_socket(listener)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                conn, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed, pausing", extra={"error": str(exc)})
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(handle, conn)
 
 
 class Server:
@@ -163,19 +189,7 @@ class Server:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections on ``listener`` until cancelled. Does not close ``listener``."""
-        sock = trio.socket.from_stdlib_socket(listener)
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                try:
-                    conn, _ = await sock.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("accept failed, pausing", extra={"error": str(exc)})
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                nursery.start_soon(self._handle, conn)
+        await serve_listener(listener, self._handle, task_status=task_status)
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
@@ -466,7 +480,7 @@ class Server:
             data = entry.data[field]
         self._record(peer, "get", "allow", name=name, version=entry.version, stale=entry.stale)
         return {
-            "data": _plain(data),
+            "data": thaw(data),
             "version": entry.version,
             "fetched_at": entry.fetched_at,
             "expires_at": entry.expires_at,
@@ -518,11 +532,3 @@ async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         await stream.receive_some(1)
     scope.cancel()
 
-
-def _plain(value: Any) -> Any:
-    """Read-only mappings from the cache -> plain dicts and lists msgpack can pack."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
