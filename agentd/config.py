@@ -588,32 +588,26 @@ def _id_list(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _uid(value: object) -> int:
-    """A user name or a numeric uid."""
+def _account_id(value: object, lookup: Callable[[str], int], kind: str, number: str) -> int:
+    """A user or group name (resolved with ``lookup``) or a number, as chown(1) takes them."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str) and value:
         try:
-            return pwd.getpwnam(value).pw_uid
+            return lookup(value)
         except KeyError:
-            if value.isdigit():             # "1000": a number, as chown(1) takes it
+            if value.isdigit():             # "1000": a number written as a string
                 return int(value)
-            raise _Invalid(f"no such user {value!r}") from None
-    raise _Invalid("expected a user name or a uid")
+            raise _Invalid(f"no such {kind} {value!r}") from None
+    raise _Invalid(f"expected a {kind} name or a {number}")
+
+
+def _uid(value: object) -> int:
+    return _account_id(value, lambda name: pwd.getpwnam(name).pw_uid, "user", "uid")
 
 
 def _gid(value: object) -> int:
-    """A group name or a numeric gid."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value:
-        try:
-            return grp.getgrnam(value).gr_gid
-        except KeyError:
-            if value.isdigit():             # "1000": a number, as chown(1) takes it
-                return int(value)
-            raise _Invalid(f"no such group {value!r}") from None
-    raise _Invalid("expected a group name or a gid")
+    return _account_id(value, lambda name: grp.getgrnam(name).gr_gid, "group", "gid")
 
 
 def _user_name(value: object) -> str:
