@@ -189,6 +189,11 @@ class Agent:
         activated = systemd.listen_fds()
         try:
             async with trio.open_nursery() as nursery:
+                # From the start, not from READY: waiting for the first values can take up to
+                # ready_timeout, and a loop wedged meanwhile must be restarted too.
+                interval = systemd.watchdog_interval()
+                if interval:
+                    nursery.start_soon(_watchdog, interval)
                 await nursery.start(self.audit.run)
                 # the snapshot first, before the upstream is asked anything (decision 6)
                 restored = self.snapshot.load_into(self.cache, names=set(config.secrets))
@@ -228,9 +233,6 @@ class Agent:
                     extra={"socket": str(config.agent.socket), "secrets": len(config.secrets),
                            "version": __version__},
                 )
-                interval = systemd.watchdog_interval()
-                if interval:
-                    nursery.start_soon(_watchdog, interval)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
