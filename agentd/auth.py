@@ -14,6 +14,11 @@ that fails transiently is retried with backoff while the token has time left, th
 tried; a renewal refused outright leads straight to a login. The old token stays in use until a
 new one is there, and is never revoked on re-login (OpenBao would revoke its leases with it).
 
+``restore(token)`` (the token sealed into the snapshot while leases depend on it) makes run()
+start from that token instead of a login, once ``auth/token/lookup-self`` accepts it (retried with
+backoff while the upstream is unreachable and the token has time left); a refused or expired one
+leads to a normal login.
+
 A request that got 401/403 calls ``invalidate(token)``. A 403 may be a policy mistake rather than
 a dead token, so run() first asks ``auth/token/lookup-self``; only a refused lookup leads to a new
 login. This keeps a policy typo upstream from turning every host's refresh into a login.
@@ -274,6 +279,7 @@ class Authenticator:
         self._token: Cell[Token | None] = Cell(None)
         self._wake = trio.Event()
         self._last_login = -math.inf  # trio clock
+        self._restored: Token | None = None
         self._stats = Cell(
             AuthStatistics(
                 state="logging_in",
@@ -328,6 +334,15 @@ class Authenticator:
     def statistics(self) -> AuthStatistics:
         return self._stats.value
 
+    def current(self) -> Token | None:
+        """The current token with its lifetime (for the snapshot when leases depend on it)."""
+        return self._token.value
+
+    def restore(self, token: Token) -> None:
+        """Start ``run()`` from ``token`` (sealed in the snapshot) instead of a new login, if
+        the upstream still accepts it: the leases created under it live on."""
+        self._restored = token
+
     async def wait_statistics_changed(self, seen: int) -> tuple[int, AuthStatistics]:
         """Wait for a statistics change after generation ``seen`` (0 = the initial snapshot)."""
         return await self._stats.wait_changed(seen)
@@ -358,6 +373,13 @@ class Authenticator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Log in, then keep the token valid forever. Returns only by cancellation."""
         started = False
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            adopted = await self._adopt(restored)
+            if adopted is not None:
+                task_status.started()
+                started = True
+                await self._keep(adopted)
         while True:
             token = await self._login_until_ok()
             if not started:
@@ -407,6 +429,44 @@ class Authenticator:
                        "renewable": token.renewable},
             )
             return token
+
+    async def _adopt(self, token: Token) -> Token | None:
+        """Use the restored ``token`` if ``lookup-self`` accepts it (retried with backoff while
+        the upstream is unreachable and the token has time left); None: log in instead."""
+        backoff = Backoff(self._cfg.backoff_min, self._cfg.backoff_max)
+        while True:
+            expires_at = token.expires_at
+            if expires_at is not None and self._clock() >= expires_at:
+                log.info("restored token has expired, logging in")
+                return None
+            obtained_at = self._clock()
+            try:
+                reply = await self._upstream.request(
+                    "GET", "auth/token/lookup-self", token=token.value
+                )
+            except TransientError as exc:
+                delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
+                log.warning("cannot check the restored token yet",
+                            extra={"error": str(exc), "retry_in": delay})
+                await trio.sleep(delay)
+                continue
+            except UpstreamError as exc:
+                log.info("restored token refused, logging in", extra={"error": str(exc)})
+                return None
+            data = reply.get("data")
+            ttl = data.get("ttl") if isinstance(data, dict) else None
+            if (not isinstance(data, dict) or not isinstance(ttl, (int, float))
+                    or isinstance(ttl, bool) or ttl < 0 or (ttl == 0 and data.get("expire_time"))):
+                log.info("restored token has no usable ttl, logging in")
+                return None
+            adopted = Token(value=token.value, ttl=float(ttl),
+                            renewable=bool(data.get("renewable", token.renewable)),
+                            obtained_at=obtained_at, from_login=token.from_login)
+            self._set_token(adopted)
+            self._update(state="ok", expires_at=adopted.expires_at)
+            log.info("restored token still valid; no new login",
+                     extra={"ttl": adopted.ttl, "renewable": adopted.renewable})
+            return adopted
 
     async def _sleep_until(self, deadline: float) -> bool:
         """Sleep until wall-clock ``deadline``; True if invalidate() woke us first."""

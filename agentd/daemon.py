@@ -46,7 +46,7 @@ from agentd.errors import ConfigError
 from agentd.refresh import Refresher
 from agentd.render import Renderer
 from agentd.server import Server, open_listener
-from agentd.snapshot import Snapshot, host_id
+from agentd.snapshot import Session, Snapshot, host_id
 from agentd.upstream import Upstream
 
 log = logging.getLogger("agentd.daemon")
@@ -68,12 +68,22 @@ class Agent:
         self.auth = Authenticator(config.upstream, self.upstream)
         self.cache = Cache(Sealer.generate())
         self.snapshot = Snapshot.from_config(config, host=self.host_id)
+        self.snapshot.session_source = self._session
         self.audit = Audit(config.audit)
         self.refresher = Refresher(config, self.upstream, self.auth, self.cache,
                                    rng=random.Random(f"agentd-schedule:{self.host_id}"))
         self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
         self.renderer = Renderer(config, self.cache)
+
+    def _session(self) -> Session | None:
+        """The token and leases sealed into the snapshot while leases depend on the token."""
+        leases = self.refresher.kinds.export_leases()
+        if not leases:
+            return None
+        token = self.auth.current()
+        return Session(token=token if token is not None and token.from_login else None,
+                       leases=leases)
 
     def status(self) -> Mapping[str, Any]:
         """What ``agentd status`` shows: upstream, auth, every secret's state. Never a value."""
@@ -198,6 +208,13 @@ class Agent:
                 # the snapshot first, before the upstream is asked anything (decision 6)
                 restored = self.snapshot.load_into(self.cache, names=set(config.secrets))
                 self.refresher.mark_restored(restored)
+                session = self.snapshot.restored_session
+                if session is not None:     # leases live on with the token that created them
+                    self.refresher.kinds.restore_leases(
+                        session.leases, config.secrets,
+                        token=None if session.token is None else session.token.value)
+                    if session.token is not None:
+                        self.auth.restore(session.token)
                 await nursery.start(self.snapshot.run, self.cache)
                 nursery.start_soon(self.auth.run)
                 await nursery.start(self.refresher.run)

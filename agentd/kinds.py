@@ -19,7 +19,9 @@ what differs per kind lives here:
   or the lease is not renewable, the next step reads a new credential and the old lease is
   revoked ``grace`` after the new one went live. A lease OpenBao says is gone ("lease not found")
   is treated as revoked: the cached value is dropped at once and a new credential is read. At a
-  clean shutdown leases are revoked only for ``revoke_on_shutdown = true``.
+  clean shutdown leases are revoked only for ``revoke_on_shutdown = true``; the others go into
+  the snapshot (``export_leases``) and a restarted agent takes them over (``restore_leases``)
+  with the login token that created them, so they are renewed, not re-read.
 - every kind: an optional ``check`` program validates a new value before it goes live (the value
   as JSON in a 0600 temp file named by ``$AGENTD_SECRET_FILE``); a failing check keeps the old one.
 
@@ -118,6 +120,17 @@ class KindState:
         return out
 
 
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A leased secret's lease as the snapshot keeps it (sealed; ``repr()`` hides the id)."""
+
+    lease_id: str = field(repr=False)
+    lease_duration: float
+    expires_at: float
+    renewed_at: float | None
+    renewable: bool
+
+
 def mount_of(path: str) -> str:
     """``pki/issue/web`` -> ``pki`` (the PKI mount a revoke goes to)."""
     for verb in ("/issue/", "/sign/"):
@@ -163,6 +176,40 @@ class Kinds:
     def holds_leases(self) -> bool:
         """True while some leased secret holds a lease (the login token must then live on)."""
         return any(s.lease_id for s in self._states.values())
+
+    def export_leases(self) -> dict[str, LeaseRecord]:
+        """The live leases, for the snapshot: they must outlive a restart with their token."""
+        now = self._clock()
+        return {
+            name: LeaseRecord(lease_id=state.lease_id, lease_duration=state.lease_duration,
+                              expires_at=state.lease_expires_at,
+                              renewed_at=state.lease_renewed_at, renewable=state.renewable)
+            for name, state in self._states.items()
+            if state.lease_id and state.lease_expires_at is not None
+            and state.lease_expires_at > now
+        }
+
+    def restore_leases(self, leases: Mapping[str, LeaseRecord],
+                       secrets: Mapping[str, SecretConfig], *, token: str | None) -> list[str]:
+        """Take over leases from the snapshot (created under ``token``, the sealed login token)
+        so they are renewed, moved to a new token or revoked like any other, never orphaned.
+        Only declared leased secrets; returns their names."""
+        owner = None if token is None else self._fingerprinter.fingerprint(token.encode())
+        taken: list[str] = []
+        for name, record in leases.items():
+            secret = secrets.get(name)
+            if secret is None or secret.kind != "leased":
+                continue
+            state = self.state(name)
+            state.lease_id = record.lease_id
+            state.lease_duration = record.lease_duration
+            state.lease_expires_at = record.expires_at
+            state.lease_renewed_at = record.renewed_at
+            state.renewable = record.renewable
+            state.lease_token = owner
+            self._secrets[name] = secret
+            taken.append(name)
+        return taken
 
     def status(self, secret: SecretConfig) -> dict[str, Any]:
         return self.state(secret.name).as_status(secret)

@@ -20,7 +20,8 @@ remove a value on their own (decision 5):
 
 Schedules are spread per host (decision 9): the daemon seeds ``rng`` with the host id. A secret
 that already has a value when its task starts (restored from the snapshot) is first refreshed at a
-random phase within ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst.
+random phase within ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst; a
+restored lease sooner if its renewal is due before that.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -232,6 +233,8 @@ class Refresher:
             # restored from the snapshot (or kept over a reload): refresh at this secret's own
             # phase, not all at once with the others
             first = self._rng.uniform(0.0, min(secret.refresh, RESTORED_SPREAD))
+            # ...but a restored lease is renewed before it is due
+            first = min(first, self.kinds.next_delay(secret, first))
             state.next_attempt = trio.current_time() + first
             await trio.sleep(first)
         while True:

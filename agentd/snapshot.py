@@ -20,9 +20,15 @@ reset a value's stale deadline.
   the previous snapshot stays, and ``statistics().write_failures`` counts it.
 
 The key comes from ``[cache] key_credential`` (``$CREDENTIALS_DIRECTORY/<name>``, 32 raw bytes) or
-``key_file`` (default ``state_dir/cache.key``, created 0600 on first start). The agent's token is
-not written: it is sealed in only when leased secrets depend on it (``token`` in the file format is
-kept for that), and there are none yet; a login token is revoked at a clean shutdown instead.
+``key_file`` (default ``state_dir/cache.key``, created 0600 on first start).
+
+The agent's token is sealed in only when leased secrets depend on it (OpenBao revokes leases with
+their token): ``session_source`` (set by the daemon) returns a ``Session`` (the login token with
+its lifetime, and each live lease: id, duration, expiry, renewability) or None; it goes into the
+``token`` field sealed once more with ``["agentd-snapshot-session", host id]`` as associated data.
+At start ``restored_session`` holds it: the daemon hands the token to the authenticator (used if
+``lookup-self`` accepts it) and the leases to ``kinds``, which renews them. Without leases, no
+token is written and a login token is revoked at a clean shutdown instead.
 
 Nothing here logs a value, a key or a token.
 """
@@ -35,17 +41,20 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import trio
 
+from agentd.auth import Token
 from agentd.cache import Cache, SealedRecord
 from agentd.config import Config
 from agentd.crypto import KEY_BYTES, Sealer, load_or_create_key
 from agentd.errors import CryptoError
+from agentd.kinds import LeaseRecord
 
 log = logging.getLogger("agentd.snapshot")
 
@@ -94,6 +103,15 @@ def load_key(config: Config) -> bytes:
 
 
 @dataclass(frozen=True)
+class Session:
+    """What the leased secrets depend on: the login token (None: not one agentd logged in for)
+    and the live leases by secret name. Sealed; ``repr()`` shows neither."""
+
+    token: Token | None = field(repr=False)
+    leases: Mapping[str, LeaseRecord] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class SnapshotStatistics:
     path: str
     enabled: bool                 # False: no usable key; nothing is loaded or written
@@ -126,6 +144,8 @@ class Snapshot:
         self._last_write: float | None = None
         self._last_error: str | None = None
         self._write_lock = trio.Lock()
+        self.session_source: Callable[[], Session | None] | None = None
+        self.restored_session: Session | None = None
 
     @classmethod
     def from_config(cls, config: Config, *, host: str | None = None) -> Snapshot:
@@ -154,6 +174,10 @@ class Snapshot:
         packed: bytes = msgpack.packb(["agentd-snapshot-entry", self._host, name, version])
         return packed
 
+    def _session_ad(self) -> bytes:
+        packed: bytes = msgpack.packb(["agentd-snapshot-session", self._host])
+        return packed
+
     # --- loading ------------------------------------------------------------------------------
 
     def load_into(self, cache: Cache, *, names: set[str] | None = None) -> list[str]:
@@ -173,7 +197,7 @@ class Snapshot:
                                                            "error": exc.strerror})
             return []
         try:
-            records = self._decode(raw)
+            records, session = self._decode(raw)
             if names is not None:
                 records = [r for r in records if r.name in names]
             restored = cache.import_sealed(records, self._sealer, self._inner_ad)
@@ -182,10 +206,19 @@ class Snapshot:
             self._reject(f"{type(exc).__name__}: {exc}")
             return []
         self._loaded = len(restored)
-        log.info("snapshot restored", extra={"path": str(self.path), "secrets": len(restored)})
+        if session is not None and names is not None:
+            session = Session(token=session.token, leases={
+                n: lease for n, lease in session.leases.items() if n in names
+            })
+        self.restored_session = session
+        log.info("snapshot restored", extra={
+            "path": str(self.path), "secrets": len(restored),
+            "leases": 0 if session is None else len(session.leases),
+            "token": session is not None and session.token is not None,
+        })
         return restored
 
-    def _decode(self, raw: bytes) -> list[SealedRecord]:
+    def _decode(self, raw: bytes) -> tuple[list[SealedRecord], Session | None]:
         assert self._sealer is not None
         if not raw.startswith(MAGIC):
             raise ValueError("not an agentd snapshot")
@@ -204,7 +237,49 @@ class Snapshot:
                 expires_at=None if expires_at is None else float(expires_at),
                 stale_since=None if stale_since is None else float(stale_since), blob=blob,
             ))
-        return records
+        sealed = body.get("token")
+        if sealed is None:
+            return records, None
+        if not isinstance(sealed, bytes):
+            raise ValueError("malformed snapshot session")
+        return records, self._decode_session(self._sealer.open(sealed, self._session_ad()))
+
+    def _decode_session(self, plain: bytes) -> Session:
+        body = msgpack.unpackb(plain, raw=False, strict_map_key=True)
+        if not isinstance(body, dict) or not isinstance(body.get("leases"), dict):
+            raise ValueError("malformed snapshot session")
+        token: Token | None = None
+        if body.get("token") is not None:
+            value, ttl, renewable, obtained_at, from_login = body["token"]
+            if not (isinstance(value, str) and isinstance(ttl, (int, float))
+                    and isinstance(obtained_at, (int, float))):
+                raise ValueError("malformed snapshot token")
+            token = Token(value=value, ttl=float(ttl), renewable=bool(renewable),
+                          obtained_at=float(obtained_at), from_login=bool(from_login))
+        leases: dict[str, LeaseRecord] = {}
+        for name, item in body["leases"].items():
+            lease_id, duration, expires_at, renewed_at, renewable = item
+            if not (isinstance(name, str) and isinstance(lease_id, str)
+                    and isinstance(duration, (int, float))
+                    and isinstance(expires_at, (int, float))):
+                raise ValueError("malformed snapshot lease")
+            leases[name] = LeaseRecord(
+                lease_id=lease_id, lease_duration=float(duration), expires_at=float(expires_at),
+                renewed_at=None if renewed_at is None else float(renewed_at),
+                renewable=bool(renewable),
+            )
+        return Session(token=token, leases=leases)
+
+    def _encode_session(self, session: Session) -> bytes:
+        assert self._sealer is not None
+        token = session.token
+        body = {
+            "token": None if token is None else [
+                token.value, token.ttl, token.renewable, token.obtained_at, token.from_login],
+            "leases": {name: [r.lease_id, r.lease_duration, r.expires_at, r.renewed_at,
+                              r.renewable] for name, r in session.leases.items()},
+        }
+        return self._sealer.seal(msgpack.packb(body), self._session_ad())
 
     def _reject(self, why: str) -> None:
         self._rejected += 1
@@ -220,8 +295,8 @@ class Snapshot:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def encode(self, cache: Cache, *, token: bytes | None = None) -> bytes:
-        """The sealed file contents for ``cache`` now. ``token`` is for leased secrets (unused)."""
+    def encode(self, cache: Cache, *, session: Session | None = None) -> bytes:
+        """The sealed file contents for ``cache`` now, with ``session`` (token and leases)."""
         assert self._sealer is not None
         records = cache.export_sealed(self._sealer, self._inner_ad)
         body: dict[str, Any] = {
@@ -229,7 +304,7 @@ class Snapshot:
             "written_at": time.time(),
             "entries": [[r.name, r.version, r.fetched_at, r.expires_at, r.stale_since, r.blob]
                         for r in records],
-            "token": token,
+            "token": None if session is None else self._encode_session(session),
         }
         return MAGIC + self._sealer.seal(msgpack.packb(body), self._outer_ad)
 
@@ -239,7 +314,8 @@ class Snapshot:
             await trio.lowlevel.checkpoint()
             return False
         async with self._write_lock:
-            data = self.encode(cache)
+            session = self.session_source() if self.session_source is not None else None
+            data = self.encode(cache, session=session)
             try:
                 await trio.to_thread.run_sync(_write_atomic, self.path, data)
             except OSError as exc:

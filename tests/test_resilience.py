@@ -686,3 +686,82 @@ def _config(upstream: UpstreamConfig, secrets: dict[str, SecretConfig]) -> Confi
     return Config(agent=AgentConfig(), upstream=upstream, cache=CacheConfig(),
                   audit=AuditConfig(path=None), secrets=secrets, policies=())
 
+
+
+# --- templates through outages and restarts ---------------------------------------------------
+
+
+def template_toml(dest: Path) -> str:
+    contents = "password={{ secret('db').password }}\\ntoken={{ secret('api').token }}\\n"
+    return f'\n[[template]]\ndestination = "{dest}"\ncontents = "{contents}"\n'
+
+
+def rendered(seeded: Seeded) -> str:
+    return f"password={seeded.markers['db']}\ntoken={seeded.markers['api']}\n"
+
+
+async def wait_file(path: Path, text: str) -> None:
+    """Poll until ``path`` holds ``text`` (the caller bounds it with fail_after)."""
+    while not (path.exists() and path.read_text() == text):
+        await trio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_hung_upstream_leaves_rendered_files_intact(
+    own_bao: DevServer, role: tuple[str, str], tmp_path: Path
+) -> None:
+    seeded = new_seeded()
+    prepare(own_bao, role, seeded)
+    dest = tmp_path / "out" / "app.conf"
+    dest.parent.mkdir()
+    path = agent_config(tmp_path, own_bao, role_files(tmp_path, role), seeded,
+                        extra=template_toml(dest))
+    try:
+        with trio.fail_after(120):      # includes shutdown with the upstream still hung
+            async with running_agent(path) as running, client(running) as c:
+                await wait_file(dest, rendered(seeded))
+                inode = dest.stat().st_ino
+                own_bao.pause()
+                for name in FIELDS:
+                    assert_value(await wait_stale(c, name, True), seeded, name)
+                # several failed refresh rounds (refresh 1s, backoff): the file stays as it was
+                failures = 0
+                while failures < 3:
+                    assert dest.read_text() == rendered(seeded)
+                    assert dest.stat().st_ino == inode
+                    assert_value(await c.get("db"), seeded, "db")
+                    status = await c.status()
+                    failures = min(s["failures"] for s in status["secrets"].values())
+                    await trio.sleep(0.2)
+            # stopped with the upstream still hung: the file is still there, whole
+            assert dest.read_text() == rendered(seeded)
+            assert dest.stat().st_ino == inode
+    finally:
+        own_bao.resume()
+    assert_no_marker(running, seeded)
+
+
+@pytest.mark.slow
+async def test_restart_during_outage_renders_templates_from_the_snapshot(
+    own_bao: DevServer, role: tuple[str, str], tmp_path: Path
+) -> None:
+    seeded = new_seeded()
+    prepare(own_bao, role, seeded)
+    files = role_files(tmp_path, role)
+    path = agent_config(tmp_path, own_bao, files, seeded)
+    async with running_agent(path) as running, client(running) as c:
+        for name in FIELDS:
+            assert_value(await c.get(name), seeded, name)
+    own_bao.stop()
+    # a template the first agent never rendered: its file can only come from the snapshot
+    dest = tmp_path / "fresh" / "app.conf"
+    dest.parent.mkdir()
+    path = agent_config(tmp_path, own_bao, files, seeded, extra=template_toml(dest))
+    assert not dest.exists()
+    with trio.fail_after(30):
+        async with running_agent(path) as running, client(running) as c:
+            await wait_file(dest, rendered(seeded))
+            assert (await c.get("db"))["stale"] is True
+            status = await c.status()
+            assert status["auth"]["logins"] == 0          # the upstream is down
+    assert_no_marker(running, seeded)

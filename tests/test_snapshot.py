@@ -10,14 +10,17 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 
+from agentd.auth import Token
 from agentd.cache import Cache, stale_deadline
 from agentd.config import AgentConfig, AuditConfig, CacheConfig, Config, UpstreamConfig
 from agentd.crypto import KEY_BYTES, Sealer
 from agentd.errors import CryptoError
-from agentd.snapshot import FILE_NAME, MAGIC, Snapshot, host_id, load_key
+from agentd.kinds import LeaseRecord
+from agentd.snapshot import FILE_NAME, MAGIC, Session, Snapshot, host_id, load_key
 from agentd.upstream import spread_addresses
 
 HOST = "0123456789abcdef0123456789abcdef"
@@ -260,3 +263,52 @@ def test_stale_deadline_is_the_earlier_of_max_stale_and_expiry() -> None:
     assert stale_deadline(100.0, 105.0, True, 10.0) == 105.0
     assert stale_deadline(100.0, 500.0, True, 10.0) == 110.0
     assert stale_deadline(100.0, 105.0, False, 10.0) == 105.0
+
+
+async def test_session_token_and_leases_round_trip_sealed(tmp_path: Path) -> None:
+    cache, markers = filled_cache()
+    token_value = marker("token")
+    lease_id = marker("lease")
+    session = Session(
+        token=Token(value=token_value, ttl=3600.0, renewable=True, obtained_at=1500.0,
+                    from_login=True),
+        leases={"api": LeaseRecord(lease_id=lease_id, lease_duration=60.0, expires_at=9000.0,
+                                   renewed_at=8940.0, renewable=True),
+                "gone": LeaseRecord(lease_id=marker("gone"), lease_duration=60.0,
+                                    expires_at=9000.0, renewed_at=None, renewable=False)},
+    )
+    writer = snap(tmp_path)
+    writer.session_source = lambda: session
+    assert await writer.write(cache)
+    raw = (tmp_path / FILE_NAME).read_bytes()
+    for plain in (token_value, lease_id, *markers.values()):
+        assert plain.encode() not in raw
+    assert token_value not in repr(session) and lease_id not in repr(session)
+    reader = snap(tmp_path)
+    assert sorted(reader.load_into(Cache(), names={"api", "db"})) == ["api", "db"]
+    restored = reader.restored_session
+    assert restored is not None and restored.token == session.token
+    assert dict(restored.leases) == {"api": session.leases["api"]}   # only declared names
+    # No leases: no session, no token in the file.
+    assert await snap(tmp_path).write(cache)
+    reader = snap(tmp_path)
+    reader.load_into(Cache())
+    assert reader.restored_session is None
+
+
+async def test_session_is_bound_to_the_host(tmp_path: Path) -> None:
+    cache, _ = filled_cache()
+    writer = snap(tmp_path)
+    data = writer.encode(cache, session=Session(token=None, leases={}))
+    # The session blob sealed for another host does not open inside this host's file.
+    other = snap(tmp_path, host="another-host")
+    body = msgpack.unpackb(Sealer(b"k" * KEY_BYTES).open(data[len(MAGIC):],
+                                                         MAGIC + msgpack.packb([HOST])))
+    forged = dict(body, token=other.encode(cache, session=Session(token=None, leases={})))
+    forged["token"] = msgpack.unpackb(Sealer(b"k" * KEY_BYTES).open(
+        forged["token"][len(MAGIC):], MAGIC + msgpack.packb(["another-host"])))["token"]
+    (tmp_path / FILE_NAME).write_bytes(
+        MAGIC + Sealer(b"k" * KEY_BYTES).seal(msgpack.packb(forged), MAGIC + msgpack.packb([HOST])))
+    reader = snap(tmp_path)
+    assert reader.load_into(Cache()) == []
+    assert reader.restored_session is None and reader.statistics().rejected == 1
