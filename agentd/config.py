@@ -40,6 +40,7 @@ else:  # pragma: no cover
 
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
 DEFAULT_SOCKET = Path("/run/agentd/agentd.sock")
+ON_REVOKE = ("keep", "remove")      # what a template does with its file when an input is revoked
 SECRET_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"  # noqa: S105 (a name, not a password)
 SECRET_KINDS: tuple[str, ...] = ("kv2", "kv1", "leased", "pki")
 AUTH_METHODS: tuple[str, ...] = ("approle", "token_file", "cert", "jwt")
@@ -168,6 +169,7 @@ class TemplateConfig:
     command_timeout: float = 30.0
     wait: WaitConfig = field(default_factory=WaitConfig)
     backup: bool = False                     # keep the replaced file as DESTINATION.bak
+    on_revoke: str = "keep"                  # keep | remove: the file when an input is revoked
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class BundleConfig:
     wait: WaitConfig = field(default_factory=WaitConfig)
     grace: float = 60.0
     modes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per file
+    on_revoke: str = "keep"                  # keep | remove: the files when an input is revoked
 
 
 @dataclass(frozen=True)
@@ -1058,6 +1061,7 @@ class _Builder:
                 command_timeout=timeout,
                 wait=wait,
                 backup=f.get(t, key, "backup", _bool, False),
+                on_revoke=f.get(t, key, "on_revoke", _choice(ON_REVOKE), "keep"),
             )
         )
 
@@ -1106,6 +1110,7 @@ class _Builder:
                 wait=wait,
                 grace=f.get(t, key, "grace", _duration(), BundleConfig.grace),
                 modes=MappingProxyType(modes),
+                on_revoke=f.get(t, key, "on_revoke", _choice(ON_REVOKE), "keep"),
             )
         )
 

@@ -74,7 +74,7 @@ class Agent:
                                    rng=random.Random(f"agentd-schedule:{self.host_id}"))
         self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
-        self.renderer = Renderer(config, self.cache)
+        self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
 
     def _session(self) -> Session | None:
         """The token and leases sealed into the snapshot while leases depend on the token."""

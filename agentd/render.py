@@ -52,7 +52,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,10 @@ class RenderError(AgentdError):
 
 class _Waiting(RenderError):
     """An input has no value yet (or was revoked): wait for a change, no backoff, no count."""
+
+
+class _Revoked(_Waiting):
+    """An input was revoked upstream: an error, and with ``on_revoke = "remove"`` the file goes."""
 
 
 def secret_refs(text: str) -> list[str]:
@@ -462,6 +466,29 @@ def bundle_current(dir_fd: int, files: Mapping[str, bytes], modes: Mapping[str, 
         os.close(vfd)
 
 
+def remove_output(c: TemplateConfig | BundleConfig) -> None:
+    """``on_revoke = "remove"``: delete a template's file, or a bundle's file links and ``..data``
+    (the version directories go with the usual cleanup). Errors are logged, never raised."""
+    directory = c.directory if isinstance(c, BundleConfig) else c.destination.parent
+    names = [*c.files, DATA] if isinstance(c, BundleConfig) else [c.destination.name]
+    try:
+        fd = open_dir(directory)
+    except OSError as exc:
+        log.error("cannot open the directory to remove a revoked file",
+                  extra={"target": str(directory), "error": str(exc)})
+        return
+    try:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+        os.fsync(fd)
+    except OSError as exc:
+        log.error("cannot remove a revoked file", extra={"target": str(directory),
+                                                         "error": str(exc)})
+    finally:
+        os.close(fd)
+
+
 def write_bundle(dir_fd: int, files: Mapping[str, bytes], *, modes: Mapping[str, int],
                  uid: int | None = None, gid: int | None = None, where: str = "") -> str | None:
     """Make ``files`` live together in the AtomicWriter layout.
@@ -660,9 +687,11 @@ class Renderer:
     """
 
     def __init__(self, config: Config, cache: Cache, *, backoff: tuple[float, float] = (1.0, 60.0),
-                 worker: RenderWorker | None = None) -> None:
+                 worker: RenderWorker | None = None,
+                 is_revoked: Callable[[str], bool] = lambda name: False) -> None:
         self.config = config
         self.cache = cache
+        self.is_revoked = is_revoked    # the refresher's: positive evidence of revocation
         self.backoff = backoff
         self.worker = worker or RenderWorker()
         self.targets: dict[str, Target] = {}
@@ -841,6 +870,17 @@ class Renderer:
             started = time.monotonic()
             try:
                 changed = await self._render_target(target)
+            except _Revoked as exc:
+                if target.status.last_error != str(exc):
+                    remove = target.config.on_revoke == "remove"
+                    log.error("an input of this template was revoked: "
+                              + ("its file is removed" if remove else "the last file stays"),
+                              extra={"target": target.key, "error": str(exc)})
+                    target.status.failures += 1
+                    if remove:
+                        await trio.to_thread.run_sync(remove_output, target.config)
+                target.status.last_error = str(exc)
+                continue
             except _Waiting as exc:
                 if target.status.last_error != str(exc):
                     log.warning("render waits for a secret; the last good file stays",
@@ -893,6 +933,8 @@ class Renderer:
             if name not in self.config.secrets:
                 raise RenderError(f"{target.key}: refers to undeclared secret {name!r}")
             got = self.cache.get(name)
+            if got is None and self.is_revoked(name):
+                raise _Revoked(f"{target.key}: secret {name!r} was revoked upstream")
             if got is None:
                 raise _Waiting(f"{target.key}: secret {name!r} has no value "
                                "(not fetched yet, or revoked): waiting for it")

@@ -278,3 +278,32 @@ group = "nogroup"
         raise AssertionError("accepted")
     assert "bundle[0].modes.\"chain.pem\": 'chain.pem' is not one of this bundle's files" in text
     assert "invalid mode 'rw'" in text
+
+
+async def test_revoked_input_keeps_the_file_or_removes_it_with_on_revoke_remove(
+    bao: DevServer, approle_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    seeded = seed(bao)
+    out = tmp_path / "out"
+    out.mkdir()
+    kept, removed, other = out / "kept.conf", out / "removed.conf", out / "other.conf"
+    extra = template(kept, "pw={{ secret('db').password }}\n")
+    extra += template(removed, "pw={{ secret('db').password }}\n", 'on_revoke = "remove"')
+    extra += template(other, "v={{ secret('other').value }}\n")
+    path = write_config(tmp_path, bao, approle_files, seeded, sock=socket_dir() / "s.sock",
+                        extra=extra)
+    async with running_agent(path, configure=fast) as running:
+        with trio.fail_after(20):
+            await until(lambda: read(kept) is not None and read(removed) is not None
+                        and read(other) is not None)
+            # Evidence of revocation: the secret's metadata is deleted upstream.
+            bao.api("DELETE", f"secret/metadata/{seeded.prefix}/db")
+            await until(lambda: not removed.exists())
+            await until(lambda: "an input of this template was revoked" in running.log_text())
+        assert read(kept) == f"pw={seeded.markers['db']}\n"      # the last good file stays
+        assert read(other) == f"v={seeded.markers['other']}\n"   # others are untouched
+        status = running.agent.renderer.statistics()
+        assert status[str(kept)]["failures"] == 1
+        assert "revoked" in (status[str(kept)]["last_error"] or "")
+        log_text = running.log_text()
+    assert seeded.markers["db"] not in log_text
