@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from agentd.cache import Cache
+from agentd.cache import Cache, thaw
 from agentd.config import SecretConfig
 from agentd.crypto import CertificateInfo, Sealer, check_certificate
 from agentd.errors import CryptoError, PermanentError, UpstreamError, UpstreamNotFound
@@ -357,7 +357,7 @@ class Kinds:
         state.last_change = now
 
     def _fingerprint(self, data: Mapping[str, Any]) -> bytes:
-        packed: bytes = msgpack.packb(dict(data), default=_plain)
+        packed: bytes = msgpack.packb(thaw(data))
         return self._fingerprinter.fingerprint(packed)
 
     # --- pki ------------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ class Kinds:
         fd, path = tempfile.mkstemp(prefix="agentd-check-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(dict(data), handle, default=_jsonable)
+                json.dump(thaw(data), handle)
             env = dict(os.environ, AGENTD_SECRET_FILE=path, AGENTD_SECRET_NAME=secret.name)
             try:
                 with trio.fail_after(CHECK_TIMEOUT):
@@ -542,18 +542,3 @@ def _number(value: object) -> float:
         return 0.0
     return float(value)
 
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot pack a value of type {type(obj).__name__}")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot encode a value of type {type(obj).__name__}")
