@@ -1,6 +1,6 @@
 """The whole agentd exception tree.
 
-Foreign errors (httpx, cryptography, OSError from the kernel) are translated at the boundary
+Foreign errors (transport, cryptography, OSError from the kernel) are translated at the boundary
 where they happen and re-raised as one of these with ``raise X(...) from exc``. Whether an
 upstream failure is worth retrying is a *type*, never a string match::
 

@@ -1,13 +1,14 @@
-"""OpenBao/Vault HTTP client: the only module that imports httpx.
+"""OpenBao/Vault HTTP client: the API calls, failover and error mapping (``transport.py`` below it).
 
-Theory of operation: ``Upstream.request()`` sends one API call (``path`` without ``/v1/``) through a
-single ``httpx.AsyncClient`` (it runs on trio through anyio). The configured addresses are tried in
-a per-host order (``order_seed``, the host id: see ``spread_addresses``), starting at the last one
-that answered (sticky); a connection-level failure (connect error,
+Theory of operation: ``Upstream.request()`` sends one API call (``path`` without ``/v1/``) through
+a ``transport.Transport`` (h11 on trio, keep-alive connections per address). The configured
+addresses are tried in a per-host order (``order_seed``, the host id: see ``spread_addresses``),
+starting at the last one that answered (sticky); a connection-level failure (connect error,
 timeout, reset, protocol error), a 5xx (which includes a sealed node's 503), a standby code (472,
-473) or a redirect fails the *same* request over to the next address, each address at most once per
-request. Anything else is the answer: 4xx are never failed over. Every attempt holds one slot of a
-``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight than that.
+473) or a redirect fails the *same* request over to the next address, each address at most once
+per request. Anything else is the answer: 4xx are never failed over. Every attempt holds one slot
+of a ``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight than
+that.
 
 Failures are translated here, once, into agentd's tree (``_transport_error`` and
 ``_status_error``): transport errors, 5xx, 429 (with its Retry-After), 472/473 -> TransientError;
@@ -23,8 +24,8 @@ and when it ends a single request goes out as the probe (others keep failing fas
 probe that gets any answer from a node closes the gate. So however many secrets a host has, an
 outage costs the upstream about one request per window from it, not one per secret.
 
-The client ignores the environment (``trust_env=False``): a host's ``HTTP_PROXY`` must never see the
-``X-Vault-Token`` header. ``aclose()`` closes the connection pool.
+The client ignores the environment: a host's ``HTTP_PROXY`` must never see the ``X-Vault-Token``
+header, so there is no proxy support at all. ``aclose()`` closes the connection pool.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import trio
 
 from agentd.backoff import Backoff
@@ -52,6 +52,14 @@ from agentd.errors import (
     TransientError,
     UpstreamError,
     UpstreamNotFound,
+)
+from agentd.transport import (
+    ConnectFailed,
+    ReplyTooLarge,
+    Response,
+    TimedOut,
+    Transport,
+    TransportError,
 )
 
 log = logging.getLogger("agentd.upstream")
@@ -103,35 +111,6 @@ class _Failover(TransientError):
     """A TransientError after which the same request may go to the next address."""
 
 
-class _Body(httpx.AsyncByteStream):
-    """A request body whose iterator is a plain object, not an async generator.
-
-    httpx's own ByteStream iterates with an async generator; when the connection dies while the
-    body is being sent (a reset), that generator is left suspended and garbage collected with a
-    ResourceWarning. A plain iterator has nothing to finalise.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return _Once(self._data)
-
-
-class _Once:
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
-
-    def __aiter__(self) -> _Once:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._data is None:
-            raise StopAsyncIteration
-        data, self._data = self._data, None
-        return data
-
-
 def spread_addresses(addresses: tuple[str, ...], seed: str | None) -> tuple[str, ...]:
     """``addresses`` in a per-host order (decision 9): shuffled by ``seed`` (the host id), so a
     fleet does not start at, nor fail over to, the same node in step. None keeps the order."""
@@ -177,25 +156,19 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, seconds)
 
 
-def _decode_body(response: httpx.Response) -> Any:
+def _decode_body(response: Response) -> Any:
     """The JSON body, {} when empty; raises ValueError when it is not JSON."""
     if response.status_code == 204 or not response.content:
         return {}
     return jsonlib.loads(response.content)
 
 
-def _transport_error(exc: httpx.TransportError, method: str, path: str, address: str) -> _Failover:
-    """Translate an httpx transport failure (the request may not have reached the upstream)."""
-    if isinstance(exc, httpx.TimeoutException):
-        what = f"timed out ({type(exc).__name__})"
-    elif isinstance(exc, httpx.ConnectError):
-        what = "cannot connect"
-    else:
-        what = f"connection failed ({type(exc).__name__})"
-    return _Failover(f"{method} {path}: {address}: {what}")
+def _transport_error(exc: TransportError, method: str, path: str, address: str) -> _Failover:
+    """Translate a transport failure (the request may not have reached the upstream)."""
+    return _Failover(f"{method} {path}: {address}: {exc}")
 
 
-def _status_error(method: str, path: str, response: httpx.Response, body: Any) -> UpstreamError:
+def _status_error(method: str, path: str, response: Response, body: Any) -> UpstreamError:
     """Translate an HTTP error status into agentd's tree."""
     status = response.status_code
     detail = _errors_text(body)
@@ -285,18 +258,13 @@ class Upstream:
         self._gate_until = -math.inf     # trio clock; the gate is open before this
         self._probing = False
         self._gated = 0
-        verify = self._tls = tls_context(cfg)
-        self._retired: list[httpx.AsyncClient] = []     # pools replaced for a new client cert
-        self._extensions = {"sni_hostname": cfg.tls_server_name} if cfg.tls_server_name else {}
-        headers = {"X-Vault-Request": "true"}
+        self._tls = tls_context(cfg)
+        headers = [("X-Vault-Request", "true")]
         if cfg.namespace:
-            headers["X-Vault-Namespace"] = cfg.namespace
-        self._client = httpx.AsyncClient(
-            verify=verify,
-            timeout=httpx.Timeout(cfg.timeout),
-            trust_env=False,
-            follow_redirects=False,
-            headers=headers,
+            headers.append(("X-Vault-Namespace", cfg.namespace))
+        self._transport = Transport(
+            ssl_context=self._tls, timeout=cfg.timeout, server_name=cfg.tls_server_name,
+            max_idle=cfg.max_concurrency, headers=headers,
         )
         self._limiter = trio.CapacityLimiter(cfg.max_concurrency)
         self._up = True
@@ -353,30 +321,21 @@ class Upstream:
             raise _plain(exc) from exc.__cause__
 
     async def renew_client_identity(self) -> None:
-        """Re-read the cert auth method's certificate and key into a fresh connection pool, so
-        the next request (the cert login) presents them: a pooled connection would present the
-        certificate of its own handshake. The previous pool is closed at the next renewal (its
-        requests have finished by then) or at ``aclose()``.
+        """Re-read the cert auth method's certificate and key for new connections, so the next
+        request (the cert login) presents them: a pooled connection would present the
+        certificate of its own handshake, so idle ones are closed.
 
         Raises:
             PermanentError: the certificate or key cannot be loaded.
         """
         context = tls_context(self._cfg)
-        old = self._client
-        self._client = httpx.AsyncClient(
-            verify=context, timeout=old.timeout, trust_env=False, follow_redirects=False,
-            headers=old.headers,
-        )
         self._tls = context
-        retired, self._retired = self._retired, [old]
-        for client in retired:
-            await client.aclose()
+        self._transport.set_ssl_context(context)
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent."""
-        for client in self._retired:
-            await client.aclose()
-        await self._client.aclose()
+        await self._transport.aclose()
 
     def statistics(self) -> UpstreamStatistics:
         return UpstreamStatistics(
@@ -399,7 +358,7 @@ class Upstream:
         self._errors_by_kind[_error_kind(exc)] += 1
         self._last_error = str(exc)
 
-    def _kv2_value(self, path: str, response: httpx.Response, body: Any) -> SecretValue:
+    def _kv2_value(self, path: str, response: Response, body: Any) -> SecretValue:
         data = body.get("data") if isinstance(body, dict) else None
         metadata = data.get("metadata") if isinstance(data, dict) else None
         if isinstance(metadata, dict) and response.status_code in (200, 404):
@@ -428,7 +387,7 @@ class Upstream:
         return SecretValue(data=values, version=version)
 
     def _result(
-        self, method: str, path: str, response: httpx.Response, body: Any
+        self, method: str, path: str, response: Response, body: Any
     ) -> dict[str, Any]:
         if response.status_code >= 300:
             raise _status_error(method, path, response, body)
@@ -446,13 +405,13 @@ class Upstream:
 
     async def _exchange(
         self, method: str, path: str, json: Any, token: str | None, authenticated: bool
-    ) -> tuple[httpx.Response, Any]:
+    ) -> tuple[Response, Any]:
         """Send to each address in turn (sticky start) until one gives a non-failover answer."""
-        headers: dict[str, str] = {}
+        headers: list[tuple[str, str]] = []
         if authenticated:
             value = token if token is not None else self.token_source()
             if value:
-                headers["X-Vault-Token"] = value
+                headers.append(("X-Vault-Token", value))
         probe = self._pass_gate(method, path)
         try:
             response, body = await self._try_addresses(method, path, json, headers)
@@ -489,8 +448,8 @@ class Upstream:
         return True
 
     async def _try_addresses(
-        self, method: str, path: str, json: Any, headers: dict[str, str]
-    ) -> tuple[httpx.Response, Any]:
+        self, method: str, path: str, json: Any, headers: list[tuple[str, str]]
+    ) -> tuple[Response, Any]:
         count = len(self._addresses)
         start = self._current
         last: _Failover | None = None
@@ -515,33 +474,25 @@ class Upstream:
         assert last is not None
         raise last
 
-    def _build(
-        self, method: str, url: str, json: Any, headers: dict[str, str]
-    ) -> httpx.Request:
-        if json is None:
-            return self._client.build_request(method, url, headers=headers,
-                                              extensions=self._extensions)
-        body = jsonlib.dumps(json, separators=(",", ":"), allow_nan=False).encode()
-        request = self._client.build_request(
-            method, url, content=body, headers={**headers, "Content-Type": "application/json"},
-            extensions=self._extensions,
-        )
-        request.stream = _Body(body)
-        return request
-
     async def _attempt(
-        self, address: str, method: str, path: str, json: Any, headers: dict[str, str]
-    ) -> tuple[httpx.Response, Any]:
-        url = f"{address}/v1/{path.lstrip('/')}"
+        self, address: str, method: str, path: str, json: Any, headers: list[tuple[str, str]]
+    ) -> tuple[Response, Any]:
+        target = f"/v1/{path.lstrip('/')}"
+        body = None
+        if json is not None:
+            body = jsonlib.dumps(json, separators=(",", ":"), allow_nan=False).encode()
+            headers = [*headers, ("Content-Type", "application/json")]
         async with self._limiter:
             self._in_flight += 1
             self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
             started = time.perf_counter()
             try:
-                response = await self._client.send(self._build(method, url, json, headers))
-            except httpx.TransportError as exc:
+                response = await self._transport.request(address, method, target, headers, body)
+            except ReplyTooLarge as exc:
+                raise PermanentError(f"{method} {path}: {address}: {exc}") from exc
+            except (ConnectFailed, TimedOut, TransportError) as exc:
                 raise _transport_error(exc, method, path, address) from exc
-            except httpx.InvalidURL as exc:
+            except ValueError as exc:
                 raise PermanentError(f"{method} {path}: invalid URL for {address}") from exc
             finally:
                 self._in_flight -= 1
