@@ -228,7 +228,9 @@ class RenderWorker:
         self.killed = 0
 
     async def _start(self) -> trio.Process:
-        if self._proc is None or self._proc.returncode is not None:
+        # (no returncode check here: that is a waitpid per render; a worker that died while
+        # idle shows as a broken pipe, and render() then starts a new one)
+        if self._proc is None:
             self._proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "agentd.render"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -249,22 +251,27 @@ class RenderWorker:
         return out
 
     async def render(self, text: str, data: Mapping[str, Any]) -> bytes:
+        request = _frame({"template": text, "secrets": dict(data), "max_bytes": self.max_bytes})
         async with self._lock:
-            proc = await self._start()
-            assert proc.stdin is not None
-            try:
-                with trio.fail_after(self.timeout):
-                    await proc.stdin.send_all(_frame(
-                        {"template": text, "secrets": dict(data), "max_bytes": self.max_bytes}))
-                    (n,) = struct.unpack(">I", await self._read_exactly(proc, 4))
-                    reply = msgpack.unpackb(await self._read_exactly(proc, n), raw=False)
-            except trio.TooSlowError:
-                await self._kill()
-                raise RenderError(f"render took longer than {self.timeout:g}s: "
-                                  "worker killed") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, RenderError) as exc:
-                await self._kill()
-                raise RenderError("the render worker died") from exc
+            while True:
+                fresh = self._proc is None
+                proc = await self._start()
+                assert proc.stdin is not None
+                try:
+                    with trio.fail_after(self.timeout):
+                        await proc.stdin.send_all(request)
+                        (n,) = struct.unpack(">I", await self._read_exactly(proc, 4))
+                        reply = msgpack.unpackb(await self._read_exactly(proc, n), raw=False)
+                    break
+                except trio.TooSlowError:
+                    await self._kill()
+                    raise RenderError(f"render took longer than {self.timeout:g}s: "
+                                      "worker killed") from None
+                except (trio.BrokenResourceError, trio.ClosedResourceError, RenderError) as exc:
+                    await self._kill()
+                    if fresh:
+                        raise RenderError("the render worker died") from exc
+                    # it died while idle (killed from outside): once more with a new one
         if not reply["ok"]:
             raise RenderError(str(reply["error"]))
         output: bytes = reply["output"]
@@ -883,8 +890,11 @@ class Renderer:
                 continue
             except _Waiting as exc:
                 if target.status.last_error != str(exc):
-                    log.warning("render waits for a secret; the last good file stays",
-                                extra={"target": target.key, "error": str(exc)})
+                    # before the first fetch this is the normal start, not worth a warning
+                    # per template (a thousand of them at a cold start)
+                    level = logging.DEBUG if target.status.last_ok_at is None else logging.WARNING
+                    log.log(level, "render waits for a secret; the last good file stays",
+                            extra={"target": target.key, "error": str(exc)})
                 target.status.last_error = str(exc)
                 continue
             except RenderError as exc:
@@ -921,7 +931,11 @@ class Renderer:
                 target.mark("input changed during the render")
 
     async def _render_once(self, target: Target) -> bool:
-        texts = await trio.to_thread.run_sync(target.texts)
+        c = target.config
+        if isinstance(c, TemplateConfig) and c.source is not None:
+            texts = await trio.to_thread.run_sync(target.texts)     # reads a file
+        else:
+            texts = target.texts()
         refs: list[str] = []
         for text in texts.values():
             refs += secret_refs(text)

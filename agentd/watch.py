@@ -3,9 +3,12 @@
 Theory of operation: one inotify instance (pyinotify's ``WatchManager``; this is the only module
 that imports pyinotify) watches directories, never single files, because editors and config
 management replace files by rename. Its fd is driven from trio with
-``trio.lowlevel.wait_readable``: no thread, no pyinotify event loop. When the fd is readable,
-``Notifier.read_events()`` and ``process_events()`` turn the kernel's records into
-``(path, mask)`` pairs.
+``trio.lowlevel.wait_readable``: no thread, no pyinotify event loop. When the fd is readable, the
+kernel's ``struct inotify_event`` records are read and turned into ``(path, mask)`` pairs here
+(``parse_events``): pyinotify's own Notifier keeps every rename for a minute and scans them all
+on each read, which made a burst of 1,000 rendered files cost the square of that. A queue
+overflow (``IN_Q_OVERFLOW``) is logged; events were lost, so every watched directory is reported
+as changed.
 
 Dispatch (``run``):
 
@@ -23,11 +26,14 @@ The watched set is recomputed after each reload (a SIGHUP one is noticed within
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyinotify
 import trio
@@ -45,12 +51,30 @@ MASK = (pyinotify.IN_CREATE | pyinotify.IN_DELETE | pyinotify.IN_MOVED_TO
         | pyinotify.IN_DELETE_SELF | pyinotify.IN_MOVE_SELF)
 
 
-class _Collect(pyinotify.ProcessEvent):  # type: ignore[misc]
-    def my_init(self, sink: list[tuple[Path, int]]) -> None:  # pyinotify's constructor hook
-        self.sink = sink
+_EVENT = struct.Struct("iIII")       # struct inotify_event: wd, mask, cookie, len (then name)
+READ_SIZE = 65536
 
-    def process_default(self, event: Any) -> None:
-        self.sink.append((Path(event.pathname), int(event.mask)))
+
+def parse_events(data: bytes, paths: dict[int, Path]) -> tuple[list[tuple[Path, int]], bool]:
+    """The ``(path, mask)`` pairs in a buffer of inotify records, and whether the queue
+    overflowed. Records of watches not in ``paths`` (just removed) are skipped."""
+    events: list[tuple[Path, int]] = []
+    overflow = False
+    offset = 0
+    while offset + _EVENT.size <= len(data):
+        wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+        start = offset + _EVENT.size
+        if start + length > len(data):
+            break                       # torn (the kernel never returns one; be safe anyway)
+        name = data[start:start + length].rstrip(b"\0")
+        offset = start + length
+        if mask & pyinotify.IN_Q_OVERFLOW:
+            overflow = True
+            continue
+        base = paths.get(wd)
+        if base is not None:
+            events.append((base / os.fsdecode(name) if name else base, int(mask)))
+    return events, overflow
 
 
 class Watcher:
@@ -59,16 +83,18 @@ class Watcher:
     def __init__(self) -> None:
         self._events: list[tuple[Path, int]] = []
         self._wm = pyinotify.WatchManager()
-        self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=_Collect(sink=self._events),
-                                            timeout=0)
+        os.set_blocking(self._wm.get_fd(), False)
         self._wds: dict[Path, int] = {}
+        self._paths: dict[int, Path] = {}
 
     def set_dirs(self, dirs: Iterable[Path]) -> None:
         """Watch exactly ``dirs`` (those that exist; missing ones are skipped)."""
         wanted = {Path(d) for d in dirs}
         for path in list(self._wds):
             if path not in wanted:
-                self._wm.rm_watch(self._wds.pop(path), quiet=True)
+                wd = self._wds.pop(path)
+                self._paths.pop(wd, None)
+                self._wm.rm_watch(wd, quiet=True)
         for path in wanted - set(self._wds):
             if not path.is_dir():
                 continue
@@ -76,6 +102,7 @@ class Watcher:
             wd = result.get(str(path), -1)
             if wd >= 0:
                 self._wds[path] = wd
+                self._paths[wd] = path
 
     @property
     def dirs(self) -> list[Path]:
@@ -84,10 +111,20 @@ class Watcher:
     async def next_events(self) -> list[tuple[Path, int]]:
         """Wait for at least one event and return every event read so far."""
         while not self._events:
-            await trio.lowlevel.wait_readable(self._wm.get_fd())
-            if self._notifier.check_events(timeout=0):
-                self._notifier.read_events()
-                self._notifier.process_events()
+            fd = self._wm.get_fd()
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                    continue
+                raise
+            events, overflow = parse_events(data, self._paths)
+            if overflow:
+                log.warning("inotify queue overflowed: events were lost; "
+                            "treating every watched directory as changed")
+                events += [(path, pyinotify.IN_ATTRIB) for path in self._wds]
+            self._events += events
         events = list(self._events)
         self._events.clear()
         return events

@@ -127,6 +127,21 @@ async def test_worker_bounds_time_by_killing_it() -> None:
         await worker.aclose()
 
 
+async def test_worker_killed_while_idle_is_replaced_without_a_failed_render() -> None:
+    worker = RenderWorker()
+    try:
+        with trio.fail_after(30):
+            assert await worker.render("{{ 1 + 1 }}", {}) == b"2"
+            proc = worker._proc
+            assert proc is not None
+            proc.kill()                         # e.g. the OOM killer, between two renders
+            await proc.wait()
+            assert await worker.render("{{ 2 + 2 }}", {}) == b"4"
+            assert worker.started == 2 and worker.killed == 1
+    finally:
+        await worker.aclose()
+
+
 def test_secret_refs() -> None:
     assert render.secret_refs("{{ secret('a').x }}{{ secret(\"b\") }}{{ secret('a') }}") == [
         "a", "b"]

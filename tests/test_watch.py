@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 
+import pyinotify
 import trio
 
 from agentd import config as config_mod
@@ -30,6 +33,42 @@ async def test_watcher_reports_changes_in_watched_directories(tmp_path: Path) ->
         assert watcher.dirs == []
     finally:
         watcher.close()
+
+
+async def test_a_burst_of_renames_reports_every_destination(tmp_path: Path) -> None:
+    """What the renderer does 1,000 times at a cold start: temp file, rename over the target."""
+    watcher = watch.Watcher()
+    try:
+        watcher.set_dirs([tmp_path])
+        wanted = {tmp_path / f"t{i:04d}.txt" for i in range(1000)}
+        for path in sorted(wanted):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("x")
+            os.rename(tmp, path)
+        seen: set[Path] = set()
+        with trio.fail_after(20):
+            while not wanted <= seen:
+                seen |= {path for path, mask in await watcher.next_events()
+                         if mask & pyinotify.IN_MOVED_TO}
+        assert seen == wanted
+    finally:
+        watcher.close()
+
+
+def test_parse_events_names_paths_skips_unknown_watches_and_flags_overflow() -> None:
+    def record(wd: int, mask: int, name: bytes = b"") -> bytes:
+        padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+        return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
+
+    base = Path("/etc/agentd")
+    data = (record(1, pyinotify.IN_CLOSE_WRITE, b"agentd.toml")
+            + record(7, pyinotify.IN_CREATE, b"x") + record(1, pyinotify.IN_DELETE_SELF)
+            + record(-1, pyinotify.IN_Q_OVERFLOW))
+    events, overflow = watch.parse_events(data, {1: base})
+    assert events == [(base / "agentd.toml", pyinotify.IN_CLOSE_WRITE),
+                      (base, pyinotify.IN_DELETE_SELF)]
+    assert overflow
+    assert watch.parse_events(data[:20], {1: base}) == ([], False)   # a torn record is not read
 
 
 def _config(tmp_path: Path, extra: str = "") -> str:
