@@ -68,6 +68,8 @@ from agentd.errors import AgentdError
 log = logging.getLogger("agentd.render")
 
 RENDER_TIMEOUT = 5.0            # seconds a single render may take in the worker
+MAX_BATCH = 64                  # render requests written to the worker at once
+MAX_BATCH_BYTES = 4 << 20       # ...and at most this many bytes of them (at least one request)
 MAX_OUTPUT = 1 << 20            # bytes of output per file
 WORKER_MEMORY = 1 << 30         # RLIMIT_AS of the worker
 KILL_GRACE = 5.0                # seconds between SIGTERM and SIGKILL for a command
@@ -212,10 +214,37 @@ def worker_main() -> None:
         stdout.flush()
 
 
-class RenderWorker:
-    """Parent side of the worker process. One request at a time; a timed-out worker is killed.
+@dataclass(eq=False)
+class _Job:
+    """One render request waiting for (or holding) its place in a batch to the worker."""
 
-    ``aclose()`` kills the process. Raises ``RenderError`` for template errors and timeouts.
+    frame: bytes
+    done: trio.Event = field(default_factory=trio.Event)
+    output: bytes | None = None
+    error: RenderError | None = None
+    abandoned: bool = False         # its caller was cancelled: nobody waits for it
+
+    def finish(self, reply: Mapping[str, Any]) -> None:
+        if reply.get("ok"):
+            self.output = reply["output"]
+        else:
+            self.error = RenderError(str(reply.get("error")))
+        self.done.set()
+
+    def fail(self, error: RenderError) -> None:
+        self.error = error
+        self.done.set()
+
+
+class RenderWorker:
+    """Parent side of the worker process; a timed-out worker is killed.
+
+    Requests are pipelined: whoever holds the lock sends every request queued meanwhile (up to
+    ``MAX_BATCH``) in one write and reads the replies in order, each within ``timeout`` of the
+    one before. A thousand templates at a cold start thus cost a few round trips to the worker,
+    not a thousand. A request that times out kills the worker and fails alone; the requests
+    queued behind it go to a fresh worker. ``aclose()`` kills the process. ``render`` raises
+    ``RenderError`` for template errors and timeouts.
     """
 
     def __init__(self, *, timeout: float = RENDER_TIMEOUT, max_bytes: int = MAX_OUTPUT) -> None:
@@ -224,12 +253,14 @@ class RenderWorker:
         self._proc: trio.Process | None = None
         self._buf = bytearray()
         self._lock = trio.Lock()
+        self._queue: list[_Job] = []
         self.started = 0
         self.killed = 0
+        self.batches = 0            # write-then-read rounds with the worker (statistics, tests)
 
     async def _start(self) -> trio.Process:
         # (no returncode check here: that is a waitpid per render; a worker that died while
-        # idle shows as a broken pipe, and render() then starts a new one)
+        # idle shows as a broken pipe, and the batch then goes to a new one)
         if self._proc is None:
             self._proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "agentd.render"],
@@ -251,31 +282,93 @@ class RenderWorker:
         return out
 
     async def render(self, text: str, data: Mapping[str, Any]) -> bytes:
-        request = _frame({"template": text, "secrets": dict(data), "max_bytes": self.max_bytes})
-        async with self._lock:
+        job = _Job(_frame({"template": text, "secrets": dict(data), "max_bytes": self.max_bytes}))
+        self._queue.append(job)
+        try:
+            async with self._lock:
+                while not job.done.is_set():
+                    await self._run(self._take_batch())
+        finally:
+            if not job.done.is_set():           # cancelled: nobody needs it any more
+                job.abandoned = True
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(job)
+        if job.error is not None:
+            raise job.error
+        assert job.output is not None
+        return job.output
+
+    def _take_batch(self) -> list[_Job]:
+        batch: list[_Job] = []
+        size = 0
+        while self._queue and len(batch) < MAX_BATCH and (not batch or size < MAX_BATCH_BYTES):
+            job = self._queue.pop(0)
+            if job.abandoned:
+                continue
+            batch.append(job)
+            size += len(job.frame)
+        return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        """Render ``batch``; every job in it ends done, or back at the front of the queue."""
+        try:
             while True:
                 fresh = self._proc is None
                 proc = await self._start()
-                assert proc.stdin is not None
                 try:
-                    with trio.fail_after(self.timeout):
-                        await proc.stdin.send_all(request)
-                        (n,) = struct.unpack(">I", await self._read_exactly(proc, 4))
-                        reply = msgpack.unpackb(await self._read_exactly(proc, n), raw=False)
-                    break
+                    await self._exchange(proc, batch)
+                    return
                 except trio.TooSlowError:
                     await self._kill()
-                    raise RenderError(f"render took longer than {self.timeout:g}s: "
-                                      "worker killed") from None
+                    pending = [j for j in batch if not j.done.is_set()]
+                    pending[0].fail(RenderError(f"render took longer than {self.timeout:g}s: "
+                                                "worker killed"))
+                    return
                 except (trio.BrokenResourceError, trio.ClosedResourceError, RenderError) as exc:
                     await self._kill()
-                    if fresh:
-                        raise RenderError("the render worker died") from exc
+                    pending = [j for j in batch if not j.done.is_set()]
+                    if fresh or len(pending) < len(batch):
+                        error = RenderError("the render worker died")
+                        error.__cause__ = exc
+                        pending[0].fail(error)
+                        return
                     # it died while idle (killed from outside): once more with a new one
-        if not reply["ok"]:
-            raise RenderError(str(reply["error"]))
-        output: bytes = reply["output"]
-        return output
+        finally:
+            pending = [j for j in batch if not j.done.is_set()]
+            if pending:
+                if self._proc is not None:
+                    await self._kill()          # cancelled mid-batch: the pipes hold a part
+                # for the next holder of the lock (a job whose caller is gone is dropped)
+                self._queue[:0] = [j for j in pending if not j.abandoned]
+
+    async def _exchange(self, proc: trio.Process, batch: list[_Job]) -> None:
+        """Write every request of ``batch``, read the replies in order (each within
+        ``timeout``). The writing runs beside the reading: a reply may fill the pipe before
+        the last request is written."""
+        assert proc.stdin is not None
+        stdin = proc.stdin
+        data = b"".join(job.frame for job in batch)
+        self.batches += 1
+
+        async def send() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stdin.send_all(data)
+
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            try:
+                for job in batch:
+                    with trio.fail_after(self.timeout):
+                        (n,) = struct.unpack(">I", await self._read_exactly(proc, 4))
+                        reply = msgpack.unpackb(await self._read_exactly(proc, n), raw=False)
+                    job.finish(reply)
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    RenderError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None

@@ -142,6 +142,81 @@ async def test_worker_killed_while_idle_is_replaced_without_a_failed_render() ->
         await worker.aclose()
 
 
+SLOW = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+async def test_concurrent_renders_are_pipelined_in_batches_each_to_its_own_caller() -> None:
+    worker = RenderWorker()
+    results: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await worker.render("{{ secret('s').v }}-" + str(i), {"s": {"v": f"x{i}"}})
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(300):
+                    nursery.start_soon(one, i)
+    finally:
+        await worker.aclose()
+    assert results == {i: f"x{i}-{i}".encode() for i in range(300)}
+    assert worker.batches <= 20             # not one round trip per render
+    assert worker.started == 1
+
+
+async def test_a_timeout_or_error_in_a_batch_fails_only_its_own_request() -> None:
+    worker = RenderWorker(timeout=2.0)
+    outcomes: dict[str, object] = {}
+
+    async def one(key: str, text: str) -> None:
+        try:
+            outcomes[key] = await worker.render(text, {})
+        except RenderError as exc:
+            outcomes[key] = str(exc)
+
+    try:
+        with trio.fail_after(60):
+            await worker.render("warm", {})
+            async with trio.open_nursery() as nursery:
+                for key, text in (("a", "a"), ("bad", "{{ nope }}"), ("b", "b"), ("slow", SLOW),
+                                  ("c", "c"), ("d", "d")):
+                    nursery.start_soon(one, key, text)
+    finally:
+        await worker.aclose()
+    assert outcomes["a"] == b"a" and outcomes["b"] == b"b"
+    assert outcomes["c"] == b"c" and outcomes["d"] == b"d"   # behind the slow one: new worker
+    assert "UndefinedError" in str(outcomes["bad"])
+    assert "longer than 2s: worker killed" in str(outcomes["slow"])
+    # trio may order the tasks either way: the slow one last in the batch needs no second
+    # worker; otherwise one is started for those behind it (and killed by aclose())
+    assert (worker.started, worker.killed) in ((1, 1), (2, 2))
+
+
+async def test_a_cancelled_render_leaves_the_others_served() -> None:
+    worker = RenderWorker(timeout=20.0)
+    results: dict[str, bytes] = {}
+
+    async def one(key: str, text: str) -> None:
+        results[key] = await worker.render(text, {})
+
+    try:
+        with trio.fail_after(60):
+            await worker.render("warm", {})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "first", SLOW)  # holds the worker mid-batch...
+                nursery.start_soon(one, "x", "x")       # ...or waits behind it
+                await trio.sleep(0.5)
+                nursery.cancel_scope.cancel()           # both cancelled
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "y", "y")
+                nursery.start_soon(one, "z", "z")
+    finally:
+        await worker.aclose()
+    assert results in ({"y": b"y", "z": b"z"}, {"x": b"x", "y": b"y", "z": b"z"})
+    # the half-used worker was killed and replaced (the second kill is aclose())
+    assert worker.killed == 2 and worker.started == 2
+
+
 def test_secret_refs() -> None:
     assert render.secret_refs("{{ secret('a').x }}{{ secret(\"b\") }}{{ secret('a') }}") == [
         "a", "b"]
