@@ -178,6 +178,14 @@ class Cache:
         self._seal_failures = 0
         self.changes: Cell[tuple[str, int] | None] = Cell(None)
         self.updates: Cell[None] = Cell(None)
+        # called with (name, version) for every change, synchronously (they must not block):
+        # for consumers that must not miss one, where ``changes`` coalesces
+        self.listeners: list[Callable[[str, int], None]] = []
+
+    def _announce(self, name: str, version: int) -> None:
+        self.changes.set((name, version))
+        for listener in self.listeners:
+            listener(name, version)
 
     def put(self, name: str, data: Mapping[str, Any], *, version: int | None,
             fetched_at: float | None = None, expires_at: float | None = None) -> bool:
@@ -215,7 +223,7 @@ class Cache:
             version = 1
         blob = self._sealer.seal(packed, _associated_data(name, version))
         self._entries[name] = _Entry(blob, fingerprint, version, when, expires_at)
-        self.changes.set((name, version))
+        self._announce(name, version)
         self.updates.set(None)
         return True
 
@@ -228,6 +236,23 @@ class Cache:
 
     def get(self, name: str) -> CachedSecret | None:
         """Open the entry for ``name``; None if absent or its seal fails (the entry is dropped)."""
+        opened = self.get_packed(name)
+        if opened is None:
+            return None
+        packed, version, fetched_at, expires_at, stale = opened
+        data = _freeze(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+        return CachedSecret(name=name, data=data, version=version, fetched_at=fetched_at,
+                            expires_at=expires_at, stale=stale)
+
+    def get_packed(
+        self, name: str
+    ) -> tuple[bytes, int, float, float | None, bool] | None:
+        """Open the entry for ``name``: ``(packed, version, fetched_at, expires_at, stale)``
+        where ``packed`` is the msgpack bytes of its data (a map), for a caller that sends the
+        value on as msgpack (the server's ``get``: no unpack, copy and repack, and a plain tuple
+        on that hot path); None if absent or its seal fails (the entry is dropped). ``packed``
+        is plaintext: drop it once used.
+        """
         entry = self._entries.get(name)
         if entry is None:
             return None
@@ -239,10 +264,7 @@ class Cache:
                 del self._entries[name]
             log.error("dropped cached %s: %s", name, exc)
             return None
-        data = _freeze(msgpack.unpackb(packed, raw=False, strict_map_key=False))
-        return CachedSecret(name=name, data=data, version=entry.version,
-                            fetched_at=entry.fetched_at, expires_at=entry.expires_at,
-                            stale=entry.stale)
+        return packed, entry.version, entry.fetched_at, entry.expires_at, entry.stale
 
     def info(self, name: str) -> EntryInfo | None:
         """Metadata of the entry for ``name`` (None if absent), without opening it."""
@@ -266,7 +288,7 @@ class Cache:
         """Drop ``name`` (revoked or deleted); announce ``(name, -1)``. False if absent."""
         if self._entries.pop(name, None) is None:
             return False
-        self.changes.set((name, REMOVED))
+        self._announce(name, REMOVED)
         self.updates.set(None)
         return True
 
@@ -324,7 +346,7 @@ class Cache:
                 stale_since=record.stale_since if record.stale_since is not None else now,
             )
             restored.append(record.name)
-            self.changes.set((record.name, record.version))
+            self._announce(record.name, record.version)
         if restored:
             self.updates.set(None)
         return restored

@@ -14,9 +14,9 @@ Theory of operation (decision 8):
 - **Which secrets a template reads** is taken from its text (``secret('name')`` with a literal
   name, the same rule config validation uses); only those secrets are handed to the worker, and
   ``secret()`` with any other name fails the render. A template is rendered again only when the
-  version of one of its inputs changes (``cache.changes`` wakes the renderer, which compares
-  versions, so coalesced wake-ups lose nothing), when its ``source`` file changes, or when its
-  file drifted.
+  version of one of its inputs changes (a ``cache.listeners`` callback marks exactly the
+  targets indexed under that secret whose last attempt saw another version), when its
+  ``source`` file changes, or when its file drifted.
 - **Atomic write** (``write_file``): every step relative to an open directory fd. A random temp
   name is created with O_EXCL|O_NOFOLLOW and mode 0600, fchown'd and fchmod'ed to the final owner
   and mode before any byte is written, written, fsynced, renamed over the destination, and the
@@ -796,6 +796,7 @@ class Renderer:
         self.worker = worker or RenderWorker()
         self.targets: dict[str, Target] = {}
         self._sources: dict[Path, list[Target]] | None = None     # source file -> targets
+        self._by_ref: dict[str, set[Target]] = {}                 # secret -> targets using it
         self._nursery: trio.Nursery | None = None
         self._pending: list[Target] = [self._target(c) for c in self._configs(config)]
 
@@ -816,7 +817,7 @@ class Renderer:
                 for target in self._pending:
                     self._start(target)
                 self._pending = []
-                nursery.start_soon(self._watch_changes)
+                nursery.start_soon(self._listen)
                 task_status.started()
         finally:
             self._nursery = None
@@ -871,6 +872,7 @@ class Renderer:
         for key, target in list(self.targets.items()):
             if wanted.get(key) != target.config:
                 target.cancel.cancel()
+                self._set_refs(target, [])
                 del self.targets[key]
                 self._sources = None
         for key, c in wanted.items():
@@ -933,19 +935,33 @@ class Renderer:
             out[name] = info.version if info is not None else -1
         return out
 
-    async def _watch_changes(self) -> None:
-        seen = self.cache.changes.generation
-        while True:
-            generation, change = await self.cache.changes.wait_changed(seen)
-            # one change: only its templates; several coalesced: compare every target's inputs
-            only = change[0] if generation == seen + 1 and change is not None else None
-            seen = generation
-            for target in list(self.targets.values()):
-                if only is not None and only not in target.refs:
-                    continue
-                if target.attempted is not None and not target.rendering \
-                        and self._versions(target.refs) != target.attempted:
-                    target.mark("input changed")
+    async def _listen(self) -> None:
+        """Follow the cache's changes for as long as the renderer runs."""
+        self.cache.listeners.append(self._input_changed)
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.cache.listeners.remove(self._input_changed)
+
+    def _input_changed(self, name: str, version: int) -> None:
+        """A cache listener: ``name`` now has ``version`` (REMOVED: gone). Marks exactly the
+        targets that read it and last rendered another version; one in the middle of a render
+        compares again when it ends (``_render_target``)."""
+        for target in self._by_ref.get(name, ()):
+            if target.attempted is not None and not target.rendering \
+                    and target.attempted.get(name) != version:
+                target.mark("input changed")
+
+    def _set_refs(self, target: Target, refs: list[str]) -> None:
+        for name in target.refs:
+            users = self._by_ref.get(name)
+            if users is not None:
+                users.discard(target)
+                if not users:
+                    del self._by_ref[name]
+        target.refs = refs
+        for name in refs:
+            self._by_ref.setdefault(name, set()).add(target)
 
     # -- one target
 
@@ -1032,7 +1048,9 @@ class Renderer:
         refs: list[str] = []
         for text in texts.values():
             refs += secret_refs(text)
-        target.refs = list(dict.fromkeys(refs))
+        refs = list(dict.fromkeys(refs))
+        if refs != target.refs:
+            self._set_refs(target, refs)
         versions = self._versions(target.refs)
         target.attempted = versions
         data: dict[str, Any] = {}

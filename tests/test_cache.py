@@ -404,3 +404,17 @@ async def test_single_flight_gives_up_after_repeated_abandons(cache: Cache) -> N
     cache._flights["db"] = flight
     with trio.fail_after(5), pytest.raises(Unavailable, match="refresh cancelled"):
         await cache.single_flight("db", fetch)
+
+
+def test_listeners_hear_every_change_that_the_changes_cell_coalesces(cache: Cache) -> None:
+    heard: list[tuple[str, int]] = []
+    cache.listeners.append(lambda name, version: heard.append((name, version)))
+    before = cache.changes.generation
+    cache.put("a", {"v": 1}, version=1)
+    cache.put("b", {"v": 1}, version=4)
+    cache.put("a", {"v": 1}, version=1)            # the same value: no change
+    cache.put("a", {"v": 2}, version=2)
+    cache.remove("b")
+    assert heard == [("a", 1), ("b", 4), ("a", 2), ("b", -1)]
+    # the cell keeps only the last one for a consumer that was not looking
+    assert cache.changes.generation == before + 4 and cache.changes.value == ("b", -1)
