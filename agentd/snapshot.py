@@ -144,6 +144,7 @@ class Snapshot:
         self._last_write: float | None = None
         self._last_error: str | None = None
         self._write_lock = trio.Lock()
+        self._memo: dict[str, tuple[bytes, bytes]] = {}     # see Cache.export_sealed
         self.session_source: Callable[[], Session | None] | None = None
         self.restored_session: Session | None = None
 
@@ -298,7 +299,7 @@ class Snapshot:
     def encode(self, cache: Cache, *, session: Session | None = None) -> bytes:
         """The sealed file contents for ``cache`` now, with ``session`` (token and leases)."""
         assert self._sealer is not None
-        records = cache.export_sealed(self._sealer, self._inner_ad)
+        records = cache.export_sealed(self._sealer, self._inner_ad, memo=self._memo)
         body: dict[str, Any] = {
             "format": FORMAT,
             "written_at": time.time(),

@@ -418,3 +418,26 @@ def test_listeners_hear_every_change_that_the_changes_cell_coalesces(cache: Cach
     assert heard == [("a", 1), ("b", 4), ("a", 2), ("b", -1)]
     # the cell keeps only the last one for a consumer that was not looking
     assert cache.changes.generation == before + 4 and cache.changes.value == ("b", -1)
+
+
+def test_export_with_a_memo_reseals_only_what_changed(cache: Cache) -> None:
+    outer = Sealer.generate()
+
+    def ad(name: str, version: int) -> bytes:
+        return f"outer:{name}:{version}".encode()
+
+    for name in ("a", "b", "c"):
+        cache.put(name, {"v": MARKER + name}, version=1)
+    memo: dict[str, tuple[bytes, bytes]] = {}
+    first = {r.name: r.blob for r in cache.export_sealed(outer, ad, memo=memo)}
+    cache.put("b", {"v": "new"}, version=2)
+    cache.remove("c")
+    second = {r.name: r.blob for r in cache.export_sealed(outer, ad, memo=memo)}
+    assert second["a"] is first["a"]                   # unchanged: not opened and sealed again
+    assert second["b"] != first["b"] and set(second) == {"a", "b"} == set(memo)
+    restored = Cache()
+    records = cache.export_sealed(outer, ad, memo=memo)
+    assert restored.import_sealed(records, outer, ad) == ["a", "b"]
+    got_a, got_b = restored.get("a"), restored.get("b")
+    assert got_a is not None and got_a.data == {"v": MARKER + "a"}
+    assert got_b is not None and got_b.data == {"v": "new"} and got_b.version == 2
