@@ -70,6 +70,7 @@ log = logging.getLogger("agentd.render")
 RENDER_TIMEOUT = 5.0            # seconds a single render may take in the worker
 MAX_BATCH = 64                  # render requests written to the worker at once
 MAX_BATCH_BYTES = 4 << 20       # ...and at most this many bytes of them (at least one request)
+WRITE_BATCH = 256               # rendered files written in one thread job (open fds: 2 each)
 MAX_OUTPUT = 1 << 20            # bytes of output per file
 WORKER_MEMORY = 1 << 30         # RLIMIT_AS of the worker
 KILL_GRACE = 5.0                # seconds between SIGTERM and SIGKILL for a command
@@ -466,10 +467,36 @@ def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
     a moment with other permissions. Returns False when the file already was exactly that
     (nothing touched). Raises ``RenderError`` (the destination is kept as it was) on any failure.
     """
-    where = where or name
-    uid, gid = _ids(uid, gid)
+    result = write_files([FileWrite(dir_fd, name, data, mode=mode, uid=uid, gid=gid,
+                                    where=where, backup=backup)])[0]
+    if isinstance(result, RenderError):
+        raise result
+    return result
+
+
+@dataclass
+class FileWrite:
+    """One file for ``write_files``: ``name`` in the open directory ``dir_fd``."""
+
+    dir_fd: int
+    name: str
+    data: bytes = field(repr=False)
+    mode: int = 0o600
+    uid: int | None = None
+    gid: int | None = None
+    where: str = ""
+    backup: bool = False
+    tmp: str | None = None          # the staged temp file, while there is one
+    fd: int | None = None
+
+
+def _stage(w: FileWrite) -> bool:
+    """Checks, then the temp file with its final owner and mode before any byte, written but
+    not yet synced (``w.fd`` open). False: the destination already is exactly that."""
+    where = w.where or w.name
+    uid, gid = _ids(w.uid, w.gid)
     try:
-        st: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st: os.stat_result | None = os.stat(w.name, dir_fd=w.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
     except OSError as exc:
@@ -479,38 +506,97 @@ def write_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600,
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise RenderError(f"{where}: the destination is not a regular file")
     try:
-        if st is not None and _same_file(dir_fd, name, data, mode, uid, gid):
+        if st is not None and _same_file(w.dir_fd, w.name, w.data, w.mode, uid, gid):
             return False
     except OSError as exc:
         raise _os_error(where, "cannot read the destination", exc) from exc
-    tmp = f".{name}{TMP_MARK}{secrets_mod.token_hex(8)}"
+    w.backup = w.backup and st is not None
+    tmp = f".{w.name}{TMP_MARK}{secrets_mod.token_hex(8)}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=dir_fd)
+                     0o600, dir_fd=w.dir_fd)
     except OSError as exc:
         raise _os_error(where, "cannot create a temp file", exc) from exc
+    w.tmp, w.fd = tmp, fd
     try:
-        try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if backup and st is not None:
-            _keep_backup(dir_fd, name)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, w.mode)
+        view = memoryview(w.data)
+        while view:
+            view = view[os.write(fd, view):]
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
+        _discard(w)
         raise _os_error(where, "cannot write", exc) from exc
-    try:
-        os.fsync(dir_fd)
-    except OSError as exc:
-        raise _os_error(where, "cannot fsync the directory", exc) from exc
     return True
+
+
+def _discard(w: FileWrite) -> None:
+    """Close and remove a staged temp file (after a failure)."""
+    if w.fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(w.fd)
+        w.fd = None
+    if w.tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(w.tmp, dir_fd=w.dir_fd)
+        w.tmp = None
+
+
+def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
+    """``write_file`` for many files at once, with the same guarantees for each, in phases:
+    stage every temp file (owner and mode set before any byte), fsync each, rename each over
+    its destination, then fsync each directory once.
+
+    The order is what makes a batch cheap: the first fsync commits the filesystem journal with
+    every staged file in it, so the others find little left to do, and a directory holding a
+    hundred renamed files is synced once. Every file is still durable before its rename, and
+    every rename before the call returns. Per file: True (written), False (already exactly
+    that, untouched) or the ``RenderError`` that kept its destination as it was.
+    """
+    results: list[bool | RenderError] = [False] * len(writes)
+    staged: list[int] = []
+    for i, w in enumerate(writes):
+        try:
+            if _stage(w):
+                staged.append(i)
+        except RenderError as exc:
+            results[i] = exc
+    synced: list[int] = []
+    for i in staged:
+        w = writes[i]
+        assert w.fd is not None
+        try:
+            os.fsync(w.fd)
+            os.close(w.fd)
+            w.fd = None
+        except OSError as exc:
+            _discard(w)
+            results[i] = _os_error(w.where or w.name, "cannot write", exc)
+            continue
+        synced.append(i)
+    renamed: dict[int, list[int]] = {}
+    for i in synced:
+        w = writes[i]
+        assert w.tmp is not None
+        try:
+            if w.backup:
+                _keep_backup(w.dir_fd, w.name)
+            os.rename(w.tmp, w.name, src_dir_fd=w.dir_fd, dst_dir_fd=w.dir_fd)
+        except OSError as exc:
+            _discard(w)
+            results[i] = _os_error(w.where or w.name, "cannot write", exc)
+            continue
+        w.tmp = None
+        results[i] = True
+        renamed.setdefault(w.dir_fd, []).append(i)
+    for dir_fd, done in renamed.items():
+        try:
+            os.fsync(dir_fd)
+        except OSError as exc:
+            for i in done:
+                results[i] = _os_error(writes[i].where or writes[i].name,
+                                       "cannot fsync the directory", exc)
+    return results
 
 
 def clean_temps(dir_fd: int) -> list[str]:
@@ -778,6 +864,15 @@ def _modes(c: BundleConfig) -> dict[str, int]:
     return {name: c.modes.get(name, c.mode) for name in c.files}
 
 
+@dataclass(eq=False)
+class _WriteJob:
+    target: Target
+    outputs: Mapping[str, bytes] = field(repr=False)
+    done: bool = False
+    result: tuple[bool, tuple[int, ...] | None] | None = None
+    error: RenderError | None = None
+
+
 class Renderer:
     """Renders every template and bundle of the config, again when inputs change.
 
@@ -797,6 +892,8 @@ class Renderer:
         self.targets: dict[str, Target] = {}
         self._sources: dict[Path, list[Target]] | None = None     # source file -> targets
         self._by_ref: dict[str, set[Target]] = {}                 # secret -> targets using it
+        self._write_queue: list[_WriteJob] = []
+        self._write_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._pending: list[Target] = [self._target(c) for c in self._configs(config)]
 
@@ -1075,8 +1172,7 @@ class Renderer:
         target.writing = True       # events meanwhile are looked at once the write is done
         target.recheck = False
         try:
-            changed, target.written = await trio.to_thread.run_sync(self._write_and_stat,
-                                                                    target, outputs)
+            changed, target.written = await self._write_queued(target, outputs)
         finally:
             target.writing = False
         if target.written is None or (target.recheck and target.fingerprint() != target.written):
@@ -1087,10 +1183,71 @@ class Renderer:
                 log.info("rendered", extra={"target": target.key, "versions": versions})
         return changed
 
-    def _write_and_stat(self, target: Target, outputs: Mapping[str, bytes]
-                        ) -> tuple[bool, tuple[int, ...] | None]:
-        changed = self._write(target.config, outputs)
-        return changed, target.fingerprint()
+    async def _write_queued(self, target: Target, outputs: Mapping[str, bytes]
+                            ) -> tuple[bool, tuple[int, ...] | None]:
+        """Write ``outputs`` for ``target``: (changed, fingerprint after the write).
+
+        Writes queue up while one is running in a thread; whoever holds the lock next takes
+        up to ``WRITE_BATCH`` of them into one thread job (``_write_batch``), so a thousand
+        templates rendered at once cost a few thread hand-offs and directory syncs, not a
+        thousand of each. Raises the target's own RenderError.
+        """
+        job = _WriteJob(target, outputs)
+        self._write_queue.append(job)
+        try:
+            async with self._write_lock:
+                while not job.done:
+                    batch = self._write_queue[:WRITE_BATCH]
+                    del self._write_queue[:WRITE_BATCH]
+                    await trio.to_thread.run_sync(self._write_batch, batch)
+        finally:
+            if not job.done and job in self._write_queue:
+                self._write_queue.remove(job)   # cancelled: a removed target is not written
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _write_batch(self, batch: list[_WriteJob]) -> None:
+        """In a thread: bundles one by one, plain files through ``write_files`` together
+        (directories opened and checked once each)."""
+        dirs: dict[Path, int] = {}         # opened and checked (a failure is not kept)
+        files: list[tuple[_WriteJob, FileWrite]] = []
+        try:
+            for job in batch:
+                c = job.target.config
+                try:
+                    if isinstance(c, BundleConfig):
+                        job.result = (self._write(c, job.outputs), job.target.fingerprint())
+                        job.done = True
+                        continue
+                    where = str(c.destination)
+                    fd = dirs.get(c.destination.parent)
+                    if fd is None:
+                        fd = open_dir(c.destination.parent)
+                        try:
+                            check_dir(fd, where)
+                        except RenderError:
+                            os.close(fd)
+                            raise
+                        dirs[c.destination.parent] = fd
+                    files.append((job, FileWrite(fd, c.destination.name,
+                                                 job.outputs[c.destination.name], mode=c.mode,
+                                                 uid=c.owner, gid=c.group, where=where,
+                                                 backup=c.backup)))
+                except RenderError as exc:
+                    job.error = exc
+                    job.done = True
+            results = write_files([w for _, w in files])
+            for (job, _), result in zip(files, results, strict=True):
+                if isinstance(result, RenderError):
+                    job.error = result
+                else:
+                    job.result = (result, job.target.fingerprint())
+                job.done = True
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
 
     def _write(self, c: TemplateConfig | BundleConfig, outputs: Mapping[str, bytes]) -> bool:
         if isinstance(c, BundleConfig):

@@ -88,6 +88,7 @@ from socket_bench import agent_cpu_seconds, percentile
 
 from agentd.demo import DemoError, DevServer, find_bao, wait_for, write_private
 
+ROOT = Path(__file__).resolve().parent.parent
 AGENTD = "agentd"
 BAO = "bao agent"
 AGENTS = (AGENTD, BAO)
@@ -1324,6 +1325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     version = subprocess.run([bao_bin, "version"], capture_output=True, text=True,
                              check=False, timeout=30).stdout.strip()
+    # agentd as its packages ship it: byte-compiled (PYTHONDONTWRITEBYTECODE, set on some dev
+    # machines, would otherwise make every start compile the sources again)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agentd")],
+                   check=False, timeout=120)
     work = Path(tempfile.mkdtemp(prefix="agentd-compare-"))
     short = tempfile.gettempdir() if len(tempfile.gettempdir()) <= 40 else "/tmp"
     sockets = Path(tempfile.mkdtemp(prefix="acmp-", dir=short))

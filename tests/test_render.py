@@ -217,6 +217,44 @@ async def test_a_cancelled_render_leaves_the_others_served() -> None:
     assert worker.killed == 2 and worker.started == 2
 
 
+def test_write_files_batch_each_file_succeeds_or_fails_on_its_own(tmp_path: Path) -> None:
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    other.mkdir()
+    (out / "same").write_bytes(b"same")
+    (out / "same").chmod(0o640)
+    (out / "old").write_bytes(b"old")
+    (out / "old").chmod(0o600)
+    os.symlink("/etc/passwd", out / "link")
+    fds = [render.open_dir(out), render.open_dir(other)]
+    try:
+        writes = [render.FileWrite(fds[0], f"f{i}", f"v{i}".encode(), mode=0o644)
+                  for i in range(50)]
+        writes += [
+            render.FileWrite(fds[0], "same", b"same", mode=0o640),      # untouched
+            render.FileWrite(fds[0], "old", b"new", mode=0o644, backup=True),
+            render.FileWrite(fds[0], "link", b"x", where="out/link"),    # refused
+            render.FileWrite(fds[1], "o", b"other dir", mode=0o600),
+        ]
+        same_inode = (out / "same").stat().st_ino
+        results = render.write_files(writes)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert results[:50] == [True] * 50
+    assert [(out / f"f{i}").read_bytes() for i in range(50)] == [f"v{i}".encode()
+                                                                for i in range(50)]
+    assert {stat.S_IMODE((out / f"f{i}").stat().st_mode) for i in range(50)} == {0o644}
+    assert results[50] is False and (out / "same").stat().st_ino == same_inode
+    assert results[51] is True and (out / "old").read_bytes() == b"new"
+    assert (out / "old.bak").read_bytes() == b"old"
+    assert stat.S_IMODE((out / "old.bak").stat().st_mode) == 0o600
+    assert isinstance(results[52], RenderError) and "symlink" in str(results[52])
+    assert os.readlink(out / "link") == "/etc/passwd"
+    assert results[53] is True and (other / "o").read_bytes() == b"other dir"
+    assert not [p for p in [*out.iterdir(), *other.iterdir()] if render.TMP_MARK in p.name]
+
+
 def test_secret_refs() -> None:
     assert render.secret_refs("{{ secret('a').x }}{{ secret(\"b\") }}{{ secret('a') }}") == [
         "a", "b"]
