@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 import pyinotify
 import trio
 
+from agentd.render import DATA_TMP, TMP_MARK
+
 if TYPE_CHECKING:
     from agentd.daemon import Agent
 
@@ -53,6 +55,9 @@ MASK = (pyinotify.IN_CREATE | pyinotify.IN_DELETE | pyinotify.IN_MOVED_TO
 
 _EVENT = struct.Struct("iIII")       # struct inotify_event: wd, mask, cookie, len (then name)
 READ_SIZE = 65536
+# The renderer's own temp files and bundle swap link: five events per rendered file that
+# nobody acts on (``Renderer.notify_path`` drops them too), skipped before any Path is made.
+_OWN = (TMP_MARK.encode(), DATA_TMP.encode())
 
 
 def parse_events(data: bytes, paths: dict[int, Path]) -> tuple[list[tuple[Path, int]], bool]:
@@ -68,6 +73,8 @@ def parse_events(data: bytes, paths: dict[int, Path]) -> tuple[list[tuple[Path, 
             break                       # torn (the kernel never returns one; be safe anyway)
         name = data[start:start + length].rstrip(b"\0")
         offset = start + length
+        if name and (_OWN[0] in name or name == _OWN[1]):
+            continue
         if mask & pyinotify.IN_Q_OVERFLOW:
             overflow = True
             continue
@@ -142,9 +149,10 @@ def config_dirs(config_path: Path | None) -> list[Path]:
 def is_config_event(config_path: Path | None, path: Path) -> bool:
     if config_path is None:
         return False
-    if path == config_path or path == config_path.parent / "conf.d":
+    conf_d = config_path.parent / "conf.d"
+    if path in (config_path, conf_d):
         return True
-    return path.parent == config_path.parent / "conf.d" and path.suffix == ".toml"
+    return path.suffix == ".toml" and path.parent == conf_d
 
 
 async def run(agent: Agent, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

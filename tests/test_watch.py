@@ -69,6 +69,8 @@ def test_parse_events_names_paths_skips_unknown_watches_and_flags_overflow() -> 
                       (base, pyinotify.IN_DELETE_SELF)]
     assert overflow
     assert watch.parse_events(data[:20], {1: base}) == ([], False)   # a torn record is not read
+    own = record(1, pyinotify.IN_CREATE, b".x.agentd-tmp-0123") + record(1, 0x80, b"..data_tmp")
+    assert watch.parse_events(own, {1: base}) == ([], False)     # the renderer's own temp files
 
 
 def _config(tmp_path: Path, extra: str = "") -> str:
