@@ -765,3 +765,40 @@ async def test_restart_during_outage_renders_templates_from_the_snapshot(
             status = await c.status()
             assert status["auth"]["logins"] == 0          # the upstream is down
     assert_no_marker(running, seeded)
+
+
+async def test_refreshes_share_wake_up_slots(
+    bao: DevServer, approle_files: tuple[Path, Path]
+) -> None:
+    """Twenty secrets on a 1 s refresh, each jittered, wake the loop on 20 ms slots."""
+    from agentd.refresh import WAKE_SLOT
+
+    seeded = new_seeded()
+    p = seeded.prefix
+    names = [f"s{i}" for i in range(20)]
+    for name in names:
+        bao.kv_put(f"{p}/{name}", {"value": seeded.marker(name)})
+    cfg = _with_approle(UpstreamConfig(addresses=(bao.address,), timeout=5.0), approle_files)
+    up = Upstream(cfg)
+    auth = Authenticator(cfg, up)
+    cache = Cache()
+    config = _config(cfg, {n: SecretConfig(name=n, kind="kv2", path=f"secret/data/{p}/{n}",
+                                           refresh=1.0) for n in names})
+    refresher = Refresher(config, up, auth, cache, rng=random.Random(3))
+    seen: set[float] = set()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(auth.run)
+        await nursery.start(refresher.run)
+        with trio.fail_after(30):
+            await refresher.wait_all_fetched()
+            for _ in range(6):                  # three seconds: each secret polled again
+                await trio.sleep(0.5)
+                for name in names:
+                    when = refresher.states[name].next_attempt
+                    assert when is not None
+                    seen.add(when)
+        nursery.cancel_scope.cancel()
+    await up.aclose()
+    # every wake-up is on a slot boundary (how many share one depends on the machine's load)
+    assert len(seen) >= 20
+    assert all(abs(w / WAKE_SLOT - round(w / WAKE_SLOT)) < 1e-6 for w in seen)
