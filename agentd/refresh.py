@@ -30,7 +30,6 @@ decision 10; the daemon bounds it by ``ready_timeout``).
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -56,11 +55,12 @@ from agentd.upstream import Upstream
 log = logging.getLogger("agentd.refresh")
 
 RESTORED_SPREAD = 30.0   # restored secrets first refresh within this long (or their `refresh`)
-WAKE_SLOT = 0.02         # refresh wake-ups are rounded up to a multiple of this (seconds)
+WAKE_SLOT = 0.02         # refresh wake-ups are rounded to a multiple of this (seconds)
 
 
 def wake_slot(when: float) -> float:
-    """``when`` (trio clock) rounded up to the next ``WAKE_SLOT`` boundary.
+    """``when`` (trio clock) rounded to the nearest ``WAKE_SLOT`` boundary (to the nearest, not
+    up: the mean interval, and so the request rate and the time to see a change, stay as set).
 
     A thousand secrets on a 1 s refresh, each with its own jitter, would wake the loop a
     thousand separate times a second, each for one request and its reply. Sharing 20 ms slots
@@ -68,7 +68,7 @@ def wake_slot(when: float) -> float:
     together), which costs far less CPU; 20 ms is nothing next to the jitter, whose point is to
     spread a fleet over seconds, not milliseconds.
     """
-    return math.ceil(when / WAKE_SLOT) * WAKE_SLOT
+    return round(when / WAKE_SLOT) * WAKE_SLOT
 
 
 @dataclass
