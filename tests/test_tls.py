@@ -124,6 +124,18 @@ async def test_agent_works_over_tls_with_ca_file(tls_bao: TlsServer, tmp_path: P
     assert reply["data"] == {"password": "over-tls"}
 
 
+async def test_tls_connections_are_kept_alive(tls_bao: TlsServer) -> None:
+    up = Upstream(UpstreamConfig(addresses=(tls_bao.address,), ca_file=tls_bao.ca_file,
+                                 timeout=5.0))
+    try:
+        with trio.fail_after(20):
+            for _ in range(10):
+                assert (await up.request("GET", "sys/health"))["initialized"] is True
+    finally:
+        await up.aclose()
+    assert up._transport.connects == 1      # one handshake, not ten
+
+
 async def test_tls_is_verified_without_a_way_to_skip_it(tls_bao: TlsServer) -> None:
     with trio.fail_after(20):
         # No ca_file: the system CAs do not know OpenBao's own dev CA.
