@@ -39,13 +39,14 @@ import grp
 import hashlib
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -377,9 +378,18 @@ class Grants:
     patterns: tuple[str, ...] = ()
     admin: bool = False
     rules: tuple[str, ...] = ()         # names of the matching rules, for the audit and status
+    # The patterns as one regular expression (fnmatchcase's translation of each, alternated):
+    # one match per request instead of one fnmatchcase call per pattern.
+    _match: Callable[[str], re.Match[str] | None] | None = field(
+        default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.patterns:
+            regex = re.compile("|".join(fnmatch.translate(p) for p in self.patterns))
+            object.__setattr__(self, "_match", regex.match)
 
     def may_read(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        return self._match is not None and self._match(name) is not None
 
     def readable(self, names: Iterable[str]) -> list[str]:
         return sorted(n for n in names if self.may_read(n))

@@ -38,7 +38,7 @@ raises ``ClientError``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, NoReturn
@@ -130,6 +130,8 @@ OPS: Final[dict[str, Mapping[str, Arg]]] = {
 """Every op of protocol v1 and its arguments. Anything not listed is refused."""
 
 _ENVELOPE_KEYS: Final = frozenset({"v", "id", "op"})
+_REPLY_KEYS: Final = _ENVELOPE_KEYS | {"ok", "error"}     # never in a reply's result
+_ABSENT: Final = object()
 
 
 def _is_name(value: object) -> bool:
@@ -210,9 +212,22 @@ class Event:
 
 def _frame(message: Mapping[str, Any]) -> bytes:
     body: bytes = msgpack.packb(message, use_bin_type=True)
-    if len(body) > MAX_FRAME_LENGTH:
+    return _header(len(body)) + body
+
+
+def _header(length: int) -> bytes:
+    if length > MAX_FRAME_LENGTH:
         raise ValueError("message too large for one frame")
-    return len(body).to_bytes(HEADER_SIZE, "big") + body
+    return length.to_bytes(HEADER_SIZE, "big")
+
+
+_ID_KEY: Final = msgpack.packb("id")
+_OK_TRUE: Final = msgpack.packb("ok") + msgpack.packb(True)
+
+
+def _map_header_size(entries: int) -> int:
+    """Bytes of the msgpack header of a map with ``entries`` entries (fixmap, map16, map32)."""
+    return 1 if entries < 16 else 3 if entries < 2**16 else 5
 
 
 def _decode_map(body: bytes, *, strict_map_key: bool) -> dict[str, Any] | None:
@@ -221,8 +236,11 @@ def _decode_map(body: bytes, *, strict_map_key: bool) -> dict[str, Any] | None:
         value = msgpack.unpackb(body, raw=False, strict_map_key=strict_map_key, use_list=True)
     except Exception:  # hostile input: ExtraData, ValueError, UnicodeDecodeError, RecursionError..
         return None
-    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+    if type(value) is not dict:
         return None
+    for key in value:
+        if type(key) is not str:
+            return None
     return value
 
 
@@ -251,13 +269,18 @@ class _FrameBuffer:
 
     def length(self) -> int | None:
         """The length announced by the next frame's header, or None if it is not all in yet."""
-        if len(self._data) < HEADER_SIZE:
+        data = self._data
+        if len(data) < HEADER_SIZE:
             return None
-        return int.from_bytes(self._data[:HEADER_SIZE], "big")
+        return (data[0] << 24) | (data[1] << 16) | (data[2] << 8) | data[3]
 
     def has_frame(self) -> bool:
         length = self.length()
         return length is not None and len(self._data) >= HEADER_SIZE + length
+
+    def complete(self, length: int) -> bool:
+        """True if a frame whose header announced ``length`` is all in."""
+        return len(self._data) >= HEADER_SIZE + length
 
     def take(self, length: int) -> bytes:
         """Remove one frame whose body is ``length`` bytes (it must be complete) and return
@@ -285,6 +308,9 @@ class ServerConnection:
         self.max_request_bytes = max_request_bytes
         self._buffer = _FrameBuffer()
         self._broken = False
+        # One packer per connection: msgpack.packb would build (and free) one per reply.
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._pack: Callable[[Any], bytes] = self._packer.pack
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the peer; ``b""`` means EOF. Bytes after a framing error are
@@ -322,7 +348,7 @@ class ServerConnection:
             )
         if length == 0:
             return self._break(MalformedFrame("empty frame"))
-        if not buffer.has_frame():
+        if not buffer.complete(length):
             # EOF in the middle of a frame: nothing to answer, just close.
             return CLOSED if buffer.eof else NEED_DATA
         message = _decode_map(buffer.take(length), strict_map_key=True)
@@ -335,56 +361,94 @@ class ServerConnection:
         self._buffer.clear()
         return Rejected(None, error)
 
-    def send_result(self, id: int, result: Mapping[str, Any]) -> bytes:
-        """The frame of a success reply ``{"id": id, "ok": true, **result}``."""
-        if not _ENVELOPE_KEYS.isdisjoint(result) or "ok" in result or "error" in result:
+    def send_result(
+        self, id: int, result: Mapping[str, Any], /, *, packed: Mapping[str, bytes] | None = None
+    ) -> bytes:
+        """The frame of a success reply ``{"id": id, "ok": true, **packed, **result}``.
+
+        ``packed`` holds fields whose values are already msgpack-encoded (one object each, as
+        ``msgpack.packb(value, use_bin_type=True)`` gives it): their bytes are spliced into the
+        reply as they are, so a value that is stored packed need not be unpacked to be sent.
+        The bytes on the wire are the same as for ``send_result(id, {**unpacked, **result})``.
+        """
+        if not _REPLY_KEYS.isdisjoint(result):
             raise ValueError("result must not contain the keys v, id, op, ok or error")
-        return _frame({"id": id, "ok": True, **result})
+        pack = self._pack
+        if not packed:
+            body = pack({"id": id, "ok": True, **result})
+            return _header(len(body)) + body
+        if not _REPLY_KEYS.isdisjoint(packed):
+            raise ValueError("packed must not contain the keys v, id, op, ok or error")
+        if not packed.keys().isdisjoint(result):
+            raise ValueError("a key is both in packed and in result")
+        # One map header for the whole reply, then its entries: the envelope's, the packed
+        # fields', and ``result``'s (packed as a map, its header cut off).
+        parts = [self._packer.pack_map_header(2 + len(packed) + len(result)),
+                 _ID_KEY, pack(id), _OK_TRUE]
+        for key, value in packed.items():
+            parts.append(pack(key))
+            parts.append(value)
+        if result:
+            parts.append(pack(result)[_map_header_size(len(result)):])
+        body = b"".join(parts)
+        return _header(len(body)) + body
 
     def send_error(self, id: int | None, error: RequestError) -> bytes:
         """The frame of an error reply ``{"id": id, "ok": false, "error": {code, message}}``."""
-        return _frame(
+        body = self._pack(
             {"id": id, "ok": False, "error": {"code": error.code, "message": error.message}}
         )
+        return _header(len(body)) + body
 
     def send_event(self, id: int, event: str, /, **fields: Any) -> bytes:
         """The frame of a watch event ``{"id": id, "event": event, **fields}``."""
         if "ok" in fields:
             raise ValueError("an event must not contain the key ok")
-        return _frame({"id": id, "event": event, **fields})
+        body = self._pack({"id": id, "event": event, **fields})
+        return _header(len(body)) + body
 
 
 def _validate(message: dict[str, Any]) -> Request | Rejected:
     """Check a decoded request map against the envelope and the op's schema."""
-    if "id" not in message:
+    id_ = message.get("id", _ABSENT)
+    if id_ is _ABSENT:
         return Rejected(None, BadRequest("request has no 'id'"))
-    id_ = message["id"]
     if not _is_int(id_):
         return Rejected(None, BadRequest("'id' must be an integer"))
-    if "v" not in message:
+    version = message.get("v", _ABSENT)
+    if version is _ABSENT:
         return Rejected(id_, BadRequest("request has no 'v'"))
-    version = message["v"]
     if not (_is_int(version) and version == PROTOCOL_VERSION):
         return Rejected(id_, UnsupportedVersion(f"only protocol version {PROTOCOL_VERSION} "
                                                 "is supported"))
-    if "op" not in message:
+    op = message.get("op", _ABSENT)
+    if op is _ABSENT:
         return Rejected(id_, BadRequest("request has no 'op'"))
-    op = message["op"]
     if not isinstance(op, str):
         return Rejected(id_, UnknownOp("'op' must be a string"))
     schema = OPS.get(op)
     if schema is None:
         return Rejected(id_, UnknownOp(f"unknown op {_key(op)}"))
-    extra = sorted(key for key in message if key not in _ENVELOPE_KEYS and key not in schema)
-    if extra:
-        return Rejected(id_, BadRequest(f"{op}: unknown argument {_key(extra[0])}"))
+    if op == "get" and len(message) == 4:
+        # The common request, checked in one go: {"v", "id", "op", "name"} and a valid name.
+        name = message.get("name", _ABSENT)
+        if isinstance(name, str) and 1 <= len(name) <= MAX_NAME_LENGTH:
+            return Request(id_, op, MappingProxyType({"name": name}))
+    if len(message) > len(_ENVELOPE_KEYS) + len(schema):
+        extra = min(k for k in message if k not in _ENVELOPE_KEYS and k not in schema)
+        return Rejected(id_, BadRequest(f"{op}: unknown argument {_key(extra)}"))
+    for key in message:
+        if key not in schema and key not in _ENVELOPE_KEYS:
+            extra = min(k for k in message if k not in _ENVELOPE_KEYS and k not in schema)
+            return Rejected(id_, BadRequest(f"{op}: unknown argument {_key(extra)}"))
     args: dict[str, Any] = {}
     for key, arg in schema.items():
-        if key not in message:
+        value = message.get(key, _ABSENT)
+        if value is _ABSENT:
             if arg.required:
                 return Rejected(id_, BadRequest(f"{op}: missing argument {_key(key)}"))
             continue
-        value = _check_arg(arg.kind, message[key])
+        value = _check_arg(arg.kind, value)
         if value is None:
             return Rejected(id_, BadRequest(f"{op}: argument {_key(key)} must be "
                                             f"{arg.kind.value}"))

@@ -96,3 +96,23 @@ def test_grants_add_up_and_deny_by_default() -> None:
     nobody = grants(rules, peer(uid=3000, gid=3000))
     assert nobody.readable(["db", "tls"]) == []
     assert not nobody.admin
+
+
+def test_may_read_matches_exactly_what_fnmatchcase_matches() -> None:
+    # may_read runs the patterns as one regular expression: it must agree with fnmatchcase,
+    # pattern by pattern, on every name.
+    import fnmatch
+
+    from agentd.access import Grants
+
+    patterns = ("db", "api-*", "x?y", "[ab]c", "[!a]z", "lit.*+(x)", "Case", "*/*", "a*b*c",
+                "p*q*r")
+    names = ["db", "dbx", "xdb", "api-", "api-key", "api", "xzy", "xy", "ac", "bc", "cc", "az",
+             "bz", "z", "lit.*+(x)", "lit.a+(x)", "case", "Case", "a/b", "ab", "db\n", "a\nb",
+             "api-\n", "", "abc", "aXbYc", "acb", "pqr", "pqqr", "prq"]
+    for count in range(len(patterns) + 1):
+        g = Grants(patterns=patterns[:count])
+        for name in names:
+            expected = any(fnmatch.fnmatchcase(name, p) for p in patterns[:count])
+            assert g.may_read(name) is expected, (patterns[:count], name)
+    assert Grants(patterns=("db",)) == Grants(patterns=("db",))

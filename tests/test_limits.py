@@ -122,10 +122,16 @@ async def test_connections_per_uid_are_capped(small: RunningAgent) -> None:
             with contextlib.suppress(OSError):   # a refused one may be closed already
                 sock.sendall(frame({"v": 1, "id": i, "op": "ping"}))
             socks.append(sock)
-        for sock in socks:
-            reply = read_reply(sock)
-            out.append(f"{code(reply)}:{reply['id']}")
-            sock.close()
+        try:
+            for sock in socks:
+                reply = read_reply(sock)
+                out.append(f"{code(reply)}:{reply['id']}")
+        finally:
+            # Closed only once every reply is in: a connection closed earlier could let the
+            # agent take the third one up after the first is gone (connect() returns as soon as
+            # the kernel queues the connection, before the agent accepts it).
+            for sock in socks:
+                sock.close()
         return out
 
     with trio.fail_after(30):
@@ -268,3 +274,80 @@ def _ping(path: str) -> str:
     with Client.connect(path, timeout=10) as client:
         client.ping()
     return "pong"
+
+
+roomy = limited_agent('idle_timeout = "1s"\nframe_timeout = "500ms"\n'
+                      "request_burst_per_uid = 100000\nrequests_per_second_per_uid = 100000")
+
+
+async def read_stream_frame(stream: trio.SocketStream, buf: bytearray) -> dict[str, Any] | None:
+    """The next reply on ``stream`` (bytes after it stay in ``buf``); None at EOF."""
+    while True:
+        if len(buf) >= 4:
+            (n,) = struct.unpack(">I", buf[:4])
+            if len(buf) >= 4 + n:
+                reply: dict[str, Any] = msgpack.unpackb(bytes(buf[4 : 4 + n]), raw=False)
+                del buf[: 4 + n]
+                return reply
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+async def test_pipelined_requests_in_one_write_are_all_answered_in_order(
+    roomy: RunningAgent,
+) -> None:
+    # More requests in one write than the server answers before it lets other connections
+    # run: every one is answered, in order, and the batches do not mix up replies.
+    requests = []
+    for i in range(300):
+        if i % 3 == 0:
+            requests.append({"v": 1, "id": i, "op": "get", "name": "db"})
+        elif i % 3 == 1:
+            requests.append({"v": 1, "id": i, "op": "get", "name": "db", "field": "username"})
+        else:
+            requests.append({"v": 1, "id": i, "op": "get", "name": "nope"})
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(roomy.socket))
+        async with stream:
+            await stream.send_all(b"".join(frame(r) for r in requests))
+            buf = bytearray()
+            replies = [await read_stream_frame(stream, buf) for _ in requests]
+            # The connection is still served afterwards.
+            await stream.send_all(frame({"v": 1, "id": 1000, "op": "ping"}))
+            assert await read_stream_frame(stream, buf) == {"id": 1000, "ok": True}
+    assert [r["id"] for r in replies if r is not None] == list(range(300))
+    whole = replies[0]
+    assert whole is not None and whole["data"]["username"] == "app"
+    for i, reply in enumerate(replies):
+        assert reply is not None
+        if i % 3 == 0:
+            assert reply["data"] == whole["data"] and reply["version"] == whole["version"]
+        elif i % 3 == 1:
+            assert reply["data"] == "app"
+        else:
+            assert reply["error"]["code"] == "forbidden"
+
+
+async def test_a_busy_connection_outlives_idle_timeout_and_quiet_ones_are_closed(
+    roomy: RunningAgent,
+) -> None:
+    # idle_timeout is 1 s: a connection that keeps asking (every 0.25 s, for three times
+    # that) stays open; then half a frame is closed after frame_timeout; a connection that
+    # never asks is closed after idle_timeout.
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(roomy.socket))
+        async with stream:
+            buf = bytearray()
+            for i in range(12):
+                await stream.send_all(frame({"v": 1, "id": i, "op": "ping"}))
+                assert await read_stream_frame(stream, buf) == {"id": i, "ok": True}
+                await trio.sleep(0.25)
+            await stream.send_all(struct.pack(">I", 100) + b"\x80")
+            assert await stream.receive_some(100) == b""       # closed, no reply
+        quiet = await trio.open_unix_socket(str(roomy.socket))
+        async with quiet:
+            assert await quiet.receive_some(100) == b""
+        async with AsyncClient.connect(roomy.socket) as client:
+            assert (await client.get("db", "username"))["data"] == "app"

@@ -397,6 +397,53 @@ def test_send_result_refuses_envelope_keys() -> None:
         ServerConnection().send_result(3, {"ok": False})
 
 
+def test_send_result_with_packed_fields_is_the_same_frame_as_unpacked() -> None:
+    conn = ServerConnection()
+    value = {"username": "app", "password": "p" * 300, "n": [1, -2, 2**40, 1.5, None, True],
+             "nested": {"bin": b"\x00\xff", "empty": {}}}
+    meta = {"version": 7, "fetched_at": 1700000000.25, "expires_at": None, "stale": False}
+    packed = msgpack.packb(value, use_bin_type=True)
+    spliced = conn.send_result(12, meta, packed={"data": packed})
+    assert spliced == conn.send_result(12, {"data": value, **meta})
+    assert decode(spliced) == {"id": 12, "ok": True, "data": value, **meta}
+    # Only packed fields, and a result of 16 fields or more (its map header is 3 bytes long).
+    assert conn.send_result(1, {}, packed={"data": packed}) == conn.send_result(1, {"data": value})
+    wide = {f"k{i:02d}": i for i in range(20)}
+    assert (conn.send_result(2 ** 33, wide, packed={"data": packed})
+            == conn.send_result(2 ** 33, {"data": value, **wide}))
+
+
+def test_send_result_with_packed_fields_refuses_clashing_keys() -> None:
+    conn = ServerConnection()
+    nil = msgpack.packb(None)
+    for packed, result in [({"ok": nil}, {}), ({"id": nil}, {}), ({"error": nil}, {}),
+                           ({"data": nil}, {"data": 1})]:
+        with pytest.raises(ValueError):
+            conn.send_result(1, result, packed=packed)
+
+
+def test_a_cached_value_goes_on_the_wire_as_stored() -> None:
+    # The server's get splices the opened seal's bytes into the reply: the same frame as the
+    # value read back from the cache and packed again.
+    from agentd.cache import Cache, thaw
+
+    cache = Cache()
+    cache.put("db", {"username": "app", "password": "s3cret", "ports": [1, 2], "x": {"y": 1.0}},
+              version=3)
+    opened = cache.get_packed("db")
+    entry = cache.get("db")
+    assert opened is not None and entry is not None
+    packed, version, fetched_at, expires_at, stale = opened
+    assert (version, fetched_at, expires_at, stale) == (
+        entry.version, entry.fetched_at, entry.expires_at, entry.stale)
+    meta = {"version": version, "fetched_at": fetched_at, "expires_at": expires_at,
+            "stale": stale}
+    conn = ServerConnection()
+    assert (conn.send_result(5, meta, packed={"data": packed})
+            == conn.send_result(5, {"data": thaw(entry.data), **meta}))
+    assert cache.get_packed("nope") is None
+
+
 def test_send_error() -> None:
     conn = ServerConnection()
     assert decode(conn.send_error(None, errors.FrameTooLarge("too big"))) == {
