@@ -59,3 +59,19 @@ def test_quick_compare_prints_a_table_with_both_agents(tmp_path: Path) -> None:
 
     # The harness cleaned up after itself: no temp directory left behind.
     assert not list(tmp_path.glob("agentd-compare-*"))
+
+
+def test_http_bench_prints_cpu_per_request_for_each_client(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "http_bench.py"), "--requests", "200",
+         "--rounds", "1"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {c[0]: c for c in map(_cells, [line for line in done.stdout.splitlines()
+                                          if line.startswith("|")][2:])}
+    assert set(rows) == {"agentd", "httpx", "h11"}
+    for cells in rows.values():
+        assert NUMBER.match(cells[1]) and NUMBER.match(cells[2]), cells
