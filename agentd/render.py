@@ -288,7 +288,10 @@ class RenderWorker:
         try:
             async with self._lock:
                 while not job.done.is_set():
-                    await self._run(self._take_batch())
+                    batch = self._take_batch()
+                    if not batch:           # cannot happen; never spin if it does
+                        raise RenderError("the render request was lost")
+                    await self._run(batch)
         finally:
             if not job.done.is_set():           # cancelled: nobody needs it any more
                 job.abandoned = True
@@ -1199,7 +1202,16 @@ class Renderer:
                 while not job.done:
                     batch = self._write_queue[:WRITE_BATCH]
                     del self._write_queue[:WRITE_BATCH]
-                    await trio.to_thread.run_sync(self._write_batch, batch)
+                    if not batch:           # cannot happen; never spin if it does
+                        raise RenderError(f"{target.key}: the write was lost")
+                    try:
+                        await trio.to_thread.run_sync(self._write_batch, batch)
+                    except Exception as exc:    # a bug or an odd OSError: fail the batch, not
+                        for other in batch:     # the renderer, and leave no job waiting
+                            if not other.done:
+                                other.error = RenderError(
+                                    f"{other.target.key}: write failed: {type(exc).__name__}")
+                                other.done = True
         finally:
             if not job.done and job in self._write_queue:
                 self._write_queue.remove(job)   # cancelled: a removed target is not written

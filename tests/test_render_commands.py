@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from agentd import config as config_mod
@@ -232,3 +233,40 @@ contents = "{{{{ secret('a').v }}}}"
                 assert target.status.last_error is None
     finally:
         subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+async def test_a_failing_write_batch_fails_its_templates_and_they_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error in the batched write (here one OSError from the thread job) fails
+    every template of that batch with an error, none is left waiting, and the retry writes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = make_config(tmp_path, "".join(f"""
+[[template]]
+destination = "{out / f't{i}.conf'}"
+contents = "{{{{ secret('a').v }}}}-{i}"
+""" for i in range(20)))
+    cache = Cache(Sealer.generate())
+    cache.put("a", {"v": "1"}, version=1)
+    real = Renderer._write_batch
+    calls = {"n": 0}
+
+    def flaky(self: Renderer, batch: list) -> None:      # type: ignore[type-arg]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("simulated")
+        real(self, batch)
+
+    monkeypatch.setattr(Renderer, "_write_batch", flaky)
+    with trio.fail_after(30):
+        async with running(config, cache) as renderer:
+            await renderer.wait_first_pass()
+            await until(lambda: all((out / f"t{i}.conf").exists() for i in range(20)),
+                        "all written on retry")
+            failed = [t for t in renderer.targets.values() if t.status.failures]
+            assert failed, "the first batch failed its templates"
+    logged = [r for r in caplog.records if "write failed: OSError" in str(getattr(r, "error", ""))]
+    assert len(logged) == len(failed)
+    assert [(out / f"t{i}.conf").read_text() for i in range(20)] == [f"1-{i}"
+                                                                    for i in range(20)]
