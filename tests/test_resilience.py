@@ -641,21 +641,13 @@ async def test_outage_gate_fails_fast_then_sends_one_probe(
 async def test_restored_secrets_refresh_at_spread_phases(
     bao: DevServer, approle_files: tuple[Path, Path], idle_jump_clock: trio.testing.MockClock
 ) -> None:
-    seeded = new_seeded()
-    p = seeded.prefix
     names = [f"r{i}" for i in range(8)]
-    for name in names:
-        bao.kv_put(f"{p}/{name}", {"value": seeded.marker(name)})
-    cfg = _with_approle(UpstreamConfig(addresses=(bao.address,), timeout=2.0), approle_files)
-    up = Upstream(cfg)
-    auth = Authenticator(cfg, up)
     cache = Cache()
     for name in names:      # as if restored from the snapshot: stale old values
         cache.put(name, {"value": "old"}, version=1, fetched_at=1.0)
         cache.mark_stale(name)
-    config = _config(cfg, {n: SecretConfig(name=n, kind="kv2", path=f"secret/data/{p}/{n}",
-                                           refresh=300.0) for n in names})
-    refresher = Refresher(config, up, auth, cache, rng=random.Random(11))
+    up, auth, refresher = _kv_refresher(bao, approle_files, names, cache, refresh=300.0,
+                                        timeout=2.0, seed=11)
     refreshed_at: dict[str, float] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(auth.run)
@@ -675,6 +667,22 @@ async def test_restored_secrets_refresh_at_spread_phases(
     # not all at once: spread over the restored window
     assert times[-1] - times[0] > 5.0
     assert len({round(t) for t in times}) >= 4
+
+
+def _kv_refresher(bao: DevServer, approle_files: tuple[Path, Path], names: list[str],
+                  cache: Cache, *, refresh: float, timeout: float, seed: int
+                  ) -> tuple[Upstream, Authenticator, Refresher]:
+    """``names`` seeded as KV v2 secrets, and a Refresher for them over approle."""
+    seeded = new_seeded()
+    for name in names:
+        bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
+    cfg = _with_approle(UpstreamConfig(addresses=(bao.address,), timeout=timeout), approle_files)
+    up = Upstream(cfg)
+    auth = Authenticator(cfg, up)
+    config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
+                                           path=f"secret/data/{seeded.prefix}/{n}",
+                                           refresh=refresh) for n in names})
+    return up, auth, Refresher(config, up, auth, cache, rng=random.Random(seed))
 
 
 def _with_approle(cfg: UpstreamConfig, files: tuple[Path, Path]) -> UpstreamConfig:
@@ -773,18 +781,9 @@ async def test_refreshes_share_wake_up_slots(
     """Twenty secrets on a 1 s refresh, each jittered, wake the loop on 20 ms slots."""
     from agentd.refresh import WAKE_SLOT
 
-    seeded = new_seeded()
-    p = seeded.prefix
     names = [f"s{i}" for i in range(20)]
-    for name in names:
-        bao.kv_put(f"{p}/{name}", {"value": seeded.marker(name)})
-    cfg = _with_approle(UpstreamConfig(addresses=(bao.address,), timeout=5.0), approle_files)
-    up = Upstream(cfg)
-    auth = Authenticator(cfg, up)
-    cache = Cache()
-    config = _config(cfg, {n: SecretConfig(name=n, kind="kv2", path=f"secret/data/{p}/{n}",
-                                           refresh=1.0) for n in names})
-    refresher = Refresher(config, up, auth, cache, rng=random.Random(3))
+    up, auth, refresher = _kv_refresher(bao, approle_files, names, Cache(), refresh=1.0,
+                                        timeout=5.0, seed=3)
     seen: set[float] = set()
     async with trio.open_nursery() as nursery:
         await nursery.start(auth.run)
