@@ -216,6 +216,7 @@ class Refresher:
         except AuthError:
             self._auth.invalidate(token)
             raise
+        first = self._cache.info(secret.name) is None
         changed = self._cache.put(
             secret.name,
             value.data,
@@ -227,7 +228,11 @@ class Refresher:
         assert info is not None
         if changed:
             self.kinds.observe(secret, value.data)
-            log.info("secret updated", extra={"secret": secret.name, "version": info.version})
+            # The first value of each secret at a start is not news (a thousand lines for a
+            # thousand secrets; "agentd ready" sums them up); a change is.
+            log.log(logging.DEBUG if first else logging.INFO,
+                    "secret fetched" if first else "secret updated",
+                    extra={"secret": secret.name, "version": info.version})
         if state.revoked:
             log.info("secret is back upstream", extra={"secret": secret.name})
         state.revoked = False

@@ -801,3 +801,27 @@ async def test_refreshes_share_wake_up_slots(
     # every wake-up is on a slot boundary (how many share one depends on the machine's load)
     assert len(seen) >= 20
     assert all(abs(w / WAKE_SLOT - round(w / WAKE_SLOT)) < 1e-6 for w in seen)
+
+
+async def test_first_values_log_at_debug_and_changes_at_info(
+    bao: DevServer, approle_files: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="agentd.refresh")
+    names = ["a", "b", "c"]
+    up, auth, refresher = _kv_refresher(bao, approle_files, names, Cache(), refresh=300.0,
+                                        timeout=5.0, seed=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(auth.run)
+        await nursery.start(refresher.run)
+        with trio.fail_after(30):
+            await refresher.wait_all_fetched()
+            path = refresher._config.secrets["b"].path.removeprefix("secret/data/")
+            bao.kv_put(path, {"value": "rotated"})
+            await refresher.refresh("b")
+        nursery.cancel_scope.cancel()
+    await up.aclose()
+    logged = [(r.levelname, r.getMessage(), getattr(r, "secret", None))
+              for r in caplog.records if r.name == "agentd.refresh"]
+    assert sorted(x for x in logged if x[1] == "secret fetched") == [
+        ("DEBUG", "secret fetched", n) for n in names]
+    assert [x for x in logged if x[1] == "secret updated"] == [("INFO", "secret updated", "b")]
