@@ -492,11 +492,16 @@ class FileWrite:
     tmp: str | None = None          # the staged temp file, while there is one
     fd: int | None = None
 
+    @property
+    def label(self) -> str:
+        """How errors name the file."""
+        return self.where or self.name
+
 
 def _stage(w: FileWrite) -> bool:
     """Checks, then the temp file with its final owner and mode before any byte, written but
     not yet synced (``w.fd`` open). False: the destination already is exactly that."""
-    where = w.where or w.name
+    where = w.label
     uid, gid = _ids(w.uid, w.gid)
     try:
         st: os.stat_result | None = os.stat(w.name, dir_fd=w.dir_fd, follow_symlinks=False)
@@ -574,7 +579,7 @@ def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
             w.fd = None
         except OSError as exc:
             _discard(w)
-            results[i] = _os_error(w.where or w.name, "cannot write", exc)
+            results[i] = _os_error(w.label, "cannot write", exc)
             continue
         synced.append(i)
     renamed: dict[int, list[int]] = {}
@@ -587,7 +592,7 @@ def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
             os.rename(w.tmp, w.name, src_dir_fd=w.dir_fd, dst_dir_fd=w.dir_fd)
         except OSError as exc:
             _discard(w)
-            results[i] = _os_error(w.where or w.name, "cannot write", exc)
+            results[i] = _os_error(w.label, "cannot write", exc)
             continue
         w.tmp = None
         results[i] = True
@@ -597,8 +602,7 @@ def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
             os.fsync(dir_fd)
         except OSError as exc:
             for i in done:
-                results[i] = _os_error(writes[i].where or writes[i].name,
-                                       "cannot fsync the directory", exc)
+                results[i] = _os_error(writes[i].label, "cannot fsync the directory", exc)
     return results
 
 
@@ -1230,7 +1234,8 @@ class Renderer:
                 c = job.target.config
                 try:
                     if isinstance(c, BundleConfig):
-                        job.result = (self._write(c, job.outputs), job.target.fingerprint())
+                        job.result = (self._write_bundle(c, job.outputs),
+                                      job.target.fingerprint())
                         job.done = True
                         continue
                     where = str(c.destination)
@@ -1261,37 +1266,28 @@ class Renderer:
             for fd in dirs.values():
                 os.close(fd)
 
-    def _write(self, c: TemplateConfig | BundleConfig, outputs: Mapping[str, bytes]) -> bool:
-        if isinstance(c, BundleConfig):
-            where = str(c.directory)
-            try:
-                os.mkdir(c.directory, 0o755)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise _os_error(where, "cannot create the bundle directory", exc) from exc
-            fd = open_dir(c.directory)
-            try:
-                check_dir(fd, where)
-                old = write_bundle(fd, outputs, modes=_modes(c), uid=c.owner, gid=c.group,
-                                   where=where)
-            finally:
-                os.close(fd)
-            if old is None:
-                return False
-            if old and self._nursery is not None:
-                trio.from_thread.run_sync(self._nursery.start_soon, self._remove_later,
-                                          c.directory, old, c.grace)
-            return True
-        where = str(c.destination)
-        fd = open_dir(c.destination.parent)
+    def _write_bundle(self, c: BundleConfig, outputs: Mapping[str, bytes]) -> bool:
+        """In a thread: one bundle (plain templates go through ``write_files``)."""
+        where = str(c.directory)
+        try:
+            os.mkdir(c.directory, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _os_error(where, "cannot create the bundle directory", exc) from exc
+        fd = open_dir(c.directory)
         try:
             check_dir(fd, where)
-            return write_file(fd, c.destination.name, outputs[c.destination.name],
-                              mode=c.mode, uid=c.owner, gid=c.group, where=where,
-                              backup=c.backup)
+            old = write_bundle(fd, outputs, modes=_modes(c), uid=c.owner, gid=c.group,
+                               where=where)
         finally:
             os.close(fd)
+        if old is None:
+            return False
+        if old and self._nursery is not None:
+            trio.from_thread.run_sync(self._nursery.start_soon, self._remove_later,
+                                      c.directory, old, c.grace)
+        return True
 
     async def _remove_later(self, directory: Path, version: str, grace: float) -> None:
         await trio.sleep(grace)
