@@ -53,14 +53,7 @@ from agentd.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
-from agentd.transport import (
-    ConnectFailed,
-    ReplyTooLarge,
-    Response,
-    TimedOut,
-    Transport,
-    TransportError,
-)
+from agentd.transport import ReplyTooLarge, Response, Transport, TransportError
 
 log = logging.getLogger("agentd.upstream")
 
@@ -258,12 +251,11 @@ class Upstream:
         self._gate_until = -math.inf     # trio clock; the gate is open before this
         self._probing = False
         self._gated = 0
-        self._tls = tls_context(cfg)
         headers = [("X-Vault-Request", "true")]
         if cfg.namespace:
             headers.append(("X-Vault-Namespace", cfg.namespace))
         self._transport = Transport(
-            ssl_context=self._tls, timeout=cfg.timeout, server_name=cfg.tls_server_name,
+            ssl_context=tls_context(cfg), timeout=cfg.timeout, server_name=cfg.tls_server_name,
             max_idle=cfg.max_concurrency, headers=headers,
         )
         self._limiter = trio.CapacityLimiter(cfg.max_concurrency)
@@ -328,9 +320,7 @@ class Upstream:
         Raises:
             PermanentError: the certificate or key cannot be loaded.
         """
-        context = tls_context(self._cfg)
-        self._tls = context
-        self._transport.set_ssl_context(context)
+        self._transport.set_ssl_context(tls_context(self._cfg))
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -490,7 +480,7 @@ class Upstream:
                 response = await self._transport.request(address, method, target, headers, body)
             except ReplyTooLarge as exc:
                 raise PermanentError(f"{method} {path}: {address}: {exc}") from exc
-            except (ConnectFailed, TimedOut, TransportError) as exc:
+            except TransportError as exc:
                 raise _transport_error(exc, method, path, address) from exc
             except ValueError as exc:
                 raise PermanentError(f"{method} {path}: invalid URL for {address}") from exc
