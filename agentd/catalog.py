@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from agentd.config import Config, SecretConfig
 from agentd.kinds import mount_of
-
-_SECRET_REF = re.compile(r"""secret\(\s*(?P<q>['"])(?P<name>[^'"]*)(?P=q)\s*\)""")
-
-
-def _refs(text: str) -> set[str]:
-    return {m.group("name") for m in _SECRET_REF.finditer(text)}
+from agentd.refs import secret_refs
 
 
 def _template_text(contents: str | None, source: Path | None) -> str:
@@ -70,11 +64,11 @@ def entries(config: Config, status: Mapping[str, Any] | None = None) -> list[dic
     """One dict per declared secret, sorted by name (see the module docstring)."""
     live = (status or {}).get("secrets", {})
     template_refs = [
-        (str(t.destination), _refs(_template_text(t.contents, t.source)))
+        (str(t.destination), set(secret_refs(_template_text(t.contents, t.source))))
         for t in config.templates
     ]
     bundle_refs = [
-        (str(b.directory), set().union(*(_refs(text) for text in b.files.values())))
+        (str(b.directory), set().union(*(secret_refs(text) for text in b.files.values())))
         for b in config.bundles
     ]
     out: list[dict[str, Any]] = []

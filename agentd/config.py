@@ -32,6 +32,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from agentd.errors import ConfigError
+from agentd.refs import secret_refs
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,7 +229,6 @@ _KIND_ONLY: dict[str, tuple[str, ...]] = {   # keys that only some kinds use
     "version": ("kv2",),
 }
 _SELECTORS = ("uids", "users", "gids", "groups", "exe", "exe_sha256", "units")
-_SECRET_REF = re.compile(r"""secret\(\s*(?P<q>['"])(?P<name>[^'"]*)(?P=q)\s*\)""")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
@@ -700,10 +700,6 @@ def _params(value: object) -> dict[str, object]:
     return dict(value)
 
 
-def _secret_refs(text: str) -> list[str]:
-    return [m.group("name") for m in _SECRET_REF.finditer(text)]
-
-
 # -- the builder ---------------------------------------------------------------------------------
 
 
@@ -1045,7 +1041,7 @@ class _Builder:
         if isinstance(raw, dict) and ("source" in t) == ("contents" in t):
             f.problem(key, "set exactly one of source or contents")
         if contents is not None:
-            self.refs.append((f, (*key, "contents"), "template", _secret_refs(contents)))
+            self.refs.append((f, (*key, "contents"), "template", secret_refs(contents)))
         if source is not None:
             self.file_checks.append(_FileCheck(f, (*key, "source"), source, template=True))
         mode, owner, group, command, timeout, wait = self._action(f, t, key)
@@ -1082,7 +1078,7 @@ class _Builder:
                     f.problem(fkey, "expected a string (the file's template)")
                     continue
                 files[name] = text
-                self.refs.append((f, fkey, "template", _secret_refs(text)))
+                self.refs.append((f, fkey, "template", secret_refs(text)))
         modes: dict[str, int] = {}
         if "modes" in t:
             if not isinstance(t["modes"], dict):
@@ -1146,7 +1142,7 @@ class _Builder:
                 except (OSError, UnicodeDecodeError) as exc:
                     check.where.problem(check.key, f"cannot read {check.path}: {exc}")
                     continue
-                self._check_refs(check.where, check.key, str(check.path), _secret_refs(text))
+                self._check_refs(check.where, check.key, str(check.path), secret_refs(text))
 
     def _check_refs(self, f: _File, key: KeyPath, what: str, refs: list[str]) -> None:
         for name in dict.fromkeys(refs):

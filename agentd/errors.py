@@ -12,8 +12,12 @@ upstream failure is worth retrying is a *type*, never a string match::
     │   │                            (.retry_after: seconds or None): retry with backoff
     │   ├── AuthError                401/403, or a login that failed: log in again
     │   └── PermanentError           any other 4xx, malformed reply: retrying will not help
-    │       └── UpstreamNotFound     404: the path does not exist (evidence of deletion)
+    │       ├── UpstreamNotFound     404: the path does not exist (evidence of deletion)
+    │       ├── CheckFailed          a secret's ``check`` program refused a new value
+    │       └── CertificateRejected  an issued certificate failed verification
     ├── CryptoError                  a sealed blob failed authentication or a key is unusable
+    ├── RenderError                  a template or bundle could not be rendered or written
+    │                                (the last good file stays)
     ├── RequestError                 a client request failed; .code is the wire error code
     │   ├── BadRequest               "bad_request"
     │   ├── UnsupportedVersion       "unsupported_version"
@@ -88,8 +92,20 @@ class UpstreamNotFound(PermanentError):
     """The upstream answered 404 for the path."""
 
 
+class CheckFailed(PermanentError):
+    """A secret's ``check`` program refused a new value (the old one stays served)."""
+
+
+class CertificateRejected(PermanentError):
+    """An issued certificate failed verification (the old pair stays served)."""
+
+
 class CryptoError(AgentdError):
     """Sealed data failed authentication, or key material is unusable."""
+
+
+class RenderError(AgentdError):
+    """A template could not be rendered or written. The message never holds a secret value."""
 
 
 class RequestError(AgentdError):

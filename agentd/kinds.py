@@ -54,7 +54,14 @@ import trio
 from agentd.cache import Cache, thaw
 from agentd.config import SecretConfig
 from agentd.crypto import CertificateInfo, Sealer, check_certificate
-from agentd.errors import CryptoError, PermanentError, UpstreamError, UpstreamNotFound
+from agentd.errors import (
+    CertificateRejected,
+    CheckFailed,
+    CryptoError,
+    PermanentError,
+    UpstreamError,
+    UpstreamNotFound,
+)
 from agentd.upstream import SecretValue, Upstream
 
 if TYPE_CHECKING:
@@ -69,14 +76,6 @@ REUSE_HISTORY = 8            # fingerprints of previous values kept per secret
 CHECK_TIMEOUT = 30.0
 SHUTDOWN_REVOKE_TIMEOUT = 5.0
 _GONE = ("lease not found", "invalid lease", "lease expired")
-
-
-class CheckFailed(PermanentError):
-    """A secret's ``check`` program refused a new value (the old one stays served)."""
-
-
-class CertificateRejected(PermanentError):
-    """An issued certificate failed verification (the old pair stays served)."""
 
 
 @dataclass

@@ -44,7 +44,6 @@ import errno
 import logging
 import math
 import os
-import re
 import secrets as secrets_mod
 import signal
 import stat
@@ -63,7 +62,8 @@ import trio
 from agentd.backoff import Backoff
 from agentd.cache import Cache, thaw
 from agentd.config import BundleConfig, Config, TemplateConfig
-from agentd.errors import AgentdError
+from agentd.errors import AgentdError, RenderError
+from agentd.refs import secret_refs
 
 log = logging.getLogger("agentd.render")
 
@@ -80,24 +80,12 @@ TMP_MARK = ".agentd-tmp-"
 DATA = "..data"
 DATA_TMP = "..data_tmp"
 
-_SECRET_REF = re.compile(r"""secret\(\s*(?P<q>['"])(?P<name>[^'"]+)(?P=q)\s*\)""")
-
-
-class RenderError(AgentdError):
-    """A template could not be rendered or written. The message never holds a secret value."""
-
-
 class _Waiting(RenderError):
     """An input has no value yet (or was revoked): wait for a change, no backoff, no count."""
 
 
 class _Revoked(_Waiting):
     """An input was revoked upstream: an error, and with ``on_revoke = "remove"`` the file goes."""
-
-
-def secret_refs(text: str) -> list[str]:
-    """The secret names a template reads (``secret('name')`` with a literal name)."""
-    return list(dict.fromkeys(m.group("name") for m in _SECRET_REF.finditer(text)))
 
 
 # --------------------------------------------------------------------------------------------
