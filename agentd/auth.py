@@ -31,6 +31,7 @@ injected wall clock. Nothing here logs or raises with a token, a role_id or a se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -41,10 +42,11 @@ from typing import Any, Protocol
 
 import trio
 
+from agentd import fsafe
 from agentd.backoff import Backoff
 from agentd.cell import Cell
 from agentd.config import AuthConfig, UpstreamConfig
-from agentd.errors import AuthError, PermanentError, TransientError, UpstreamError
+from agentd.errors import AuthError, PermanentError, TransientError, UnsafePath, UpstreamError
 from agentd.upstream import Upstream
 
 log = logging.getLogger("agentd.auth")
@@ -100,13 +102,18 @@ def _token_from_auth(
     )
 
 
-async def _read_credential(path: Path, what: str) -> str:
-    """The stripped contents of a credential file; AuthError (path only) when unusable."""
+async def _read_credential(path: Path, what: str, *, secret: bool = True) -> str:
+    """The stripped contents of a credential file; AuthError (path only) when unusable.
+
+    Read through ``fsafe`` at every login: a file (or a directory above it) that another user
+    could have swapped since the config was loaded is refused, not used (issue 13 item 7).
+    """
     try:
-        text = await trio.Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise AuthError(f"cannot read {what} {path}: {reason}") from exc
+        text = await trio.to_thread.run_sync(
+            functools.partial(fsafe.read_text, path, secret=secret)
+        )
+    except UnsafePath as exc:
+        raise AuthError(f"cannot read {what} {exc}") from exc
     value = text.strip()
     if not value:
         raise AuthError(f"{what} {path} is empty")
@@ -130,7 +137,9 @@ class AppRoleLogin:
         self._clock = clock
 
     async def login(self, upstream: Upstream) -> Token:
-        body = {"role_id": await _read_credential(self._role_id_file, "role_id_file")}
+        body = {"role_id": await _read_credential(
+            self._role_id_file, "role_id_file", secret=False
+        )}
         if self._secret_id_file is not None:
             body["secret_id"] = await _read_credential(self._secret_id_file, "secret_id_file")
         obtained_at = self._clock()

@@ -16,6 +16,8 @@ upstream failure is worth retrying is a *type*, never a string match::
     │       ├── CheckFailed          a secret's ``check`` program refused a new value
     │       └── CertificateRejected  an issued certificate failed verification
     ├── CryptoError                  a sealed blob failed authentication or a key is unusable
+    ├── UnsafePath                   a trusted file or directory could be changed by others
+    │                                (.path, .reason); callers translate it to their own error
     ├── RenderError                  a template or bundle could not be rendered or written
     │                                (the last good file stays)
     ├── RequestError                 a client request failed; .code is the wire error code
@@ -102,6 +104,15 @@ class CertificateRejected(PermanentError):
 
 class CryptoError(AgentdError):
     """Sealed data failed authentication, or key material is unusable."""
+
+
+class UnsafePath(AgentdError):
+    """A file or directory agentd must trust can be changed by someone else, or is missing."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class RenderError(AgentdError):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import urllib.error
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +62,7 @@ def short_approle_files(bao: DevServer, tmp_path: Path) -> tuple[Path, Path]:
     role_file, secret_file = tmp_path / "short_role_id", tmp_path / "short_secret_id"
     role_file.write_text(role_id)
     secret_file.write_text(secret_id)
+    secret_file.chmod(0o600)
     return role_file, secret_file
 
 
@@ -145,6 +149,7 @@ async def test_token_file_login(
     value = bao.create_token(policies=["agentd-read"], ttl="1h")
     token_file = tmp_path / "token"
     token_file.write_text(value + "\n")
+    token_file.chmod(0o600)
     cfg = _config(bao, AuthConfig(method="token_file", token_file=token_file))
     auth = Authenticator(cfg, upstream)
     with trio.fail_after(10):
@@ -165,6 +170,7 @@ async def test_token_file_root_token_never_expires(
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(bao.token)
+    token_file.chmod(0o600)
     with trio.fail_after(10):
         token = await TokenFileLogin(AuthConfig(method="token_file", token_file=token_file)).login(
             upstream
@@ -176,6 +182,7 @@ async def test_token_file_root_token_never_expires(
 async def test_token_file_refused_token_is_auth_error(upstream: Upstream, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s.NOT-A-REAL-TOKEN-5e1f")
+    token_file.chmod(0o600)
     login = TokenFileLogin(AuthConfig(method="token_file", token_file=token_file))
     with trio.fail_after(10), pytest.raises(AuthError) as info:
         await login.login(upstream)
@@ -257,6 +264,7 @@ async def test_wrong_secret_id_backs_off_until_fixed(
     good_secret_id = secret_file.read_text()
     wrong_secret_id = str(uuid.uuid4())
     secret_file.write_text(wrong_secret_id)
+    secret_file.chmod(0o600)
     auth = Authenticator(_config(bao, _approle(role_file, secret_file)), upstream)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -348,3 +356,38 @@ def test_unknown_method_is_refused(bao: DevServer) -> None:
     up = Upstream(UpstreamConfig(addresses=(bao.address,)))
     with pytest.raises(ValueError, match="unknown auth method"):
         Authenticator(_config(bao, AuthConfig(method="kerberos")), up)
+
+
+async def test_a_token_file_swapped_by_another_user_after_start_is_refused(
+    bao: DevServer, upstream: Upstream
+) -> None:
+    """Issue 13 item 7: a token file in a directory another user owns is never used, at any read.
+
+    The file passed once (root's, 0600); the directory above it belongs to nobody, who can put
+    their own token file in its place at any time. The login refuses it instead of logging in
+    with whatever token is there.
+    """
+    base = Path(tempfile.mkdtemp(prefix="agentd-auth-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        drop = base / "creds"
+        drop.mkdir()
+        token_file = drop / "token"
+        token_file.write_text(bao.create_token(policies=["agentd-read"], ttl="1h"))
+        token_file.chmod(0o600)
+        login = TokenFileLogin(AuthConfig(method="token_file", token_file=token_file))
+        with trio.fail_after(10):
+            assert (await login.login(upstream)).value      # trusted: used
+        os.chown(drop, 65534, 65534)                         # now nobody can swap the file
+        with trio.fail_after(10), pytest.raises(AuthError, match="owned by uid 65534"):
+            await login.login(upstream)
+        os.chown(drop, 0, 0)
+        os.chmod(drop, 0o777)
+        with trio.fail_after(10), pytest.raises(AuthError, match="writable by others"):
+            await login.login(upstream)
+        os.chmod(drop, 0o755)
+        token_file.chmod(0o644)                              # a credential readable by anyone
+        with trio.fail_after(10), pytest.raises(AuthError, match="readable by others"):
+            await login.login(upstream)
+    finally:
+        shutil.rmtree(base)
