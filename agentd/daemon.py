@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 
 import trio
 
-from agentd import __version__, logs, metrics, systemd, watch
+from agentd import __version__, fsafe, logs, metrics, systemd, watch
 from agentd import config as config_mod
 from agentd.audit import Audit
 from agentd.auth import Authenticator
@@ -42,7 +43,7 @@ from agentd.cache import Cache
 from agentd.config import Config
 from agentd.creds import CredentialsServer, close_listener, open_credentials_listener
 from agentd.crypto import Sealer, harden_process
-from agentd.errors import ConfigError
+from agentd.errors import ConfigError, UnsafePath
 from agentd.refresh import Refresher
 from agentd.render import Renderer
 from agentd.server import Server, open_listener
@@ -56,6 +57,7 @@ class Agent:
     """One running agent: the components built from one config and their shared state."""
 
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        preflight(config, activated=systemd.socket_activated())  # before anything touches a path
         self.config = config
         self.config_path = config_path or (config.files[0] if config.files else None)
         self.reloads = 0
@@ -265,6 +267,48 @@ class Agent:
                     _unlink_socket(config.agent.socket)
             if creds_listener is not None and config.agent.credentials_socket is not None:
                 close_listener(creds_listener, config.agent.credentials_socket)
+
+
+def preflight(config: Config, *, activated: bool) -> None:
+    """Refuse to start on filesystem mistakes that would otherwise surface late or be exploited.
+
+    Checked before anything else starts (no login, no snapshot read): the sockets' and the
+    state directory's paths must resolve through directories only root or the agent's user can
+    change (``fsafe``; a missing directory is judged by the nearest one that exists, where it
+    will be created), and a socket path must be free or hold a stale socket, not a file. A
+    regular file there used to kill the agent with a traceback after it had logged in, which
+    under systemd is a restart loop that logs in on every turn (issue 13 item 13).
+
+    Raises:
+        ConfigError: every problem found, one line each, naming the config key.
+    """
+    places: list[tuple[str, Path]] = [("agent.state_dir", config.agent.state_dir)]
+    if not activated:
+        places.append(("agent.socket", config.agent.socket.parent))
+    if config.agent.credentials_socket is not None:
+        places.append(("agent.credentials_socket", config.agent.credentials_socket.parent))
+    problems: list[str] = []
+    for key, directory in places:
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            os.close(fsafe.open_dir(existing))
+        except UnsafePath as exc:
+            problems.append(f"{key}: {exc}")
+    for key, path in (("agent.socket", None if activated else config.agent.socket),
+                      ("agent.credentials_socket", config.agent.credentials_socket)):
+        if path is None:
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            problems.append(f"{key}: {path} exists and is not a socket: remove it or choose "
+                            "another path")
+    if problems:
+        raise ConfigError(problems)
 
 
 async def _watchdog(interval: float) -> None:

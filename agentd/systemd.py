@@ -41,9 +41,14 @@ def watchdog_interval() -> float | None:
         return None
 
 
+def socket_activated() -> bool:
+    """Whether systemd passed this process listening sockets (without taking them)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid())
+
+
 def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
     """Sockets passed by systemd socket activation (empty when not activated)."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+    if not socket_activated():
         return []
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
