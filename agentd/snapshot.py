@@ -30,6 +30,15 @@ At start ``restored_session`` holds it: the daemon hands the token to the authen
 ``lookup-self`` accepts it) and the leases to ``kinds``, which renews them. Without leases, no
 token is written and a login token is revoked at a clean shutdown instead.
 
+Rollback (issue 13 item 12): every write carries a ``generation`` one higher than the last,
+sealed inside the file, and the same number goes, sealed under the same key, into a second file
+(``generation_path``: beside the key file, ``cache.key.generation``, or ``state_dir/
+cache.generation`` with a key credential). A snapshot whose generation is below the recorded one
+is an older copy put back: it is moved aside and never served, since it may hold values rotated
+since. The snapshot is written before the generation file, so a crash between the two leaves a
+snapshot one ahead, which is accepted. Someone who can put back both files can roll back; that
+needs root or the agent's user, against whom the snapshot is not a defence (docs/security.md).
+
 Nothing here logs a value, a key or a token.
 """
 
@@ -61,6 +70,7 @@ log = logging.getLogger("agentd.snapshot")
 MAGIC = b"AGENTD-SNAPSHOT-1\n"
 FORMAT = 1
 FILE_NAME = "cache.snapshot"
+GENERATION_SUFFIX = ".generation"
 WRITE_DELAY = 1.0          # a new value is on disk within this long
 METADATA_DELAY = 60.0      # a refresh that only moved fetched_at, within this long
 MACHINE_ID = Path("/etc/machine-id")
@@ -118,6 +128,7 @@ class SnapshotStatistics:
     loaded: int                   # entries restored at start
     rejected: int                 # files moved aside (failed authentication or parsing)
     writes: int
+    generation: int               # of the last snapshot written or loaded (0: none yet)
     write_failures: int           # e.g. a full disk: the previous snapshot stayed
     last_write: float | None      # unix time of the last good write
     last_error: str | None
@@ -130,10 +141,15 @@ class Snapshot:
         path: the snapshot file.
         sealer: seals under the snapshot key; None disables the snapshot (no usable key).
         host: the host id bound into the associated data.
+        generation_path: where the second copy of the generation lives (None: only inside the
+            snapshot, so a copy put back is not detected).
     """
 
-    def __init__(self, path: Path, sealer: Sealer | None, *, host: str) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None, *, host: str,
+                 generation_path: Path | None = None) -> None:
         self.path = path
+        self.generation_path = generation_path
+        self._generation = 0
         self._sealer = sealer
         self._host = host
         self._outer_ad = MAGIC + msgpack.packb([host])
@@ -153,12 +169,18 @@ class Snapshot:
         """Build from ``[agent] state_dir`` and ``[cache]``; an unusable key is logged and the
         snapshot disabled (the agent still runs, without surviving restarts)."""
         path = config.agent.state_dir / FILE_NAME
+        if config.cache.key_credential is None:
+            key_file = config.key_file
+            generation = key_file.with_name(key_file.name + GENERATION_SUFFIX)
+        else:
+            generation = config.agent.state_dir / ("cache" + GENERATION_SUFFIX)
         try:
             sealer: Sealer | None = Sealer(load_key(config))
         except CryptoError as exc:
             log.error("snapshot disabled: no usable key", extra={"error": str(exc)})
             sealer = None
-        return cls(path, sealer, host=host_id() if host is None else host)
+        return cls(path, sealer, host=host_id() if host is None else host,
+                   generation_path=generation)
 
     @property
     def enabled(self) -> bool:
@@ -167,7 +189,8 @@ class Snapshot:
     def statistics(self) -> SnapshotStatistics:
         return SnapshotStatistics(
             path=str(self.path), enabled=self.enabled, loaded=self._loaded,
-            rejected=self._rejected, writes=self._writes, write_failures=self._write_failures,
+            rejected=self._rejected, writes=self._writes, generation=self._generation,
+            write_failures=self._write_failures,
             last_write=self._last_write, last_error=self._last_error,
         )
 
@@ -179,6 +202,31 @@ class Snapshot:
         packed: bytes = msgpack.packb(["agentd-snapshot-session", self._host])
         return packed
 
+    def _generation_ad(self) -> bytes:
+        packed: bytes = msgpack.packb(["agentd-snapshot-generation", self._host])
+        return packed
+
+    def _recorded_generation(self) -> int:
+        """The generation in ``generation_path`` (0: none, or unreadable: logged)."""
+        assert self._sealer is not None
+        if self.generation_path is None:
+            return 0
+        try:
+            blob = self.generation_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.error("cannot read the snapshot generation", extra={
+                "path": str(self.generation_path), "error": exc.strerror})
+            return 0
+        try:
+            value = msgpack.unpackb(self._sealer.open(blob, self._generation_ad()))
+        except (CryptoError, ValueError, msgpack.UnpackException):
+            log.error("snapshot generation file fails authentication; ignored",
+                      extra={"path": str(self.generation_path)})
+            return 0
+        return value if isinstance(value, int) and value >= 0 else 0
+
     # --- loading ------------------------------------------------------------------------------
 
     def load_into(self, cache: Cache, *, names: set[str] | None = None) -> list[str]:
@@ -189,6 +237,8 @@ class Snapshot:
         """
         if self._sealer is None:
             return []
+        recorded = self._recorded_generation()
+        self._generation = recorded
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -198,7 +248,11 @@ class Snapshot:
                                                            "error": exc.strerror})
             return []
         try:
-            records, session = self._decode(raw)
+            records, session, generation = self._decode(raw)
+            if generation < recorded:
+                raise ValueError(f"generation {generation} is older than the last one written "
+                                 f"({recorded}): an earlier copy put back")
+            self._generation = generation
             if names is not None:
                 records = [r for r in records if r.name in names]
             restored = cache.import_sealed(records, self._sealer, self._inner_ad)
@@ -219,7 +273,7 @@ class Snapshot:
         })
         return restored
 
-    def _decode(self, raw: bytes) -> tuple[list[SealedRecord], Session | None]:
+    def _decode(self, raw: bytes) -> tuple[list[SealedRecord], Session | None, int]:
         assert self._sealer is not None
         if not raw.startswith(MAGIC):
             raise ValueError("not an agentd snapshot")
@@ -227,6 +281,9 @@ class Snapshot:
         body = msgpack.unpackb(plain, raw=False, strict_map_key=True)
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ValueError("unknown snapshot format")
+        generation = body.get("generation", 0)      # absent: written before generations
+        if not isinstance(generation, int) or generation < 0:
+            raise ValueError("malformed snapshot generation")
         records: list[SealedRecord] = []
         for item in body["entries"]:
             name, version, fetched_at, expires_at, stale_since, blob = item
@@ -240,10 +297,11 @@ class Snapshot:
             ))
         sealed = body.get("token")
         if sealed is None:
-            return records, None
+            return records, None, generation
         if not isinstance(sealed, bytes):
             raise ValueError("malformed snapshot session")
-        return records, self._decode_session(self._sealer.open(sealed, self._session_ad()))
+        session = self._decode_session(self._sealer.open(sealed, self._session_ad()))
+        return records, session, generation
 
     def _decode_session(self, plain: bytes) -> Session:
         body = msgpack.unpackb(plain, raw=False, strict_map_key=True)
@@ -296,12 +354,14 @@ class Snapshot:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def encode(self, cache: Cache, *, session: Session | None = None) -> bytes:
+    def encode(self, cache: Cache, *, session: Session | None = None,
+               generation: int = 0) -> bytes:
         """The sealed file contents for ``cache`` now, with ``session`` (token and leases)."""
         assert self._sealer is not None
         records = cache.export_sealed(self._sealer, self._inner_ad, memo=self._memo)
         body: dict[str, Any] = {
             "format": FORMAT,
+            "generation": generation,
             "written_at": time.time(),
             "entries": [[r.name, r.version, r.fetched_at, r.expires_at, r.stale_since, r.blob]
                         for r in records],
@@ -316,9 +376,14 @@ class Snapshot:
             return False
         async with self._write_lock:
             session = self.session_source() if self.session_source is not None else None
-            data = self.encode(cache, session=session)
+            generation = self._generation + 1
+            data = self.encode(cache, session=session, generation=generation)
             try:
                 await trio.to_thread.run_sync(_write_atomic, self.path, data)
+                self._generation = generation
+                if self.generation_path is not None:
+                    mark = self._sealer.seal(msgpack.packb(generation), self._generation_ad())
+                    await trio.to_thread.run_sync(_write_atomic, self.generation_path, mark)
             except OSError as exc:
                 self._write_failures += 1
                 self._last_error = f"{type(exc).__name__}: {exc.strerror}"

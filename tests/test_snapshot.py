@@ -312,3 +312,56 @@ async def test_session_is_bound_to_the_host(tmp_path: Path) -> None:
     reader = snap(tmp_path)
     assert reader.load_into(Cache()) == []
     assert reader.restored_session is None and reader.statistics().rejected == 1
+
+
+def snap_with_generation(tmp_path: Path) -> Snapshot:
+    return Snapshot(tmp_path / FILE_NAME, Sealer(b"k" * KEY_BYTES), host=HOST,
+                    generation_path=tmp_path / "cache.key.generation")
+
+
+async def test_an_older_snapshot_copied_back_is_refused(tmp_path: Path) -> None:
+    """Issue 13 item 12: a snapshot put back after a rotation would serve the rotated value."""
+    cache, _ = filled_cache()
+    old_value = marker("old")
+    cache.put("db", {"password": old_value}, version=3, fetched_at=1000.0)
+    writer = snap_with_generation(tmp_path)
+    assert await writer.write(cache)
+    old_copy = (tmp_path / FILE_NAME).read_bytes()
+    cache.put("db", {"password": marker("rotated")}, version=4, fetched_at=2000.0)
+    assert await writer.write(cache)
+    assert writer.statistics().generation == 2
+
+    (tmp_path / FILE_NAME).write_bytes(old_copy)            # the attack: an older copy put back
+    reader = snap_with_generation(tmp_path)
+    restored = Cache()
+    assert reader.load_into(restored) == []
+    assert restored.get("db") is None
+    assert reader.statistics().rejected == 1
+    assert not (tmp_path / FILE_NAME).exists()              # moved aside, never served
+    assert any(p.name.startswith(f"{FILE_NAME}.bad-") for p in tmp_path.iterdir())
+    # the next write goes on from the recorded generation, never back
+    assert await reader.write(cache)
+    assert reader.statistics().generation == 3
+
+
+async def test_the_current_snapshot_and_one_from_before_generations_load(tmp_path: Path) -> None:
+    cache, markers = filled_cache()
+    writer = snap_with_generation(tmp_path)
+    assert await writer.write(cache)
+    assert await writer.write(cache)
+    reader = snap_with_generation(tmp_path)
+    assert sorted(reader.load_into(Cache())) == ["api", "db"]
+    assert reader.statistics().generation == 2
+    # a snapshot written before generations existed (no generation, no second file) loads
+    (tmp_path / "cache.key.generation").unlink()
+    plain = snap(tmp_path)
+    assert await plain.write(cache)
+    restored = Cache()
+    assert sorted(snap_with_generation(tmp_path).load_into(restored)) == ["api", "db"]
+    db = restored.get("db")
+    assert db is not None and db.data["password"] == markers["db"]
+
+
+def test_from_config_keeps_the_generation_beside_the_key(tmp_path: Path) -> None:
+    snapshot = Snapshot.from_config(make_config(tmp_path), host=HOST)
+    assert snapshot.generation_path == tmp_path / "cache.key.generation"
