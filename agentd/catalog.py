@@ -105,7 +105,8 @@ def upstream_policy(config: Config) -> str:
         grants.setdefault(path, set()).update(caps)
         comments.setdefault(path, []).append(why)
 
-    for _, secret in sorted(config.secrets.items()):
+    for name in sorted(config.secrets):
+        secret = config.secrets[name]
         for path, caps, why in KINDS[secret.kind].grants(secret):
             grant(path, caps, why)
     grant("auth/token/renew-self", ("update",), "the agent renews its own token")
