@@ -26,15 +26,9 @@ VALUES = {   # a valid value for each kind-only key
     "params": '{ common_name = "x.example" }', "renew_at": "0.5", "revoke_previous": "true",
     "grace": '"30s"', "revoke_on_shutdown": "true", "version": "2",
 }
-CONFIG = """
-[upstream]
-addresses = ["https://127.0.0.1:8200"]
-
-[upstream.auth]
-method = "approle"
-role_id_file = "/etc/agentd/role_id"
-secret_id_file = "/etc/agentd/secret_id"
-
+# the [upstream] part of a config fixture, then one secret with one kind-only key
+UPSTREAM = (ROOT / "tests" / "fixtures" / "config" / "bad-secret-option-for-kind.toml").read_text()
+CONFIG = UPSTREAM.split("[secrets.")[0] + """
 [secrets.s]
 kind = "{kind}"
 path = "a/b"
