@@ -8,10 +8,11 @@ Consumers of a secret: the ``[[policy]]`` rules whose ``allow`` globs match it (
 systemd units among their selectors: those can load it through ``LoadCredential=``), the
 templates and bundles whose text names it with ``secret('NAME')``.
 
-The upstream policy grants, per kind: ``read`` on a kv2/kv1/leased path; ``update`` on the
-lease renew and revoke endpoints under the leased path (``sys/leases/renew/PATH/*``: only this
-secret's leases); ``create``/``update`` on a pki issue path and, with ``revoke_previous``,
-``update`` on its mount's ``revoke``. The token's own renew/lookup/revoke-self come last.
+The upstream policy grants what each secret's kind asks for (``Kind.grants``: ``read`` on a
+kv2/kv1/leased path; ``update`` on the lease renew and revoke endpoints under the leased path
+(``sys/leases/renew/PATH/*``: only this secret's leases); ``create``/``update`` on a pki issue
+path and, with ``revoke_previous``, ``update`` on its mount's ``revoke``). The token's own
+renew/lookup/revoke-self come last.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.config import Config, SecretConfig
-from agentd.kinds import mount_of
+from agentd.kinds import KINDS
 from agentd.refs import secret_refs
 
 
@@ -38,26 +39,9 @@ def _template_text(contents: str | None, source: Path | None) -> str:
         return ""
 
 
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
 def schedule(secret: SecretConfig) -> str:
-    """A human description of when ``secret`` is fetched again."""
-    if secret.kind == "pki":
-        text = f"re-issue at {secret.renew_at:.0%} of the certificate lifetime (+-5%)"
-        if secret.revoke_previous:
-            text += f"; previous serial revoked after {_duration(secret.grace)}"
-        return text
-    if secret.kind == "leased":
-        return (
-            f"renew at {secret.renew_at:.0%} of the lease; new credential near max TTL, "
-            f"old lease revoked after {_duration(secret.grace)}"
-        )
-    return f"poll every {_duration(secret.refresh)} (+-10%)"
+    """A human description of when ``secret`` is fetched again (its kind's ``schedule``)."""
+    return KINDS[secret.kind].schedule(secret)
 
 
 def entries(config: Config, status: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -121,18 +105,10 @@ def upstream_policy(config: Config) -> str:
         grants.setdefault(path, set()).update(caps)
         comments.setdefault(path, []).append(why)
 
-    for name, secret in sorted(config.secrets.items()):
-        if secret.kind in ("kv2", "kv1"):
-            grant(secret.path, ("read",), f"secret {name} ({secret.kind})")
-        elif secret.kind == "leased":
-            grant(secret.path, ("read",), f"secret {name} (leased)")
-            grant(f"sys/leases/renew/{secret.path}/*", ("update",), f"renew {name}'s leases")
-            grant(f"sys/leases/revoke/{secret.path}/*", ("update",), f"revoke {name}'s leases")
-        elif secret.kind == "pki":
-            grant(secret.path, ("create", "update"), f"secret {name} (pki issue)")
-            if secret.revoke_previous:
-                grant(f"{mount_of(secret.path)}/revoke", ("update",),
-                      f"revoke {name}'s replaced certificates")
+    for name in sorted(config.secrets):
+        secret = config.secrets[name]
+        for path, caps, why in KINDS[secret.kind].grants(secret):
+            grant(path, caps, why)
     grant("auth/token/renew-self", ("update",), "the agent renews its own token")
     grant("auth/token/lookup-self", ("read",), "the agent checks its own token after a 403")
     grant("auth/token/revoke-self", ("update",), "the agent revokes its token at shutdown")

@@ -2,7 +2,8 @@
 
 Theory of operation: ``Refresher.run`` starts one task per declared secret. What one step does
 and when the next is due differ per kind (poll, issue a certificate, renew or re-read a lease):
-that lives in ``kinds.Kinds``; this module keeps the schedule, single-flight and failure rules.
+that lives in ``agentd.kinds`` (``Kinds``); this module keeps the schedule, single-flight and
+failure rules.
 Each task waits for a token, fetches its secret through ``Cache.single_flight`` (so an admin
 ``refresh`` racing the poll makes one upstream request, not two), stores it, and sleeps
 ``refresh`` +-10% (or what its kind says). Failures never
@@ -115,7 +116,7 @@ class Refresher:
         self._auth = auth
         self._cache = cache
         self._clock = clock
-        self.kinds = Kinds(upstream, cache, clock=clock)   # per-kind steps (kinds.py)
+        self.kinds = Kinds(upstream, cache, clock=clock)   # per-kind steps (agentd/kinds/)
         self.states: dict[str, SecretState] = {
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }

@@ -59,7 +59,6 @@ log = logging.getLogger("agentd.upstream")
 
 MAX_ERROR_TEXT = 300          # characters of the upstream's "errors" kept in a message
 STANDBY_STATUSES = frozenset({472, 473})
-SECRET_KINDS = ("kv2", "kv1")
 _NOT_JSON: Any = object()      # marker: the body was not JSON
 
 
@@ -278,39 +277,37 @@ class Upstream:
         json: Any = None,
         token: str | None = None,
         authenticated: bool = True,
+        check: Callable[[int, Any], None] | None = None,
     ) -> dict[str, Any]:
         """Call ``/v1/<path>`` and return the decoded JSON object ({} for 204 or an empty body).
 
         ``token`` overrides ``token_source()``; ``authenticated=False`` sends no token at all.
+        ``check(status, body)`` sees the final reply of any status before it is mapped (``body``
+        is not a dict when the reply was no JSON object) and may raise an UpstreamError, which
+        counts as this call's error: a kind's reply format (``kinds.kv``).
         """
         self._requests += 1
         try:
             response, body = await self._exchange(method, path, json, token, authenticated)
+            if check is not None:
+                check(response.status_code, body)
             return self._result(method, path, response, body)
         except UpstreamError as exc:
             self._count_error(exc)
             raise _plain(exc) from exc.__cause__
 
     async def read_secret(self, kind: str, path: str) -> SecretValue:
-        """Read a KV secret. ``kind`` is "kv2" (path like ``secret/data/x``) or "kv1".
+        """Read a KV secret as kind ``kind`` ("kv2", path like ``secret/data/x``, or "kv1") does.
 
         A KV v2 version that is deleted or destroyed raises UpstreamNotFound saying so.
         """
-        if kind not in SECRET_KINDS:
+        # the kinds build on this module, not the reverse: imported when called
+        from agentd.kinds import KINDS, KV1
+
+        reader = KINDS.get(kind)
+        if not isinstance(reader, KV1):
             raise ValueError(f"unsupported secret kind {kind!r}")
-        self._requests += 1
-        try:
-            response, body = await self._exchange("GET", path, None, None, True)
-            if kind == "kv2":
-                return self._kv2_value(path, response, body)
-            result = self._result("GET", path, response, body)
-            data = result.get("data")
-            if not isinstance(data, dict):
-                raise PermanentError(f"GET {path}: reply has no data object")
-            return SecretValue(data=data, version=None)
-        except UpstreamError as exc:
-            self._count_error(exc)
-            raise _plain(exc) from exc.__cause__
+        return await reader.read(self, path)
 
     async def renew_client_identity(self) -> None:
         """Re-read the cert auth method's certificate and key for new connections, so the next
@@ -347,34 +344,6 @@ class Upstream:
         self._errors += 1
         self._errors_by_kind[_error_kind(exc)] += 1
         self._last_error = str(exc)
-
-    def _kv2_value(self, path: str, response: Response, body: Any) -> SecretValue:
-        data = body.get("data") if isinstance(body, dict) else None
-        metadata = data.get("metadata") if isinstance(data, dict) else None
-        if isinstance(metadata, dict) and response.status_code in (200, 404):
-            version = metadata.get("version")
-            if metadata.get("destroyed"):
-                raise UpstreamNotFound(
-                    f"GET {path}: version {version} destroyed", status=response.status_code
-                )
-            if metadata.get("deletion_time"):
-                raise UpstreamNotFound(
-                    f"GET {path}: version {version} deleted", status=response.status_code
-                )
-        result = self._result("GET", path, response, body)
-        data = result.get("data")
-        if not isinstance(data, dict):
-            raise PermanentError(f"GET {path}: reply has no data object")
-        values = data.get("data")
-        metadata = data.get("metadata")
-        if values is None:
-            raise UpstreamNotFound(f"GET {path}: no data (deleted)", status=response.status_code)
-        if not isinstance(values, dict) or not isinstance(metadata, dict):
-            raise PermanentError(f"GET {path}: reply is not a KV v2 secret")
-        version = metadata.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise PermanentError(f"GET {path}: reply has no KV v2 version")
-        return SecretValue(data=values, version=version)
 
     def _result(
         self, method: str, path: str, response: Response, body: Any

@@ -25,6 +25,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentd.kinds import KindState, LeaseState  # noqa: E402
 from tests.agentfixture import running_agent  # noqa: E402
 from tests.kindsupport import unique, write_config_with_catalog_policy  # noqa: E402
 from tests.openbao import DevServer  # noqa: E402
@@ -39,10 +40,18 @@ async def measure(path: Path, window: float) -> tuple[int, int, int]:
         up, auth = running.agent.upstream, running.agent.auth
         state = running.agent.refresher.kinds.state("s")
         start = up.statistics().requests - auth.statistics().logins - auth.statistics().renewals
-        renewals, reissues = state.renewals, state.reissues
+        renewals, reissues = _lease_counts(state)
         await trio.sleep(window)
         end = up.statistics().requests - auth.statistics().logins - auth.statistics().renewals
-    return end - start, state.renewals - renewals, state.reissues - reissues
+        renewals_after, reissues_after = _lease_counts(state)
+    return end - start, renewals_after - renewals, reissues_after - reissues
+
+
+def _lease_counts(state: KindState) -> tuple[int, int]:
+    """(renewals, new credentials) of a leased secret; (0, 0) for the other kinds."""
+    if isinstance(state, LeaseState):
+        return state.renewals, state.reissues
+    return 0, 0
 
 
 def main() -> None:

@@ -1,0 +1,271 @@
+"""One agent's secret kinds at work (decision 4): the refresher calls in here.
+
+Theory of operation: ``Kinds.fetch(secret)`` is one refresh step for any kind and returns the
+``SecretValue`` the refresher stores; ``Kinds.next_delay(secret, default)`` says when the next
+step is due. Both look the secret's kind up in ``registry.KINDS`` and hand it the secret's state
+(``Kind.State``, created on first use) and this object as its ``base.Runtime``. The refresher
+keeps its single-flight, backoff and staleness rules for every kind; what differs per kind lives
+in the kind's module (``kv``, ``pki``, ``leased``).
+
+For every kind, here:
+
+- the ``check`` hook (``check.run_check``), counted in the status as ``check_failures``;
+- anomaly signals (``observe``): each new value's keyed HMAC fingerprint (under a per-process key,
+  never the plaintext) is compared with the last few; a match is a reuse alarm. A change sooner
+  than ``expect_rotation_every`` after the previous change is a rotation-frequency alarm. Both
+  are a warning log and a counter in ``status``;
+- the leases' life across tokens and restarts: ``follow_token`` moves leases to a new login
+  token, ``export_leases``/``restore_leases`` carry them through the snapshot, and at a clean
+  shutdown ``revoke_on_shutdown`` leases are revoked.
+
+Delayed revocations run in ``run()``'s nursery (started by the refresher); cancelling it drops
+the pending ones (OpenBao expires the leases on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+
+from agentd.cache import Cache, thaw
+from agentd.config import SecretConfig
+from agentd.crypto import Sealer
+from agentd.errors import CheckFailed, UpstreamError
+from agentd.kinds.base import Kind, KindState
+from agentd.kinds.check import run_check
+from agentd.kinds.leased import LeaseRecord, LeaseState, revoke_lease
+from agentd.kinds.registry import KINDS
+from agentd.upstream import SecretValue, Upstream
+
+if TYPE_CHECKING:
+    from agentd.auth import Authenticator
+
+log = logging.getLogger("agentd.kinds")
+
+SHUTDOWN_REVOKE_TIMEOUT = 5.0
+
+
+class Kinds:
+    """Kind-specific refresh steps for one agent. Lifetime: ``run()`` in the refresher's nursery.
+
+    Args:
+        upstream: the OpenBao client.
+        cache: the secret store (leased renewals re-store the cached data with a new expiry).
+        clock: wall clock (expiry math); scheduling uses trio's clock through the refresher.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        cache: Cache,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._cache = cache
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._fingerprinter = Sealer.generate()
+        self._states: dict[str, KindState] = {}
+        self._secrets: dict[str, SecretConfig] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # --- base.Runtime -------------------------------------------------------------------------
+
+    @property
+    def upstream(self) -> Upstream:
+        return self._upstream
+
+    @property
+    def cache(self) -> Cache:
+        return self._cache
+
+    @property
+    def rng(self) -> random.Random:
+        return self._rng
+
+    def now(self) -> float:
+        return self._clock()
+
+    def owner(self, token: str | None) -> bytes | None:
+        return None if token is None else self._fingerprinter.fingerprint(token.encode())
+
+    def fingerprint(self, data: Mapping[str, Any]) -> bytes:
+        packed: bytes = msgpack.packb(thaw(data))
+        return self._fingerprinter.fingerprint(packed)
+
+    async def check(self, secret: SecretConfig, data: Mapping[str, Any]) -> None:
+        try:
+            await run_check(secret, data)
+        except CheckFailed:
+            self._state(secret).check_failures += 1
+            raise
+
+    def later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is None:
+            return
+
+        async def task() -> None:
+            await trio.sleep(delay)
+            await fn(*args)
+
+        self._nursery.start_soon(task)
+
+    # --- states -------------------------------------------------------------------------------
+
+    def state(self, name: str) -> KindState:
+        """What ``name``'s kind remembers (a fresh common part if nothing yet)."""
+        return self._states.get(name) or KindState()
+
+    def _state(self, secret: SecretConfig) -> Any:
+        """``secret``'s state, of its kind's ``State`` type (Any: the kind's own type)."""
+        state = self._states.get(secret.name)
+        if state is None:
+            state = self._states[secret.name] = _kind(secret).State()
+        return state
+
+    def forget(self, name: str) -> None:
+        """Drop what is known about ``name`` (removed from the config or moved upstream)."""
+        self._states.pop(name, None)
+        self._secrets.pop(name, None)
+
+    def status(self, secret: SecretConfig) -> dict[str, Any]:
+        state = self._state(secret)
+        out = _kind(secret).status(secret, state)
+        out["anomalies"] = {"reuse": state.reuse_alarms, "rotation": state.rotation_alarms}
+        if secret.check:
+            out["check_failures"] = state.check_failures
+        return out
+
+    # --- leases -------------------------------------------------------------------------------
+
+    def _leases(self) -> list[tuple[str, LeaseState]]:
+        return [(n, s) for n, s in self._states.items() if isinstance(s, LeaseState)]
+
+    def holds_leases(self) -> bool:
+        """True while some leased secret holds a lease (the login token must then live on)."""
+        return any(state.lease_id for _, state in self._leases())
+
+    def export_leases(self) -> dict[str, LeaseRecord]:
+        """The live leases, for the snapshot: they must outlive a restart with their token."""
+        now = self._clock()
+        records = {name: state.record(now) for name, state in self._leases()}
+        return {name: record for name, record in records.items() if record is not None}
+
+    def restore_leases(self, leases: Mapping[str, LeaseRecord],
+                       secrets: Mapping[str, SecretConfig], *, token: str | None) -> list[str]:
+        """Take over leases from the snapshot (created under ``token``, the sealed login token)
+        so they are renewed, moved to a new token or revoked like any other, never orphaned.
+        Only declared leased secrets; returns their names."""
+        owner = self.owner(token)
+        taken: list[str] = []
+        for name, record in leases.items():
+            secret = secrets.get(name)
+            if secret is None or not issubclass(_kind(secret).State, LeaseState):
+                continue
+            self._state(secret).take_over(record, owner)
+            self._secrets[name] = secret
+            taken.append(name)
+        return taken
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery for delayed revocations; at the end revoke ``revoke_on_shutdown``
+        leases (bounded, errors logged)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_REVOKE_TIMEOUT):
+                for name, state in self._leases():
+                    secret = self._secrets.get(name)
+                    if secret is not None and secret.revoke_on_shutdown and state.lease_id:
+                        await revoke_lease(self, name, state.lease_id)
+                        state.lease_id = None
+
+    async def follow_token(
+        self, auth: Authenticator, refresh: Callable[[str], Awaitable[int]]
+    ) -> None:
+        """On every new login token, move leases created under an earlier token to it at once
+        (``refresh(name)`` runs the secret's step, which reads a new credential): OpenBao revokes
+        a lease when the token that created it expires. Runs until cancelled."""
+        seen = auth.token_generation
+        while True:
+            seen, token = await auth.wait_token_changed(seen)
+            if token is None:
+                continue
+            owner = self.owner(token)
+            for name in list(self._secrets):
+                # A step already in flight (with the old token) is joined by refresh(): look
+                # again after it and run one more if the lease is still under the old token.
+                for _ in range(3):
+                    state = self._states.get(name)
+                    if not isinstance(state, LeaseState) or not state.under_other_token(owner):
+                        break
+                    try:
+                        await refresh(name)
+                    except UpstreamError as exc:
+                        log.warning("moving the lease to the new token failed; retried later",
+                                    extra={"secret": name, "error": str(exc)})
+                        break
+
+    # --- the refresh step ---------------------------------------------------------------------
+
+    async def fetch(
+        self, secret: SecretConfig, *, token: str | None = None,
+        token_expires_at: float | None = None,
+    ) -> SecretValue:
+        """One refresh step for ``secret``: read, issue, renew or re-read as its kind needs.
+
+        ``token`` is the login token this step runs with and ``token_expires_at`` its expiry
+        (a lease lives only as long as the token that created it: see ``leased``).
+
+        Raises UpstreamError subclasses (CheckFailed, CertificateRejected for values refused
+        here); the value being served is not touched except when a lease is known to be gone.
+        """
+        self._secrets[secret.name] = secret
+        return await _kind(secret).fetch(self, secret, self._state(secret), token=token,
+                                         token_expires_at=token_expires_at)
+
+    def next_delay(self, secret: SecretConfig, default: float) -> float:
+        """Seconds until the next step after a successful one (``default``: kv polling)."""
+        return _kind(secret).next_delay(self, secret, self._state(secret), default)
+
+    def observe(self, secret: SecretConfig, data: Mapping[str, Any]) -> None:
+        """Anomaly signals for a new value just stored (see the module docstring)."""
+        state = self._state(secret)
+        digest = self.fingerprint(data)
+        now = self._clock()
+        if digest in state.fingerprints:
+            state.reuse_alarms += 1
+            log.warning(
+                "secret changed back to a recent previous value (reuse)",
+                extra={"secret": secret.name, "anomaly": "reuse"},
+            )
+        if (
+            secret.expect_rotation_every is not None
+            and state.last_change is not None
+            and now - state.last_change < secret.expect_rotation_every
+        ):
+            state.rotation_alarms += 1
+            log.warning(
+                "secret rotates more often than expect_rotation_every allows",
+                extra={"secret": secret.name, "anomaly": "rotation",
+                       "interval": round(now - state.last_change, 3),
+                       "expect_rotation_every": secret.expect_rotation_every},
+            )
+        state.fingerprints.append(digest)
+        state.last_change = now
+
+
+def _kind(secret: SecretConfig) -> Kind[Any]:
+    return KINDS[secret.kind]
