@@ -17,15 +17,12 @@ file and keeps other same-uid processes from ptracing the agent.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import hmac
 import itertools
 import logging
 import os
-import resource
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agentd.errors import CryptoError
+from agentd.hardening import PR_GET_DUMPABLE as PR_GET_DUMPABLE
+from agentd.hardening import PR_SET_DUMPABLE as PR_SET_DUMPABLE
+from agentd.hardening import harden_process as harden_process
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,6 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 _FINGERPRINT_LABEL = b"agentd fingerprint v1"
 
-# <linux/prctl.h>
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
 
 
 class Sealer:
@@ -101,30 +98,6 @@ class Sealer:
         key a digest cannot be used to confirm a guessed value.
         """
         return hmac.new(self._fingerprint_key, data, hashlib.sha256).digest()
-
-
-def harden_process() -> None:
-    """Make this process non-dumpable and turn core dumps off (decision 6).
-
-    ``PR_SET_DUMPABLE 0`` also keeps processes of the same uid (without CAP_SYS_PTRACE) from
-    attaching to the agent or reading its ``/proc/PID/mem``. Failures are logged, never raised:
-    a kernel without prctl must not keep the agent from starting.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        prctl = libc.prctl
-        prctl.restype = ctypes.c_int
-        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                          ctypes.c_ulong]
-        if prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
-    except (OSError, AttributeError) as exc:
-        log.warning("prctl(PR_SET_DUMPABLE, 0) unavailable: %s", exc)
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (OSError, ValueError) as exc:
-        log.warning("setrlimit(RLIMIT_CORE, 0) failed: %s", exc)
 
 
 def load_or_create_key(path: Path) -> bytes:
