@@ -16,7 +16,6 @@ file and keeps other same-uid processes from ptracing the agent.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import hmac
@@ -36,6 +35,7 @@ from agentd.errors import CryptoError
 from agentd.hardening import PR_GET_DUMPABLE as PR_GET_DUMPABLE
 from agentd.hardening import PR_SET_DUMPABLE as PR_SET_DUMPABLE
 from agentd.hardening import harden_process as harden_process
+from agentd.render.files import create_file
 
 log = logging.getLogger(__name__)
 
@@ -161,29 +161,8 @@ def _create_key(path: Path) -> None:
         if not parent.exists():
             parent.mkdir(mode=0o700, parents=True)
             os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
-        tmp = parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                key = os.urandom(KEY_BYTES)
-                written = 0
-                while written < KEY_BYTES:
-                    written += os.write(fd, key[written:])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # Fails if another starter won the race: then its key is the one to use.
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # A hard link, not a rename: if another starter won the race, its key is the one to use.
+        create_file(path, os.urandom(KEY_BYTES), mode=0o600)
     except OSError as exc:
         raise CryptoError(f"{path}: cannot create key file: {exc.strerror}") from None
     log.info("created a new cache key file %s", path)

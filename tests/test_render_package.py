@@ -35,3 +35,11 @@ def test_the_worker_child_imports_msgpack_jinja2_and_pure_agentd_modules_only() 
 def test_the_file_routines_import_neither_trio_nor_the_config() -> None:
     modules = _imported(["-c", "import agentd.render.files"])
     assert _heavy(modules) == []
+
+
+def test_crypto_uses_the_file_routines_without_trio_or_the_renderer() -> None:
+    modules = _imported(["-c", "import agentd.crypto"])
+    assert "agentd.render.files" in modules
+    assert [m for m in _heavy(modules) if not m.startswith(("cryptography", "agentd.crypto"))] \
+        == []
+    assert "agentd.render.service" not in modules
