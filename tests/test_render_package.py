@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from agentd.config import TemplateConfig
+from agentd.render.outputs import TemplateOutput
+from agentd.render.service import TRANSITIONS, Target, TargetState
 
 HEAVY = ("trio", "cryptography", "agentd.config", "agentd.cache", "agentd.crypto")
 
@@ -43,3 +50,14 @@ def test_crypto_uses_the_file_routines_without_trio_or_the_renderer() -> None:
     assert [m for m in _heavy(modules) if not m.startswith(("cryptography", "agentd.crypto"))] \
         == []
     assert "agentd.render.service" not in modules
+
+
+def test_a_target_moves_only_along_the_declared_transitions(tmp_path: Path) -> None:
+    target = Target(config=TemplateConfig(destination=tmp_path / "f", contents="x"))
+    assert target.state is TargetState.IDLE and isinstance(target.output, TemplateOutput)
+    for state in (TargetState.RENDERING, TargetState.WRITING, TargetState.WRITING_RECHECK,
+                  TargetState.WRITING_RECHECK, TargetState.RENDERING, TargetState.IDLE):
+        target.to(state)
+    with pytest.raises(RuntimeError, match="cannot go from IDLE to WRITING"):
+        target.to(TargetState.WRITING)
+    assert set(TRANSITIONS) == set(TargetState)

@@ -17,7 +17,7 @@ from agentd.config import Config
 from agentd.errors import AgentdError, RenderError
 from agentd.frozen import thaw
 from agentd.refs import secret_refs
-from agentd.render.files import _ids
+from agentd.render.files import owner_ids
 from agentd.render.outputs import outputs_of
 from agentd.render.pool import RenderWorker
 
@@ -81,7 +81,7 @@ async def dry_run(config: Config, fetch: Any) -> list[PlannedChange]:
             except (RenderError, AgentdError) as exc:
                 plans.append(PlannedChange(output.key, "error", str(exc)))
                 continue
-            uid, gid = _ids(output.config.owner, output.config.group)
+            uid, gid = owner_ids(output.config.owner, output.config.group)
             modes, paths = output.modes(), output.paths()
             for name, out in rendered.items():
                 plans.append(_compare(paths[name], out, modes[name], uid, gid,

@@ -65,7 +65,7 @@ def _put(dir_fd: int, name: str, data: bytes, mode: int, uid: int | None, gid: i
          *, replace: bool) -> bool:
     """One file, unbatched: temp, fill, fsync, rename (or link when not ``replace``), fsync the
     directory. False when ``replace`` is off and ``name`` exists. Raises OSError; no temp stays."""
-    uid, gid = _ids(uid, gid)
+    uid, gid = owner_ids(uid, gid)
     tmp, fd = _open_temp(dir_fd, name)
     try:
         try:
@@ -120,7 +120,9 @@ def create_file(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
     return _in_dir(path, data, mode, replace=False)
 
 
-def _os_error(where: str, what: str, exc: OSError) -> RenderError:
+def os_error(where: str, what: str, exc: OSError) -> RenderError:
+    """``exc`` as a RenderError naming ``where`` and ``what`` failed, with a hint for the usual
+    causes (a read-only or full file system, permissions)."""
     reason = exc.strerror or str(exc)
     hint = ""
     if exc.errno == errno.EROFS:
@@ -138,7 +140,7 @@ def open_dir(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise _os_error(str(path), "cannot open the directory", exc) from exc
+        raise os_error(str(path), "cannot open the directory", exc) from exc
 
 
 def check_dir(dir_fd: int, where: str) -> None:
@@ -154,7 +156,8 @@ def check_dir(dir_fd: int, where: str) -> None:
                           "refusing to write there")
 
 
-def _ids(uid: int | None, gid: int | None) -> tuple[int, int]:
+def owner_ids(uid: int | None, gid: int | None) -> tuple[int, int]:
+    """The owner a file gets: the configured uid/gid, else this process's."""
     return (os.geteuid() if uid is None else uid, os.getegid() if gid is None else gid)
 
 
@@ -229,13 +232,13 @@ def _stage(w: FileWrite) -> bool:
     """Checks, then the temp file with its final owner and mode before any byte, written but
     not yet synced (``w.fd`` open). False: the destination already is exactly that."""
     where = w.label
-    uid, gid = _ids(w.uid, w.gid)
+    uid, gid = owner_ids(w.uid, w.gid)
     try:
         st: os.stat_result | None = os.stat(w.name, dir_fd=w.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise _os_error(where, "cannot stat the destination", exc) from exc
+        raise os_error(where, "cannot stat the destination", exc) from exc
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise RenderError(f"{where}: the destination is a symlink: refusing to write through it")
     if st is not None and not stat.S_ISREG(st.st_mode):
@@ -244,17 +247,17 @@ def _stage(w: FileWrite) -> bool:
         if st is not None and _same_file(w.dir_fd, w.name, w.data, w.mode, uid, gid):
             return False
     except OSError as exc:
-        raise _os_error(where, "cannot read the destination", exc) from exc
+        raise os_error(where, "cannot read the destination", exc) from exc
     w.backup = w.backup and st is not None
     try:
         w.tmp, w.fd = _open_temp(w.dir_fd, w.name)
     except OSError as exc:
-        raise _os_error(where, "cannot create a temp file", exc) from exc
+        raise os_error(where, "cannot create a temp file", exc) from exc
     try:
         _fill(w.fd, w.data, w.mode, uid, gid)
     except OSError as exc:
         _discard(w)
-        raise _os_error(where, "cannot write", exc) from exc
+        raise os_error(where, "cannot write", exc) from exc
     return True
 
 
@@ -299,7 +302,7 @@ def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
             w.fd = None
         except OSError as exc:
             _discard(w)
-            results[i] = _os_error(w.label, "cannot write", exc)
+            results[i] = os_error(w.label, "cannot write", exc)
             continue
         synced.append(i)
     renamed: dict[int, list[int]] = {}
@@ -312,7 +315,7 @@ def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
             os.rename(w.tmp, w.name, src_dir_fd=w.dir_fd, dst_dir_fd=w.dir_fd)
         except OSError as exc:
             _discard(w)
-            results[i] = _os_error(w.label, "cannot write", exc)
+            results[i] = os_error(w.label, "cannot write", exc)
             continue
         w.tmp = None
         results[i] = True
@@ -322,7 +325,7 @@ def write_files(writes: list[FileWrite]) -> list[bool | RenderError]:
             os.fsync(dir_fd)
         except OSError as exc:
             for i in done:
-                results[i] = _os_error(writes[i].label, "cannot fsync the directory", exc)
+                results[i] = os_error(writes[i].label, "cannot fsync the directory", exc)
     return results
 
 
@@ -386,7 +389,7 @@ def write_bundle(dir_fd: int, files: Mapping[str, bytes], *, modes: Mapping[str,
     Returns None when nothing changed, else the name of the previous version directory (``""``
     if there was none), which the caller removes after the grace period.
     """
-    uid, gid = _ids(uid, gid)
+    uid, gid = owner_ids(uid, gid)
     try:
         if bundle_current(dir_fd, files, modes, uid, gid):
             return None
@@ -423,7 +426,7 @@ def write_bundle(dir_fd: int, files: Mapping[str, bytes], *, modes: Mapping[str,
                 os.unlink(name, dir_fd=dir_fd)
         os.fsync(dir_fd)
     except OSError as exc:
-        raise _os_error(where, "cannot write the bundle", exc) from exc
+        raise os_error(where, "cannot write the bundle", exc) from exc
     return old or ""
 
 

@@ -185,7 +185,7 @@ class BundleOutput:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise files._os_error(where, "cannot create the bundle directory", exc) from exc
+            raise files.os_error(where, "cannot create the bundle directory", exc) from exc
         fd = files.open_dir(c.directory)
         try:
             files.check_dir(fd, where)
