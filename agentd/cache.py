@@ -31,7 +31,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, TypeVar
 
 import msgpack
@@ -40,6 +39,8 @@ import trio
 from agentd.cell import Cell
 from agentd.crypto import Sealer
 from agentd.errors import CryptoError, Unavailable
+from agentd.frozen import freeze
+from agentd.frozen import thaw as thaw  # re-exported: the cache hands out frozen values
 
 log = logging.getLogger(__name__)
 
@@ -130,23 +131,6 @@ class _Flight:
         self.result: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def thaw(value: Any) -> Any:
-    """A read-only value from the cache as plain dicts and lists (to pack, render or print)."""
-    if isinstance(value, Mapping):
-        return {k: thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [thaw(v) for v in value]
-    return value
 
 
 def _plain(obj: Any) -> Any:
@@ -240,7 +224,7 @@ class Cache:
         if opened is None:
             return None
         packed, version, fetched_at, expires_at, stale = opened
-        data = _freeze(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+        data = freeze(msgpack.unpackb(packed, raw=False, strict_map_key=False))
         return CachedSecret(name=name, data=data, version=version, fetched_at=fetched_at,
                             expires_at=expires_at, stale=stale)
 

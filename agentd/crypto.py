@@ -16,16 +16,12 @@ file and keeps other same-uid processes from ptracing the agent.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import hmac
 import itertools
 import logging
 import os
-import resource
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +32,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agentd.errors import CryptoError
+from agentd.hardening import PR_GET_DUMPABLE as PR_GET_DUMPABLE
+from agentd.hardening import PR_SET_DUMPABLE as PR_SET_DUMPABLE
+from agentd.hardening import harden_process as harden_process
+from agentd.render.files import create_file
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,6 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 _FINGERPRINT_LABEL = b"agentd fingerprint v1"
 
-# <linux/prctl.h>
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
 
 
 class Sealer:
@@ -101,30 +98,6 @@ class Sealer:
         key a digest cannot be used to confirm a guessed value.
         """
         return hmac.new(self._fingerprint_key, data, hashlib.sha256).digest()
-
-
-def harden_process() -> None:
-    """Make this process non-dumpable and turn core dumps off (decision 6).
-
-    ``PR_SET_DUMPABLE 0`` also keeps processes of the same uid (without CAP_SYS_PTRACE) from
-    attaching to the agent or reading its ``/proc/PID/mem``. Failures are logged, never raised:
-    a kernel without prctl must not keep the agent from starting.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        prctl = libc.prctl
-        prctl.restype = ctypes.c_int
-        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                          ctypes.c_ulong]
-        if prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(err))
-    except (OSError, AttributeError) as exc:
-        log.warning("prctl(PR_SET_DUMPABLE, 0) unavailable: %s", exc)
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (OSError, ValueError) as exc:
-        log.warning("setrlimit(RLIMIT_CORE, 0) failed: %s", exc)
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -188,29 +161,8 @@ def _create_key(path: Path) -> None:
         if not parent.exists():
             parent.mkdir(mode=0o700, parents=True)
             os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
-        tmp = parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                key = os.urandom(KEY_BYTES)
-                written = 0
-                while written < KEY_BYTES:
-                    written += os.write(fd, key[written:])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # Fails if another starter won the race: then its key is the one to use.
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # A hard link, not a rename: if another starter won the race, its key is the one to use.
+        create_file(path, os.urandom(KEY_BYTES), mode=0o600)
     except OSError as exc:
         raise CryptoError(f"{path}: cannot create key file: {exc.strerror}") from None
     log.info("created a new cache key file %s", path)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agentd import __version__
 from agentd.cache import stale_deadline
+from agentd.render.files import replace_file
 
 if TYPE_CHECKING:
     from agentd.daemon import Agent
@@ -277,19 +276,12 @@ def exposition(registry: CollectorRegistry) -> bytes:
 # --- textfile ---------------------------------------------------------------------------------
 
 def write_textfile(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file, fsync, rename), mode 0644."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace ``path`` with ``data`` atomically (``files.replace_file``), mode 0644.
+
+    Raises:
+        OSError: the directory is missing or not writable, the disk is full; no temp file stays.
+    """
+    replace_file(path, data, mode=0o644)
 
 
 async def run_textfile(agent: Agent, path: Path, interval: float, *,

@@ -44,7 +44,6 @@ Nothing here logs a value, a key or a token.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -64,6 +63,7 @@ from agentd.config import Config
 from agentd.crypto import KEY_BYTES, Sealer, load_or_create_key
 from agentd.errors import CryptoError
 from agentd.kinds import LeaseRecord
+from agentd.render.files import replace_file
 
 log = logging.getLogger("agentd.snapshot")
 
@@ -420,28 +420,9 @@ class Snapshot:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """temp (0600, O_EXCL|O_NOFOLLOW) + fsync + rename + fsync(dir). Raises OSError."""
+    """Create the directory (0700) if missing, then ``files.replace_file`` (0600 temp with
+    O_EXCL|O_NOFOLLOW, fsync, rename, fsync the directory). Raises OSError."""
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o700, parents=True)
-    tmp = parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, data, mode=0o600)

@@ -14,6 +14,7 @@ import trio
 from agentd import render
 from agentd.client import open_client
 from agentd.daemon import Agent
+from agentd.render import outputs as render_outputs
 from tests.agentfixture import running_agent, seed, socket_dir, write_config
 from tests.openbao import DevServer
 
@@ -268,7 +269,7 @@ group = "nogroup"
     bundle = config_mod.load(path, check_permissions=False).bundles[0]
     assert dict(bundle.modes) == {"cert.pem": 0o644}
     assert (bundle.owner, bundle.group) == (4242, NOGROUP)    # a number as a string
-    assert render._modes(bundle) == {"cert.pem": 0o644, "key.pem": 0o640}
+    assert render_outputs._modes(bundle) == {"cert.pem": 0o644, "key.pem": 0o640}
     path.write_text(base + 'modes = { "chain.pem" = "0644", "key.pem" = "rw" }\n')
     try:
         config_mod.load(path, check_permissions=False)

@@ -1,0 +1,135 @@
+"""The sandboxed render worker: a child process that renders one template at a time.
+
+Theory of operation (decision 8): render happens here (``python -m agentd.render.worker``),
+never on the trio thread and never in a thread: Jinja2's ``SandboxedEnvironment`` bounds
+neither time nor memory (``'x' * 10**8`` renders), and a thread cannot be killed. The worker
+gets one request at a time over stdin (4-byte length + msgpack map: the template text, the data
+of the secrets it names, the output limit), renders with ``StrictUndefined`` and
+``keep_trailing_newline`` (byte-exact output) and answers on stdout with the bytes or an error
+message scrubbed of secret values. It runs under ``RLIMIT_AS`` (``WORKER_MEMORY``), stops
+producing output past the request's limit and is made non-dumpable like the agent, since it
+sees plaintext. The parent side is ``agentd.render.pool.RenderWorker``.
+
+Import closure: msgpack, Jinja2 (inside ``worker_main``), the standard library and the pure
+``agentd.errors``, ``agentd.frozen`` and ``agentd.hardening``; never trio, the config, the cache
+or ``cryptography`` (``tests/test_render_package.py`` holds this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from agentd.errors import RenderError
+from agentd.frozen import freeze, thaw
+from agentd.hardening import harden_process
+
+WORKER_MEMORY = 1 << 30         # RLIMIT_AS of the worker
+
+
+def _frame(obj: Any) -> bytes:
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def _scrub(message: str, data: Mapping[str, Any]) -> str:
+    """Remove every secret string from an error message (and keep it short)."""
+    values: list[str] = []
+
+    def collect(v: Any) -> None:
+        if isinstance(v, Mapping):
+            for x in v.values():
+                collect(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                collect(x)
+        elif isinstance(v, (str, bytes)) and len(v) >= 3:
+            values.append(v if isinstance(v, str) else v.decode("utf-8", "replace"))
+
+    collect(data)
+    for v in sorted(values, key=len, reverse=True):
+        message = message.replace(v, "***")
+    return message[:300]
+
+
+def _render_in_worker(env: Any, cache: dict[str, Any], request: Mapping[str, Any]) -> bytes:
+    data: Mapping[str, Any] = request["secrets"]
+    frozen = {name: freeze(value) for name, value in data.items()}
+
+    def secret(name: str) -> Any:
+        if name not in frozen:
+            raise RenderError(f"secret({name!r}): not available to this template "
+                              "(undeclared, not fetched, or not named literally)")
+        return frozen[name]
+
+    text: str = request["template"]
+    template = cache.get(text)
+    if template is None:
+        if len(cache) > 4096:
+            cache.clear()
+        template = cache[text] = env.from_string(text)
+    limit: int = request["max_bytes"]
+    out: list[bytes] = []
+    size = 0
+    for chunk in template.generate(secret=secret):
+        piece = chunk.encode("utf-8", "surrogateescape")
+        size += len(piece)
+        if size > limit:
+            raise RenderError(f"output larger than {limit} bytes")
+        out.append(piece)
+    return b"".join(out)
+
+
+def worker_main() -> None:
+    """The worker loop: read a request from stdin, write the answer to stdout, until EOF."""
+    import base64
+    import json
+    import resource
+
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    harden_process()
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+
+    def b64encode(value: Any) -> str:
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+        return base64.b64encode(raw).decode("ascii")
+
+    def b64decode(value: Any) -> str:
+        return base64.b64decode(str(value), validate=True).decode("utf-8", "surrogateescape")
+
+    def tojson(value: Any) -> str:
+        return json.dumps(thaw(value), sort_keys=True)
+
+    env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True,
+                               autoescape=False)
+    env.filters.update(b64encode=b64encode, b64decode=b64decode, tojson=tojson)
+    compiled: dict[str, Any] = {}
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = stdin.read(4)
+        if len(head) < 4:
+            return
+        (n,) = struct.unpack(">I", head)
+        request = msgpack.unpackb(stdin.read(n), raw=False)
+        try:
+            reply: dict[str, Any] = {"ok": True,
+                                     "output": _render_in_worker(env, compiled, request)}
+        except MemoryError:
+            reply = {"ok": False, "error": "out of memory while rendering"}
+        except Exception as exc:  # any template error becomes a message
+            name = type(exc).__name__
+            reply = {"ok": False, "error": f"{name}: {_scrub(str(exc), request['secrets'])}"}
+        stdout.write(_frame(reply))
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    worker_main()
