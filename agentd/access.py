@@ -85,7 +85,7 @@ MAX_EXE_BYTES = 512 * 1024 * 1024
 MAX_PROC_FILE_BYTES = 64 * 1024     # stat, status and cgroup are far smaller
 _DELETED = " (deleted)"
 _UCRED = struct.Struct("3i")
-_DEAD_STATES = ("Z", "X")           # zombie, dead: exited, not (yet) reaped
+_DEAD_STATES = (b"Z", b"X")         # zombie, dead: exited, not (yet) reaped
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -163,8 +163,7 @@ class Peer:
         except OSError:
             return gone
         try:
-            seen = _observe(dirfd)
-            status = _read_at(dirfd, "status").decode("ascii", "replace")
+            seen = _observe(dirfd, with_start_time=True)
             exe, deleted = _exe_text(dirfd, seen.exe_id)
             unit, user_unit = _unit_at(dirfd)
             # Only now: a pidfd's process alive after the reads held the pid during them.
@@ -181,7 +180,7 @@ class Peer:
             pid=pid,
             uid=uid,
             gid=gid,
-            groups=frozenset(_groups_from_status(status)) | {gid},
+            groups=frozenset(seen.groups) | {gid},
             start_time=seen.start_time,
             user=_user_name(uid),
             group=_group_name(gid),
@@ -194,14 +193,17 @@ class Peer:
             pidfd=pidfd,
             procfd=dirfd,
         )
+
     def still_same_process(self) -> bool:
         """True while ``pid`` still names the process identified at accept, running the same
         file with the same credentials.
 
         Read through the ``/proc/PID`` directory fd held since accept (and the pidfd, if any):
         False when that process has exited (even if its pid now names another process), is a
-        zombie, has another start time, effective uid or gid than at accept, or runs another
-        file (it called ``execve``). Never blocks (a few small /proc reads).
+        zombie, has another effective uid or gid than at accept, or runs another file (it
+        called ``execve``); without a pidfd, also when the start time differs. Never blocks (a
+        few small /proc reads: ``status``, ``stat`` without a pidfd, and a ``stat()`` of
+        ``exe``).
         """
         dirfd = self.procfd
         if dirfd is None:
@@ -209,12 +211,12 @@ class Peer:
         if self.pidfd is not None and not _pidfd_alive(self.pidfd):
             return False
         try:
-            now = _observe(dirfd)
+            now = _observe(dirfd, with_start_time=self.pidfd is None)
         except OSError:
             return False
         return (
             now.alive_as(self.uid, self.gid)
-            and now.start_time == self.start_time
+            and (self.pidfd is not None or now.start_time == self.start_time)
             and now.exe_id == self.exe_id
         )
 
@@ -238,10 +240,11 @@ class Peer:
 class _Observed(NamedTuple):
     """What ``still_same_process`` compares with the state at accept."""
 
-    state: str | None
-    start_time: int | None
+    state: bytes | None
     euid: int | None
     egid: int | None
+    groups: list[int]
+    start_time: int | None
     exe_id: FileId | None
 
     def alive_as(self, uid: int, gid: int) -> bool:
@@ -252,19 +255,30 @@ class _Observed(NamedTuple):
         )
 
 
-def _observe(dirfd: int) -> _Observed:
-    """Read state, start time, effective ids and running file through a /proc/PID dir fd.
+def _observe(dirfd: int, *, with_start_time: bool) -> _Observed:
+    """Read state, effective ids, groups, running file and (if asked) start time through a
+    /proc/PID dir fd.
 
     Raises OSError (ESRCH) if that process has been reaped. A running file that cannot be
     stat'ed (a zombie has none; an agent without CAP_SYS_PTRACE may not see it) is None.
     """
-    state, start_time = _parse_stat(_read_at(dirfd, "stat"))
-    euid, egid = _effective_ids(_read_at(dirfd, "status").decode("ascii", "replace"))
+    status = _read_at(dirfd, "status")
+    state = _status_field(status, b"State")
+    uids, gids = _status_ids(status, b"Uid"), _status_ids(status, b"Gid")
+    start_time = _parse_stat(_read_at(dirfd, "stat"))[1] if with_start_time else None
     try:
         exe_id: FileId | None = FileId.of(os.stat("exe", dir_fd=dirfd))
     except (FileNotFoundError, PermissionError):
         exe_id = None
-    return _Observed(state, start_time, euid, egid, exe_id)
+    return _Observed(
+        state=state[0] if state else None,
+        # real, effective, saved, fs: SO_PEERCRED reports the effective ids
+        euid=uids[1] if len(uids) > 1 else None,
+        egid=gids[1] if len(gids) > 1 else None,
+        groups=_status_ids(status, b"Groups"),
+        start_time=start_time,
+        exe_id=exe_id,
+    )
 
 
 def _read_at(dirfd: int, name: str) -> bytes:
@@ -278,36 +292,33 @@ def _read_at(dirfd: int, name: str) -> bytes:
         os.close(fd)
 
 
-def _parse_stat(line: bytes) -> tuple[str | None, int | None]:
+def _parse_stat(line: bytes) -> tuple[bytes | None, int | None]:
     """``(state, start time)`` from /proc/PID/stat, parsed after the last ')': the command
     name in parentheses may itself contain spaces and parentheses."""
     fields = line[line.rfind(b")") + 2 :].split()
     # fields[0] is field 3 (state); start time is field 22.
     try:
-        return fields[0].decode("ascii"), int(fields[22 - 3])
-    except (IndexError, ValueError, UnicodeDecodeError):
+        return fields[0], int(fields[22 - 3])
+    except (IndexError, ValueError):
         return None, None
 
 
-def _status_ids(text: str, key: str) -> list[int]:
-    for line in text.splitlines():
-        if line.startswith(key):
-            try:
-                return [int(x) for x in line[len(key):].split()]
-            except ValueError:
-                return []
-    return []
+def _status_field(status: bytes, key: bytes) -> list[bytes]:
+    """The words of line ``KEY:`` of /proc/PID/status (never the first line, ``Name:``, whose
+    value the process chooses)."""
+    start = status.find(b"\n" + key + b":")
+    if start < 0:
+        return []
+    start += len(key) + 2
+    end = status.find(b"\n", start)
+    return status[start : end if end >= 0 else len(status)].split()
 
 
-def _effective_ids(status: str) -> tuple[int | None, int | None]:
-    """Effective uid and gid (the second of ``Uid:``/``Gid:``: real, effective, saved, fs),
-    which is what ``SO_PEERCRED`` reports."""
-    uids, gids = _status_ids(status, "Uid:"), _status_ids(status, "Gid:")
-    return (uids[1] if len(uids) > 1 else None), (gids[1] if len(gids) > 1 else None)
-
-
-def _groups_from_status(status: str) -> list[int]:
-    return _status_ids(status, "Groups:")
+def _status_ids(status: bytes, key: bytes) -> list[int]:
+    try:
+        return [int(word) for word in _status_field(status, key)]
+    except ValueError:
+        return []
 
 
 def _exe_text(dirfd: int, exe_id: FileId | None) -> tuple[str | None, bool]:

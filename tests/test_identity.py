@@ -120,7 +120,8 @@ def fake_process(
     d.mkdir(parents=True, exist_ok=True)
     fields = [state] + ["0"] * 18 + [str(start_time)] + ["0"] * 10
     (d / "stat").write_text(f"{pid} (my (odd) app) " + " ".join(fields) + "\n")
-    (d / "status").write_text(f"Name:\tapp\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+    (d / "status").write_text(f"Name:\tapp\nState:\t{state} (fake)\n"
+                              f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
                               f"Gid:\t{gid}\t{gid}\t{gid}\t{gid}\nGroups:\t4 24 27\n")
     (d / "cgroup").write_text(cgroup)
     with contextlib.suppress(FileNotFoundError):
