@@ -17,11 +17,11 @@ accept the directory is checked to belong to the process that connected: with a 
 (``SO_PEERPIDFD``, Linux >= 6.5) the pidfd's process must still be alive after the reads (a live
 process keeps its pid); on every kernel the effective uid and gid in ``status`` must be the ones
 ``SO_PEERCRED`` gave, and the process must not be a zombie. Before every reply
-``still_same_process()`` repeats the check through the same fds and also requires the same start
-time and the same running file (``exe_id``): an ``execve`` keeps the pid and the start time but
-changes ``/proc/PID/exe``, so a process that connected and then exec'd a granted program is not
-answered. A process that failed the check at accept has no directory fd; it is never "the same
-process", and every reply to it is refused.
+``still_same_process()`` repeats the check through the same fds and also requires the same
+running file (``exe_id``) and, without a pidfd, the same start time: an ``execve`` keeps the pid
+and the start time but changes ``/proc/PID/exe``, so a process that connected and then exec'd a
+granted program is not answered. A process that failed the check at accept has no directory
+fd; it is never "the same process", and every reply to it is refused.
 
 Executables are compared by file identity, never by path text: a policy's ``exe`` path is
 resolved with ``stat()`` in the agent's own mount namespace (following symlinks) and matches a
@@ -265,7 +265,7 @@ def _observe(dirfd: int, *, with_start_time: bool) -> _Observed:
     status = _read_at(dirfd, "status")
     state = _status_field(status, b"State")
     uids, gids = _status_ids(status, b"Uid"), _status_ids(status, b"Gid")
-    start_time = _parse_stat(_read_at(dirfd, "stat"))[1] if with_start_time else None
+    start_time = _start_time(_read_at(dirfd, "stat")) if with_start_time else None
     try:
         exe_id: FileId | None = FileId.of(os.stat("exe", dir_fd=dirfd))
     except (FileNotFoundError, PermissionError):
@@ -292,15 +292,15 @@ def _read_at(dirfd: int, name: str) -> bytes:
         os.close(fd)
 
 
-def _parse_stat(line: bytes) -> tuple[bytes | None, int | None]:
-    """``(state, start time)`` from /proc/PID/stat, parsed after the last ')': the command
-    name in parentheses may itself contain spaces and parentheses."""
+def _start_time(line: bytes) -> int | None:
+    """The start time from /proc/PID/stat, parsed after the last ')': the command name in
+    parentheses may itself contain spaces and parentheses."""
     fields = line[line.rfind(b")") + 2 :].split()
     # fields[0] is field 3 (state); start time is field 22.
     try:
-        return fields[0], int(fields[22 - 3])
+        return int(fields[22 - 3])
     except (IndexError, ValueError):
-        return None, None
+        return None
 
 
 def _status_field(status: bytes, key: bytes) -> list[bytes]:
@@ -397,7 +397,7 @@ def process_start_time(pid: int, *, proc: Path = PROC) -> int | None:
         if dirfd is None:
             return None
         try:
-            return _parse_stat(_read_at(dirfd, "stat"))[1]
+            return _start_time(_read_at(dirfd, "stat"))
         except OSError:
             return None
 
