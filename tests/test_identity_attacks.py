@@ -45,8 +45,10 @@ from tests.openbao import DevServer
 from tests.test_identity import (
     CLIENT,
     SYSTEM_PYTHON,
+    ask,
     fake_process,
     needs_system_python,
+    reuse_pid,
     run_client_as_nobody,
 )
 
@@ -490,6 +492,62 @@ def test_a_pid_reused_before_accept_by_another_uid_is_not_the_peer(
                 recycled.wait()
 
 
+def handed_over_by_nobody(path: Path) -> tuple[socket.socket, int]:
+    """A connection to ``path`` made by a process of nobody's that has exited since; its pid."""
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        child = as_nobody([str(SYSTEM_PYTHON), "-I", "-c", HANDOVER, str(path),
+                           str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        _, fds, _, _ = socket.recv_fds(mine, 1, 1)
+        child.wait()
+    return socket.socket(fileno=fds[0]), child.pid
+
+
+@needs_system_python
+async def test_agent_without_pidfd_does_not_answer_a_connection_whose_pid_was_reused_first(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path]
+) -> None:
+    """The attack of item 9, end to end: nobody connects, passes the connection on and exits;
+    a root process gets the pid before agentd reads /proc. The start time then read is the new
+    process's, so comparing start times alone answered the connection (nobody may read db)."""
+    seeded = seed(bao)
+    sock = socket_dir() / "agentd.sock"
+    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock)
+    recycled: list[subprocess.Popen[bytes]] = []
+
+    def identify(conn: socket.socket) -> Peer:
+        first = Peer.from_socket(conn, use_pidfd=False)
+        first.close()
+        if first.pid != os.getpid():
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{first.pid}").exists():     # until the connector is reaped
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            new = reuse_pid(first.pid)
+            if new is not None:
+                recycled.append(new)
+        return Peer.from_socket(conn, use_pidfd=False)
+
+    def configure(agent: agentd.daemon.Agent) -> None:
+        agent.server.identify = identify
+
+    async with running_agent(cfg, configure=configure) as ra:
+        try:
+            with trio.fail_after(30):
+                conn, pid = await trio.to_thread.run_sync(handed_over_by_nobody, sock)
+                answer = await trio.to_thread.run_sync(ask, conn, sock)
+            if not recycled:
+                pytest.skip("could not get the pid reused (ns_last_pid) on this machine")
+            assert recycled[0].pid == pid
+            assert not isinstance(answer, str), "answered as the process that got the pid"
+            assert "closed the connection" in str(answer)
+            assert ra.agent.server.statistics()["pid_reused"] == 1
+        finally:
+            for p in recycled:
+                p.kill()
+                p.wait()
+
+
 def reuse_pid_as(pid: int, group: int) -> subprocess.Popen[bytes] | None:
     """Like tests.test_identity's ``reuse_pid``: a root ``sleep`` that also has ``group``."""
     last = Path("/proc/sys/kernel/ns_last_pid")
@@ -556,3 +614,21 @@ def test_uid_and_gid_compared_with_the_kernels_in_a_fake_proc_root(tmp_path: Pat
     assert not q.still_same_process()
     assert not grants([PolicyConfig(name="u", allow=("db",), units=("acc.service",))],
                       q).may_read("db")
+
+
+@BOTH_PATHS
+def test_the_proc_dir_fd_is_held_until_close_and_moves_with_the_digest(use_pidfd: bool) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        peer = Peer.from_socket(a, use_pidfd=use_pidfd)
+    assert peer.procfd is not None and (peer.pidfd is not None) is use_pidfd
+    procfd = peer.procfd
+    assert os.readlink(f"/proc/self/fd/{procfd}") == f"/proc/{os.getpid()}"
+    copy = peer.with_exe_sha256(ExeHasher().digest(peer))
+    assert copy.exe_sha256 is not None
+    assert (peer.procfd, peer.pidfd, copy.procfd) == (None, None, procfd)
+    assert not peer.still_same_process() and copy.still_same_process()
+    copy.close()
+    copy.close()
+    with pytest.raises(OSError):
+        os.fstat(procfd)
