@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from agentd.access import Peer, grants, process_start_time, rule_matches
+from agentd.access import FileId, Peer, grants, process_start_time, rule_matches
 from agentd.config import PolicyConfig
 
 
@@ -70,9 +70,18 @@ def test_start_time_parsed_after_the_last_parenthesis() -> None:
         (PolicyConfig(name="r", allow=("db",), uids=(1000,), gids=(5,)), peer(groups=(5,)), True),
         # a list matches when any element does
         (PolicyConfig(name="r", allow=("db",), uids=(7, 1000)), peer(), True),
-        (PolicyConfig(name="r", allow=("db",), exe=("/usr/bin/app",)), peer(exe="/usr/bin/app"),
-         True),
-        (PolicyConfig(name="r", allow=("db",), exe=("/usr/bin/app",)), peer(exe=None), False),
+        # exe compares the file the peer runs with the file the path names, not path text
+        (PolicyConfig(name="r", allow=("db",), uids=(1000,), exe=(sys.executable,)),
+         peer(exe="/elsewhere", exe_id=FileId.of(os.stat(sys.executable))), True),
+        (PolicyConfig(name="r", allow=("db",), uids=(1000,), exe=(sys.executable,)),
+         peer(exe=sys.executable), False),
+        (PolicyConfig(name="r", allow=("db",), uids=(1000,), exe=(sys.executable,)),
+         peer(exe=None), False),
+        # a program alone names nobody: any user can run it
+        (PolicyConfig(name="r", allow=("db",), exe=(sys.executable,)),
+         peer(exe=sys.executable, exe_id=FileId.of(os.stat(sys.executable))), False),
+        (PolicyConfig(name="r", allow=("db",), exe_sha256=("0" * 64,)),
+         peer(exe_sha256="0" * 64), False),
         (PolicyConfig(name="r", allow=("db",), units=("a.service",)), peer(unit="b.service"),
          False),
         # no selector: matches nobody

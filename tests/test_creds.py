@@ -224,6 +224,7 @@ async def test_a_caller_from_the_wrong_cgroup_by_fake_proc_root(
             d.mkdir(parents=True, exist_ok=True)
             (d / "cgroup").write_text(f"0::/system.slice/{unit}\n")
             (d / "stat").write_text(Path(f"/proc/{real.pid}/stat").read_text())
+            (d / "status").write_text(Path(f"/proc/{real.pid}/status").read_text())
             real.close()
             return Peer.from_ids(real.pid, real.uid, real.gid, proc=proc)
         return identify

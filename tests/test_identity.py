@@ -113,13 +113,16 @@ def test_unit_from_cgroup_file_v1_v2_hybrid(text: str, unit: str | None) -> None
 
 
 def fake_process(
-    proc: Path, pid: int, *, cgroup: str, start_time: int = 4242, exe: str = "/usr/bin/app"
+    proc: Path, pid: int, *, cgroup: str, start_time: int = 4242, exe: str = "/usr/bin/app",
+    uid: int = 1000, gid: int = 1000, state: str = "S",
 ) -> None:
     d = proc / str(pid)
     d.mkdir(parents=True, exist_ok=True)
-    fields = ["S"] + ["0"] * 18 + [str(start_time)] + ["0"] * 10
+    fields = [state] + ["0"] * 18 + [str(start_time)] + ["0"] * 10
     (d / "stat").write_text(f"{pid} (my (odd) app) " + " ".join(fields) + "\n")
-    (d / "status").write_text("Name:\tapp\nGroups:\t4 24 27\n")
+    (d / "status").write_text(f"Name:\tapp\nState:\t{state} (fake)\n"
+                              f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+                              f"Gid:\t{gid}\t{gid}\t{gid}\t{gid}\nGroups:\t4 24 27\n")
     (d / "cgroup").write_text(cgroup)
     with contextlib.suppress(FileNotFoundError):
         (d / "exe").unlink()
@@ -151,12 +154,15 @@ def test_a_user_unit_never_matches_the_system_unit_of_that_name(tmp_path: Path) 
 
 
 def test_start_time_mismatch_in_a_fake_proc_root(tmp_path: Path) -> None:
-    fake_process(tmp_path, 9, cgroup=V2_FILE, start_time=100)
+    fake_process(tmp_path, 9, cgroup=V2_FILE, start_time=100, uid=0, gid=0)
     p = Peer.from_ids(9, 0, 0, proc=tmp_path)
-    assert p.still_same_process()
-    fake_process(tmp_path, 9, cgroup=V2_FILE, start_time=101)   # pid 9 is someone else now
-    assert not p.still_same_process()
-    assert process_start_time(9, proc=tmp_path) == 101
+    try:
+        assert p.still_same_process()
+        fake_process(tmp_path, 9, cgroup=V2_FILE, start_time=101, uid=0, gid=0)  # someone else
+        assert not p.still_same_process()
+        assert process_start_time(9, proc=tmp_path) == 101
+    finally:
+        p.close()
 
 
 # --- a real transient cgroup -------------------------------------------------------------------
