@@ -37,6 +37,7 @@ import trio
 
 from agentd import __version__, fsafe, logs, metrics, systemd, watch
 from agentd import config as config_mod
+from agentd.access import EXE_PATHS
 from agentd.audit import Audit
 from agentd.auth import Authenticator
 from agentd.cache import Cache
@@ -58,6 +59,9 @@ class Agent:
 
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         preflight(config, activated=systemd.socket_activated())  # before anything touches a path
+        # Known before any upgrade replaces them, so a process still running an old binary
+        # keeps matching (access.ExePaths).
+        EXE_PATHS.prime(config.policies)
         self.config = config
         self.config_path = config_path or (config.files[0] if config.files else None)
         self.reloads = 0
@@ -181,6 +185,7 @@ class Agent:
             ),
         )
         self.config = new
+        EXE_PATHS.prime(new.policies)   # the binaries the new rules name, as they are now
         self.refresher.apply_config(new)
         self.server.config = new
         self.credentials.config = new

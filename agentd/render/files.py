@@ -36,7 +36,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentd.errors import RenderError
+from agentd import fsafe
+from agentd.errors import RenderError, UnsafePath
 
 log = logging.getLogger("agentd.render")
 
@@ -136,11 +137,24 @@ def os_error(where: str, what: str, exc: OSError) -> RenderError:
 
 
 def open_dir(path: Path) -> int:
-    """Open a directory for ``write_file``/``write_bundle``; the caller closes the fd."""
+    """Open a destination directory for ``write_file``/``write_bundle``; the caller closes the fd.
+
+    The path is resolved from ``/`` one component at a time with ``O_NOFOLLOW`` (``fsafe``), and
+    every directory on the way must be one only root or the agent can change (a sticky,
+    root-owned one such as ``/tmp`` on the way is fine, not as the last): another user who can
+    swap a directory on the way for a symlink would otherwise choose where agentd writes
+    (issue 13 item 6).
+
+    Raises:
+        RenderError: naming the directory and why.
+    """
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise os_error(str(path), "cannot open the directory", exc) from exc
+        return fsafe.open_dir(path)
+    except UnsafePath as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and exc.reason == (cause.strerror or str(cause)):
+            raise os_error(str(path), "cannot open the directory", cause) from exc
+        raise RenderError(f"{exc.path}: {exc.reason}: refusing to write there") from exc
 
 
 def check_dir(dir_fd: int, where: str) -> None:
@@ -472,7 +486,7 @@ def remove_names(directory: Path, names: Iterable[str]) -> None:
     ``on_revoke = "remove"``. Errors are logged, never raised."""
     try:
         fd = open_dir(directory)
-    except OSError as exc:
+    except (OSError, RenderError) as exc:
         log.error("cannot open the directory to remove a revoked file",
                   extra={"target": str(directory), "error": str(exc)})
         return
