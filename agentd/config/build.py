@@ -1,0 +1,542 @@
+"""The builder: parsed TOML tables -> ``Config``, every problem recorded on the way.
+
+Two phases, as OpenBao's agent config does it. Phase one (``Builder.build`` down to ``bundle``)
+turns each raw table into its dataclass key by key: unknown keys are reported, each value goes
+through a converter (``agentd.config.convert``) and a bad one is recorded and replaced by its
+default, so that one run reports everything. Phase two (``cross_check``) checks what spans
+tables: a policy's patterns and the templates' ``secret('...')`` references name declared secrets,
+and, when asked, that the files the config names exist and are safe.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import pwd
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from agentd.config import convert as conv
+from agentd.config.kindkeys import KIND_ONLY, SECRET_KEYS, SECRET_KINDS
+from agentd.config.locate import KeyPath
+from agentd.config.schema import (
+    AUTH_METHODS,
+    LOG_LEVELS,
+    ON_REVOKE,
+    SECRET_NAME_PATTERN,
+    UNIT_SUFFIXES,
+    AgentConfig,
+    AuditConfig,
+    AuthConfig,
+    BundleConfig,
+    CacheConfig,
+    Config,
+    MetricsConfig,
+    PolicyConfig,
+    SecretConfig,
+    TemplateConfig,
+    UpstreamConfig,
+    WaitConfig,
+)
+from agentd.config.source import Problem, SourceFile
+from agentd.refs import secret_refs
+
+_MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
+_ANYWHERE = ("secrets", "policy", "template", "bundle")
+_SELECTORS = ("uids", "users", "gids", "groups", "exe", "exe_sha256", "units")
+_NO_INTS: tuple[int, ...] = ()
+_NO_STRS: tuple[str, ...] = ()
+
+
+@dataclass
+class _FileCheck:
+    """A file the config names, looked at in phase two when permissions are checked."""
+
+    where: SourceFile
+    key: KeyPath
+    path: Path
+    credential: bool = False                 # also refuse "readable by others"
+    template: bool = False                   # read it for secret('...') references
+
+
+class Builder:
+    """Phase one turns raw tables into dataclasses; phase two checks cross-references."""
+
+    def __init__(self, problems: list[Problem], check_permissions: bool) -> None:
+        self.problems = problems
+        self.check_permissions = check_permissions
+        self.secrets: dict[str, SecretConfig] = {}
+        self.secret_where: dict[str, str] = {}
+        self.policies: list[PolicyConfig] = []
+        self.allows: list[tuple[SourceFile, KeyPath, tuple[str, ...]]] = []
+        self.refs: list[tuple[SourceFile, KeyPath, str, list[str]]] = []
+        self.file_checks: list[_FileCheck] = []
+        self.templates: list[TemplateConfig] = []
+        self.bundles: list[BundleConfig] = []
+
+    def build(self, parsed: list[tuple[SourceFile, dict[str, object]]]) -> Config:
+        main, data = parsed[0]
+        main.table(data, (), _MAIN_ONLY + _ANYWHERE)
+        agent = self.agent(main, data.get("agent", {}))
+        upstream = self.upstream(main, data.get("upstream", {}))
+        cache = self.cache(main, data.get("cache", {}))
+        audit = self.audit(main, data.get("audit", {}))
+        metrics = self.metrics(main, data.get("metrics", {}))
+        for file, extra in parsed[1:]:
+            for name in extra:
+                if name in _MAIN_ONLY:
+                    file.problem((name,), "only allowed in the main file, not in conf.d")
+                elif name not in _ANYWHERE:
+                    file.problem((name,), "unknown key")
+        for file, content in parsed:
+            self.catalog(file, content)
+        self.cross_check(agent, [file for file, _ in parsed])
+        return Config(
+            agent=agent,
+            upstream=upstream,
+            cache=cache,
+            audit=audit,
+            secrets=MappingProxyType(self.secrets),
+            policies=tuple(self.policies),
+            templates=tuple(self.templates),
+            bundles=tuple(self.bundles),
+            files=tuple(file.path for file, _ in parsed),
+            metrics=metrics,
+        )
+
+    # -- main-file sections
+
+    def agent(self, f: SourceFile, raw: object) -> AgentConfig:
+        key: KeyPath = ("agent",)
+        d = AgentConfig()
+        t = f.table(raw, key, tuple(AgentConfig.__dataclass_fields__))
+        positive = conv.duration(0.0, strict=True)
+        return AgentConfig(
+            socket=f.get(t, key, "socket", conv.abs_path, d.socket),
+            socket_mode=f.get(t, key, "socket_mode", conv.mode, d.socket_mode),
+            socket_group=f.get(t, key, "socket_group", conv.gid, d.socket_group),
+            state_dir=f.get(t, key, "state_dir", conv.abs_path, d.state_dir),
+            log_level=f.get(t, key, "log_level", conv.choice(LOG_LEVELS), d.log_level),
+            ready_timeout=f.get(t, key, "ready_timeout", positive, d.ready_timeout),
+            credentials_socket=f.get(t, key, "credentials_socket", conv.abs_path, None),
+            user=f.get(t, key, "user", conv.user_name, d.user),
+            max_connections=f.get(t, key, "max_connections", conv.integer(1), d.max_connections),
+            max_connections_per_uid=f.get(
+                t, key, "max_connections_per_uid", conv.integer(1), d.max_connections_per_uid
+            ),
+            requests_per_second_per_uid=f.get(
+                t, key, "requests_per_second_per_uid", conv.integer(1),
+                d.requests_per_second_per_uid,
+            ),
+            request_burst_per_uid=f.get(
+                t, key, "request_burst_per_uid", conv.integer(1), d.request_burst_per_uid
+            ),
+            max_watchers_per_uid=f.get(
+                t, key, "max_watchers_per_uid", conv.integer(0), d.max_watchers_per_uid
+            ),
+            max_request_bytes=f.get(
+                t, key, "max_request_bytes", conv.integer(64), d.max_request_bytes
+            ),
+            idle_timeout=f.get(t, key, "idle_timeout", positive, d.idle_timeout),
+            frame_timeout=f.get(t, key, "frame_timeout", positive, d.frame_timeout),
+        )
+
+    def upstream(self, f: SourceFile, raw: object) -> UpstreamConfig:
+        key: KeyPath = ("upstream",)
+        d = UpstreamConfig()
+        t = f.table(raw, key, tuple(UpstreamConfig.__dataclass_fields__))
+        positive = conv.duration(0.0, strict=True)
+        ca_file = f.get(t, key, "ca_file", conv.abs_path, None)
+        if ca_file is not None:
+            self.file_checks.append(_FileCheck(f, (*key, "ca_file"), ca_file))
+        config = UpstreamConfig(
+            addresses=f.get(t, key, "addresses", conv.url_list, d.addresses, required=True),
+            ca_file=ca_file,
+            tls_server_name=f.get(t, key, "tls_server_name", conv.nonempty, None),
+            namespace=f.get(t, key, "namespace", conv.nonempty, None),
+            timeout=f.get(t, key, "timeout", positive, d.timeout),
+            max_concurrency=f.get(t, key, "max_concurrency", conv.integer(1), d.max_concurrency),
+            backoff_min=f.get(t, key, "backoff_min", positive, d.backoff_min),
+            backoff_max=f.get(t, key, "backoff_max", positive, d.backoff_max),
+            login_backoff_max=f.get(t, key, "login_backoff_max", positive, d.login_backoff_max),
+            auth=self.auth(f, t.get("auth", {})),
+        )
+        for name in ("backoff_max", "login_backoff_max"):
+            if getattr(config, name) < config.backoff_min:
+                f.problem((*key, name), "must be at least backoff_min")
+        return config
+
+    def auth(self, f: SourceFile, raw: object) -> AuthConfig:
+        key: KeyPath = ("upstream", "auth")
+        t = f.table(raw, key, tuple(AuthConfig.__dataclass_fields__))
+        method = f.get(t, key, "method", conv.choice(AUTH_METHODS), "", required=True)
+        wanted = {
+            "approle": ("role_id_file", "secret_id_file"), "token_file": ("token_file",),
+            "cert": ("cert_file", "key_file"), "jwt": ("jwt_file",),
+        }
+        files: dict[str, Path | None] = {}
+        for name in ("role_id_file", "secret_id_file", "token_file", "cert_file", "key_file",
+                     "jwt_file"):
+            needed = name in wanted.get(method, ())
+            if method and not needed and name in t:
+                f.problem((*key, name), f"not used by method {method!r}")
+                continue
+            files[name] = f.get(t, key, name, conv.abs_path, None, required=needed)
+            path = files[name]
+            if path is not None:
+                credential = name not in ("role_id_file", "cert_file")
+                self.file_checks.append(_FileCheck(f, (*key, name), path, credential=credential))
+        return AuthConfig(
+            method=method or "approle",
+            mount=f.get(t, key, "mount", conv.nonempty, None),
+            role_id_file=files.get("role_id_file"),
+            secret_id_file=files.get("secret_id_file"),
+            token_file=files.get("token_file"),
+            cert_file=files.get("cert_file"),
+            key_file=files.get("key_file"),
+            jwt_file=files.get("jwt_file"),
+            role=self._auth_role(f, t, key, method),
+        )
+
+    @staticmethod
+    def _auth_role(f: SourceFile, t: Mapping[str, object], key: KeyPath, method: str) -> str | None:
+        if method and method not in ("cert", "jwt") and "role" in t:
+            f.problem((*key, "role"), f"not used by method {method!r}")
+            return None
+        return f.get(t, key, "role", conv.nonempty, None, required=method == "jwt")
+
+    def cache(self, f: SourceFile, raw: object) -> CacheConfig:
+        key: KeyPath = ("cache",)
+        t = f.table(raw, key, tuple(CacheConfig.__dataclass_fields__))
+        config = CacheConfig(
+            max_stale=f.get(t, key, "max_stale", conv.duration(), CacheConfig.max_stale),
+            key_file=f.get(t, key, "key_file", conv.abs_path, None),
+            key_credential=f.get(t, key, "key_credential", conv.credential_name, None),
+        )
+        if "key_file" in t and "key_credential" in t:
+            f.problem((*key, "key_credential"), "set key_file or key_credential, not both")
+        return config
+
+    def audit(self, f: SourceFile, raw: object) -> AuditConfig:
+        key: KeyPath = ("audit",)
+        d = AuditConfig()
+        t = f.table(raw, key, tuple(AuditConfig.__dataclass_fields__))
+        return AuditConfig(
+            path=f.get(t, key, "path", conv.audit_path, d.path),
+            max_bytes=f.get(t, key, "max_bytes", conv.size, d.max_bytes),
+            backups=f.get(t, key, "backups", conv.integer(0), d.backups),
+            flush_interval=f.get(
+                t, key, "flush_interval", conv.duration(0.0, strict=True), d.flush_interval
+            ),
+        )
+
+    def metrics(self, f: SourceFile, raw: object) -> MetricsConfig:
+        key: KeyPath = ("metrics",)
+        d = MetricsConfig()
+        t = f.table(raw, key, tuple(MetricsConfig.__dataclass_fields__))
+        return MetricsConfig(
+            listen=f.get(t, key, "listen", conv.listen, d.listen),
+            textfile=f.get(t, key, "textfile", conv.abs_path, d.textfile),
+            textfile_interval=f.get(
+                t, key, "textfile_interval", conv.duration(1.0), d.textfile_interval
+            ),
+        )
+
+    # -- sections allowed in every file
+
+    def catalog(self, f: SourceFile, data: dict[str, object]) -> None:
+        secrets = data.get("secrets", {})
+        if not isinstance(secrets, dict):
+            f.problem(("secrets",), "expected a table of secrets ([secrets.NAME])")
+            secrets = {}
+        for name, raw in secrets.items():
+            self.secret(f, name, raw)
+        for section, handler in (
+            ("policy", self.policy),
+            ("template", self.template),
+            ("bundle", self.bundle),
+        ):
+            items = data.get(section, [])
+            if not isinstance(items, list):
+                f.problem((section,), f"expected an array of tables ([[{section}]])")
+                continue
+            for index, raw in enumerate(items):
+                handler(f, (section, index), raw)
+
+    def secret(self, f: SourceFile, name: str, raw: object) -> None:
+        key: KeyPath = ("secrets", name)
+        if not re.fullmatch(SECRET_NAME_PATTERN, name):
+            f.problem(key, f"invalid secret name {name!r}: must match {SECRET_NAME_PATTERN}")
+        if name in self.secret_where:
+            f.problem(key, f"secret {name!r} is already declared at {self.secret_where[name]}")
+        t = f.table(raw, key, SECRET_KEYS)
+        kind = f.get(t, key, "kind", conv.choice(SECRET_KINDS), "", required=True)
+        for option, kinds in KIND_ONLY.items():
+            if kind and option in t and kind not in kinds:
+                f.problem((*key, option), f"not used by kind {kind!r}")
+        no_params: dict[str, object] = {}
+        params = f.get(t, key, "params", conv.params, no_params)
+        config = SecretConfig(
+            name=name,
+            kind=kind,
+            path=f.get(t, key, "path", conv.secret_path, "", required=True),
+            refresh=f.get(t, key, "refresh", conv.duration(1.0), SecretConfig.refresh),
+            max_stale=f.get(t, key, "max_stale", conv.duration(), None),
+            params=MappingProxyType(params),
+            renew_at=f.get(t, key, "renew_at", conv.fraction, SecretConfig.renew_at),
+            revoke_previous=f.get(t, key, "revoke_previous", conv.boolean, False),
+            grace=f.get(t, key, "grace", conv.duration(), SecretConfig.grace),
+            revoke_on_shutdown=f.get(t, key, "revoke_on_shutdown", conv.boolean, False),
+            version=f.get(t, key, "version", conv.integer(1), None),
+            check=f.get(t, key, "check", conv.argv, _NO_STRS),
+            expect_rotation_every=f.get(
+                t, key, "expect_rotation_every", conv.duration(0.0, strict=True), None
+            ),
+        )
+        if name not in self.secret_where:
+            self.secret_where[name] = f.where(key)
+            self.secrets[name] = config
+
+    def policy(self, f: SourceFile, key: KeyPath, raw: object) -> None:
+        fields = ("name", "allow", "admin", *_SELECTORS)
+        t = f.table(raw, key, fields)
+        if isinstance(raw, dict) and not any(s in t for s in _SELECTORS):
+            f.problem(key, f"a policy needs at least one of {', '.join(_SELECTORS)}")
+        uids = list(f.get(t, key, "uids", conv.id_list, _NO_INTS))
+        gids = list(f.get(t, key, "gids", conv.id_list, _NO_INTS))
+        users = f.get(t, key, "users", conv.string_list, _NO_STRS)
+        groups = f.get(t, key, "groups", conv.string_list, _NO_STRS)
+        for user in users:
+            try:
+                uids.append(pwd.getpwnam(user).pw_uid)
+            except KeyError:
+                f.problem((*key, "users"), f"no such user {user!r}")
+        for group in groups:
+            try:
+                gids.append(grp.getgrnam(group).gr_gid)
+            except KeyError:
+                f.problem((*key, "groups"), f"no such group {group!r}")
+        exe = f.get(t, key, "exe", conv.string_list, _NO_STRS)
+        for path in exe:
+            if not path.startswith("/"):
+                f.problem((*key, "exe"), f"{path!r} is not an absolute path")
+        exe_sha256 = f.get(t, key, "exe_sha256", conv.string_list, _NO_STRS)
+        for digest in exe_sha256:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                f.problem((*key, "exe_sha256"), f"{digest[:80]!r} is not a sha256 "
+                          "(64 hexadecimal digits)")
+        units = f.get(t, key, "units", conv.string_list, _NO_STRS)
+        for unit in units:
+            if "/" in unit or not unit.endswith(UNIT_SUFFIXES) or unit in UNIT_SUFFIXES:
+                f.problem(
+                    (*key, "units"),
+                    f"{unit!r} is not a systemd unit name (expected a suffix like .service)",
+                )
+        allow = f.get(t, key, "allow", conv.string_list, _NO_STRS, required=True)
+        self.allows.append((f, (*key, "allow"), allow))
+        self.policies.append(
+            PolicyConfig(
+                name=f.get(t, key, "name", conv.nonempty, f"policy[{len(self.policies)}]"),
+                allow=allow,
+                uids=tuple(dict.fromkeys(uids)),
+                gids=tuple(dict.fromkeys(gids)),
+                users=users,
+                groups=groups,
+                exe=exe,
+                units=units,
+                admin=f.get(t, key, "admin", conv.boolean, False),
+                exe_sha256=tuple(d.lower() for d in exe_sha256),
+            )
+        )
+
+    def _wait(self, f: SourceFile, t: Mapping[str, object], key: KeyPath) -> WaitConfig:
+        if "wait" not in t:
+            return WaitConfig()
+        key = (*key, "wait")
+        raw = t["wait"]
+        if not isinstance(raw, dict):
+            f.problem(key, 'expected a table like { min = "2s", max = "10s" }')
+            return WaitConfig()
+        w = f.table(raw, key, ("min", "max"))
+        low = f.get(w, key, "min", conv.duration(), 0.0)
+        high = f.get(w, key, "max", conv.duration(), low)
+        if low > high:
+            low_s, high_s = conv.show_seconds(low), conv.show_seconds(high)
+            f.problem(key, f"min ({low_s}) is greater than max ({high_s})")
+        return WaitConfig(min=low, max=high)
+
+    def _action(
+        self, f: SourceFile, t: Mapping[str, object], key: KeyPath
+    ) -> tuple[int, int | None, int | None, tuple[str, ...], float, WaitConfig]:
+        return (
+            f.get(t, key, "mode", conv.mode, 0o600),
+            f.get(t, key, "owner", conv.uid, None),
+            f.get(t, key, "group", conv.gid, None),
+            f.get(t, key, "command", conv.argv, _NO_STRS),
+            f.get(t, key, "command_timeout", conv.duration(0.0, strict=True), 30.0),
+            self._wait(f, t, key),
+        )
+
+    def template(self, f: SourceFile, key: KeyPath, raw: object) -> None:
+        t = f.table(raw, key, tuple(TemplateConfig.__dataclass_fields__))
+        destination = f.get(t, key, "destination", conv.abs_path, Path("/"), required=True)
+        source = f.get(t, key, "source", conv.abs_path, None)
+        contents = f.get(t, key, "contents", conv.string, None)
+        if isinstance(raw, dict) and ("source" in t) == ("contents" in t):
+            f.problem(key, "set exactly one of source or contents")
+        if contents is not None:
+            self.refs.append((f, (*key, "contents"), "template", secret_refs(contents)))
+        if source is not None:
+            self.file_checks.append(_FileCheck(f, (*key, "source"), source, template=True))
+        mode, owner, group, command, timeout, wait = self._action(f, t, key)
+        self.templates.append(
+            TemplateConfig(
+                destination=destination,
+                source=source,
+                contents=contents,
+                mode=mode,
+                owner=owner,
+                group=group,
+                command=command,
+                command_timeout=timeout,
+                wait=wait,
+                backup=f.get(t, key, "backup", conv.boolean, False),
+                on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
+            )
+        )
+
+    def bundle(self, f: SourceFile, key: KeyPath, raw: object) -> None:
+        t = f.table(raw, key, tuple(BundleConfig.__dataclass_fields__))
+        directory = f.get(t, key, "directory", conv.abs_path, Path("/"), required=True)
+        files: dict[str, str] = {}
+        if "files" not in t:
+            f.problem((*key, "files"), "required")
+        elif not isinstance(t["files"], dict) or not t["files"]:
+            f.problem((*key, "files"), "expected a non-empty table of file name = template")
+        else:
+            for name, text in t["files"].items():
+                fkey = (*key, "files", name)
+                if not name or "/" in name or name.startswith("..") or name == ".":
+                    f.problem(fkey, f"{name!r} must be a plain file name (no '/', not '..')")
+                if not isinstance(text, str):
+                    f.problem(fkey, "expected a string (the file's template)")
+                    continue
+                files[name] = text
+                self.refs.append((f, fkey, "template", secret_refs(text)))
+        modes: dict[str, int] = {}
+        if "modes" in t:
+            if not isinstance(t["modes"], dict):
+                f.problem((*key, "modes"), 'expected a table of file name = mode like "0640"')
+            else:
+                for name, value in t["modes"].items():
+                    mkey = (*key, "modes", name)
+                    if name not in files:
+                        f.problem(mkey, f"{name!r} is not one of this bundle's files")
+                        continue
+                    try:
+                        modes[name] = conv.mode(value)
+                    except conv.Invalid as exc:
+                        f.problem(mkey, str(exc))
+        mode, owner, group, command, timeout, wait = self._action(f, t, key)
+        self.bundles.append(
+            BundleConfig(
+                directory=directory,
+                files=MappingProxyType(files),
+                mode=mode,
+                owner=owner,
+                group=group,
+                command=command,
+                command_timeout=timeout,
+                wait=wait,
+                grace=f.get(t, key, "grace", conv.duration(), BundleConfig.grace),
+                modes=MappingProxyType(modes),
+                on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
+            )
+        )
+
+    # -- phase two
+
+    def cross_check(self, agent: AgentConfig, files: list[SourceFile]) -> None:
+        names = list(self.secrets)
+        for f, key, patterns in self.allows:
+            for pattern in patterns:
+                if pattern in self.secrets:
+                    continue                    # a literal name (the common case: no scan)
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    f.problem(key, f"{pattern!r} matches no declared secret")
+        for f, key, what, refs in self.refs:
+            self._check_refs(f, key, what, refs)
+        if not self.check_permissions:
+            return
+        owners = {0}
+        if agent.user is not None:
+            owners.add(pwd.getpwnam(agent.user).pw_uid)
+        directories: set[Path] = set()
+        for f in files:
+            self._check_safe(f, (), f.path, owners)
+            if f.path.parent not in directories:
+                directories.add(f.path.parent)
+                self._check_safe(f, (), f.path.parent, owners, label="(directory)")
+        for check in self.file_checks:
+            if self._check_safe(
+                check.where, check.key, check.path, owners, credential=check.credential
+            ) and check.template:
+                try:
+                    text = check.path.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    check.where.problem(check.key, f"cannot read {check.path}: {exc}")
+                    continue
+                self._check_refs(check.where, check.key, str(check.path), secret_refs(text))
+
+    def _check_refs(self, f: SourceFile, key: KeyPath, what: str, refs: list[str]) -> None:
+        for name in dict.fromkeys(refs):
+            if name not in self.secrets:
+                f.problem(key, f"{what} refers to undeclared secret {name!r}")
+
+    def _check_safe(
+        self,
+        f: SourceFile,
+        key: KeyPath,
+        path: Path,
+        owners: set[int],
+        *,
+        credential: bool = False,
+        label: str | None = None,
+    ) -> bool:
+        """Report ``path`` if missing or changeable by others; True if it exists."""
+        line = 0 if not key else None
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            f.problem(key, f"{path}: no such file", line=line, label=label)
+            return False
+        except OSError as exc:
+            f.problem(key, f"{path}: cannot stat: {exc.strerror}", line=line, label=label)
+            return False
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in owners:
+            f.problem(
+                key,
+                f"{path} is owned by uid {st.st_uid}: must be owned by root or the agent's user",
+                line=line,
+                label=label,
+            )
+        if mode & 0o022:
+            f.problem(
+                key,
+                f"{path} is writable by group or others (mode {mode:04o}): chmod go-w",
+                line=line,
+                label=label,
+            )
+        if credential and mode & 0o004:
+            f.problem(
+                key,
+                f"{path} is readable by others (mode {mode:04o}): chmod o-r",
+                line=line,
+                label=label,
+            )
+        return True

@@ -1,0 +1,130 @@
+"""One config file being read: its parsed tables, where its keys stand, the problems found in it.
+
+``parse`` reads and parses a file (the only use of tomllib). ``SourceFile`` is what the builder
+reports through: ``problem`` formats ``file:line: key.path: message`` with the line found by the
+locator, and ``get`` / ``convert`` run a converter and record its ``Invalid`` as a problem instead
+of stopping, so that every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from agentd.config.convert import Invalid
+from agentd.config.locate import KeyPath, Locator, format_key
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+T = TypeVar("T")
+_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+@dataclass
+class Problem:
+    order: int                               # the file's position in reading order
+    line: int
+    text: str                                # "file:line: key.path: message"
+
+    @classmethod
+    def at(cls, path: Path, order: int, line: int, message: str) -> Problem:
+        return cls(order, line, f"{path}:{line}: {message}")
+
+
+def sorted_texts(problems: list[Problem]) -> list[str]:
+    """The problems' texts by file (in reading order), then line; stable within a line."""
+    return [p.text for p in sorted(problems, key=lambda p: (p.order, p.line))]
+
+
+def parse(
+    file: Path, order: int, problems: list[Problem]
+) -> tuple[SourceFile, dict[str, object]] | None:
+    """Read and parse ``file``; None (and a problem) if it cannot be read or is not TOML."""
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        problems.append(Problem.at(file, order, 0, "(file): no such file"))
+        return None
+    except OSError as exc:
+        problems.append(Problem.at(file, order, 0, f"(file): cannot read: {exc.strerror}"))
+        return None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        problems.append(Problem.at(file, order, line, "(file): not valid UTF-8"))
+        return None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _TOML_LINE.search(message)
+        line = int(match.group(1)) if match else 0
+        problems.append(Problem.at(file, order, line, f"TOML syntax error: {message}"))
+        return None
+    return SourceFile(file, order, text, problems), data
+
+
+class SourceFile:
+    """One config file being validated: where its problems go and how lines are found."""
+
+    def __init__(self, path: Path, order: int, text: str, sink: list[Problem]) -> None:
+        self.path = path
+        self.order = order
+        self._locator = Locator(text)
+        self._sink = sink
+
+    def line(self, key: KeyPath) -> int:
+        return self._locator.line(key)
+
+    def where(self, key: KeyPath) -> str:
+        return f"{self.path}:{self.line(key)}"
+
+    def problem(
+        self, key: KeyPath, message: str, *, line: int | None = None, label: str | None = None
+    ) -> None:
+        line = self.line(key) if line is None else line
+        label = label or (format_key(key) if key else "(file)")
+        self._sink.append(Problem.at(self.path, self.order, line, f"{label}: {message}"))
+
+    def table(self, value: object, key: KeyPath, allowed: tuple[str, ...]) -> dict[str, object]:
+        """``value`` as a table whose keys are all in ``allowed`` (unknown ones are reported)."""
+        if not isinstance(value, dict):
+            self.problem(key, "expected a table")
+            return {}
+        for name in value:
+            if name not in allowed:
+                self.problem((*key, name), "unknown key")
+        return value
+
+    def get(
+        self,
+        table: Mapping[str, object],
+        key: KeyPath,
+        name: str,
+        convert: Callable[[object], T],
+        default: T,
+        *,
+        required: bool = False,
+    ) -> T:
+        """Convert ``table[name]``, or report why it cannot be and return ``default``."""
+        if name not in table:
+            if required:
+                self.problem((*key, name), "required")
+            return default
+        return self.convert(key=(*key, name), value=table[name], convert=convert, default=default)
+
+    def convert(
+        self, *, key: KeyPath, value: object, convert: Callable[[object], T], default: T
+    ) -> T:
+        """``convert(value)``, or report its ``Invalid`` at ``key`` and return ``default``."""
+        try:
+            return convert(value)
+        except Invalid as exc:
+            self.problem(key, str(exc))
+            return default
