@@ -115,7 +115,7 @@ def load(path: Path, *, check_permissions: bool = True) -> Config:
     if problems:
         # A file we could not parse makes cross-checks meaningless: report what we have.
         raise ConfigError(sorted_texts(problems))
-    config = Builder(problems, check_permissions).build(parsed)
+    config = Builder(check_permissions).build(parsed)
     if problems:
         raise ConfigError(sorted_texts(problems))
     return config

@@ -11,14 +11,14 @@ and, when asked, that the files the config names exist and are safe.
 from __future__ import annotations
 
 import fnmatch
-import grp
 import pwd
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
 from agentd.config import convert as conv
 from agentd.config.kindkeys import KIND_ONLY, SECRET_KEYS, SECRET_KINDS
@@ -28,7 +28,6 @@ from agentd.config.schema import (
     LOG_LEVELS,
     ON_REVOKE,
     SECRET_NAME_PATTERN,
-    UNIT_SUFFIXES,
     AgentConfig,
     AuditConfig,
     AuthConfig,
@@ -42,14 +41,91 @@ from agentd.config.schema import (
     UpstreamConfig,
     WaitConfig,
 )
-from agentd.config.source import Problem, SourceFile
+from agentd.config.source import Converters, SourceFile
 from agentd.refs import secret_refs
 
 _MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
 _ANYWHERE = ("secrets", "policy", "template", "bundle")
 _SELECTORS = ("uids", "users", "gids", "groups", "exe", "exe_sha256", "units")
+S = TypeVar("S")
 _NO_INTS: tuple[int, ...] = ()
 _NO_STRS: tuple[str, ...] = ()
+
+# How each plain key is converted, section by section, in the order they are read (the order
+# problems on one line are reported in). Keys that need more than a converter are read by hand.
+# [agent], [cache], [audit] and [metrics] accept exactly the keys of their table here.
+_AGENT: Converters = {
+    "socket": conv.abs_path,
+    "socket_mode": conv.mode,
+    "socket_group": conv.gid,
+    "state_dir": conv.abs_path,
+    "log_level": conv.choice(LOG_LEVELS),
+    "ready_timeout": conv.positive_duration,
+    "credentials_socket": conv.abs_path,
+    "user": conv.user_name,
+    "max_connections": conv.integer(1),
+    "max_connections_per_uid": conv.integer(1),
+    "requests_per_second_per_uid": conv.integer(1),
+    "request_burst_per_uid": conv.integer(1),
+    "max_watchers_per_uid": conv.integer(0),
+    "max_request_bytes": conv.integer(64),
+    "idle_timeout": conv.positive_duration,
+    "frame_timeout": conv.positive_duration,
+}
+_UPSTREAM: Converters = {                    # and the table [upstream.auth]
+    "ca_file": conv.abs_path,
+    "addresses": conv.url_list,
+    "tls_server_name": conv.nonempty,
+    "namespace": conv.nonempty,
+    "timeout": conv.positive_duration,
+    "max_concurrency": conv.integer(1),
+    "backoff_min": conv.positive_duration,
+    "backoff_max": conv.positive_duration,
+    "login_backoff_max": conv.positive_duration,
+}
+_CACHE: Converters = {
+    "max_stale": conv.duration(),
+    "key_file": conv.abs_path,
+    "key_credential": conv.credential_name,
+}
+_AUDIT: Converters = {
+    "path": conv.audit_path,
+    "max_bytes": conv.size,
+    "backups": conv.integer(0),
+    "flush_interval": conv.positive_duration,
+}
+_METRICS: Converters = {
+    "listen": conv.listen,
+    "textfile": conv.abs_path,
+    "textfile_interval": conv.duration(1.0),
+}
+_SECRET: Converters = {                      # after kind, params and path
+    "refresh": conv.duration(1.0),
+    "max_stale": conv.duration(),
+    "renew_at": conv.fraction,
+    "revoke_previous": conv.boolean,
+    "grace": conv.duration(),
+    "revoke_on_shutdown": conv.boolean,
+    "version": conv.integer(1),
+    "check": conv.argv,
+    "expect_rotation_every": conv.positive_duration,
+}
+_OUTPUT: Converters = {                      # shared by [[template]] and [[bundle]]
+    "mode": conv.mode,
+    "owner": conv.uid,
+    "group": conv.gid,
+    "command": conv.argv,
+    "command_timeout": conv.positive_duration,
+}
+
+
+def _section(
+    f: SourceFile, raw: object, name: str, make: Callable[..., S], converters: Converters
+) -> S:
+    """A main-file section whose keys are exactly ``converters``' (defaults: ``make()``'s)."""
+    key: KeyPath = (name,)
+    t = f.table(raw, key, tuple(converters))
+    return make(**f.get_all(t, key, converters, make()))
 
 
 @dataclass
@@ -66,8 +142,7 @@ class _FileCheck:
 class Builder:
     """Phase one turns raw tables into dataclasses; phase two checks cross-references."""
 
-    def __init__(self, problems: list[Problem], check_permissions: bool) -> None:
-        self.problems = problems
+    def __init__(self, check_permissions: bool) -> None:
         self.check_permissions = check_permissions
         self.secrets: dict[str, SecretConfig] = {}
         self.secret_where: dict[str, str] = {}
@@ -81,11 +156,11 @@ class Builder:
     def build(self, parsed: list[tuple[SourceFile, dict[str, object]]]) -> Config:
         main, data = parsed[0]
         main.table(data, (), _MAIN_ONLY + _ANYWHERE)
-        agent = self.agent(main, data.get("agent", {}))
+        agent = _section(main, data.get("agent", {}), "agent", AgentConfig, _AGENT)
         upstream = self.upstream(main, data.get("upstream", {}))
         cache = self.cache(main, data.get("cache", {}))
-        audit = self.audit(main, data.get("audit", {}))
-        metrics = self.metrics(main, data.get("metrics", {}))
+        audit = _section(main, data.get("audit", {}), "audit", AuditConfig, _AUDIT)
+        metrics = _section(main, data.get("metrics", {}), "metrics", MetricsConfig, _METRICS)
         for file, extra in parsed[1:]:
             for name in extra:
                 if name in _MAIN_ONLY:
@@ -110,61 +185,13 @@ class Builder:
 
     # -- main-file sections
 
-    def agent(self, f: SourceFile, raw: object) -> AgentConfig:
-        key: KeyPath = ("agent",)
-        d = AgentConfig()
-        t = f.table(raw, key, tuple(AgentConfig.__dataclass_fields__))
-        positive = conv.duration(0.0, strict=True)
-        return AgentConfig(
-            socket=f.get(t, key, "socket", conv.abs_path, d.socket),
-            socket_mode=f.get(t, key, "socket_mode", conv.mode, d.socket_mode),
-            socket_group=f.get(t, key, "socket_group", conv.gid, d.socket_group),
-            state_dir=f.get(t, key, "state_dir", conv.abs_path, d.state_dir),
-            log_level=f.get(t, key, "log_level", conv.choice(LOG_LEVELS), d.log_level),
-            ready_timeout=f.get(t, key, "ready_timeout", positive, d.ready_timeout),
-            credentials_socket=f.get(t, key, "credentials_socket", conv.abs_path, None),
-            user=f.get(t, key, "user", conv.user_name, d.user),
-            max_connections=f.get(t, key, "max_connections", conv.integer(1), d.max_connections),
-            max_connections_per_uid=f.get(
-                t, key, "max_connections_per_uid", conv.integer(1), d.max_connections_per_uid
-            ),
-            requests_per_second_per_uid=f.get(
-                t, key, "requests_per_second_per_uid", conv.integer(1),
-                d.requests_per_second_per_uid,
-            ),
-            request_burst_per_uid=f.get(
-                t, key, "request_burst_per_uid", conv.integer(1), d.request_burst_per_uid
-            ),
-            max_watchers_per_uid=f.get(
-                t, key, "max_watchers_per_uid", conv.integer(0), d.max_watchers_per_uid
-            ),
-            max_request_bytes=f.get(
-                t, key, "max_request_bytes", conv.integer(64), d.max_request_bytes
-            ),
-            idle_timeout=f.get(t, key, "idle_timeout", positive, d.idle_timeout),
-            frame_timeout=f.get(t, key, "frame_timeout", positive, d.frame_timeout),
-        )
-
     def upstream(self, f: SourceFile, raw: object) -> UpstreamConfig:
         key: KeyPath = ("upstream",)
-        d = UpstreamConfig()
         t = f.table(raw, key, tuple(UpstreamConfig.__dataclass_fields__))
-        positive = conv.duration(0.0, strict=True)
-        ca_file = f.get(t, key, "ca_file", conv.abs_path, None)
-        if ca_file is not None:
-            self.file_checks.append(_FileCheck(f, (*key, "ca_file"), ca_file))
-        config = UpstreamConfig(
-            addresses=f.get(t, key, "addresses", conv.url_list, d.addresses, required=True),
-            ca_file=ca_file,
-            tls_server_name=f.get(t, key, "tls_server_name", conv.nonempty, None),
-            namespace=f.get(t, key, "namespace", conv.nonempty, None),
-            timeout=f.get(t, key, "timeout", positive, d.timeout),
-            max_concurrency=f.get(t, key, "max_concurrency", conv.integer(1), d.max_concurrency),
-            backoff_min=f.get(t, key, "backoff_min", positive, d.backoff_min),
-            backoff_max=f.get(t, key, "backoff_max", positive, d.backoff_max),
-            login_backoff_max=f.get(t, key, "login_backoff_max", positive, d.login_backoff_max),
-            auth=self.auth(f, t.get("auth", {})),
-        )
+        values = f.get_all(t, key, _UPSTREAM, UpstreamConfig(), required=("addresses",))
+        if values["ca_file"] is not None:
+            self.file_checks.append(_FileCheck(f, (*key, "ca_file"), values["ca_file"]))
+        config = UpstreamConfig(**values, auth=self.auth(f, t.get("auth", {})))
         for name in ("backoff_max", "login_backoff_max"):
             if getattr(config, name) < config.backoff_min:
                 f.problem((*key, name), "must be at least backoff_min")
@@ -209,42 +236,12 @@ class Builder:
             return None
         return f.get(t, key, "role", conv.nonempty, None, required=method == "jwt")
 
-    def cache(self, f: SourceFile, raw: object) -> CacheConfig:
-        key: KeyPath = ("cache",)
-        t = f.table(raw, key, tuple(CacheConfig.__dataclass_fields__))
-        config = CacheConfig(
-            max_stale=f.get(t, key, "max_stale", conv.duration(), CacheConfig.max_stale),
-            key_file=f.get(t, key, "key_file", conv.abs_path, None),
-            key_credential=f.get(t, key, "key_credential", conv.credential_name, None),
-        )
-        if "key_file" in t and "key_credential" in t:
-            f.problem((*key, "key_credential"), "set key_file or key_credential, not both")
+    @staticmethod
+    def cache(f: SourceFile, raw: object) -> CacheConfig:
+        config = _section(f, raw, "cache", CacheConfig, _CACHE)
+        if isinstance(raw, dict) and "key_file" in raw and "key_credential" in raw:
+            f.problem(("cache", "key_credential"), "set key_file or key_credential, not both")
         return config
-
-    def audit(self, f: SourceFile, raw: object) -> AuditConfig:
-        key: KeyPath = ("audit",)
-        d = AuditConfig()
-        t = f.table(raw, key, tuple(AuditConfig.__dataclass_fields__))
-        return AuditConfig(
-            path=f.get(t, key, "path", conv.audit_path, d.path),
-            max_bytes=f.get(t, key, "max_bytes", conv.size, d.max_bytes),
-            backups=f.get(t, key, "backups", conv.integer(0), d.backups),
-            flush_interval=f.get(
-                t, key, "flush_interval", conv.duration(0.0, strict=True), d.flush_interval
-            ),
-        )
-
-    def metrics(self, f: SourceFile, raw: object) -> MetricsConfig:
-        key: KeyPath = ("metrics",)
-        d = MetricsConfig()
-        t = f.table(raw, key, tuple(MetricsConfig.__dataclass_fields__))
-        return MetricsConfig(
-            listen=f.get(t, key, "listen", conv.listen, d.listen),
-            textfile=f.get(t, key, "textfile", conv.abs_path, d.textfile),
-            textfile_interval=f.get(
-                t, key, "textfile_interval", conv.duration(1.0), d.textfile_interval
-            ),
-        )
 
     # -- sections allowed in every file
 
@@ -283,19 +280,9 @@ class Builder:
         config = SecretConfig(
             name=name,
             kind=kind,
-            path=f.get(t, key, "path", conv.secret_path, "", required=True),
-            refresh=f.get(t, key, "refresh", conv.duration(1.0), SecretConfig.refresh),
-            max_stale=f.get(t, key, "max_stale", conv.duration(), None),
             params=MappingProxyType(params),
-            renew_at=f.get(t, key, "renew_at", conv.fraction, SecretConfig.renew_at),
-            revoke_previous=f.get(t, key, "revoke_previous", conv.boolean, False),
-            grace=f.get(t, key, "grace", conv.duration(), SecretConfig.grace),
-            revoke_on_shutdown=f.get(t, key, "revoke_on_shutdown", conv.boolean, False),
-            version=f.get(t, key, "version", conv.integer(1), None),
-            check=f.get(t, key, "check", conv.argv, _NO_STRS),
-            expect_rotation_every=f.get(
-                t, key, "expect_rotation_every", conv.duration(0.0, strict=True), None
-            ),
+            path=f.get(t, key, "path", conv.secret_path, "", required=True),
+            **f.get_all(t, key, _SECRET, SecretConfig),
         )
         if name not in self.secret_where:
             self.secret_where[name] = f.where(key)
@@ -310,32 +297,14 @@ class Builder:
         gids = list(f.get(t, key, "gids", conv.id_list, _NO_INTS))
         users = f.get(t, key, "users", conv.string_list, _NO_STRS)
         groups = f.get(t, key, "groups", conv.string_list, _NO_STRS)
-        for user in users:
-            try:
-                uids.append(pwd.getpwnam(user).pw_uid)
-            except KeyError:
-                f.problem((*key, "users"), f"no such user {user!r}")
-        for group in groups:
-            try:
-                gids.append(grp.getgrnam(group).gr_gid)
-            except KeyError:
-                f.problem((*key, "groups"), f"no such group {group!r}")
+        uids += f.each((*key, "users"), users, conv.existing_uid)
+        gids += f.each((*key, "groups"), groups, conv.existing_gid)
         exe = f.get(t, key, "exe", conv.string_list, _NO_STRS)
-        for path in exe:
-            if not path.startswith("/"):
-                f.problem((*key, "exe"), f"{path!r} is not an absolute path")
+        f.each((*key, "exe"), exe, conv.exe_path)
         exe_sha256 = f.get(t, key, "exe_sha256", conv.string_list, _NO_STRS)
-        for digest in exe_sha256:
-            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-                f.problem((*key, "exe_sha256"), f"{digest[:80]!r} is not a sha256 "
-                          "(64 hexadecimal digits)")
+        exe_sha256_lower = f.each((*key, "exe_sha256"), exe_sha256, conv.sha256)
         units = f.get(t, key, "units", conv.string_list, _NO_STRS)
-        for unit in units:
-            if "/" in unit or not unit.endswith(UNIT_SUFFIXES) or unit in UNIT_SUFFIXES:
-                f.problem(
-                    (*key, "units"),
-                    f"{unit!r} is not a systemd unit name (expected a suffix like .service)",
-                )
+        f.each((*key, "units"), units, conv.unit_name)
         allow = f.get(t, key, "allow", conv.string_list, _NO_STRS, required=True)
         self.allows.append((f, (*key, "allow"), allow))
         self.policies.append(
@@ -349,7 +318,7 @@ class Builder:
                 exe=exe,
                 units=units,
                 admin=f.get(t, key, "admin", conv.boolean, False),
-                exe_sha256=tuple(d.lower() for d in exe_sha256),
+                exe_sha256=tuple(exe_sha256_lower),
             )
         )
 
@@ -369,18 +338,6 @@ class Builder:
             f.problem(key, f"min ({low_s}) is greater than max ({high_s})")
         return WaitConfig(min=low, max=high)
 
-    def _action(
-        self, f: SourceFile, t: Mapping[str, object], key: KeyPath
-    ) -> tuple[int, int | None, int | None, tuple[str, ...], float, WaitConfig]:
-        return (
-            f.get(t, key, "mode", conv.mode, 0o600),
-            f.get(t, key, "owner", conv.uid, None),
-            f.get(t, key, "group", conv.gid, None),
-            f.get(t, key, "command", conv.argv, _NO_STRS),
-            f.get(t, key, "command_timeout", conv.duration(0.0, strict=True), 30.0),
-            self._wait(f, t, key),
-        )
-
     def template(self, f: SourceFile, key: KeyPath, raw: object) -> None:
         t = f.table(raw, key, tuple(TemplateConfig.__dataclass_fields__))
         destination = f.get(t, key, "destination", conv.abs_path, Path("/"), required=True)
@@ -392,18 +349,14 @@ class Builder:
             self.refs.append((f, (*key, "contents"), "template", secret_refs(contents)))
         if source is not None:
             self.file_checks.append(_FileCheck(f, (*key, "source"), source, template=True))
-        mode, owner, group, command, timeout, wait = self._action(f, t, key)
+        output = f.get_all(t, key, _OUTPUT, TemplateConfig)
         self.templates.append(
             TemplateConfig(
                 destination=destination,
                 source=source,
                 contents=contents,
-                mode=mode,
-                owner=owner,
-                group=group,
-                command=command,
-                command_timeout=timeout,
-                wait=wait,
+                **output,
+                wait=self._wait(f, t, key),
                 backup=f.get(t, key, "backup", conv.boolean, False),
                 on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
             )
@@ -437,21 +390,16 @@ class Builder:
                     if name not in files:
                         f.problem(mkey, f"{name!r} is not one of this bundle's files")
                         continue
-                    try:
-                        modes[name] = conv.mode(value)
-                    except conv.Invalid as exc:
-                        f.problem(mkey, str(exc))
-        mode, owner, group, command, timeout, wait = self._action(f, t, key)
+                    mode = f.convert(mkey, value, conv.mode, None)
+                    if mode is not None:
+                        modes[name] = mode
+        output = f.get_all(t, key, _OUTPUT, BundleConfig)
         self.bundles.append(
             BundleConfig(
                 directory=directory,
                 files=MappingProxyType(files),
-                mode=mode,
-                owner=owner,
-                group=group,
-                command=command,
-                command_timeout=timeout,
-                wait=wait,
+                **output,
+                wait=self._wait(f, t, key),
                 grace=f.get(t, key, "grace", conv.duration(), BundleConfig.grace),
                 modes=MappingProxyType(modes),
                 on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from agentd.config.schema import UNIT_SUFFIXES
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?")
@@ -23,6 +25,7 @@ _SIZE_UNITS = {
     "GiB": 2**30,
 }
 _MODE = re.compile(r"[0-7]{3,4}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class Invalid(Exception):
@@ -100,6 +103,9 @@ def duration(minimum: float = 0.0, *, strict: bool = False) -> Callable[[object]
     return convert
 
 
+positive_duration = duration(0.0, strict=True)
+
+
 def show_seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
@@ -144,6 +150,22 @@ def id_list(value: object) -> tuple[int, ...]:
     )
 
 
+def existing_uid(name: str) -> int:
+    """The uid of the user called ``name``."""
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise Invalid(f"no such user {name!r}") from None
+
+
+def existing_gid(name: str) -> int:
+    """The gid of the group called ``name``."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise Invalid(f"no such group {name!r}") from None
+
+
 def _account_id(value: object, lookup: Callable[[str], int], kind: str, number: str) -> int:
     """A user or group name (resolved with ``lookup``) or a number, as chown(1) takes them."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -151,27 +173,24 @@ def _account_id(value: object, lookup: Callable[[str], int], kind: str, number: 
     if isinstance(value, str) and value:
         try:
             return lookup(value)
-        except KeyError:
+        except Invalid:
             if value.isdigit():             # "1000": a number written as a string
                 return int(value)
-            raise Invalid(f"no such {kind} {value!r}") from None
+            raise
     raise Invalid(f"expected a {kind} name or a {number}")
 
 
 def uid(value: object) -> int:
-    return _account_id(value, lambda name: pwd.getpwnam(name).pw_uid, "user", "uid")
+    return _account_id(value, existing_uid, "user", "uid")
 
 
 def gid(value: object) -> int:
-    return _account_id(value, lambda name: grp.getgrnam(name).gr_gid, "group", "gid")
+    return _account_id(value, existing_gid, "group", "gid")
 
 
 def user_name(value: object) -> str:
     name = nonempty(value)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        raise Invalid(f"no such user {name!r}") from None
+    existing_uid(name)
     return name
 
 
@@ -251,3 +270,25 @@ def params(value: object) -> dict[str, object]:
     if not isinstance(value, dict):
         raise Invalid('expected a table like { common_name = "web.internal", ttl = "24h" }')
     return dict(value)
+
+
+# -- one element of a list, already known to be a string -----------------------------------------
+
+
+def exe_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise Invalid(f"{path!r} is not an absolute path")
+    return path
+
+
+def sha256(digest: str) -> str:
+    """A sha256 in hexadecimal, lowercased."""
+    if not _SHA256.fullmatch(digest):
+        raise Invalid(f"{digest[:80]!r} is not a sha256 (64 hexadecimal digits)")
+    return digest.lower()
+
+
+def unit_name(unit: str) -> str:
+    if "/" in unit or not unit.endswith(UNIT_SUFFIXES) or unit in UNIT_SUFFIXES:
+        raise Invalid(f"{unit!r} is not a systemd unit name (expected a suffix like .service)")
+    return unit

@@ -2,18 +2,18 @@
 
 ``parse`` reads and parses a file (the only use of tomllib). ``SourceFile`` is what the builder
 reports through: ``problem`` formats ``file:line: key.path: message`` with the line found by the
-locator, and ``get`` / ``convert`` run a converter and record its ``Invalid`` as a problem instead
-of stopping, so that every problem is reported at once.
+locator, and ``get``, ``get_all``, ``convert`` and ``each`` run converters and record each
+``Invalid`` as a problem instead of stopping, so that every problem is reported at once.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agentd.config.convert import Invalid
 from agentd.config.locate import KeyPath, Locator, format_key
@@ -24,6 +24,8 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 T = TypeVar("T")
+V = TypeVar("V")
+Converters = Mapping[str, Callable[[object], Any]]   # key name -> its converter
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 
 
@@ -117,14 +119,43 @@ class SourceFile:
             if required:
                 self.problem((*key, name), "required")
             return default
-        return self.convert(key=(*key, name), value=table[name], convert=convert, default=default)
+        return self.convert((*key, name), table[name], convert, default)
 
-    def convert(
-        self, *, key: KeyPath, value: object, convert: Callable[[object], T], default: T
-    ) -> T:
+    def get_all(
+        self,
+        table: Mapping[str, object],
+        key: KeyPath,
+        converters: Converters,
+        defaults: object,
+        *,
+        required: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """``get`` for each name in ``converters``, in order; defaults are ``defaults``' attributes.
+
+        ``defaults`` is an instance, or the class itself when the fields read have plain
+        defaults (not ``default_factory``) and it has required fields.
+        """
+        return {
+            name: self.get(
+                table, key, name, convert, getattr(defaults, name), required=name in required
+            )
+            for name, convert in converters.items()
+        }
+
+    def convert(self, key: KeyPath, value: V, convert: Callable[[V], T], default: T) -> T:
         """``convert(value)``, or report its ``Invalid`` at ``key`` and return ``default``."""
         try:
             return convert(value)
         except Invalid as exc:
             self.problem(key, str(exc))
             return default
+
+    def each(self, key: KeyPath, values: Iterable[V], convert: Callable[[V], T]) -> list[T]:
+        """``convert`` each of ``values``; each one that is ``Invalid`` is reported at ``key``."""
+        converted: list[T] = []
+        for value in values:
+            try:
+                converted.append(convert(value))
+            except Invalid as exc:
+                self.problem(key, str(exc))
+        return converted
