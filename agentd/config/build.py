@@ -110,6 +110,14 @@ _SECRET: Converters = {                      # after kind, params and path
     "check": conv.argv,
     "expect_rotation_every": conv.positive_duration,
 }
+_METHOD_FILES: dict[str, tuple[str, ...]] = {   # [upstream.auth] files -> methods reading them
+    "role_id_file": ("approle",),
+    "secret_id_file": ("approle",),
+    "token_file": ("token_file",),
+    "cert_file": ("cert",),
+    "key_file": ("cert",),
+    "jwt_file": ("jwt",),
+}
 _OUTPUT: Converters = {                      # shared by [[template]] and [[bundle]]
     "mode": conv.mode,
     "owner": conv.uid,
@@ -117,6 +125,25 @@ _OUTPUT: Converters = {                      # shared by [[template]] and [[bund
     "command": conv.argv,
     "command_timeout": conv.positive_duration,
 }
+
+
+def _unused(
+    f: SourceFile,
+    t: Mapping[str, object],
+    key: KeyPath,
+    name: str,
+    users: tuple[str, ...],
+    chosen: str,
+    what: str,
+) -> bool:
+    """Report ``name`` if it is set but the ``chosen`` kind or method is not one of its users.
+
+    Nothing is reported while ``chosen`` is empty (missing or invalid, reported already).
+    """
+    if chosen and name in t and chosen not in users:
+        f.problem((*key, name), f"not used by {what} {chosen!r}")
+        return True
+    return False
 
 
 def _section(
@@ -201,40 +228,21 @@ class Builder:
         key: KeyPath = ("upstream", "auth")
         t = f.table(raw, key, tuple(AuthConfig.__dataclass_fields__))
         method = f.get(t, key, "method", conv.choice(AUTH_METHODS), "", required=True)
-        wanted = {
-            "approle": ("role_id_file", "secret_id_file"), "token_file": ("token_file",),
-            "cert": ("cert_file", "key_file"), "jwt": ("jwt_file",),
-        }
         files: dict[str, Path | None] = {}
-        for name in ("role_id_file", "secret_id_file", "token_file", "cert_file", "key_file",
-                     "jwt_file"):
-            needed = name in wanted.get(method, ())
-            if method and not needed and name in t:
-                f.problem((*key, name), f"not used by method {method!r}")
+        for name, methods in _METHOD_FILES.items():
+            if _unused(f, t, key, name, methods, method, "method"):
                 continue
-            files[name] = f.get(t, key, name, conv.abs_path, None, required=needed)
-            path = files[name]
+            path = files[name] = f.get(
+                t, key, name, conv.abs_path, None, required=method in methods
+            )
             if path is not None:
                 credential = name not in ("role_id_file", "cert_file")
                 self.file_checks.append(_FileCheck(f, (*key, name), path, credential=credential))
-        return AuthConfig(
-            method=method or "approle",
-            mount=f.get(t, key, "mount", conv.nonempty, None),
-            role_id_file=files.get("role_id_file"),
-            secret_id_file=files.get("secret_id_file"),
-            token_file=files.get("token_file"),
-            cert_file=files.get("cert_file"),
-            key_file=files.get("key_file"),
-            jwt_file=files.get("jwt_file"),
-            role=self._auth_role(f, t, key, method),
-        )
-
-    @staticmethod
-    def _auth_role(f: SourceFile, t: Mapping[str, object], key: KeyPath, method: str) -> str | None:
-        if method and method not in ("cert", "jwt") and "role" in t:
-            f.problem((*key, "role"), f"not used by method {method!r}")
-            return None
-        return f.get(t, key, "role", conv.nonempty, None, required=method == "jwt")
+        mount = f.get(t, key, "mount", conv.nonempty, None)
+        role = None
+        if not _unused(f, t, key, "role", ("cert", "jwt"), method, "method"):
+            role = f.get(t, key, "role", conv.nonempty, None, required=method == "jwt")
+        return AuthConfig(method=method or "approle", mount=mount, role=role, **files)
 
     @staticmethod
     def cache(f: SourceFile, raw: object) -> CacheConfig:
@@ -273,8 +281,7 @@ class Builder:
         t = f.table(raw, key, SECRET_KEYS)
         kind = f.get(t, key, "kind", conv.choice(SECRET_KINDS), "", required=True)
         for option, kinds in KIND_ONLY.items():
-            if kind and option in t and kind not in kinds:
-                f.problem((*key, option), f"not used by kind {kind!r}")
+            _unused(f, t, key, option, kinds, kind, "kind")
         no_params: dict[str, object] = {}
         params = f.get(t, key, "params", conv.params, no_params)
         config = SecretConfig(
