@@ -466,32 +466,23 @@ class Builder:
         line = 0 if not key else None
         try:
             st = path.stat()
-        except FileNotFoundError:
-            f.problem(key, f"{path}: no such file", line=line, label=label)
-            return False
         except OSError as exc:
-            f.problem(key, f"{path}: cannot stat: {exc.strerror}", line=line, label=label)
+            missing = isinstance(exc, FileNotFoundError)
+            why = "no such file" if missing else f"cannot stat: {exc.strerror}"
+            f.problem(key, f"{path}: {why}", line=line, label=label)
             return False
         mode = stat.S_IMODE(st.st_mode)
+        complaints: list[str] = []
         if st.st_uid not in owners:
-            f.problem(
-                key,
-                f"{path} is owned by uid {st.st_uid}: must be owned by root or the agent's user",
-                line=line,
-                label=label,
+            complaints.append(
+                f"{path} is owned by uid {st.st_uid}: must be owned by root or the agent's user"
             )
         if mode & 0o022:
-            f.problem(
-                key,
-                f"{path} is writable by group or others (mode {mode:04o}): chmod go-w",
-                line=line,
-                label=label,
+            complaints.append(
+                f"{path} is writable by group or others (mode {mode:04o}): chmod go-w"
             )
         if credential and mode & 0o004:
-            f.problem(
-                key,
-                f"{path} is readable by others (mode {mode:04o}): chmod o-r",
-                line=line,
-                label=label,
-            )
+            complaints.append(f"{path} is readable by others (mode {mode:04o}): chmod o-r")
+        for message in complaints:
+            f.problem(key, message, line=line, label=label)
         return True
