@@ -41,7 +41,7 @@ from agentd.config.schema import (
     UpstreamConfig,
     WaitConfig,
 )
-from agentd.config.source import Converters, SourceFile
+from agentd.config.source import SourceFile
 from agentd.refs import secret_refs
 
 _MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
@@ -54,7 +54,7 @@ _NO_STRS: tuple[str, ...] = ()
 # How each plain key is converted, section by section, in the order they are read (the order
 # problems on one line are reported in). Keys that need more than a converter are read by hand.
 # [agent], [cache], [audit] and [metrics] accept exactly the keys of their table here.
-_AGENT: Converters = {
+_AGENT: conv.Converters = {
     "socket": conv.abs_path,
     "socket_mode": conv.mode,
     "socket_group": conv.gid,
@@ -72,7 +72,7 @@ _AGENT: Converters = {
     "idle_timeout": conv.positive_duration,
     "frame_timeout": conv.positive_duration,
 }
-_UPSTREAM: Converters = {                    # and the table [upstream.auth]
+_UPSTREAM: conv.Converters = {                    # and the table [upstream.auth]
     "ca_file": conv.abs_path,
     "addresses": conv.url_list,
     "tls_server_name": conv.nonempty,
@@ -83,23 +83,23 @@ _UPSTREAM: Converters = {                    # and the table [upstream.auth]
     "backoff_max": conv.positive_duration,
     "login_backoff_max": conv.positive_duration,
 }
-_CACHE: Converters = {
+_CACHE: conv.Converters = {
     "max_stale": conv.duration(),
     "key_file": conv.abs_path,
     "key_credential": conv.credential_name,
 }
-_AUDIT: Converters = {
+_AUDIT: conv.Converters = {
     "path": conv.audit_path,
     "max_bytes": conv.size,
     "backups": conv.integer(0),
     "flush_interval": conv.positive_duration,
 }
-_METRICS: Converters = {
+_METRICS: conv.Converters = {
     "listen": conv.listen,
     "textfile": conv.abs_path,
     "textfile_interval": conv.duration(1.0),
 }
-_SECRET: Converters = {                      # after kind, params and path
+_SECRET: conv.Converters = {                      # after kind, params and path
     "refresh": conv.duration(1.0),
     "max_stale": conv.duration(),
     "renew_at": conv.fraction,
@@ -118,7 +118,7 @@ _METHOD_FILES: dict[str, tuple[str, ...]] = {   # [upstream.auth] files -> metho
     "key_file": ("cert",),
     "jwt_file": ("jwt",),
 }
-_OUTPUT: Converters = {                      # shared by [[template]] and [[bundle]]
+_OUTPUT: conv.Converters = {                      # shared by [[template]] and [[bundle]]
     "mode": conv.mode,
     "owner": conv.uid,
     "group": conv.gid,
@@ -147,7 +147,7 @@ def _unused(
 
 
 def _section(
-    f: SourceFile, raw: object, name: str, make: Callable[..., S], converters: Converters
+    f: SourceFile, raw: object, name: str, make: Callable[..., S], converters: conv.Converters
 ) -> S:
     """A main-file section whose keys are exactly ``converters``' (defaults: ``make()``'s)."""
     key: KeyPath = (name,)

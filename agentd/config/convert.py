@@ -10,7 +10,7 @@ from __future__ import annotations
 import grp
 import pwd
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +26,9 @@ _SIZE_UNITS = {
 }
 _MODE = re.compile(r"[0-7]{3,4}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+Converters = Mapping[str, Callable[[object], Any]]   # a table's key names -> their converters
 
 
 class Invalid(Exception):

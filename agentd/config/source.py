@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agentd.config.convert import Invalid
+from agentd.config.convert import Converters, Invalid
 from agentd.config.locate import KeyPath, Locator, format_key
 
 if sys.version_info >= (3, 11):
@@ -25,7 +25,6 @@ else:  # pragma: no cover
 
 T = TypeVar("T")
 V = TypeVar("V")
-Converters = Mapping[str, Callable[[object], Any]]   # key name -> its converter
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 
 
