@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -388,6 +389,144 @@ def test_good_config_has_the_right_types(etc: Path) -> None:
     assert dict(bundle.files) == {"token": "{{ secret('legacy_token').value }}"}
     with pytest.raises(TypeError):
         cfg.secrets["x"] = cfg.secrets["db"]  # type: ignore[index]
+
+
+# Every key a table may hold, set to a value that is not its default: the value must reach the
+# Config (a key the builder allowed but did not read would silently keep its default).
+# (table header, base keys of that table, key = value, expected attribute value)
+KEY_TABLES = {
+    "[agent]": "",
+    "[upstream]": 'addresses = ["https://bao:8200"]',
+    "[upstream.auth]": 'method = "token_file"\ntoken_file = "/etc/agentd/token"',
+    "[cache]": "",
+    "[audit]": "",
+    "[metrics]": "",
+    "[secrets.kv]": 'kind = "kv2"\npath = "secret/data/a"',
+    "[secrets.pki]": 'kind = "pki"\npath = "pki/issue/a"',
+    "[secrets.lease]": 'kind = "leased"\npath = "db/creds/a"',
+    "[[template]]": 'destination = "/etc/a"\ncontents = "x"',
+    "[[bundle]]": 'directory = "/etc/b"\nfiles = { "a" = "x" }',
+}
+EVERY_KEY: list[tuple[str, str, object]] = [
+    ("[agent]", 'socket = "/run/x.sock"', Path("/run/x.sock")),
+    ("[agent]", 'socket_mode = "0600"', 0o600),
+    ("[agent]", "socket_group = 0", 0),
+    ("[agent]", 'state_dir = "/var/x"', Path("/var/x")),
+    ("[agent]", 'log_level = "debug"', "debug"),
+    ("[agent]", 'ready_timeout = "5s"', 5.0),
+    ("[agent]", 'credentials_socket = "/run/c.sock"', Path("/run/c.sock")),
+    ("[agent]", 'user = "root"', "root"),
+    ("[agent]", "max_connections = 10", 10),
+    ("[agent]", "max_connections_per_uid = 5", 5),
+    ("[agent]", "requests_per_second_per_uid = 7", 7),
+    ("[agent]", "request_burst_per_uid = 9", 9),
+    ("[agent]", "max_watchers_per_uid = 3", 3),
+    ("[agent]", "max_request_bytes = 1000", 1000),
+    ("[agent]", 'idle_timeout = "1m"', 60.0),
+    ("[agent]", 'frame_timeout = "2s"', 2.0),
+    ("[upstream]", 'ca_file = "/etc/ca.pem"', Path("/etc/ca.pem")),
+    ("[upstream]", 'tls_server_name = "bao"', "bao"),
+    ("[upstream]", 'namespace = "ns"', "ns"),
+    ("[upstream]", 'timeout = "3s"', 3.0),
+    ("[upstream]", "max_concurrency = 2", 2),
+    ("[upstream]", 'backoff_min = "2s"', 2.0),
+    ("[upstream]", 'backoff_max = "90s"', 90.0),
+    ("[upstream]", 'login_backoff_max = "10m"', 600.0),
+    ("[upstream.auth]", 'mount = "tok"', "tok"),
+    ("[cache]", 'max_stale = "1h"', 3600.0),
+    ("[cache]", 'key_file = "/k"', Path("/k")),
+    ("[cache]", 'key_credential = "cred"', "cred"),
+    ("[audit]", 'path = "journal"', "journal"),
+    ("[audit]", 'max_bytes = "1KiB"', 1024),
+    ("[audit]", "backups = 2", 2),
+    ("[audit]", 'flush_interval = "3s"', 3.0),
+    ("[metrics]", 'listen = "127.0.0.1:9"', ("127.0.0.1", 9)),
+    ("[metrics]", 'textfile = "/t.prom"', Path("/t.prom")),
+    ("[metrics]", 'textfile_interval = "30s"', 30.0),
+    ("[secrets.kv]", 'refresh = "2m"', 120.0),
+    ("[secrets.kv]", 'max_stale = "1h"', 3600.0),
+    ("[secrets.kv]", "version = 3", 3),
+    ("[secrets.kv]", 'check = ["/bin/true"]', ("/bin/true",)),
+    ("[secrets.kv]", 'expect_rotation_every = "1h"', 3600.0),
+    ("[secrets.pki]", 'params = { ttl = "1h" }', {"ttl": "1h"}),
+    ("[secrets.pki]", "renew_at = 0.5", 0.5),
+    ("[secrets.pki]", "revoke_previous = true", True),
+    ("[secrets.pki]", 'grace = "1m"', 60.0),
+    ("[secrets.lease]", "revoke_on_shutdown = true", True),
+    ("[[template]]", 'mode = "0640"', 0o640),
+    ("[[template]]", "owner = 0", 0),
+    ("[[template]]", "group = 0", 0),
+    ("[[template]]", 'command = ["/bin/true"]', ("/bin/true",)),
+    ("[[template]]", 'command_timeout = "5s"', 5.0),
+    ("[[template]]", 'wait = { min = "1s", max = "2s" }', WaitConfig(min=1.0, max=2.0)),
+    ("[[template]]", "backup = true", True),
+    ("[[template]]", 'on_revoke = "remove"', "remove"),
+    ("[[bundle]]", 'mode = "0640"', 0o640),
+    ("[[bundle]]", "owner = 0", 0),
+    ("[[bundle]]", "group = 0", 0),
+    ("[[bundle]]", 'command = ["/bin/true"]', ("/bin/true",)),
+    ("[[bundle]]", 'command_timeout = "5s"', 5.0),
+    ("[[bundle]]", 'wait = { min = "1s" }', WaitConfig(min=1.0, max=1.0)),
+    ("[[bundle]]", 'grace = "1s"', 1.0),
+    ("[[bundle]]", 'modes = { a = "0644" }', {"a": 0o644}),
+    ("[[bundle]]", 'on_revoke = "remove"', "remove"),
+]
+
+
+def _table_of(cfg: Config, header: str) -> Any:
+    name = header.strip("[]")
+    if name.startswith("secrets."):
+        return cfg.secrets[name.removeprefix("secrets.")]
+    if name == "upstream.auth":
+        return cfg.upstream.auth
+    if name in ("template", "bundle"):
+        return getattr(cfg, f"{name}s")[0]
+    return getattr(cfg, name)
+
+
+def _config_with(tmp_path: Path, header: str, line: str) -> Config:
+    """The config of KEY_TABLES, with ``line`` added to the table ``header``."""
+    text = "".join(
+        f"{h}\n{base}\n{line if h == header else ''}\n" for h, base in KEY_TABLES.items()
+    )
+    path = write(tmp_path / ("with-key.toml" if line else "base.toml"), text)
+    return load(path, check_permissions=False)
+
+
+# Keys EVERY_KEY leaves out: those KEY_TABLES sets, and the method-specific auth keys (the
+# fixtures and test_token_file_method cover those).
+NOT_IN_EVERY_KEY = {
+    "[upstream]": {"addresses", "auth"},
+    "[upstream.auth]": {"method", "role_id_file", "secret_id_file", "token_file", "cert_file",
+                        "key_file", "jwt_file", "role"},
+    "[secrets]": {"name", "kind", "path"},
+    "[[template]]": {"destination", "contents", "source"},
+    "[[bundle]]": {"directory", "files"},
+}
+
+
+def test_every_key_has_a_case(tmp_path: Path) -> None:
+    base = _config_with(tmp_path, "", "")
+    fields: dict[str, set[str]] = {}             # the secrets' three tables count as one
+    cases: dict[str, set[str]] = {}
+    for header in KEY_TABLES:
+        group = "[secrets]" if header.startswith("[secrets.") else header
+        names = set(type(_table_of(base, header)).__dataclass_fields__)
+        fields[group] = names - NOT_IN_EVERY_KEY.get(group, set())
+        cases[group] = set()
+    for header, line, _ in EVERY_KEY:
+        cases["[secrets]" if header.startswith("[secrets.") else header].add(line.split(" =")[0])
+    assert cases == fields
+
+
+@pytest.mark.parametrize(("header", "line", "expected"), EVERY_KEY, ids=lambda v: str(v)[:40])
+def test_every_key_reaches_the_config(
+    tmp_path: Path, header: str, line: str, expected: object
+) -> None:
+    key = line.split(" =")[0]
+    default = getattr(_table_of(_config_with(tmp_path, header, ""), header), key)
+    assert default != expected                   # else the case proves nothing
+    assert getattr(_table_of(_config_with(tmp_path, header, line), header), key) == expected
 
 
 @pytest.mark.parametrize(
