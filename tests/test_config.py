@@ -461,6 +461,8 @@ EVERY_KEY: list[tuple[str, str, object]] = [
     ("[[template]]", 'wait = { min = "1s", max = "2s" }', WaitConfig(min=1.0, max=2.0)),
     ("[[template]]", "backup = true", True),
     ("[[template]]", 'on_revoke = "remove"', "remove"),
+    ("[[template]]", 'allow = ["db*"]', ("db*",)),
+    ("[[bundle]]", 'allow = ["web-*"]', ("web-*",)),
     ("[[bundle]]", 'mode = "0640"', 0o640),
     ("[[bundle]]", "owner = 0", 0),
     ("[[bundle]]", "group = 0", 0),
@@ -617,6 +619,8 @@ def test_conf_d_problems_name_their_own_file_and_come_after_the_main_file(etc: P
         f"{at(main, '[secrets.Bad]')}: secrets.Bad: invalid secret name 'Bad': "
         f"must match {config.SECRET_NAME_PATTERN}",
         f"{extra}:1: upstream: only allowed in the main file, not in conf.d",
+        f"{extra}:5: policy[0].exe: name a uid, user, gid or group too: exe alone can be run "
+        "by any user",
         f"{extra}:6: policy[0].allow: 'nothing-*' matches no declared secret",
         f"{extra}:7: policy[0].surprise: unknown key",
     ]
@@ -698,10 +702,16 @@ def test_world_writable_config_and_directory(etc: Path) -> None:
     main = good(etc)
     main.chmod(0o666)
     etc.chmod(0o777)
-    assert problems(main, check_permissions=True) == [
+    found = problems(main, check_permissions=True)
+    assert found[:2] == [
         f"{main}:0: (file): {main} is writable by group or others (mode 0666): chmod go-w",
         f"{main}:0: (directory): {etc} is writable by group or others (mode 0777): chmod go-w",
     ]
+    # ... and every file the config names in that directory (CA, credentials) with it: another
+    # user can swap any of them (issue 13 item 13).
+    assert found[2:]
+    assert all(p.endswith(f": {etc}: directory is writable by others (mode 0777): chmod go-w")
+               for p in found[2:]), found[2:]
     # Not looked at when the filesystem checks are off.
     assert load(main, check_permissions=False).files == (main,)
 

@@ -11,6 +11,7 @@ and, when asked, that the files the config names exist and are safe.
 from __future__ import annotations
 
 import fnmatch
+import os
 import pwd
 import re
 import stat
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
 
+from agentd import fsafe
 from agentd.config import convert as conv
 from agentd.config.kindkeys import KIND_ONLY, SECRET_KEYS, SECRET_KINDS
 from agentd.config.locate import KeyPath
@@ -42,7 +44,8 @@ from agentd.config.schema import (
     WaitConfig,
 )
 from agentd.config.source import SourceFile
-from agentd.refs import secret_refs
+from agentd.errors import UnsafePath
+from agentd.refs import allowed, secret_refs
 
 _MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
 _ANYWHERE = ("secrets", "policy", "template", "bundle")
@@ -164,6 +167,7 @@ class _FileCheck:
     path: Path
     credential: bool = False                 # also refuse "readable by others"
     template: bool = False                   # read it for secret('...') references
+    allow: tuple[str, ...] | None = None     # the template's allow list, if it has one
 
 
 class Builder:
@@ -175,8 +179,10 @@ class Builder:
         self.secret_where: dict[str, str] = {}
         self.policies: list[PolicyConfig] = []
         self.allows: list[tuple[SourceFile, KeyPath, tuple[str, ...]]] = []
-        self.refs: list[tuple[SourceFile, KeyPath, str, list[str]]] = []
+        self.refs: list[tuple[SourceFile, KeyPath, str, list[str], tuple[str, ...] | None]] = []
         self.file_checks: list[_FileCheck] = []
+        self._directories: dict[Path, str | None] = {}
+        self._agent_groups: set[int] = {0, os.getegid()}
         self.templates: list[TemplateConfig] = []
         self.bundles: list[BundleConfig] = []
 
@@ -314,20 +320,23 @@ class Builder:
         f.each((*key, "units"), units, conv.unit_name)
         allow = f.get(t, key, "allow", conv.string_list, _NO_STRS, required=True)
         self.allows.append((f, (*key, "allow"), allow))
-        self.policies.append(
-            PolicyConfig(
-                name=f.get(t, key, "name", conv.nonempty, f"policy[{len(self.policies)}]"),
-                allow=allow,
-                uids=tuple(dict.fromkeys(uids)),
-                gids=tuple(dict.fromkeys(gids)),
-                users=users,
-                groups=groups,
-                exe=exe,
-                units=units,
-                admin=f.get(t, key, "admin", conv.boolean, False),
-                exe_sha256=tuple(exe_sha256_lower),
-            )
+        policy = PolicyConfig(
+            name=f.get(t, key, "name", conv.nonempty, f"policy[{len(self.policies)}]"),
+            allow=allow,
+            uids=tuple(dict.fromkeys(uids)),
+            gids=tuple(dict.fromkeys(gids)),
+            users=users,
+            groups=groups,
+            exe=exe,
+            units=units,
+            admin=f.get(t, key, "admin", conv.boolean, False),
+            exe_sha256=tuple(exe_sha256_lower),
         )
+        self.policies.append(policy)
+        # Deferred import: agentd.access imports agentd.config.
+        from agentd.access import policy_problems
+        for problem in policy_problems(policy):
+            f.problem((*key, *problem.key), problem.message)
 
     def _wait(self, f: SourceFile, t: Mapping[str, object], key: KeyPath) -> WaitConfig:
         if "wait" not in t:
@@ -352,10 +361,12 @@ class Builder:
         contents = f.get(t, key, "contents", conv.string, None)
         if isinstance(raw, dict) and ("source" in t) == ("contents" in t):
             f.problem(key, "set exactly one of source or contents")
+        allow = f.get(t, key, "allow", conv.string_list, None)
         if contents is not None:
-            self.refs.append((f, (*key, "contents"), "template", secret_refs(contents)))
+            self.refs.append((f, (*key, "contents"), "template", secret_refs(contents), allow))
         if source is not None:
-            self.file_checks.append(_FileCheck(f, (*key, "source"), source, template=True))
+            self.file_checks.append(
+                _FileCheck(f, (*key, "source"), source, template=True, allow=allow))
         output = f.get_all(t, key, _OUTPUT, TemplateConfig)
         self.templates.append(
             TemplateConfig(
@@ -366,6 +377,7 @@ class Builder:
                 wait=self._wait(f, t, key),
                 backup=f.get(t, key, "backup", conv.boolean, False),
                 on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
+                allow=allow,
             )
         )
 
@@ -373,6 +385,7 @@ class Builder:
         t = f.table(raw, key, tuple(BundleConfig.__dataclass_fields__))
         directory = f.get(t, key, "directory", conv.abs_path, Path("/"), required=True)
         files: dict[str, str] = {}
+        allow = f.get(t, key, "allow", conv.string_list, None)
         if "files" not in t:
             f.problem((*key, "files"), "required")
         elif not isinstance(t["files"], dict) or not t["files"]:
@@ -386,7 +399,7 @@ class Builder:
                     f.problem(fkey, "expected a string (the file's template)")
                     continue
                 files[name] = text
-                self.refs.append((f, fkey, "template", secret_refs(text)))
+                self.refs.append((f, fkey, "template", secret_refs(text), allow))
         modes: dict[str, int] = {}
         if "modes" in t:
             if not isinstance(t["modes"], dict):
@@ -410,6 +423,7 @@ class Builder:
                 grace=f.get(t, key, "grace", conv.duration(), BundleConfig.grace),
                 modes=MappingProxyType(modes),
                 on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
+                allow=allow,
             )
         )
 
@@ -423,16 +437,19 @@ class Builder:
                     continue                    # a literal name (the common case: no scan)
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     f.problem(key, f"{pattern!r} matches no declared secret")
-        for f, key, what, refs in self.refs:
-            self._check_refs(f, key, what, refs)
+        for f, key, what, refs, allow in self.refs:
+            self._check_refs(f, key, what, refs, allow)
         if not self.check_permissions:
             return
         owners = {0}
         if agent.user is not None:
-            owners.add(pwd.getpwnam(agent.user).pw_uid)
+            entry = pwd.getpwnam(agent.user)
+            owners.add(entry.pw_uid)
+            self._agent_groups.add(entry.pw_gid)
         directories: set[Path] = set()
         for f in files:
-            self._check_safe(f, (), f.path, owners)
+            # its directory is checked next, with the directories above it
+            self._check_safe(f, (), f.path, owners, ancestors=False)
             if f.path.parent not in directories:
                 directories.add(f.path.parent)
                 self._check_safe(f, (), f.path.parent, owners, label="(directory)")
@@ -441,16 +458,21 @@ class Builder:
                 check.where, check.key, check.path, owners, credential=check.credential
             ) and check.template:
                 try:
-                    text = check.path.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    check.where.problem(check.key, f"cannot read {check.path}: {exc}")
+                    text = fsafe.read_text(check.path, owners=owners)
+                except UnsafePath as exc:
+                    check.where.problem(check.key, f"cannot read {exc}")
                     continue
-                self._check_refs(check.where, check.key, str(check.path), secret_refs(text))
+                self._check_refs(check.where, check.key, str(check.path), secret_refs(text),
+                                 check.allow)
 
-    def _check_refs(self, f: SourceFile, key: KeyPath, what: str, refs: list[str]) -> None:
+    def _check_refs(self, f: SourceFile, key: KeyPath, what: str, refs: list[str],
+                    allow: tuple[str, ...] | None = None) -> None:
         for name in dict.fromkeys(refs):
             if name not in self.secrets:
                 f.problem(key, f"{what} refers to undeclared secret {name!r}")
+            elif allow is not None and not allowed(name, allow):
+                f.problem(key, f"{what} names secret {name!r}, which the template's allow list "
+                          "does not include")
 
     def _check_safe(
         self,
@@ -461,15 +483,21 @@ class Builder:
         *,
         credential: bool = False,
         label: str | None = None,
+        ancestors: bool = True,
     ) -> bool:
-        """Report ``path`` if missing or changeable by others; True if it exists."""
+        """Report ``path`` if missing, a symlink, or changeable by others (it or a directory
+        above it: ``fsafe``'s rules, the same the agent applies at every later read); True if
+        it exists and can be read."""
         line = 0 if not key else None
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError as exc:
             missing = isinstance(exc, FileNotFoundError)
             why = "no such file" if missing else f"cannot stat: {exc.strerror}"
             f.problem(key, f"{path}: {why}", line=line, label=label)
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            f.problem(key, f"{path} is a symlink: name the file itself", line=line, label=label)
             return False
         mode = stat.S_IMODE(st.st_mode)
         complaints: list[str] = []
@@ -483,6 +511,22 @@ class Builder:
             )
         if credential and mode & 0o004:
             complaints.append(f"{path} is readable by others (mode {mode:04o}): chmod o-r")
+        elif credential and mode & 0o040 and st.st_gid not in self._agent_groups:
+            complaints.append(f"{path} is readable by group {st.st_gid} (mode {mode:04o}): a "
+                              "credential is for root or the agent only: chmod g-r")
+        unsafe = self._unsafe_directory(path.parent, owners) if ancestors else None
+        if unsafe is not None:
+            complaints.append(unsafe)
         for message in complaints:
             f.problem(key, message, line=line, label=label)
-        return True
+        return not complaints or all("readable by" in m for m in complaints)
+
+    def _unsafe_directory(self, directory: Path, owners: set[int]) -> str | None:
+        """Why ``directory`` or one above it is unsafe to trust (None: it is fine); memoised."""
+        if directory not in self._directories:
+            try:
+                os.close(fsafe.open_dir(directory, owners=owners))
+                self._directories[directory] = None
+            except UnsafePath as exc:
+                self._directories[directory] = str(exc)
+        return self._directories[directory]

@@ -143,6 +143,7 @@ class TemplateConfig:
     wait: WaitConfig = field(default_factory=WaitConfig)
     backup: bool = False                     # keep the replaced file as DESTINATION.bak
     on_revoke: str = "keep"                  # keep | remove: the file when an input is revoked
+    allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class BundleConfig:
     grace: float = 60.0
     modes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per file
     on_revoke: str = "keep"                  # keep | remove: the files when an input is revoked
+    allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
 
 
 @dataclass(frozen=True)

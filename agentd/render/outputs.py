@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from agentd import fsafe
 from agentd.config import BundleConfig, Config, TemplateConfig
-from agentd.errors import RenderError
+from agentd.errors import RenderError, UnsafePath
 from agentd.render import files
 from agentd.render.files import DATA, FileWrite
 
@@ -103,11 +104,12 @@ class TemplateOutput:
     def texts(self) -> dict[str, str]:
         c = self.config
         if c.source is not None:
+            # Through fsafe at every read: a source (or a directory above it) that another user
+            # could have swapped since the config was loaded is refused, not rendered.
             try:
-                return {c.destination.name: c.source.read_text(encoding="utf-8")}
-            except (OSError, UnicodeDecodeError) as exc:
-                raise RenderError(f"{c.destination}: cannot read the template "
-                                  f"{c.source}: {exc}") from exc
+                return {c.destination.name: fsafe.read_text(c.source)}
+            except UnsafePath as exc:
+                raise RenderError(f"{c.destination}: cannot read the template {exc}") from exc
         return {c.destination.name: c.contents or ""}
 
     def modes(self) -> dict[str, int]:

@@ -39,7 +39,7 @@ from agentd.cache import Cache
 from agentd.config import BundleConfig, Config, TemplateConfig
 from agentd.errors import RenderError
 from agentd.frozen import thaw
-from agentd.refs import secret_refs
+from agentd.refs import allowed, secret_refs
 from agentd.render.commands import serve_commands
 from agentd.render.files import DATA_TMP, TMP_MARK, FileWrite, open_dir, remove_version, write_files
 from agentd.render.outputs import Output, Written, output_for, outputs_of
@@ -128,6 +128,10 @@ class Target:
     wake: trio.Event = field(default_factory=trio.Event)
     command_wake: trio.Event = field(default_factory=trio.Event)
     refs: list[str] = field(default_factory=list)
+    # With no ``allow`` list in its config: the secrets its text named at its first render
+    # after a (re)load. A source edited later that names another secret is refused until the
+    # admin reloads (issue 13 item 1): a changed file on disk cannot reach new secrets.
+    baseline: frozenset[str] | None = None
     written: tuple[int, ...] | None = None          # lstat fingerprint after our last write
     last_render: float = -math.inf
     urgent: bool = True                             # False: only drift asked for a render
@@ -260,8 +264,11 @@ class Renderer:
             await trio.sleep(0.05)
 
     def apply_config(self, config: Config) -> None:
-        """Swap targets on reload: unchanged ones keep running, removed ones stop."""
+        """Swap targets on reload: unchanged ones keep running, removed ones stop; every
+        template's secrets are taken afresh (a reload is the admin accepting its sources)."""
         self.config = config
+        for target in self.targets.values():
+            target.baseline = None
         wanted = {o.key: o.config for o in outputs_of(config)}
         for key, target in list(self.targets.items()):
             if wanted.get(key) != target.config:
@@ -439,6 +446,17 @@ class Renderer:
         for text in texts.values():
             refs += secret_refs(text)
         refs = list(dict.fromkeys(refs))
+        allow = target.config.allow
+        if allow is None and target.baseline is None:
+            target.baseline = frozenset(refs)
+        outside = [n for n in refs if (not allowed(n, allow) if allow is not None
+                                        else n not in (target.baseline or ()))]
+        if outside:
+            raise RenderError(
+                f"{target.key}: the template now names {', '.join(map(repr, outside))}, "
+                + ("outside its allow list" if allow is not None else
+                   "which it did not name when the config was loaded (reload to accept)")
+                + ": the last good file stays")
         if refs != target.refs:
             self._set_refs(target, refs)
         versions = self._versions(target.refs)
