@@ -6,7 +6,6 @@ import grp
 import os
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -16,14 +15,10 @@ from agentd.client import open_client
 from agentd.daemon import Agent
 from tests.agentfixture import running_agent, seed, socket_dir, write_config
 from tests.openbao import DevServer
+from tests.support import until
 
 NOGROUP = grp.getgrnam("nogroup").gr_gid
 NOBODY = 65534
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await trio.sleep(0.05)
 
 
 def fast(agent: Agent) -> None:
