@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +17,12 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
-    running_agent,
-    seed,
-    socket_dir,
-    write_config,
+    agent_fixture,
 )
 from tests.openbao import DevServer
 from tests.peers import run_as
 
-
-@pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
-
-
-@pytest.fixture
-async def agent(
-    bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded, tmp_path: Path
-) -> AsyncIterator[RunningAgent]:
-    path = write_config(
-        tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
-        agent_extra='frame_timeout = "1s"\nidle_timeout = "30s"',
-    )
-    async with running_agent(path) as running:
-        yield running
+agent = agent_fixture('frame_timeout = "1s"\nidle_timeout = "30s"')
 
 
 async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from tests.agentfixture import (
     RunningAgent,
     Seeded,
     running_agent,
-    seed,
     socket_dir,
     write_config,
 )
@@ -42,11 +41,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
-
-
-@pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
 
 
 @pytest.fixture
