@@ -22,6 +22,7 @@ import trio
 
 from agentd import config as config_mod
 from agentd import logs
+from agentd.client import Client
 from agentd.daemon import Agent
 from tests.openbao import DevServer
 
@@ -55,6 +56,15 @@ class RunningAgent:
     def audit_text(self) -> str:
         self.agent.audit.flush()
         return self.audit_path.read_text() if self.audit_path.exists() else ""
+
+
+async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
+    """One request on a fresh blocking ``Client`` connection, run in a thread."""
+    def blocking() -> dict[str, Any]:
+        with Client.connect(sock, timeout=10) as c:
+            return c.call(op, **args)
+
+    return await trio.to_thread.run_sync(blocking)
 
 
 def socket_dir() -> Path:

@@ -18,19 +18,12 @@ from tests.agentfixture import (
     RunningAgent,
     Seeded,
     agent_fixture,
+    call,
 )
 from tests.openbao import DevServer
 from tests.peers import run_as
 
 agent = agent_fixture('frame_timeout = "1s"\nidle_timeout = "30s"')
-
-
-async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
-    def blocking() -> dict[str, Any]:
-        with Client.connect(sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    return await trio.to_thread.run_sync(blocking)
 
 
 def frame(obj: Any) -> bytes:

@@ -24,6 +24,7 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
+    call,
     running_agent,
     socket_dir,
     write_config,
@@ -58,14 +59,6 @@ async def agent(
     )
     async with running_agent(path) as running:
         yield running, f"http://127.0.0.1:{port}", textfile
-
-
-async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
-    def blocking() -> dict[str, Any]:
-        with Client.connect(sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    return await trio.to_thread.run_sync(blocking)
 
 
 async def test_scrape_shows_per_secret_and_request_series(
