@@ -191,6 +191,8 @@ def third_party_only(module: str, allowed: set[str], why: str) -> Rule:
 
 def imports_only(module: str, allowed_internal: set[str], why: str) -> Rule:
     def check(root: Path) -> list[str]:
+        if module_path(root, module) is None:
+            return [f"{module} does not exist"]
         internal = {m for m in direct_imports(root, module) if top_level({m}) == {PACKAGE}}
         return [f"{module} imports {name} ({why})"
                 for name in sorted(internal - allowed_internal - {PACKAGE})]
