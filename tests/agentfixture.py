@@ -1,4 +1,8 @@
-"""Build a config for a real agent against the session's OpenBao and run it in-process."""
+"""Build a config for a real agent against the session's OpenBao and run it in-process.
+
+``agent_fixture(agent_extra)`` makes the usual ``agent`` fixture of a test module: ``write_config``
+over the session's OpenBao and the ``seeded`` fixture (conftest.py), run by ``running_agent``.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
 from agentd import config as config_mod
 from agentd import logs
+from agentd.client import Client
 from agentd.daemon import Agent
 from tests.openbao import DevServer
 
@@ -49,6 +56,15 @@ class RunningAgent:
     def audit_text(self) -> str:
         self.agent.audit.flush()
         return self.audit_path.read_text() if self.audit_path.exists() else ""
+
+
+async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
+    """One request on a fresh blocking ``Client`` connection, run in a thread."""
+    def blocking() -> dict[str, Any]:
+        with Client.connect(sock, timeout=10) as c:
+            return c.call(op, **args)
+
+    return await trio.to_thread.run_sync(blocking)
 
 
 def socket_dir() -> Path:
@@ -160,3 +176,23 @@ async def running_agent(
             nursery.cancel_scope.cancel()
     logging.getLogger("agentd").handlers.clear()
     os.environ.pop("NOTIFY_SOCKET", None)
+
+
+def agent_fixture(agent_extra: str = "") -> Any:
+    """A fixture running the ``write_config`` agent (with ``agent_extra`` in its ``[agent]``
+    table) over the ``seeded`` secrets, its socket in a ``socket_dir()``; assign it to a name::
+
+        agent = agent_fixture('frame_timeout = "1s"')
+    """
+
+    @pytest.fixture
+    async def agent(
+        tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
+    ) -> AsyncIterator[RunningAgent]:
+        sock = socket_dir() / "agentd.sock"
+        cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
+                           agent_extra=agent_extra)
+        async with running_agent(cfg) as ra:
+            yield ra
+
+    return agent

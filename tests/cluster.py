@@ -2,9 +2,9 @@
 
 Not dev mode: each node runs ``bao server -config=nN.hcl``; node 1 is initialised (one key share)
 and unsealed, autopilot's stabilisation time is shortened, nodes 2 and 3 join node 1 and are
-unsealed, and ``start()`` returns once autopilot reports three voters (about 9 s; the settings are
-the ones checked in ../shared/OPENBAO.md: without the short autopilot timers the joined nodes stay
-non-voters for a while, and killing the leader then leaves no quorum).
+unsealed, and ``start()`` returns once autopilot reports three voters (about 9 s). The short
+autopilot timers in ``NODE_HCL`` and the stabilisation time matter: without them the joined nodes
+stay non-voters for a while, and killing the leader then leaves no quorum.
 
 Each node is a ``tests.openbao.DevServer`` (same ``api``/``kv_put``/``approle`` helpers, the
 cluster's root token). ``kill(node)`` SIGKILLs one; ``active()`` finds the leader; ``stop()``
@@ -17,14 +17,13 @@ import contextlib
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.openbao import DevServer, bao_binary, free_port
+from tests.support import wait_until
 
 NODE_HCL = """
 storage "raft" {{
@@ -56,14 +55,6 @@ def health(address: str) -> int | None:
         return int(exc.code)
     except (OSError, ValueError):
         return None
-
-
-def _wait(what: str, predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"raft cluster: timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _call(address: str, method: str, path: str, body: object = None,
@@ -117,7 +108,8 @@ class RaftCluster:
                 start_new_session=True,
             )
         node = DevServer(port=port, proc=proc, log_path=log_path)
-        _wait(f"n{index} to listen", lambda: health(node.address) is not None, 30)
+        wait_until(lambda: health(node.address) is not None,
+                   f"raft cluster: n{index} to listen", 30)
         return node
 
     def _unseal(self, node: DevServer) -> None:
@@ -129,7 +121,7 @@ class RaftCluster:
                 _call(node.address, "PUT", "sys/unseal", {"key": self.unseal_key})
             return False
 
-        _wait(f"{node.address} to unseal", unsealed, 60)
+        wait_until(unsealed, f"raft cluster: {node.address} to unseal", 60)
 
     def _start(self, size: int) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +134,8 @@ class RaftCluster:
         self.root_token = str(init["root_token"])
         first.token = self.root_token
         self._unseal(first)
-        _wait("node 1 to become active", lambda: health(first.address) == 200, 30)
+        wait_until(lambda: health(first.address) == 200,
+                   "raft cluster: node 1 to become active", 30)
         _call(first.address, "POST", "sys/storage/raft/autopilot/configuration",
               {"server_stabilization_time": "1s"}, token=self.root_token)
         for index in range(2, size + 1):
@@ -152,7 +145,7 @@ class RaftCluster:
             _call(node.address, "PUT", "sys/storage/raft/join",
                   {"leader_api_addr": first.address})
             self._unseal(node)
-        _wait(f"{size} raft voters", lambda: self.voters() >= size, 60)
+        wait_until(lambda: self.voters() >= size, f"raft cluster: {size} raft voters", 60)
 
     def voters(self) -> int:
         leader = self.active() or self.nodes[0]
@@ -172,7 +165,7 @@ class RaftCluster:
         return None
 
     def wait_active(self, timeout: float = 60) -> DevServer:
-        _wait("an active node", lambda: self.active() is not None, timeout)
+        wait_until(lambda: self.active() is not None, "raft cluster: an active node", timeout)
         node = self.active()
         assert node is not None
         return node

@@ -2,10 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.openbao import DevServer
+
+if TYPE_CHECKING:
+    from tests.agentfixture import Seeded
 
 READ_ALL_SECRETS = """
 path "secret/*" { capabilities = ["read", "list"] }
@@ -35,3 +39,11 @@ def approle_files(bao: DevServer, tmp_path: Path) -> tuple[Path, Path]:
         path.write_text(value + "\n")
         path.chmod(0o600)
     return role_file, secret_file
+
+
+@pytest.fixture
+def seeded(bao: DevServer) -> Seeded:
+    """This test's own secrets in the session's OpenBao (``tests.agentfixture.seed``)."""
+    from tests.agentfixture import seed  # here: conftest does not load the daemon for every test
+
+    return seed(bao)

@@ -7,9 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from agentd.client import Client
+from tests.agentfixture import call as call  # re-exported: the kinds tests import it from here
 from tests.agentfixture import socket_dir
 from tests.openbao import DevServer
 
@@ -77,14 +75,6 @@ admin = true
     path = tmp_path / "agentd.toml"
     path.write_text(text)
     return path
-
-
-async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
-    def blocking() -> dict[str, Any]:
-        with Client.connect(sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    return await trio.to_thread.run_sync(blocking)
 
 
 def write_config_with_catalog_policy(

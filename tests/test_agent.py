@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +17,13 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
-    running_agent,
-    seed,
-    socket_dir,
-    write_config,
+    agent_fixture,
+    call,
 )
 from tests.openbao import DevServer
 from tests.peers import run_as
 
-
-@pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
-
-
-@pytest.fixture
-async def agent(
-    bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded, tmp_path: Path
-) -> AsyncIterator[RunningAgent]:
-    path = write_config(
-        tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
-        agent_extra='frame_timeout = "1s"\nidle_timeout = "30s"',
-    )
-    async with running_agent(path) as running:
-        yield running
-
-
-async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
-    def blocking() -> dict[str, Any]:
-        with Client.connect(sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    return await trio.to_thread.run_sync(blocking)
+agent = agent_fixture('frame_timeout = "1s"\nidle_timeout = "30s"')
 
 
 def frame(obj: Any) -> bytes:

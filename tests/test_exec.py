@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
@@ -24,10 +23,8 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
-    running_agent,
-    seed,
+    agent_fixture,
     socket_dir,
-    write_config,
 )
 from tests.openbao import DevServer
 
@@ -35,19 +32,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3.11")
 AGENTD = [sys.executable, "-m", "agentd"]
 
 
-@pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
-
-
-@pytest.fixture
-async def agent(
-    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
-) -> AsyncIterator[RunningAgent]:
-    sock = socket_dir() / "agentd.sock"
-    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock)
-    async with running_agent(cfg) as ra:
-        yield ra
+agent = agent_fixture()
 
 
 def test_env_spec_parsing() -> None:

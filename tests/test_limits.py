@@ -7,7 +7,6 @@ import contextlib
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,8 @@ from agentd.errors import RateLimited
 from tests.agentfixture import (
     NOBODY,
     RunningAgent,
-    Seeded,
-    running_agent,
-    seed,
-    socket_dir,
-    write_config,
+    agent_fixture,
 )
-from tests.openbao import DevServer
 from tests.peers import run_as
 
 
@@ -55,25 +49,7 @@ def code(reply: dict[str, Any]) -> str:
     return "ok" if reply.get("ok") else str(reply["error"]["code"])
 
 
-@pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
-
-
-def limited_agent(agent_extra: str):  # type: ignore[no-untyped-def]
-    @pytest.fixture
-    async def agent(
-        tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
-    ) -> AsyncIterator[RunningAgent]:
-        sock = socket_dir() / "agentd.sock"
-        cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
-                           agent_extra=agent_extra)
-        async with running_agent(cfg) as ra:
-            yield ra
-    return agent
-
-
-small = limited_agent("max_connections_per_uid = 2\nrequests_per_second_per_uid = 1\n"
+small = agent_fixture("max_connections_per_uid = 2\nrequests_per_second_per_uid = 1\n"
                       "request_burst_per_uid = 5")
 
 
@@ -149,7 +125,7 @@ async def test_connections_per_uid_are_capped(small: RunningAgent) -> None:
     assert small.agent.server.statistics()["refused_connections"] >= 2
 
 
-plain = limited_agent("")
+plain = agent_fixture("")
 
 
 async def test_admin_ops_need_an_admin_rule(plain: RunningAgent) -> None:
@@ -276,7 +252,7 @@ def _ping(path: str) -> str:
     return "pong"
 
 
-roomy = limited_agent('idle_timeout = "1s"\nframe_timeout = "500ms"\n'
+roomy = agent_fixture('idle_timeout = "1s"\nframe_timeout = "500ms"\n'
                       "request_burst_per_uid = 100000\nrequests_per_second_per_uid = 100000")
 
 

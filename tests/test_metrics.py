@@ -24,8 +24,8 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
+    call,
     running_agent,
-    seed,
     socket_dir,
     write_config,
 )
@@ -45,11 +45,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
-
-
-@pytest.fixture
 async def agent(
     bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded, tmp_path: Path
 ) -> AsyncIterator[tuple[RunningAgent, str, Path]]:
@@ -64,14 +59,6 @@ async def agent(
     )
     async with running_agent(path) as running:
         yield running, f"http://127.0.0.1:{port}", textfile
-
-
-async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
-    def blocking() -> dict[str, Any]:
-        with Client.connect(sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    return await trio.to_thread.run_sync(blocking)
 
 
 async def test_scrape_shows_per_secret_and_request_series(

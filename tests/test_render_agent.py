@@ -6,7 +6,6 @@ import grp
 import os
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -17,14 +16,10 @@ from agentd.daemon import Agent
 from agentd.render import outputs as render_outputs
 from tests.agentfixture import running_agent, seed, socket_dir, write_config
 from tests.openbao import DevServer
+from tests.support import until
 
 NOGROUP = grp.getgrnam("nogroup").gr_gid
 NOBODY = 65534
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await trio.sleep(0.05)
 
 
 def fast(agent: Agent) -> None:

@@ -16,6 +16,7 @@ from agentd.cache import Cache
 from agentd.config import Config
 from agentd.crypto import Sealer
 from agentd.render import Renderer
+from tests.support import until
 
 COUNT = "import sys\nopen(sys.argv[1], 'a').write('run\\n')\nprint('reloaded app')\n"
 
@@ -60,12 +61,6 @@ async def running(config: Config, cache: Cache) -> AsyncIterator[Renderer]:
             yield renderer
         finally:
             nursery.cancel_scope.cancel()
-
-
-async def until(predicate: object, what: str) -> None:
-    assert callable(predicate)
-    while not predicate():
-        await trio.sleep(0.02)
 
 
 def lines(path: Path) -> int:

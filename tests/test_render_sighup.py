@@ -13,17 +13,11 @@ import trio
 from agentd.client import Client
 from tests.agentfixture import seed, socket_dir, write_config
 from tests.openbao import DevServer
+from tests.support import until
 
 
 def _template(dest: Path, contents: str) -> str:
     return f'\n[[template]]\ndestination = "{dest}"\ncontents = {contents!r}\nmode = "0640"\n'
-
-
-async def until(predicate: object, proc: subprocess.Popen[bytes]) -> None:
-    assert callable(predicate)
-    while not predicate():
-        assert proc.poll() is None, "agentd exited"
-        await trio.sleep(0.05)
 
 
 async def test_sighup_broken_then_good_config_and_deleted_file_restored(
@@ -43,11 +37,11 @@ async def test_sighup_broken_then_good_config_and_deleted_file_restored(
                                 stderr=stderr, stdout=subprocess.DEVNULL)
     try:
         with trio.fail_after(40):
-            await until(lambda: first.exists() and sock.exists(), proc)
+            await until(lambda: first.exists() and sock.exists(), proc=proc)
             assert first.read_text() == seeded.markers["db"]
             config.write_text(good + "\n[[template]]\nbroken = = 1\n")
             proc.send_signal(signal.SIGHUP)
-            await until(lambda: "reload refused" in log.read_text(), proc)
+            await until(lambda: "reload refused" in log.read_text(), proc=proc)
 
             def get() -> object:
                 with Client.connect(sock, timeout=5) as client:
@@ -56,10 +50,10 @@ async def test_sighup_broken_then_good_config_and_deleted_file_restored(
             assert await trio.to_thread.run_sync(get) == seeded.markers["db"]
             config.write_text(good + _template(second, "{{ secret('other').value }}"))
             proc.send_signal(signal.SIGHUP)
-            await until(lambda: second.exists(), proc)
+            await until(lambda: second.exists(), proc=proc)
             assert second.read_text() == seeded.markers["other"]
             first.unlink()
-            await until(lambda: first.exists(), proc)
+            await until(lambda: first.exists(), proc=proc)
             assert first.read_text() == seeded.markers["db"]
     finally:
         proc.terminate()

@@ -40,6 +40,7 @@ from tests.agentfixture import RunningAgent, Seeded, running_agent, socket_dir, 
 from tests.conftest import READ_ALL_SECRETS
 from tests.faultproxy import FaultProxy
 from tests.openbao import DevServer, free_port
+from tests.support import until
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -708,12 +709,6 @@ def rendered(seeded: Seeded) -> str:
     return f"password={seeded.markers['db']}\ntoken={seeded.markers['api']}\n"
 
 
-async def wait_file(path: Path, text: str) -> None:
-    """Poll until ``path`` holds ``text`` (the caller bounds it with fail_after)."""
-    while not (path.exists() and path.read_text() == text):
-        await trio.sleep(0.1)
-
-
 @pytest.mark.slow
 async def test_hung_upstream_leaves_rendered_files_intact(
     own_bao: DevServer, role: tuple[str, str], tmp_path: Path
@@ -727,7 +722,8 @@ async def test_hung_upstream_leaves_rendered_files_intact(
     try:
         with trio.fail_after(120):      # includes shutdown with the upstream still hung
             async with running_agent(path) as running, client(running) as c:
-                await wait_file(dest, rendered(seeded))
+                await until(lambda: dest.exists() and dest.read_text() == rendered(seeded),
+                            "the rendered file", interval=0.1)
                 inode = dest.stat().st_ino
                 own_bao.pause()
                 for name in FIELDS:
@@ -768,7 +764,8 @@ async def test_restart_during_outage_renders_templates_from_the_snapshot(
     assert not dest.exists()
     with trio.fail_after(30):
         async with running_agent(path) as running, client(running) as c:
-            await wait_file(dest, rendered(seeded))
+            await until(lambda: dest.exists() and dest.read_text() == rendered(seeded),
+                        "the rendered file", interval=0.1)
             assert (await c.get("db"))["stale"] is True
             status = await c.status()
             assert status["auth"]["logins"] == 0          # the upstream is down

@@ -11,7 +11,6 @@ container, so the daemon sees the peer as it is.
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from tests.openbao import DevServer, free_port
+from tests.support import wait_until
 from tests.test_creds_nspawn import Container
 from tests.test_packages import fresh_root, install_deb, package
 
@@ -143,14 +143,6 @@ def booted(bao: DevServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         box.stop()
 
 
-def wait_for(check: object, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)   # nothing to await across the container boundary
-
-
 def test_start_reaches_active_running_through_ready(booted: Booted) -> None:
     # Enabled by the package, so boot already started it: stop, then start as an admin would.
     booted.run("systemctl", "stop", "agentd.service")
@@ -179,7 +171,7 @@ def test_socket_answers_get_with_each_uids_grants(booted: Booted) -> None:
     assert bob.returncode != 0 and "forbidden" in bob.stderr
     assert booted.markers["db"] not in bob.stdout + bob.stderr
     # The audit trail (flushed every second) saw alice's uid as it is, not mapped to nobody.
-    wait_for(lambda: f'"uid":{ALICE}' in booted.run("cat", "/var/log/agentd/audit.jsonl",
+    wait_until(lambda: f'"uid":{ALICE}' in booted.run("cat", "/var/log/agentd/audit.jsonl",
                                                      check=False).stdout, "alice in the audit")
 
 
@@ -233,7 +225,7 @@ def test_watchdog_restarts_a_stalled_loop(booted: Booted) -> None:
                 and now["MainPID"] != before["MainPID"]
                 and (now["ActiveState"], now["SubState"]) == ("active", "running"))
 
-    wait_for(restarted, "a watchdog restart", timeout=40)
+    wait_until(restarted, "a watchdog restart", timeout=40)
     journal = booted.journal()
     assert "Watchdog timeout" in journal
     assert "test hook: stalling the main loop" in journal
@@ -272,7 +264,7 @@ def test_rendered_file_has_its_owner_and_mode(booted: Booted) -> None:
         booted.run("systemctl", "daemon-reload")
         booted.run("systemctl", "restart", "agentd.service")
         out = booted.root / "etc/webapp/db.conf"
-        wait_for(out.exists, "the rendered file")
+        wait_until(out.exists, "the rendered file")
         st = out.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (ALICE, ALICE, 0o640)
         assert out.read_text() == f"password = {booted.markers['db']}\n"

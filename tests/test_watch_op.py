@@ -14,29 +14,15 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
+    agent_fixture,
     running_agent,
-    seed,
     socket_dir,
     write_config,
 )
 from tests.openbao import DevServer
 from tests.peers import run_as
 
-
-@pytest.fixture
-def seeded(bao: DevServer) -> Seeded:
-    return seed(bao)
-
-
-@pytest.fixture
-async def agent(
-    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
-) -> AsyncIterator[RunningAgent]:
-    sock = socket_dir() / "agentd.sock"
-    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
-                       agent_extra='max_watchers_per_uid = 3\nframe_timeout = "1s"')
-    async with running_agent(cfg) as ra:
-        yield ra
+agent = agent_fixture('max_watchers_per_uid = 3\nframe_timeout = "1s"')
 
 
 async def next_event(events: AsyncIterator[Event]) -> Event:
