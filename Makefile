@@ -47,15 +47,17 @@ bench: $(STAMP)
 bench-socket: $(STAMP)
 	$(PYTHON) bench/socket_bench.py $(BENCH_ARGS)
 
-# Packages (packaging/build.sh, nfpm): a venv under /opt/agentd built with /usr/bin/python3.11.
-# Reproducible: SOURCE_DATE_EPOCH defaults to the last commit's time. Output in dist/.
+# Packages (packaging/build.sh, nfpm): agentd's wheels for python 3.10-3.13 under /opt/agentd, the
+# virtualenv built at install with the target's python. `make deb` is one package for Debian 12/13
+# and Ubuntu 22.04/24.04; `make rpm TARGET=el9|el10` (default el9). Reproducible: SOURCE_DATE_EPOCH
+# defaults to the last commit's time. Output in dist/.
 deb: $(STAMP)
 	BUILD_PYTHON=$(PYTHON) packaging/build.sh stage
-	BUILD_PYTHON=$(PYTHON) packaging/build.sh deb
+	BUILD_PYTHON=$(PYTHON) TARGET=$(or $(TARGET),debian) packaging/build.sh deb
 
 rpm: $(STAMP)
 	BUILD_PYTHON=$(PYTHON) packaging/build.sh stage
-	BUILD_PYTHON=$(PYTHON) packaging/build.sh rpm
+	BUILD_PYTHON=$(PYTHON) TARGET=$(or $(TARGET),el9) packaging/build.sh rpm
 
 # The package tier alone (also part of `make test`): unit checks, package contents, installs in a
 # clean mmdebstrap root, and the real unit under systemd-nspawn. Needs root and the apt packages

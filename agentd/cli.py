@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import textwrap
 import time
@@ -26,9 +27,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def version_line() -> str:
+    """``agentd 0.1.0 (Python 3.11.2, /opt/agentd/venv/bin/python)``: what a bug report needs."""
+    return f"agentd {__version__} (Python {platform.python_version()}, {sys.executable})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="agentd", description="Per-host secrets agent for OpenBao and Vault.")
-    parser.add_argument("--version", action="version", version=f"agentd {__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_config(p: argparse.ArgumentParser, required: bool) -> None:
