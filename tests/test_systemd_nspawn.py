@@ -1,6 +1,7 @@
 """The installed .deb under a real systemd: systemd-nspawn boots the clean Debian root as PID 1.
 
-The root (tests/test_packages.py: mmdebstrap, made once) gets the package with `dpkg -i`, a config
+Each root (tests/test_packages.py: mmdebstrap, made once; Debian 12 and Debian 13) gets the
+package with `apt-get install ./agentd.deb` (its venv built by the postinst), a config
 that points at the session's OpenBao dev server on the host's loopback (nspawn shares the host
 network), and one test-only drop-in: a 4 s watchdog and AGENTD_TEST_STALL_ON_SIGUSR2=1, which makes
 SIGUSR2 block the daemon's trio loop. Everything else is the unit as shipped. Commands run inside
@@ -21,7 +22,7 @@ import pytest
 from tests.openbao import DevServer, free_port
 from tests.support import wait_until
 from tests.test_creds_nspawn import Container
-from tests.test_packages import fresh_root, install_deb, package
+from tests.test_packages import SUITES, fresh_root, install_deb, package
 
 pytestmark = pytest.mark.slow
 
@@ -104,11 +105,14 @@ class Booted:
         return self.run("journalctl", "-u", "agentd.service", "--no-pager", "-o", "cat").stdout
 
 
-@pytest.fixture(scope="module")
-def booted(bao: DevServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+@pytest.fixture(scope="module", params=list(SUITES))
+def booted(
+    request: pytest.FixtureRequest, bao: DevServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Booted]:
+    """The package installed with apt-get in a clean root of each Debian release, booted."""
     deb = package("deb")
-    work = tmp_path_factory.mktemp("nspawn")
-    root = fresh_root(work / "root")
+    work = tmp_path_factory.mktemp(f"nspawn-{request.param}")
+    root = fresh_root(work / "root", request.param)
     install_deb(root, deb)
 
     prefix = f"nspawn-{uuid.uuid4().hex[:10]}"

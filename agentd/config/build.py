@@ -487,7 +487,7 @@ class Builder:
     ) -> bool:
         """Report ``path`` if missing, a symlink, or changeable by others (it or a directory
         above it: ``fsafe``'s rules, the same the agent applies at every later read); True if
-        it exists and can be read."""
+        nothing is wrong with it (a template's text is then read)."""
         line = 0 if not key else None
         try:
             st = path.lstat()
@@ -497,8 +497,19 @@ class Builder:
             f.problem(key, f"{path}: {why}", line=line, label=label)
             return False
         if stat.S_ISLNK(st.st_mode):
-            f.problem(key, f"{path} is a symlink: name the file itself", line=line, label=label)
-            return False
+            complaints = [f"{path} is a symlink: name the file itself"]
+        else:
+            complaints = self._complaints(path, st, owners, credential=credential)
+        unsafe = self._unsafe_directory(path.parent, owners) if ancestors else None
+        if unsafe is not None:
+            complaints.append(unsafe)
+        for message in complaints:
+            f.problem(key, message, line=line, label=label)
+        return not complaints
+
+    def _complaints(self, path: Path, st: os.stat_result, owners: set[int], *,
+                    credential: bool) -> list[str]:
+        """What is wrong with a (non-symlink) file's owner and mode."""
         mode = stat.S_IMODE(st.st_mode)
         complaints: list[str] = []
         if st.st_uid not in owners:
@@ -514,12 +525,7 @@ class Builder:
         elif credential and mode & 0o040 and st.st_gid not in self._agent_groups:
             complaints.append(f"{path} is readable by group {st.st_gid} (mode {mode:04o}): a "
                               "credential is for root or the agent only: chmod g-r")
-        unsafe = self._unsafe_directory(path.parent, owners) if ancestors else None
-        if unsafe is not None:
-            complaints.append(unsafe)
-        for message in complaints:
-            f.problem(key, message, line=line, label=label)
-        return not complaints or all("readable by" in m for m in complaints)
+        return complaints
 
     def _unsafe_directory(self, directory: Path, owners: set[int]) -> str | None:
         """Why ``directory`` or one above it is unsafe to trust (None: it is fine); memoised."""
