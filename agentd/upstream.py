@@ -12,7 +12,8 @@ that.
 
 Failures are translated here, once, into agentd's tree (``_transport_error`` and
 ``_status_error``): transport errors, 5xx, 429 (with its Retry-After), 472/473 -> TransientError;
-401/403 -> AuthError; 404 -> UpstreamNotFound; other 4xx and malformed replies -> PermanentError.
+401/403 -> AuthError; 404 in OpenBao's own JSON -> UpstreamNotFound (any other 404: transient,
+failover); other 4xx and malformed replies -> PermanentError.
 Messages carry method, path, status and the upstream's own ``errors`` strings (capped), never a
 request body, a header, a token or secret data.
 
@@ -160,6 +161,17 @@ def _transport_error(exc: TransportError, method: str, path: str, address: str) 
     return _Failover(f"{method} {path}: {address}: {exc}")
 
 
+def _openbao_answer(body: Any) -> bool:
+    """Whether a reply body is OpenBao's own: a JSON object with its ``errors`` list, or with
+    ``data`` (a KV v2 read of a deleted version answers 404 with the version's metadata).
+
+    A 404 is evidence that a secret is gone (decision 5) only when OpenBao says so: the same
+    status from a proxy, a load balancer or a misrouted URL in front of it (an HTML page, an
+    empty body) says nothing about the secret, and is a transient error that fails over.
+    """
+    return isinstance(body, dict) and (isinstance(body.get("errors"), list) or "data" in body)
+
+
 def _status_error(method: str, path: str, response: Response, body: Any) -> UpstreamError:
     """Translate an HTTP error status into agentd's tree."""
     status = response.status_code
@@ -167,6 +179,9 @@ def _status_error(method: str, path: str, response: Response, body: Any) -> Upst
     message = f"{method} {path}: HTTP {status}" + (f": {detail}" if detail else "")
     if status in (401, 403):
         return AuthError(message, status=status)
+    if status == 404 and not _openbao_answer(body):
+        return _Failover(f"{message} (not OpenBao's answer: a proxy in front of it?)",
+                         status=status)
     if status == 404:
         return UpstreamNotFound(message, status=status)
     if status == 429:
@@ -462,7 +477,7 @@ class Upstream:
             body = _NOT_JSON
         if response.status_code >= 500 or response.status_code in STANDBY_STATUSES or (
             300 <= response.status_code < 400
-        ):
+        ) or (response.status_code == 404 and not _openbao_answer(body)):
             raise _status_error(method, path, response, body)
         return response, body
 

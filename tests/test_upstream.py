@@ -366,3 +366,33 @@ async def test_logs_hold_no_token_or_secret(
         assert marker not in caplog.text
         assert all(marker not in e for e in errors)
         assert marker not in str(up.statistics())
+
+
+async def test_a_404_that_is_not_openbaos_answer_is_transient_and_fails_over(
+    bao: DevServer,
+) -> None:
+    """Issue 13 item 5: a proxy's HTML 404 in front of OpenBao is no evidence of deletion."""
+    path = _path()
+    bao.kv_put(path, {"password": SECRET_MARKER})
+    html = (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 22\r\n"
+            b"Connection: close\r\n\r\n<h1>404 Not Found</h1>")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(_canned_http, html)
+            hostile = f"http://127.0.0.1:{port}"
+            alone = _upstream(hostile, token=bao.token, timeout=5.0)
+            with pytest.raises(TransientError, match="not OpenBao's answer") as info:
+                await alone.read_secret("kv2", f"secret/data/{path}")
+            assert not isinstance(info.value, UpstreamNotFound)
+            await alone.aclose()
+            # the next address is asked, and it has the secret
+            both = _upstream(hostile, bao.address, token=bao.token, timeout=5.0)
+            value = await both.read_secret("kv2", f"secret/data/{path}")
+            assert value.data["password"] == SECRET_MARKER
+            await both.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_openbaos_own_404_is_still_evidence(upstream: Upstream) -> None:
+    with trio.fail_after(10), pytest.raises(UpstreamNotFound):
+        await upstream.read_secret("kv2", f"secret/data/{_path()}")
