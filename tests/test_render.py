@@ -7,10 +7,12 @@ import errno
 import grp
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +98,29 @@ async def test_worker_errors_are_clear_and_never_hold_a_value() -> None:
             assert SECRET not in str(info.value)
             with pytest.raises(RenderError, match="unsafe"):
                 await worker.render("{{ ''.__class__.__mro__ }}", data)
+    finally:
+        await worker.aclose()
+
+
+async def test_worker_errors_hold_no_value_of_any_type_or_length() -> None:
+    """Issue 13 item 11: numbers used as an index, and 1- and 2-character values."""
+    worker = RenderWorker()
+    data = {"db": {"idx": 987654321, "k": "zq", "c": "Q", "items": ["a"], "pin": 7}}
+    try:
+        with trio.fail_after(20):
+            with pytest.raises(RenderError) as info:
+                await worker.render("{{ secret('db')['items'][secret('db').idx] }}", data)
+            assert "987654321" not in str(info.value)
+            assert "no element ***" in str(info.value)
+            with pytest.raises(RenderError) as info:
+                await worker.render("{{ secret('db')[secret('db').k] }}", data)
+            assert "zq" not in str(info.value) and "'***'" in str(info.value)
+            with pytest.raises(RenderError) as info:
+                await worker.render("{{ secret('db')[secret('db').c].x }}", data)
+            assert "'Q'" not in str(info.value)
+            with pytest.raises(RenderError) as info:
+                await worker.render("{{ secret('db')['items'][secret('db').pin] }}", data)
+            assert " 7" not in str(info.value)
     finally:
         await worker.aclose()
 
@@ -320,13 +345,66 @@ def test_symlink_destination_and_unsafe_directory_are_refused(tmp_path: Path) ->
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with dirfd(shared) as fd, pytest.raises(RenderError, match="writable by others"):
+    # refused when opened (every directory from / is checked), and by check_dir on an fd
+    with pytest.raises(RenderError, match="writable by others"), dirfd(shared):
+        pass
+    fd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
+    with pytest.raises(RenderError, match="writable by others"):
         render.check_dir(fd, str(shared))
+    os.close(fd)
     other = tmp_path / "other"
     other.mkdir()
     os.chown(other, NOBODY, NOGROUP)
-    with dirfd(other) as fd, pytest.raises(RenderError, match="owned by uid 65534"):
+    with pytest.raises(RenderError, match="owned by uid 65534"), dirfd(other):
+        pass
+    fd = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+    with pytest.raises(RenderError, match="owned by uid 65534"):
         render.check_dir(fd, str(other))
+    os.close(fd)
+
+
+def test_a_destination_directory_swapped_for_a_symlink_is_never_written() -> None:
+    """Issue 13 item 6: under a world-writable parent, nobody swaps the destination's
+    directory for a symlink into a root-owned directory; agentd must not write there."""
+    base = Path(tempfile.mkdtemp(prefix="agentd-dest-", dir="/tmp"))   # nobody can reach it
+    try:
+        _swap_attack(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def _swap_attack(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)                         # not sticky: anyone may rename entries
+    app = shared / "app"
+    app.mkdir()
+    target = tmp_path / "root-only"
+    target.mkdir(mode=0o700)
+    pid = os.fork()
+    if pid == 0:                                # the attacker, as nobody
+        try:
+            os.setgid(NOGROUP)
+            os.setuid(NOBODY)
+            os.rename(app, shared / "app.old")
+            os.symlink(target, app)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(RenderError, match="refusing to write there"), dirfd(app) as fd:
+        render.write_file(fd, "app.conf", b"secret", where="app.conf")
+    assert os.listdir(target) == []
+    # A sticky, root-owned parent (like /tmp) is fine on the way: others cannot rename our
+    # directory there.
+    shared.chmod(0o1777)
+    os.unlink(app)
+    os.rename(shared / "app.old", app)
+    with dirfd(app) as fd:
+        render.write_file(fd, "app.conf", b"ok", where="app.conf")
+    assert (app / "app.conf").read_bytes() == b"ok"
 
 
 def test_leftover_temps_are_cleaned(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ or ``cryptography`` (``tests/test_render_package.py`` holds this).
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 import sys
 from collections.abc import Mapping
@@ -37,9 +38,20 @@ def _frame(obj: Any) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9_]+|[^\sA-Za-z0-9_]")
+MAX_ERROR = 300                 # characters of an error message kept
+
+
 def _scrub(message: str, data: Mapping[str, Any]) -> str:
-    """Remove every secret string from an error message (and keep it short)."""
-    values: list[str] = []
+    """Remove every value of the template's secrets from an error message (and keep it short).
+
+    Every scalar counts, of any type and length: strings, bytes, and numbers and booleans as
+    Python prints them (Jinja names an index it could not find: "no element 987654321"). A
+    value of three characters or more is replaced wherever it appears; a shorter one wherever
+    it appears as a whole word or symbol (replacing every "a" inside words would leave nothing
+    readable, and a 1-character value inside a longer word reveals nothing).
+    """
+    values: set[str] = set()
 
     def collect(v: Any) -> None:
         if isinstance(v, Mapping):
@@ -48,13 +60,19 @@ def _scrub(message: str, data: Mapping[str, Any]) -> str:
         elif isinstance(v, (list, tuple)):
             for x in v:
                 collect(x)
-        elif isinstance(v, (str, bytes)) and len(v) >= 3:
-            values.append(v if isinstance(v, str) else v.decode("utf-8", "replace"))
+        elif isinstance(v, bytes):
+            values.add(v.decode("utf-8", "replace"))
+        elif v is not None:
+            values.add(str(v))
 
     collect(data)
-    for v in sorted(values, key=len, reverse=True):
+    values.discard("")
+    for v in sorted((v for v in values if len(v) >= 3), key=len, reverse=True):
         message = message.replace(v, "***")
-    return message[:300]
+    short = {v for v in values if len(v) < 3}
+    if short:
+        message = _TOKEN.sub(lambda m: "***" if m.group(0) in short else m.group(0), message)
+    return message[:MAX_ERROR]
 
 
 def _render_in_worker(env: Any, cache: dict[str, Any], request: Mapping[str, Any]) -> bytes:
