@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -99,7 +100,10 @@ class AgentCollector:
         yield _counter("agentd_auth_renewals", "Successful token renewals", auth.renewals)
         yield _counter("agentd_auth_failures", "Failed logins and renewals", auth.failures)
 
-        yield from self._secrets(now)
+        if agent.config.metrics.detailed:
+            yield from self._secrets(now)
+        else:
+            yield from self._secret_totals()
 
         server = agent.server.statistics()
         requests = CounterMetricFamily("agentd_requests", "Requests on the socket, by op",
@@ -113,12 +117,13 @@ class AgentCollector:
         for (op, decision), count in sorted(agent.server.decisions.items()):
             decisions.add_metric([op, decision], count)
         yield decisions
-        denials = CounterMetricFamily(
-            "agentd_denials", "Denied requests by op and by the policies that matched the peer "
-            '("none": no policy matched it)', labels=["op", "policy"])
-        for (op, policy), count in sorted(agent.server.denials.items()):
-            denials.add_metric([op, policy], count)
-        yield denials
+        if agent.config.metrics.detailed:
+            denials = CounterMetricFamily(
+                "agentd_denials", "Denied requests by op and by the policies that matched the "
+                'peer ("none": no policy matched it)', labels=["op", "policy"])
+            for (op, policy), count in sorted(agent.server.denials.items()):
+                denials.add_metric([op, policy], count)
+            yield denials
         yield from self._templates()
         yield _counter("agentd_requests_rate_limited", "Requests answered rate_limited",
                        server["rate_limited"])
@@ -185,6 +190,19 @@ class AgentCollector:
         if stats.last_write is not None:
             yield _gauge("agentd_snapshot_last_write_timestamp_seconds",
                          "When the snapshot was last written", stats.last_write)
+
+    def _secret_totals(self) -> Iterator[Metric]:
+        """Counts only (no names): what an unprivileged reader of the metrics may see."""
+        agent = self._agent
+        states = agent.refresher.states
+        infos = [agent.cache.info(name) for name in agent.config.secrets]
+        yield _gauge("agentd_secrets", "Declared secrets", len(agent.config.secrets))
+        yield _gauge("agentd_secrets_cached", "Declared secrets with a cached value",
+                     sum(info is not None for info in infos))
+        yield _gauge("agentd_secrets_stale", "Secrets served stale (refreshes failing)",
+                     sum(info is not None and info.stale for info in infos))
+        yield _gauge("agentd_secrets_revoked", "Secrets revoked or deleted upstream",
+                     sum(state.revoked for state in states.values()))
 
     def _secrets(self, now: float) -> Iterator[Metric]:
         agent = self._agent
@@ -275,13 +293,16 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 # --- textfile ---------------------------------------------------------------------------------
 
-def write_textfile(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (``files.replace_file``), mode 0644.
+def write_textfile(path: Path, data: bytes, *, mode: int = 0o640,
+                   gid: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (``files.replace_file``), with ``mode`` and
+    group ``gid`` (default the agent's) set before it is visible; 0640 by default: give
+    node_exporter's group with ``textfile_group`` rather than the world.
 
     Raises:
         OSError: the directory is missing or not writable, the disk is full; no temp file stays.
     """
-    replace_file(path, data, mode=0o644)
+    replace_file(path, data, mode=mode, gid=gid)
 
 
 async def run_textfile(agent: Agent, path: Path, interval: float, *,
@@ -292,7 +313,9 @@ async def run_textfile(agent: Agent, path: Path, interval: float, *,
     while True:
         data = exposition(registry)
         try:
-            await trio.to_thread.run_sync(write_textfile, path, data)
+            cfg = agent.config.metrics
+            await trio.to_thread.run_sync(functools.partial(
+                write_textfile, path, data, mode=cfg.textfile_mode, gid=cfg.textfile_group))
         except OSError as exc:
             hint = ""
             if exc.errno == errno.EROFS:

@@ -7,6 +7,7 @@ and the scraped series must count exactly those.
 
 from __future__ import annotations
 
+import grp
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,43 @@ async def agent(
         tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
         refresh="1h",
         extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\ntextfile = "{textfile}"\n'
-              f'textfile_interval = "1s"\n',
+              f'textfile_interval = "1s"\ndetailed = true\n',
     )
     async with running_agent(path) as running:
         yield running, f"http://127.0.0.1:{port}", textfile
+
+
+async def test_by_default_no_secret_or_policy_name_is_exposed(
+    bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded, tmp_path: Path
+) -> None:
+    """Issue 13 item 14: anyone who can reach the endpoint or read the textfile learns counts,
+    not the names, versions and ages of secrets or the policies' names."""
+    port = free_port()
+    textfile = tmp_path / "prom" / "agentd.prom"
+    textfile.parent.mkdir()
+    path = write_config(
+        tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock", refresh="1h",
+        extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\ntextfile = "{textfile}"\n'
+              f'textfile_interval = "1s"\ntextfile_group = "nogroup"\n',
+    )
+    with trio.fail_after(30):
+        async with running_agent(path) as running:
+            await call(running.socket, "get", name="db")
+            async with httpx.AsyncClient() as client:
+                body = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            # the first textfile is written at start, maybe before any value: wait for one after
+            while not textfile.exists() or samples(textfile.read_text()).get(
+                    ("agentd_secrets_cached", ())) != 3:
+                await trio.sleep(0.05)
+            st = textfile.stat()
+            assert (st.st_mode & 0o777, st.st_gid) == (0o640, grp.getgrnam("nogroup").gr_gid)
+            for text in (body, textfile.read_text()):
+                got = samples(text)
+                assert got[("agentd_secrets", ())] == 3
+                assert got[("agentd_secrets_cached", ())] == 3
+                assert not [k for k in got if k[0].startswith("agentd_secret_")], sorted(got)
+                for name in ("\"db\"", "\"api\"", "\"other\"", "nobody-db", "root-admin"):
+                    assert name not in text
 
 
 async def test_scrape_shows_per_secret_and_request_series(
@@ -154,7 +188,7 @@ async def test_textfile_is_valid_exposition_and_follows_changes(
         assert first is not None
         while samples(textfile.read_text()).get(db) != first.version:
             await trio.sleep(0.05)
-        assert textfile.stat().st_mode & 0o777 == 0o644
+        assert textfile.stat().st_mode & 0o777 == 0o640        # not world-readable
         version = bao.kv_put(f"{seeded.prefix}/db", {"password": "p"})
         await call(running.socket, "refresh", name="db")
         # Rewritten within textfile_interval (1 s); never a partial file in between.
@@ -208,7 +242,7 @@ async def test_scrape_shows_upstream_errors_denials_by_policy_and_template_serie
     path = write_config(
         tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
         refresh="1h",
-        extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n'
+        extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\ndetailed = true\n\n'
               f'[secrets.ghost]\nkind = "kv2"\npath = "secret/data/{seeded.prefix}/ghost"\n\n'
               f'[[template]]\ncontents = "user={{{{ secret(\'db\').username }}}}\\n"\n'
               f'destination = "{rendered}"\n',

@@ -101,6 +101,9 @@ _METRICS: conv.Converters = {
     "listen": conv.listen,
     "textfile": conv.abs_path,
     "textfile_interval": conv.duration(1.0),
+    "textfile_mode": conv.mode,
+    "textfile_group": conv.gid,
+    "detailed": conv.boolean,
 }
 _SECRET: conv.Converters = {                      # after kind, params and path
     "refresh": conv.duration(1.0),

@@ -91,6 +91,12 @@ class MetricsConfig:
     listen: tuple[str, int] | None = None    # (host, port) of the /metrics HTTP endpoint
     textfile: Path | None = None             # node_exporter textfile, rewritten atomically
     textfile_interval: float = 15.0
+    textfile_mode: int = 0o640               # not world-readable: see ``detailed``
+    textfile_group: int | None = None        # gid (e.g. node_exporter's); default the agent's
+    # Per-secret and per-policy series (secret names, versions, ages, policy names). Off by
+    # default: the endpoint answers anyone who can reach it, while `list` answers each peer only
+    # with what it may read (issue 13 item 14).
+    detailed: bool = False
 
 
 @dataclass(frozen=True)

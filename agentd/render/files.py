@@ -92,23 +92,24 @@ def _put(dir_fd: int, name: str, data: bytes, mode: int, uid: int | None, gid: i
     return created
 
 
-def _in_dir(path: Path, data: bytes, mode: int, *, replace: bool) -> bool:
+def _in_dir(path: Path, data: bytes, mode: int, *, replace: bool, gid: int | None = None) -> bool:
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return _put(dir_fd, path.name, data, mode, None, None, replace=replace)
+        return _put(dir_fd, path.name, data, mode, None, gid, replace=replace)
     finally:
         os.close(dir_fd)
 
 
-def replace_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Atomically make ``path`` hold ``data`` (owned by this process, ``mode``), replacing
-    whatever name was there (a symlink is replaced, never written through).
+def replace_file(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None) -> None:
+    """Atomically make ``path`` hold ``data`` (owned by this process and group ``gid``, default
+    this process's, ``mode``), replacing whatever name was there (a symlink is replaced, never
+    written through).
 
     Raises:
         OSError: from any step (a missing directory, a full disk); ``path`` is as it was and no
             temp file is left.
     """
-    _in_dir(path, data, mode, replace=True)
+    _in_dir(path, data, mode, replace=True, gid=gid)
 
 
 def create_file(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
