@@ -31,7 +31,8 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agentd.errors import CryptoError
+from agentd import fsafe
+from agentd.errors import CryptoError, UnsafePath
 from agentd.hardening import PR_GET_DUMPABLE as PR_GET_DUMPABLE
 from agentd.hardening import PR_SET_DUMPABLE as PR_SET_DUMPABLE
 from agentd.hardening import harden_process as harden_process
@@ -122,6 +123,11 @@ def load_or_create_key(path: Path) -> bytes:
 
 
 def _read_key(path: Path) -> bytes:
+    if path.parent.exists():    # else it is made below, 0700 (and read on the next turn)
+        try:
+            os.close(fsafe.open_dir(path.parent))
+        except UnsafePath as exc:
+            raise CryptoError(f"{path}: key file's directory: {exc}") from None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:

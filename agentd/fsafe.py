@@ -138,6 +138,8 @@ def read_file(
     secret: bool = False,
     owners: Iterable[int] | None = None,
     limit: int = MAX_FILE_BYTES,
+    follow: bool = False,
+    _hops: int = 0,
 ) -> bytes:
     """Read a file agentd trusts as code or credentials, after checking it and its directories.
 
@@ -147,6 +149,10 @@ def read_file(
             others, nor by a group other than root's or the agent's.
         owners: uids that may own the file and the directories (default: root and the agent).
         limit: largest size accepted.
+        follow: the file itself may be a symlink, followed (through the same checks) because
+            the directory holding it is trusted: for files agentd's own bundles keep current
+            (``cert.pem -> ..data/cert.pem``, the client certificate of ``cert`` auth). Off, a
+            symlink is refused.
 
     Raises:
         UnsafePath: the file is missing, a symlink, not a regular file, too large, or it or a
@@ -161,11 +167,19 @@ def read_file(
         try:
             fd = os.open(p.name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno != errno.ELOOP:
+                raise UnsafePath(str(p), exc.strerror or str(exc)) from exc
+            if not follow:
                 raise UnsafePath(str(p), "is a symlink: name the file itself") from exc
-            raise UnsafePath(str(p), exc.strerror or str(exc)) from exc
+            if _hops >= MAX_HOPS:
+                raise UnsafePath(str(p), "too many levels of symbolic links") from exc
+            target = p.parent / _symlink(p.name, dir_fd, str(p))
+            fd = -1
     finally:
         os.close(dir_fd)
+    if fd == -1:
+        return read_file(target, secret=secret, owners=owner_set, limit=limit,
+                         follow=True, _hops=_hops + 1)
     try:
         st = os.fstat(fd)
         check_file(st, str(p), secret=secret, owners=owner_set)

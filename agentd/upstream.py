@@ -45,12 +45,14 @@ from typing import Any
 
 import trio
 
+from agentd import fsafe
 from agentd.backoff import Backoff
 from agentd.config import UpstreamConfig
 from agentd.errors import (
     AuthError,
     PermanentError,
     TransientError,
+    UnsafePath,
     UpstreamError,
     UpstreamNotFound,
 )
@@ -212,9 +214,12 @@ def tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
         PermanentError: a CA, certificate or key file cannot be loaded.
     """
     try:
-        context = ssl.create_default_context(
-            cafile=str(cfg.ca_file) if cfg.ca_file is not None else None
-        )
+        # Read through fsafe: whoever could swap the CA file could make agentd trust their own
+        # server, and hand it the agent's token.
+        cadata = fsafe.read_text(cfg.ca_file) if cfg.ca_file is not None else None
+        context = ssl.create_default_context(cadata=cadata)
+    except UnsafePath as exc:
+        raise PermanentError(f"cannot load upstream ca_file {exc}") from exc
     except (OSError, ssl.SSLError) as exc:
         raise PermanentError(f"cannot load upstream ca_file {cfg.ca_file}: {exc}") from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -229,7 +234,14 @@ def load_client_cert(context: ssl.SSLContext, cfg: UpstreamConfig) -> None:
     if auth.method != "cert" or auth.cert_file is None or auth.key_file is None:
         return
     try:
+        # Both checked (and the key as a credential) before ssl reads them by path: every
+        # directory above them is one only root or the agent can change, so they cannot be
+        # swapped between the check and the load.
+        fsafe.read_file(auth.cert_file, follow=True)
+        fsafe.read_file(auth.key_file, secret=True, follow=True)
         context.load_cert_chain(str(auth.cert_file), str(auth.key_file))
+    except UnsafePath as exc:
+        raise PermanentError(f"cannot load the client certificate or key: {exc}") from exc
     except (OSError, ssl.SSLError) as exc:
         raise PermanentError(
             f"cannot load the client certificate {auth.cert_file} / key {auth.key_file}: "

@@ -186,3 +186,25 @@ def test_the_error_never_holds_the_content(root: Path) -> None:
     with pytest.raises(UnsafePath) as info:
         fsafe.read_file(f, secret=True)
     assert marker not in str(info.value)
+
+
+def test_follow_takes_a_bundle_style_link_through_the_same_checks(root: Path) -> None:
+    """cert auth's files kept current by the agent's own bundle: key.pem -> ..data/key.pem."""
+    version = root / "identity" / "..2026_01"
+    _file(version / "key.pem", "KEY", mode=0o600)
+    (root / "identity" / "..data").symlink_to("..2026_01")
+    (root / "identity" / "key.pem").symlink_to("..data/key.pem")
+    link = root / "identity" / "key.pem"
+    with pytest.raises(UnsafePath, match="is a symlink"):
+        fsafe.read_file(link, secret=True)
+    assert fsafe.read_file(link, secret=True, follow=True) == b"KEY"
+    # a link into a directory another user owns is refused all the same
+    theirs = root / "theirs"
+    _file(theirs / "key.pem", "THEIRS", mode=0o600)
+    os.chown(theirs, NOBODY, NOBODY)
+    (root / "identity" / "other.pem").symlink_to(theirs / "key.pem")
+    with pytest.raises(UnsafePath, match=f"owned by uid {NOBODY}"):
+        fsafe.read_file(root / "identity" / "other.pem", follow=True)
+    (root / "identity" / "loop").symlink_to("loop")
+    with pytest.raises(UnsafePath, match="too many levels"):
+        fsafe.read_file(root / "identity" / "loop", follow=True)

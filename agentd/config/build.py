@@ -171,6 +171,7 @@ class _FileCheck:
     credential: bool = False                 # also refuse "readable by others"
     template: bool = False                   # read it for secret('...') references
     allow: tuple[str, ...] | None = None     # the template's allow list, if it has one
+    follow: bool = False                     # a symlink is followed (fsafe's follow=True)
 
 
 class Builder:
@@ -246,7 +247,11 @@ class Builder:
             )
             if path is not None:
                 credential = name not in ("role_id_file", "cert_file")
-                self.file_checks.append(_FileCheck(f, (*key, name), path, credential=credential))
+                # cert auth's files are often kept current by the agent's own [[bundle]], whose
+                # names are symlinks through ..data: followed within trusted directories.
+                follow = name in ("cert_file", "key_file")
+                self.file_checks.append(_FileCheck(f, (*key, name), path, credential=credential,
+                                                   follow=follow))
         mount = f.get(t, key, "mount", conv.nonempty, None)
         role = None
         if not _unused(f, t, key, "role", ("cert", "jwt"), method, "method"):
@@ -458,7 +463,8 @@ class Builder:
                 self._check_safe(f, (), f.path.parent, owners, label="(directory)")
         for check in self.file_checks:
             if self._check_safe(
-                check.where, check.key, check.path, owners, credential=check.credential
+                check.where, check.key, check.path, owners, credential=check.credential,
+                follow=check.follow,
             ) and check.template:
                 try:
                     text = fsafe.read_text(check.path, owners=owners)
@@ -487,6 +493,7 @@ class Builder:
         credential: bool = False,
         label: str | None = None,
         ancestors: bool = True,
+        follow: bool = False,
     ) -> bool:
         """Report ``path`` if missing, a symlink, or changeable by others (it or a directory
         above it: ``fsafe``'s rules, the same the agent applies at every later read); True if
@@ -499,7 +506,13 @@ class Builder:
             why = "no such file" if missing else f"cannot stat: {exc.strerror}"
             f.problem(key, f"{path}: {why}", line=line, label=label)
             return False
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode) and follow:
+            try:
+                fsafe.read_file(path, secret=credential, owners=owners, follow=True)
+                complaints = []
+            except UnsafePath as exc:
+                complaints = [str(exc)]
+        elif stat.S_ISLNK(st.st_mode):
             complaints = [f"{path} is a symlink: name the file itself"]
         else:
             complaints = self._complaints(path, st, owners, credential=credential)
