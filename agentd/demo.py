@@ -104,11 +104,13 @@ class AgentFiles:
 def write_agent_files(
     root: Path, *, address: str, role_id: str, secret_id: str,
     secrets_: Mapping[str, str], refresh: str = "2s", uid: int | None = None,
+    templates: Mapping[Path, str] | None = None,
 ) -> AgentFiles:
     """Write role_id, secret_id (0600) and agentd.toml for an approle agent in ``root``.
 
     ``secrets_`` maps local names to upstream KV v2 API paths (``secret/data/...``). One policy
-    grants them all, with admin, to ``uid`` (default: our own uid).
+    grants them all, with admin, to ``uid`` (default: our own uid). ``templates`` maps
+    destinations to inline template text (mode 0600, owned by us).
     """
     files = AgentFiles(root)
     uid = os.getuid() if uid is None else uid
@@ -154,6 +156,14 @@ def write_agent_files(
         "admin = true",
         "",
     ]
+    for destination, text in (templates or {}).items():
+        lines += [
+            "[[template]]",
+            f"destination = {_toml_str(destination)}",
+            f"contents = {_toml_str(text)}",
+            'mode = "0600"',
+            "",
+        ]
     write_private(files.config, "\n".join(lines))
     return files
 
@@ -244,9 +254,13 @@ def _run_demo(work: Path, bao_bin: str) -> None:
               f"secret/{DEMO_KV_PATH} version {version}")
 
         _heading(2, "agentd run")
+        app_conf = work / "app" / "db.conf"
+        app_conf.parent.mkdir(mode=0o755)
         files = write_agent_files(
             work, address=bao.address, role_id=role_id, secret_id=secret_id,
             secrets_={"db": f"secret/data/{DEMO_KV_PATH}"}, refresh="2s",
+            templates={app_conf: "user = {{ secret('db').username }}\n"
+                                 "password = {{ secret('db').password }}\n"},
         )
         files.state_dir.mkdir(mode=0o700)
         agent = AgentProcess(files.config, files.log)
@@ -287,7 +301,18 @@ def _run_demo(work: Path, bao_bin: str) -> None:
         print("$ agentd get db password")
         print(f"{'*' * 8}  ({len(served)} characters, matches what was written to OpenBao)")
 
-        _heading(6, "rotation: a new version written to OpenBao")
+        _heading(6, "a legacy application's config file, rendered from a template")
+        rendered = app_conf.read_text(encoding="utf-8")
+        if rendered != f"user = app\npassword = {password}\n":
+            raise DemoError(f"{app_conf} does not hold the seeded values")
+        before = app_conf.stat()
+        print(f"$ ls -l {app_conf}")
+        print(f"mode {before.st_mode & 0o777:04o}, owner uid {before.st_uid}, "
+              f"inode {before.st_ino}  (mode and owner set before the file became visible)")
+        print(f"$ cat {app_conf}   # password masked here")
+        print("user = app\npassword = ********")
+
+        _heading(7, "rotation: a new version written to OpenBao")
         new_data = {"username": "app", "password": secrets.token_urlsafe(18)}
         new_version = bao.kv_put(DEMO_KV_PATH, new_data)
         print(f"wrote secret/{DEMO_KV_PATH} version {new_version} "
@@ -309,13 +334,29 @@ def _run_demo(work: Path, bao_bin: str) -> None:
                            alive=started.check_alive)
         print(f"rotation picked up in {took:.1f} s")
 
+        def rewritten() -> bool | None:
+            try:
+                text = app_conf.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return None
+            return True if new_data["password"] in text else None
+
+        wait_for("the rendered file rewritten", rewritten, timeout=20.0, interval=0.1,
+                 alive=started.check_alive)
+        after = app_conf.stat()
+        if after.st_ino == before.st_ino:
+            raise DemoError(f"{app_conf} was changed in place, not replaced")
+        print(f"{app_conf} rewritten: inode {before.st_ino} -> {after.st_ino} (a new file "
+              f"renamed over the old one: a reader sees the old or the new, never half), "
+              f"mode {after.st_mode & 0o777:04o}")
+
         def audit_lines() -> list[str]:
             try:
                 return files.audit.read_text(encoding="utf-8").splitlines()
             except FileNotFoundError:
                 return []
 
-        _heading(7, "outage: OpenBao stopped (SIGSTOP)")
+        _heading(8, "outage: OpenBao stopped (SIGSTOP)")
         audited_before_outage = len(audit_lines())
         bao.pause()
         try:
@@ -335,7 +376,7 @@ def _run_demo(work: Path, bao_bin: str) -> None:
             bao.resume()
         print("OpenBao resumed (SIGCONT)")
 
-        _heading(8, "audit trail (no values in it)")
+        _heading(9, "audit trail (no values in it)")
         agent.check_alive()
 
         # The audit stream is coalesced and flushed about once a second: wait (at most 5 s) until

@@ -69,8 +69,13 @@ def _components(path: PurePosixPath) -> list[str]:
     return [p for p in path.parts[1:] if p not in ("", ".")]
 
 
-def open_dir(path: str | os.PathLike[str], *, owners: Iterable[int] | None = None) -> int:
+def open_dir(
+    path: str | os.PathLike[str], *, owners: Iterable[int] | None = None, above: bool = False
+) -> int:
     """Open the directory ``path`` after checking it and every directory above it.
+
+    ``above``: ``path`` is only on the way to what is trusted (the parent of a directory that
+    is checked by itself), so a sticky root-owned ``path`` (``/tmp``) is fine, as on the way.
 
     Returns an ``O_RDONLY | O_DIRECTORY`` fd of the resolved directory; the caller closes it.
 
@@ -84,7 +89,7 @@ def open_dir(path: str | os.PathLike[str], *, owners: Iterable[int] | None = Non
     fd = os.open("/", _DIR_FLAGS)
     hops = 0
     try:
-        _check_dir(os.fstat(fd), "/", owner_set, last=not pending)
+        _check_dir(os.fstat(fd), "/", owner_set, last=not pending and not above)
         while pending:
             name = pending.pop(0)
             if name == "..":
@@ -112,7 +117,7 @@ def open_dir(path: str | os.PathLike[str], *, owners: Iterable[int] | None = Non
                 continue
             os.close(fd)
             fd, shown = child, shown / name
-            _check_dir(os.fstat(fd), str(shown), owner_set, last=not pending)
+            _check_dir(os.fstat(fd), str(shown), owner_set, last=not pending and not above)
         # An O_PATH fd cannot be fsynced or listed: hand the caller a real one.
         real = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
     except OSError as exc:

@@ -208,3 +208,34 @@ def test_follow_takes_a_bundle_style_link_through_the_same_checks(root: Path) ->
     (root / "identity" / "loop").symlink_to("loop")
     with pytest.raises(UnsafePath, match="too many levels"):
         fsafe.read_file(root / "identity" / "loop", follow=True)
+
+
+def test_a_sticky_directory_is_fine_above_a_directory_checked_by_itself(root: Path) -> None:
+    """A config directory right inside /tmp (the demo's): /tmp leads to it, nothing more."""
+    sticky = root / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    with pytest.raises(UnsafePath, match="writable by others"):
+        os.close(fsafe.open_dir(sticky))
+    os.close(fsafe.open_dir(sticky, above=True))
+
+
+def test_check_config_accepts_a_config_directory_inside_a_sticky_one(root: Path) -> None:
+    from agentd import config as config_mod
+    sticky = root / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    work = sticky / "agentd-demo"
+    work.mkdir(mode=0o700)
+    token = _file(work / "token", "t", mode=0o600)
+    main = _file(work / "agentd.toml", f"""
+[upstream]
+addresses = ["http://127.0.0.1:1"]
+[upstream.auth]
+method = "token_file"
+token_file = "{token}"
+[secrets.db]
+kind = "kv2"
+path = "secret/data/db"
+""")
+    assert config_mod.load(main).files == (main,)

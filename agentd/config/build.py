@@ -185,7 +185,7 @@ class Builder:
         self.allows: list[tuple[SourceFile, KeyPath, tuple[str, ...]]] = []
         self.refs: list[tuple[SourceFile, KeyPath, str, list[str], tuple[str, ...] | None]] = []
         self.file_checks: list[_FileCheck] = []
-        self._directories: dict[Path, str | None] = {}
+        self._directories: dict[tuple[Path, bool], str | None] = {}
         self._agent_groups: set[int] = {0, os.getegid()}
         self.templates: list[TemplateConfig] = []
         self.bundles: list[BundleConfig] = []
@@ -516,7 +516,9 @@ class Builder:
             complaints = [f"{path} is a symlink: name the file itself"]
         else:
             complaints = self._complaints(path, st, owners, credential=credential)
-        unsafe = self._unsafe_directory(path.parent, owners) if ancestors else None
+        # A directory (a config file's) is checked itself above: only what is above it here.
+        above = stat.S_ISDIR(st.st_mode)
+        unsafe = self._unsafe_directory(path.parent, owners, above=above) if ancestors else None
         if unsafe is not None:
             complaints.append(unsafe)
         for message in complaints:
@@ -543,12 +545,14 @@ class Builder:
                               "credential is for root or the agent only: chmod g-r")
         return complaints
 
-    def _unsafe_directory(self, directory: Path, owners: set[int]) -> str | None:
-        """Why ``directory`` or one above it is unsafe to trust (None: it is fine); memoised."""
-        if directory not in self._directories:
+    def _unsafe_directory(self, directory: Path, owners: set[int], *,
+                          above: bool = False) -> str | None:
+        """Why ``directory`` or one above it is unsafe to trust (None: it is fine); memoised.
+        ``above``: ``directory`` only leads to a directory checked by itself."""
+        if (directory, above) not in self._directories:
             try:
-                os.close(fsafe.open_dir(directory, owners=owners))
-                self._directories[directory] = None
+                os.close(fsafe.open_dir(directory, owners=owners, above=above))
+                self._directories[directory, above] = None
             except UnsafePath as exc:
-                self._directories[directory] = str(exc)
-        return self._directories[directory]
+                self._directories[directory, above] = str(exc)
+        return self._directories[directory, above]
