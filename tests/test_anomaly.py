@@ -39,6 +39,9 @@ async def test_value_set_back_to_a_previous_one_is_reported_as_reuse(
 kind = "kv2"
 path = "secret/data/{prefix}/db"
 refresh = "1h"
+
+[metrics]
+detailed = true
 """
     path = write_config(tmp_path, bao, approle_files, secrets)
     async with running_agent(path) as running:

@@ -45,6 +45,7 @@ secret_id_file = "/etc/agentd/secret_id"
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
+detailed = true
 
 [secrets.db]
 kind = "kv2"
