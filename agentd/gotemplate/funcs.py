@@ -90,8 +90,6 @@ def _eq(arg1: Any, *args2: Any) -> bool:
             if arg1 is arg:
                 return True
             continue
-        if k1 == "string" and type(arg1) is not type(arg):
-            raise FuncError("incompatible types for comparison")
         if arg1 == arg:
             return True
     return False
