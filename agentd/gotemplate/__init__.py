@@ -96,10 +96,13 @@ class Template:
         max_steps: int = DEFAULT_MAX_STEPS,
         now: datetime | None = None,
         env: Mapping[str, str] | None = None,
+        dot: Any = None,
     ) -> str:
         """Render once. Raises GoTemplateError; exceptions of ``secret_lookup`` pass through.
 
         ``env`` defaults to ``os.environ``; only names in the template's ``env_allow`` are read.
+        ``dot`` is the data, as Go values (consul-template, hence the default, executes with
+        nil data; ints are Go ints here, use decode_json for JSON numbers).
         """
         funcs = all_functions()
         state = State(self._trees, funcs, max_output=max_output, max_steps=max_steps,
@@ -113,7 +116,7 @@ class Template:
         state.extra["env_allow"] = self._env_allow
         state.tree_name = self.name
         try:
-            return state.execute(self.name, _NO_DATA)
+            return state.execute(self.name, _NO_DATA if dot is None else dot)
         except ExecError as exc:
             raise GoTemplateError(str(exc), template=self.name) from None
         except RecursionError:

@@ -185,22 +185,21 @@ def _slice(item: Any, *indexes: Any) -> Any:
     if isinstance(item, str):
         if len(indexes) > 2:
             raise FuncError("cannot 3-index slice a string")
-        cap = len(item.encode("utf-8", "surrogatepass"))
+        data = item.encode("utf-8", "surrogatepass")
+        cap = len(data)
     elif isinstance(item, list):
         cap = len(item)
     else:
         raise FuncError(f"can't slice item of type {go_type(item)}")
-    idx = [0, len(item) if not isinstance(item, str) else cap]
+    idx = [0, cap, cap]
     for i, index in enumerate(indexes):
-        x = _index_arg(index, cap + 1)
-        idx[i:i + 1] = [x]
-        if i == 0 and len(idx) < 2:
-            idx.append(cap)
+        idx[i] = _index_arg(index, cap + 1)
     if idx[0] > idx[1]:
         raise FuncError(f"invalid slice index: {idx[0]} > {idx[1]}")
+    if len(indexes) == 3 and idx[1] > idx[2]:
+        raise FuncError(f"invalid slice index: {idx[1]} > {idx[2]}")
     if isinstance(item, str):
-        data = item.encode("utf-8", "surrogatepass")[idx[0]:idx[1]]
-        return data.decode("utf-8", "replace")
+        return data[idx[0]:idx[1]].decode("utf-8", "surrogateescape")
     out = item[idx[0]:idx[1]]
     return StrList(out) if isinstance(item, StrList) else out
 
@@ -208,7 +207,8 @@ def _slice(item: Any, *indexes: Any) -> Any:
 def _eval_args(args: tuple[Any, ...]) -> str:
     if len(args) == 1 and isinstance(args[0], str) and not isinstance(args[0], JsonNumber):
         return args[0]
-    return sprint([None if a is NO_VALUE else a for a in args])
+    # printableValue: a nil argument prints as "<no value>"
+    return sprint(["<no value>" if a is NO_VALUE or a is None else a for a in args])
 
 
 def _html(*args: Any) -> str:

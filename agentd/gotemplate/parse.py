@@ -930,43 +930,31 @@ class Parser:
     def pipeline(self, context: str, end: str) -> PipeNode:
         token = self.peek_non_space()
         pipe = PipeNode(token.line)
-        # declarations
-        if token.typ == VARIABLE:
+        # declarations (Go's "decls:" label)
+        while True:
             save = self.pos
+            v = self.peek_non_space()
+            if v.typ != VARIABLE:
+                break
             self.next_non_space()
-            after_var = self.peek()
             nxt = self.peek_non_space()
             if nxt.typ in (ASSIGN, DECLARE):
                 self.next_non_space()
                 pipe.is_assign = nxt.typ == ASSIGN
-                pipe.decl.append(VariableNode([token.val], token.line))
-                if not pipe.is_assign:
-                    self.vars.append(token.val)
-                elif token.val not in self.vars:
-                    raise self.error(token.line, f"undefined variable {go_quote(token.val)}")
-            elif nxt.typ == CHAR and nxt.val == ",":
+                pipe.decl.append(VariableNode([v.val], v.line))
+                self.vars.append(v.val)
+                break
+            if nxt.typ == CHAR and nxt.val == ",":
                 self.next_non_space()
-                pipe.decl.append(VariableNode([token.val], token.line))
-                self.vars.append(token.val)
+                pipe.decl.append(VariableNode([v.val], v.line))
+                self.vars.append(v.val)
                 if context == "range" and len(pipe.decl) < 2:
-                    second = self.peek_non_space()
-                    if second.typ == VARIABLE:
-                        self.next_non_space()
-                        op = self.next_non_space()
-                        if op.typ not in (ASSIGN, DECLARE):
-                            raise self.error(op.line, "missing := after range variables")
-                        pipe.is_assign = op.typ == ASSIGN
-                        pipe.decl.append(VariableNode([second.val], second.line))
-                        if not pipe.is_assign:
-                            self.vars.append(second.val)
-                    else:
-                        raise self.error(second.line, "range can only initialize variables")
-                else:
-                    raise self.error(nxt.line, f"too many declarations in {context}")
-            elif after_var.typ == SPACE:
-                self.pos = save
-            else:
-                self.pos = save
+                    if self.peek_non_space().typ in (VARIABLE, RIGHT, RPAREN):
+                        continue
+                    raise self.error(nxt.line, "range can only initialize variables")
+                raise self.error(nxt.line, f"too many declarations in {context}")
+            self.pos = save
+            break
         while True:
             token = self.next_non_space()
             if token.typ == end:
