@@ -304,6 +304,17 @@ def _parse_num(fmt: str, i: int) -> tuple[int | None, int]:
     return int(fmt[start:i]), i
 
 
+def _arg_index(fmt: str, i: int, argn: int, nargs: int) -> tuple[int, int, bool]:
+    """Parse "[n]" at fmt[i]; return (argument number, position after, ok) like fmt's argNumber."""
+    close = fmt.find("]", i)
+    if close < 0:
+        return argn, len(fmt), False
+    idx = fmt[i + 1:close]
+    if not idx.isdigit() or not 1 <= int(idx) <= nargs:
+        return argn, close + 1, False
+    return int(idx) - 1, close + 1, True
+
+
 def sprintf(fmt: str, args: list[Any]) -> str:
     out: list[str] = []
     argn = 0
@@ -332,17 +343,12 @@ def sprintf(fmt: str, args: list[Any]) -> str:
             elif c == "0":
                 f.zero = not f.minus
             i += 1
+        bad_index = False
         # argument index
         if i < n and fmt[i] == "[":
-            close = fmt.find("]", i)
-            idx = fmt[i + 1:close] if close > 0 else ""
-            if close < 0 or not idx.isdigit() or not 1 <= int(idx) <= len(args):
-                out.append("%!(BADINDEX)")
-                i = close + 1 if close > 0 else n
-                continue
-            argn = int(idx) - 1
+            argn, i, ok = _arg_index(fmt, i, argn, len(args))
             reordered = True
-            i = close + 1
+            bad_index = not ok
         if i < n and fmt[i] == "*":
             i += 1
             if argn < len(args) and isinstance(args[argn], int) and \
@@ -377,12 +383,9 @@ def sprintf(fmt: str, args: list[Any]) -> str:
                 if f.prec is None:
                     f.prec = 0
         if i < n and fmt[i] == "[":
-            close = fmt.find("]", i)
-            idx = fmt[i + 1:close] if close > 0 else ""
-            if close > 0 and idx.isdigit() and 1 <= int(idx) <= len(args):
-                argn = int(idx) - 1
-                reordered = True
-                i = close + 1
+            argn, i, ok = _arg_index(fmt, i, argn, len(args))
+            reordered = True
+            bad_index = bad_index or not ok
         if i >= n:
             out.append("%!(NOVERB)")
             break
@@ -390,6 +393,9 @@ def sprintf(fmt: str, args: list[Any]) -> str:
         i += 1
         if verb == "%":
             out.append("%")
+            continue
+        if bad_index:
+            out.append(f"%!{verb}(BADINDEX)")
             continue
         if argn >= len(args):
             out.append(f"%!{verb}(MISSING)")

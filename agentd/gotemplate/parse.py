@@ -262,6 +262,13 @@ def _lex_action(text: str, pos: int, line: int, right: str,
                     stop += 1
                 bad = text[pos:max(stop, pos + 1)]
                 raise ParseError(line, f"bad number syntax: {go_quote(bad)}")
+            if end < n and text[end] in "+-":
+                # complex: 1+2i, no spaces, must end in 'i'
+                m2 = _NUMBER_RE.match(text, end + 1)
+                end2 = m2.end() if m2 else end + 1
+                if end2 == end + 1 or text[end2 - 1] != "i":
+                    raise ParseError(line, f"bad number syntax: {go_quote(text[pos:end2])}")
+                end = end2
             items.append(Item(NUMBER, text[pos:end], line))
             pos = end
         elif _is_alnum(ch):
@@ -626,6 +633,15 @@ def parse_number(text: str, line: int) -> NumberNode:
         node.is_int = node.is_uint = node.is_float = True
         node.int_val = ord(ch)
         node.float_val = float(ord(ch))
+        return node
+    if text.endswith("i") and any(c in text[1:] for c in "+-") and \
+            not re.search(r"[eEpP][+-]", text):
+        try:
+            value = complex(text.replace("_", "")[:-1] + "j")
+        except ValueError:
+            raise ParseError(line, f"illegal number syntax: {go_quote(text)}") from None
+        node.is_complex = True
+        node.complex_val = value
         return node
     if text.endswith("i"):
         f = _parse_go_float(text[:-1])
