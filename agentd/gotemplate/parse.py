@@ -637,11 +637,10 @@ def parse_number(text: str, line: int) -> NumberNode:
     if text.endswith("i") and any(c in text[1:] for c in "+-") and \
             not re.search(r"[eEpP][+-]", text):
         try:
-            value = complex(text.replace("_", "")[:-1] + "j")
+            node.complex_val = complex(text.replace("_", "")[:-1] + "j")
         except ValueError:
             raise ParseError(line, f"illegal number syntax: {go_quote(text)}") from None
         node.is_complex = True
-        node.complex_val = value
         return node
     if text.endswith("i"):
         f = _parse_go_float(text[:-1])
