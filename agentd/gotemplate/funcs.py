@@ -15,6 +15,7 @@ import hmac
 import json
 import math
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -291,14 +292,24 @@ def _b64decode(name: str, s: str, urlsafe: bool) -> str:
 
 
 def _to_title(s: str) -> str:
+    """cases.Title(language.Und, cases.NoLower): the first cased letter after a break is
+    titlecased; case-ignorable runes (apostrophes, '.', ':', marks, '_') keep the word going;
+    anything else (space, digits, '-', ',', '/') breaks it."""
     out = []
-    prev_letter = False
+    word_start = True
     for ch in s:
-        if not prev_letter and ch.isalpha():
-            out.append(ch.title() if len(ch.title()) == 1 else ch.upper())
+        if ch.isalpha() and (ch.lower() != ch.upper() or ch.istitle()):
+            if word_start:
+                titled = ch.title()
+                out.append(titled if len(titled) == 1 else ch.upper())
+                word_start = False
+            else:
+                out.append(ch)
         else:
             out.append(ch)
-        prev_letter = ch.isalnum() or ch in "_'\u2019" or (prev_letter and ch in ".:")
+            if not (ch in "_'\u2019.:\u00b7" or
+                    unicodedata.category(ch) in ("Mn", "Me", "Cf", "Lm", "Sk")):
+                word_start = True
     return "".join(out)
 
 
@@ -466,9 +477,15 @@ def _split(sep: str, s: str) -> StrList:
 def _indent(spaces: int, s: str) -> str:
     if spaces < 0:
         raise FuncError("indent value must be a positive integer")
-    pad = " " * spaces
-    lines = s.split("\n")
-    return "\n".join(pad + line for line in lines)
+    prefix = " " * spaces
+    out = []
+    at_line_start = True
+    for ch in s:
+        if at_line_start and ch != "\n":
+            out.append(prefix)
+        out.append(ch)
+        at_line_start = ch == "\n"
+    return "".join(out)
 
 
 def _int64(v: int) -> Int64:
