@@ -34,7 +34,6 @@ from agentd.gotemplate import parse as _p
 from agentd.gotemplate.exec import ExecError, State
 from agentd.gotemplate.funcs import (
     BUILTINS,
-    CONSUL_TEMPLATE,
     SECRET_FUNCS,
     UNSUPPORTED,
     Environment,
@@ -150,11 +149,14 @@ def parse(
     allowed_env = frozenset(env_allow)
     refs: list[SecretRef] = []
 
+    known = frozenset(all_functions()) | UNSUPPORTED
+
     def has_function(fn: str) -> bool:
-        return fn in BUILTINS or fn in CONSUL_TEMPLATE or fn in UNSUPPORTED
+        # consul-template's sprig_* all exist; those not implemented are "not supported"
+        return fn in known or fn.startswith("sprig_")
 
     def on_ident(node: _p.IdentifierNode) -> None:
-        if node.name in UNSUPPORTED or node.name not in allowed:
+        if node.name in UNSUPPORTED or node.name not in allowed or node.name not in known:
             raise _p.ParseError(node.line, f"function {_p.go_quote(node.name)} not supported")
 
     def on_call(node: _p.IdentifierNode, args: list[_p.Node]) -> None:

@@ -952,8 +952,11 @@ SECRET_FUNCS = frozenset({"secret", "secrets", "pkiCert"})
 
 
 def all_functions() -> dict[str, Func]:
+    from agentd.gotemplate.sprig import SPRIG
+
     funcs = dict(BUILTINS)
     funcs.update(CONSUL_TEMPLATE)
+    funcs.update(SPRIG)
     return funcs
 
 
