@@ -24,6 +24,7 @@ from tests.openbao import DevServer, bao_binary
 
 CORPUS = Path(__file__).parent / "fixtures" / "gotemplate"
 TEMPLATES = sorted(CORPUS.glob("*.tmpl"))
+ERROR_TEMPLATES = sorted((CORPUS / "errors").glob("*.tmpl"))
 ENV_VAR = "GOTMPL_ORACLE_VAR"
 ENV_VALUE = "env <value> & more"
 
@@ -72,30 +73,30 @@ def _hcl_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-@pytest.fixture(scope="module")
-def oracle(bao: DevServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """Run the OpenBao Agent once over the whole corpus; return {template name: output}."""
-    _seed(bao)
-    work = tmp_path_factory.mktemp("oracle")
+def run_agent(server: DevServer, work: Path, templates: list[Path]
+              ) -> tuple[subprocess.CompletedProcess[bytes], dict[str, bytes]]:
+    """Run ``bao agent`` once (auth, render every template once, exit); return its outputs."""
+    work.mkdir(parents=True, exist_ok=True)
     token = work / "token"
-    token.write_text(bao.token)
+    token.write_text(server.token)
     out_dir = work / "out"
     out_dir.mkdir()
     stanzas = []
-    for tmpl in TEMPLATES:
+    for tmpl in templates:
         delims = ""
         if tmpl.name.endswith(".delim.tmpl"):
             delims = 'left_delimiter = "[["\n  right_delimiter = "]]"\n'
+        strict = "true" if tmpl.name.endswith(".strict.tmpl") else "false"
         stanzas.append(
             "template {\n"
             f"  source = {_hcl_string(str(tmpl))}\n"
             f"  destination = {_hcl_string(str(out_dir / tmpl.name))}\n"
-            f"  error_on_missing_key = false\n  {delims}"
+            f"  error_on_missing_key = {strict}\n  {delims}"
             "}\n"
         )
     config = work / "agent.hcl"
     config.write_text(
-        f'vault {{\n  address = "{bao.address}"\n}}\n'
+        f'vault {{\n  address = "{server.address}"\n}}\n'
         "auto_auth {\n  method \"token_file\" {\n    config = {\n"
         f"      token_file_path = {_hcl_string(str(token))}\n    }}\n  }}\n}}\n"
         "exit_after_auth = true\n"
@@ -108,7 +109,14 @@ def oracle(bao: DevServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         [bao_binary(), "agent", f"-config={config}"], env=env, capture_output=True,
         timeout=120, stdin=subprocess.DEVNULL, check=False,
     )
-    outputs = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    return proc, {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def oracle(bao: DevServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """Run the OpenBao Agent once over the whole corpus; return {template name: output}."""
+    _seed(bao)
+    proc, outputs = run_agent(bao, tmp_path_factory.mktemp("oracle"), TEMPLATES)
     if proc.returncode != 0 or len(outputs) != len(TEMPLATES):
         log = (proc.stdout + proc.stderr).decode(errors="replace")[-4000:]
         pytest.fail(f"bao agent exited {proc.returncode}, rendered {len(outputs)} of "
@@ -146,7 +154,27 @@ def test_matches_openbao_agent(tmpl: Path, oracle: dict[str, bytes], bao: DevSer
     assert ours.encode() == oracle[tmpl.name]
 
 
+def _parse_and_run(tmpl: Path, server: DevServer) -> str:
+    return gotemplate.parse(
+        tmpl.read_bytes().decode(), name=tmpl.name,
+        missing_key="error" if tmpl.name.endswith(".strict.tmpl") else "zero",
+    ).execute(_lookup(server), max_output=1 << 20, env={})
+
+
+@pytest.mark.parametrize("tmpl", ERROR_TEMPLATES, ids=[t.name for t in ERROR_TEMPLATES])
+def test_fails_where_openbao_agent_fails(tmpl: Path, oracle: dict[str, bytes], bao: DevServer,
+                                         tmp_path: Path) -> None:
+    """Go refuses these (at parse or execution): the agent exits 1 without the file; so do we."""
+    proc, outputs = run_agent(bao, tmp_path, [tmpl])
+    assert proc.returncode != 0
+    assert outputs == {}
+    with pytest.raises(gotemplate.GoTemplateError) as info:
+        _parse_and_run(tmpl, bao)
+    for value in ("admin", "5432", "p<a>s", "h1", "db.internal", "aGVsbG8"):
+        assert value not in str(info.value)
+
+
 def test_corpus_is_large_enough() -> None:
-    assert len(TEMPLATES) >= 25
+    assert len(TEMPLATES) >= 60
 
 

@@ -143,7 +143,7 @@ def _index_arg(index: Any, cap: int) -> int:
     if not isinstance(index, int) or isinstance(index, bool):
         raise FuncError(f"cannot index slice/array with type {go_type(index)}")
     if index < 0 or index >= cap:
-        raise FuncError(f"index out of range: {index}")
+        raise FuncError("index out of range")  # Go prints the index: it may be data
     return int(index)
 
 
@@ -196,9 +196,9 @@ def _slice(item: Any, *indexes: Any) -> Any:
     for i, index in enumerate(indexes):
         idx[i] = _index_arg(index, cap + 1)
     if idx[0] > idx[1]:
-        raise FuncError(f"invalid slice index: {idx[0]} > {idx[1]}")
+        raise FuncError("invalid slice index: low > high")
     if len(indexes) == 3 and idx[1] > idx[2]:
-        raise FuncError(f"invalid slice index: {idx[1]} > {idx[2]}")
+        raise FuncError("invalid slice index: high > max")
     if isinstance(item, str):
         return data[idx[0]:idx[1]].decode("utf-8", "surrogateescape")
     out = item[idx[0]:idx[1]]
@@ -647,7 +647,7 @@ def new_scratch() -> GoStruct:
         def impl(k: str, mk: str, v: Any) -> str:
             typed = values.setdefault(k, {})
             if not isinstance(typed, dict):
-                raise FuncError(f"{json.dumps(k)} is not a map")
+                raise FuncError("the scratch value is not a map")
             if override or mk not in typed:
                 typed[mk] = v
             return ""

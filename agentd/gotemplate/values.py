@@ -175,7 +175,7 @@ def _encode(v: Any, out: list[str], indent: str | None, esc: bool, level: int) -
     elif isinstance(v, JsonNumber):
         text = str(v) or "0"
         if not _valid_json_number(text):
-            raise JSONError(f"json: invalid number literal {json_string(text, True)}")
+            raise JSONError("json: invalid number literal")
         out.append(text)
     elif isinstance(v, str):
         out.append(json_string(v, esc))
