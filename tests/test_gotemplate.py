@@ -342,8 +342,15 @@ def test_error_names_template_and_line_not_data() -> None:
     with pytest.raises(gotemplate.GoTemplateError) as info:
         run("ok\n{{ printf \"%s\" .pw }}\n{{ len .pw.deeper }}", {"pw": secret})
     text = str(info.value)
-    assert text.startswith("test:3: executing \"test\" at <")
+    assert text.startswith("test:3: executing at <.pw.deeper>: ")
     assert secret not in text
+
+
+def test_define_may_reuse_the_file_name() -> None:
+    # consul-template's main template is named "": a define named like the file is fine
+    assert run('{{ define "test" }}in{{ end }}{{ template "test" }}') == "in"
+    with pytest.raises(gotemplate.GoTemplateError, match=r'test:1: executing at <.x> in "t": '):
+        run('{{ define "t" }}{{ .x }}{{ end }}{{ template "t" 1 }}')
 
 
 def test_range_error_does_not_print_the_value() -> None:

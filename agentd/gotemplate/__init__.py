@@ -85,7 +85,7 @@ class Template:
         return self._refs
 
     def defined_templates(self) -> tuple[str, ...]:
-        return tuple(sorted(n for n in self._trees if n != self.name))
+        return tuple(sorted(n for n in self._trees if n != _p.MAIN))
 
     def execute(
         self,
@@ -113,9 +113,9 @@ class Template:
             now or datetime.now(timezone.utc),
         )
         state.extra["env_allow"] = self._env_allow
-        state.tree_name = self.name
+        state.display_name = self.name
         try:
-            return state.execute(self.name, _NO_DATA if dot is None else dot)
+            return state.execute(_p.MAIN, _NO_DATA if dot is None else dot)
         except ExecError as exc:
             raise GoTemplateError(str(exc), template=self.name) from None
         except RecursionError:

@@ -109,6 +109,7 @@ class State:
         self.size = 0
         self.depth = 0
         self.tree_name = ""
+        self.display_name = ""  # the template's file name, for messages
         self.vars: list[list[Any]] = []
         self.node: Any = None
         self.extra: dict[str, Any] = {}
@@ -119,12 +120,10 @@ class State:
         node = node if node is not None else self.node
         line = getattr(node, "line", 1) if node is not None else 1
         if node is None:
-            return ExecError(f"{self.tree_name}:{line}: {message}")
+            return ExecError(f"{self.display_name}:{line}: {message}")
         context = _context(node)
-        return ExecError(
-            f"{self.tree_name}:{line}: executing {p.go_quote(self.tree_name)} at <{context}>: "
-            f"{message}"
-        )
+        where = "" if self.tree_name == p.MAIN else f" in {p.go_quote(self.tree_name)}"
+        return ExecError(f"{self.display_name}:{line}: executing at <{context}>{where}: {message}")
 
     def step(self, cost: int = 1) -> None:
         self.steps_left -= cost
@@ -149,7 +148,7 @@ class State:
     def execute(self, name: str, dot: Any) -> str:
         tree = self.trees.get(name)
         if tree is None:
-            raise ExecError(f"{self.tree_name or name}: no template {p.go_quote(name)} associated")
+            raise ExecError(f"{self.display_name}: no template {p.go_quote(name)} associated")
         saved = self.vars, self.tree_name, self.out, self.size
         self.vars = [["$", dot]]
         self.tree_name = name

@@ -20,6 +20,9 @@ MAX_DEPTH = 100  # nesting of parentheses and control blocks; deeper is an error
 SPACE_CHARS = " \t\r\n"
 
 
+MAIN = ""  # the main template's name, as consul-template's template.New("")
+
+
 class ParseError(Exception):
     """A syntax error at ``line`` (1-based)."""
 
@@ -788,7 +791,7 @@ class Parser:
             if isinstance(node, _Else):
                 raise self.error(node.line, "unexpected {{else}}")
             root.nodes.append(node)
-        self.add(Tree(self.name, root))
+        self.add(Tree(MAIN, root))
         return self.trees
 
     def add(self, tree: Tree) -> None:
