@@ -9,6 +9,7 @@ must be byte-identical. ``*.delim.tmpl`` use ``[[``/``]]`` as delimiters.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import urllib.error
@@ -67,6 +68,16 @@ def _seed(server: DevServer) -> None:
     _raw(server, "POST", "secret/data/gotmpl/db", DB_V2)
     _raw(server, "POST", "kv1/gotmpl/legacy", LEGACY)
     _raw(server, "POST", "kv1/gotmpl/other", OTHER)
+    try:
+        _raw(server, "POST", "sys/mounts/gotmpl-pki", '{"type": "pki"}')
+    except urllib.error.HTTPError as exc:
+        if exc.code != 400:  # already mounted
+            raise
+    _raw(server, "POST", "gotmpl-pki/root/generate/internal",
+         '{"common_name": "gotmpl-ca", "ttl": "24h", "key_type": "ec"}')
+    _raw(server, "POST", "gotmpl-pki/roles/web",
+         '{"allowed_domains": "example.com", "allow_subdomains": true, "max_ttl": "1h",'
+         ' "key_type": "ec"}')
 
 
 def _hcl_string(s: str) -> str:
@@ -128,6 +139,8 @@ def _lookup(server: DevServer) -> Any:
     mounts_v2 = ("secret/",)
 
     def lookup(path: str, kv: Mapping[str, str]) -> Any:
+        if "/issue/" in path:  # pki/issue: a write with the template's k=v arguments
+            return gotemplate.decode_json(_raw(server, "POST", path, json.dumps(dict(kv))))
         assert not kv
         if path.startswith(mounts_v2) and not path.startswith(("secret/data/",
                                                                 "secret/metadata/")):

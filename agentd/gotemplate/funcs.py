@@ -1,4 +1,5 @@
-"""Go's builtin template functions and consul-template's functions.
+"""Go's builtin template functions and consul-template's functions (as OpenBao's fork,
+openbao-template v1.0.1, has them: the OpenBao Agent renders with it).
 
 Builtins follow ``text/template/funcs.go``; consul-template's follow its ``template/funcs.go``
 (argument order included: ``subtract b a`` is ``a - b`` so ``{{ 5 | subtract 1 }}`` is 4).
@@ -719,26 +720,28 @@ def make_secret(response: Mapping[str, Any]) -> GoStruct:
 
 
 def make_pem(response: Mapping[str, Any]) -> GoStruct:
-    """consul-template's dependency.PemEncoded from a pki issue response."""
+    """openbao-template's dependency.PemEncoded{Cert, Key, CA} from a pki issue response.
+
+    Each PEM gains the newline pem.EncodeToMemory ends with; ``.Data`` returns the value itself
+    (openbao-template's wrapper "to mimic v2 secrets Data").
+    """
     data = to_go(dict(response)).get("data") or {}
-    chain: list[str] = []
-    for item in data.get("ca_chain") or []:
-        if isinstance(item, str) and item + "\n" not in chain:
-            chain.append(item + "\n")
-    ca = data.get("issuing_ca")
-    if isinstance(ca, str) and ca and ca + "\n" not in chain:
-        chain.insert(0, ca + "\n")
 
     def pem(key: str) -> str:
         v = data.get(key)
         return v + "\n" if isinstance(v, str) and v else ""
 
-    return GoStruct("dependency.PemEncoded", {
+    ca = pem("issuing_ca")
+    chain = data.get("ca_chain")
+    if isinstance(chain, list) and chain and isinstance(chain[-1], str):
+        ca = chain[-1] + "\n"  # the last CA block found wins
+    value = GoStruct("dependency.PemEncoded", {
         "Cert": pem("certificate"),
         "Key": pem("private_key"),
-        "CA": pem("issuing_ca"),
-        "CAChain": StrList(chain),
+        "CA": ca,
     }, pointer=False)
+    value.methods["Data"] = GoMethod((), lambda: value)
+    return value
 
 
 def _kv_args(rest: tuple[str, ...]) -> dict[str, str]:
