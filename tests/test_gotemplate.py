@@ -523,3 +523,24 @@ def test_recursion_is_an_error() -> None:
         gotemplate.parse("{{" + "(" * 500 + "1" + ")" * 500 + "}}", name="t")
     with pytest.raises(gotemplate.GoTemplateError, match="depth"):
         gotemplate.parse("{{ if 1 }}" * 500 + "{{ end }}" * 500, name="t")
+
+
+def test_importable_by_the_sandboxed_worker() -> None:
+    """The engine imports the standard library and agentd.errors, nothing else of agentd's."""
+    import subprocess
+    import sys
+
+    code = ("import sys, agentd.gotemplate; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('agentd') or "
+            "m.split('.')[0] in ('trio', 'jinja2', 'cryptography', 'h11', 'msgpack'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=30).stdout.split()
+    assert set(out) <= {"agentd", "agentd.errors"} | {
+        f"agentd.gotemplate{m}" for m in ("", ".exec", ".funcs", ".gofmt", ".parse",
+                                          ".values", ".sprig")}
+
+
+def test_unknown_sprig_functions_are_not_supported() -> None:
+    with pytest.raises(gotemplate.GoTemplateError, match='t:1: function "sprig_env" not sup'):
+        gotemplate.parse('{{ sprig_env "HOME" }}', name="t")
+    assert run('{{ "a" | sprig_upper }}') == "A"

@@ -18,6 +18,7 @@ from agentd.gotemplate.values import (
     NO_VALUE,
     GoNil,
     GoStruct,
+    Uint64,
     _shortest_digits,
     format_float_shortest,
     go_type,
@@ -74,11 +75,44 @@ def _bad_verb(v: Any, verb: str, f: _Flags) -> str:
     return f"%!{verb}({go_type(v)}={format_value(v, 'v', f, 0)})"
 
 
+def go_syntax(v: Any, depth: int = 0) -> str:
+    """%#v: a Go-syntax representation."""
+    if v is None or v is NO_VALUE:
+        return "interface {}(nil)" if depth > 0 else "<nil>"
+    if isinstance(v, GoNil):
+        return f"({v.type_name})(nil)"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Uint64):
+        return f"0x{int(v):x}"
+    if isinstance(v, int):
+        return str(int(v))
+    if isinstance(v, float):
+        return format_float_shortest(v, "g")
+    if isinstance(v, str):
+        return go_quote_string(v)
+    if isinstance(v, list):
+        return go_type(v) + "{" + ", ".join(go_syntax(x, depth + 1) for x in v) + "}"
+    if isinstance(v, dict):
+        return go_type(v) + "{" + ", ".join(
+            go_quote_string(k) + ":" + go_syntax(v[k], depth + 1) for k in sorted(v)) + "}"
+    if isinstance(v, GoStruct):
+        name = v.type_name.lstrip("*")
+        body = name + "{" + ", ".join(
+            f"{k}:{go_syntax(x, depth + 1)}" for k, x in v.fields.items()) + "}"
+        if v.pointer:
+            return ("&" + body) if depth == 0 else f"(*{name})(0xc000000000)"
+        return body
+    return format_value(v, "v", _PLAIN, depth)
+
+
 def format_value(v: Any, verb: str, f: _Flags, depth: int) -> str:
     if verb == "T":
         return _pad(go_type(v), f)
+    if verb == "v" and f.sharp:
+        return _pad(go_syntax(v, depth), f)
     if v is None or v is NO_VALUE or isinstance(v, GoNil):
-        if verb in ("v", "s") or depth > 0 or isinstance(v, GoNil):
+        if verb == "v" or depth > 0 or isinstance(v, GoNil):
             return _pad("<nil>", f)
         return _bad_verb(v, verb, f)
     if isinstance(v, bool):
