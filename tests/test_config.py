@@ -465,6 +465,8 @@ EVERY_KEY: list[tuple[str, str, object]] = [
     ("[[template]]", "backup = true", True),
     ("[[template]]", 'on_revoke = "remove"', "remove"),
     ("[[template]]", 'allow = ["db*"]', ("db*",)),
+    ("[[template]]", 'engine = "go"', "go"),
+    ("[[bundle]]", 'engine = "go"', "go"),
     ("[[bundle]]", 'allow = ["web-*"]', ("web-*",)),
     ("[[bundle]]", 'mode = "0640"', 0o640),
     ("[[bundle]]", "owner = 0", 0),
@@ -498,6 +500,9 @@ def _config_with(tmp_path: Path, header: str, line: str) -> Config:
     return load(path, check_permissions=False)
 
 
+# Keys only engine = "go" takes: test_go_template_keys covers them.
+GO_ONLY = {"left_delimiter", "right_delimiter", "error_on_missing_key", "env"}
+
 # Keys EVERY_KEY leaves out: those KEY_TABLES sets, and the method-specific auth keys (the
 # fixtures and test_token_file_method cover those).
 NOT_IN_EVERY_KEY = {
@@ -505,9 +510,10 @@ NOT_IN_EVERY_KEY = {
     "[upstream.auth]": {"method", "role_id_file", "secret_id_file", "token_file", "cert_file",
                         "key_file", "jwt_file", "role"},
     "[secrets]": {"name", "kind", "path"},
-    "[[template]]": {"destination", "contents", "source"},
-    "[[bundle]]": {"directory", "files"},
+    "[[template]]": {"destination", "contents", "source", *GO_ONLY},
+    "[[bundle]]": {"directory", "files", *GO_ONLY},
 }
+
 
 
 def test_every_key_has_a_case(tmp_path: Path) -> None:
@@ -782,3 +788,67 @@ def test_token_file_method(etc: Path) -> None:
     (etc / "token").chmod(0o400)
     auth = load(main).upstream.auth
     assert (auth.method, auth.token_file, auth.role_id_file) == ("token_file", etc / "token", None)
+
+
+def test_go_template_keys_and_paths_resolve_through_the_catalog(tmp_path: Path) -> None:
+    """engine = "go": Go's options reach the config; `secret "path"` must name a declared
+    secret's path (decision 3), and problems name the template's line."""
+    main = write(tmp_path / "agentd.toml", """\
+        [upstream]
+        addresses = ["http://127.0.0.1:1"]
+        [upstream.auth]
+        method = "token_file"
+        token_file = "/t"
+
+        [secrets.db]
+        kind = "kv2"
+        path = "secret/data/app/db"
+
+        [[template]]
+        destination = "/etc/a"
+        engine = "go"
+        left_delimiter = "[["
+        right_delimiter = "]]"
+        error_on_missing_key = false
+        env = ["HOSTNAME"]
+        contents = "[[ with secret \\"secret/data/app/db\\" ]][[ .Data.data.password ]][[ end ]]"
+        """)
+    (template,) = load(main, check_permissions=False).templates
+    assert (template.engine, template.left_delimiter, template.right_delimiter,
+            template.error_on_missing_key, template.env) == ("go", "[[", "]]", False,
+                                                             ("HOSTNAME",))
+    bad = write(tmp_path / "bad.toml", """\
+        [upstream]
+        addresses = ["http://127.0.0.1:1"]
+        [upstream.auth]
+        method = "token_file"
+        token_file = "/t"
+
+        [secrets.db]
+        kind = "kv2"
+        path = "secret/data/app/db"
+
+        [[template]]
+        destination = "/etc/a"
+        engine = "go"
+        contents = "{{ secret \\"secret/data/app/db\\" }}\\n{{ secret \\"secret/data/other\\" }}"
+
+        [[template]]
+        destination = "/etc/b"
+        engine = "go"
+        contents = "{{ plugin \\"x\\" }}"
+
+        [[template]]
+        destination = "/etc/c"
+        left_delimiter = "[["
+        contents = "x"
+        """)
+    first = at(bad, 'contents = "{{ secret')
+    second = at(bad, 'contents = "{{ plugin')
+    third = at(bad, "left_delimiter")
+    assert problems(bad) == [
+        f"{first}: template[0].contents: template:2: secret 'secret/data/other': no declared "
+        "secret has this path (declare it under [secrets.NAME])",
+        f'{second}: template[1].contents: template:1: function "plugin" not supported',
+        f'{third}: template[2].left_delimiter: only for engine = "go"',
+    ]

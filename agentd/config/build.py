@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from agentd import fsafe
 from agentd.config import convert as conv
@@ -44,8 +44,8 @@ from agentd.config.schema import (
     WaitConfig,
 )
 from agentd.config.source import SourceFile
-from agentd.errors import UnsafePath
-from agentd.refs import allowed, secret_refs
+from agentd.errors import RenderError, UnsafePath
+from agentd.refs import ENGINES, JINJA, Engine, allowed, template_refs
 
 _MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
 _ANYWHERE = ("secrets", "policy", "template", "bundle")
@@ -131,6 +131,7 @@ _OUTPUT: conv.Converters = {                      # shared by [[template]] and [
     "command": conv.argv,
     "command_timeout": conv.positive_duration,
 }
+_GO_ONLY = ("left_delimiter", "right_delimiter", "error_on_missing_key", "env")
 
 
 def _unused(
@@ -171,7 +172,24 @@ class _FileCheck:
     credential: bool = False                 # also refuse "readable by others"
     template: bool = False                   # read it for secret('...') references
     allow: tuple[str, ...] | None = None     # the template's allow list, if it has one
+    reader: Engine = JINJA                   # how the template's text is read
     follow: bool = False                     # a symlink is followed (fsafe's follow=True)
+
+
+class _EngineFields(TypedDict):
+    """The engine keys of TemplateConfig and BundleConfig, as keyword arguments."""
+
+    engine: str
+    left_delimiter: str
+    right_delimiter: str
+    error_on_missing_key: bool
+    env: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _EngineKeys:
+    fields: _EngineFields
+    reader: Engine
 
 
 class Builder:
@@ -183,7 +201,8 @@ class Builder:
         self.secret_where: dict[str, str] = {}
         self.policies: list[PolicyConfig] = []
         self.allows: list[tuple[SourceFile, KeyPath, tuple[str, ...]]] = []
-        self.refs: list[tuple[SourceFile, KeyPath, str, list[str], tuple[str, ...] | None]] = []
+        # a template text to index in phase two (Go paths need the whole catalog)
+        self.refs: list[tuple[SourceFile, KeyPath, str, str, tuple[str, ...] | None, Engine]] = []
         self.file_checks: list[_FileCheck] = []
         self._directories: dict[tuple[Path, bool], str | None] = {}
         self._agent_groups: set[int] = {0, os.getegid()}
@@ -346,6 +365,23 @@ class Builder:
         for problem in policy_problems(policy):
             f.problem((*key, *problem.key), problem.message)
 
+    def _engine(self, f: SourceFile, t: Mapping[str, object], key: KeyPath) -> _EngineKeys:
+        """``engine`` and Go's options (which only ``engine = "go"`` takes)."""
+        name = f.get(t, key, "engine", conv.choice(ENGINES), "jinja")
+        if name != "go":
+            for option in _GO_ONLY:
+                if option in t:
+                    f.problem((*key, option), 'only for engine = "go"')
+        fields = _EngineFields(
+            engine=name,
+            left_delimiter=f.get(t, key, "left_delimiter", conv.nonempty, "{{"),
+            right_delimiter=f.get(t, key, "right_delimiter", conv.nonempty, "}}"),
+            error_on_missing_key=f.get(t, key, "error_on_missing_key", conv.boolean, True),
+            env=f.get(t, key, "env", conv.string_list, ()),
+        )
+        return _EngineKeys(fields, Engine(name, fields["left_delimiter"], fields["right_delimiter"],
+                                          fields["error_on_missing_key"], fields["env"]))
+
     def _wait(self, f: SourceFile, t: Mapping[str, object], key: KeyPath) -> WaitConfig:
         if "wait" not in t:
             return WaitConfig()
@@ -370,11 +406,12 @@ class Builder:
         if isinstance(raw, dict) and ("source" in t) == ("contents" in t):
             f.problem(key, "set exactly one of source or contents")
         allow = f.get(t, key, "allow", conv.string_list, None)
+        engine = self._engine(f, t, key)
         if contents is not None:
-            self.refs.append((f, (*key, "contents"), "template", secret_refs(contents), allow))
+            self.refs.append((f, (*key, "contents"), "template", contents, allow, engine.reader))
         if source is not None:
-            self.file_checks.append(
-                _FileCheck(f, (*key, "source"), source, template=True, allow=allow))
+            self.file_checks.append(_FileCheck(f, (*key, "source"), source, template=True,
+                                               allow=allow, reader=engine.reader))
         output = f.get_all(t, key, _OUTPUT, TemplateConfig)
         self.templates.append(
             TemplateConfig(
@@ -386,6 +423,7 @@ class Builder:
                 backup=f.get(t, key, "backup", conv.boolean, False),
                 on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
                 allow=allow,
+                **engine.fields,
             )
         )
 
@@ -394,6 +432,7 @@ class Builder:
         directory = f.get(t, key, "directory", conv.abs_path, Path("/"), required=True)
         files: dict[str, str] = {}
         allow = f.get(t, key, "allow", conv.string_list, None)
+        engine = self._engine(f, t, key)
         if "files" not in t:
             f.problem((*key, "files"), "required")
         elif not isinstance(t["files"], dict) or not t["files"]:
@@ -407,7 +446,7 @@ class Builder:
                     f.problem(fkey, "expected a string (the file's template)")
                     continue
                 files[name] = text
-                self.refs.append((f, fkey, "template", secret_refs(text), allow))
+                self.refs.append((f, fkey, "template", text, allow, engine.reader))
         modes: dict[str, int] = {}
         if "modes" in t:
             if not isinstance(t["modes"], dict):
@@ -432,6 +471,7 @@ class Builder:
                 modes=MappingProxyType(modes),
                 on_revoke=f.get(t, key, "on_revoke", conv.choice(ON_REVOKE), "keep"),
                 allow=allow,
+                **engine.fields,
             )
         )
 
@@ -445,8 +485,9 @@ class Builder:
                     continue                    # a literal name (the common case: no scan)
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     f.problem(key, f"{pattern!r} matches no declared secret")
-        for f, key, what, refs, allow in self.refs:
-            self._check_refs(f, key, what, refs, allow)
+        self.by_path = {secret.path: name for name, secret in self.secrets.items()}
+        for f, key, what, text, allow, reader in self.refs:
+            self._check_refs(f, key, what, text, allow, reader)
         if not self.check_permissions:
             return
         owners = {0}
@@ -471,12 +512,17 @@ class Builder:
                 except UnsafePath as exc:
                     check.where.problem(check.key, f"cannot read {exc}")
                     continue
-                self._check_refs(check.where, check.key, str(check.path), secret_refs(text),
-                                 check.allow)
+                self._check_refs(check.where, check.key, str(check.path), text, check.allow,
+                                 check.reader)
 
-    def _check_refs(self, f: SourceFile, key: KeyPath, what: str, refs: list[str],
-                    allow: tuple[str, ...] | None = None) -> None:
-        for name in dict.fromkeys(refs):
+    def _check_refs(self, f: SourceFile, key: KeyPath, what: str, text: str,
+                    allow: tuple[str, ...] | None, reader: Engine) -> None:
+        try:
+            refs = template_refs(text, reader, self.by_path, template=what)
+        except RenderError as exc:             # Go: syntax, unsupported function, unknown path
+            f.problem(key, str(exc))
+            return
+        for name in refs:
             if name not in self.secrets:
                 f.problem(key, f"{what} refers to undeclared secret {name!r}")
             elif allow is not None and not allowed(name, allow):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from agentd.refs import Engine
+
 DEFAULT_CONFIG_PATH = Path("/etc/agentd/agentd.toml")
 DEFAULT_SOCKET = Path("/run/agentd/agentd.sock")
 ON_REVOKE = ("keep", "remove")      # what a template does with its file when an input is revoked
@@ -150,6 +152,17 @@ class TemplateConfig:
     backup: bool = False                     # keep the replaced file as DESTINATION.bak
     on_revoke: str = "keep"                  # keep | remove: the file when an input is revoked
     allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
+    engine: str = "jinja"                    # jinja | go (consul-template's Go templates)
+    left_delimiter: str = "{{"               # Go only
+    right_delimiter: str = "}}"              # Go only
+    error_on_missing_key: bool = True        # Go only: False prints <no value> as Go does
+    env: tuple[str, ...] = ()                # Go only: variables its `env` may read
+
+    @property
+    def reader(self) -> Engine:
+        """How its text is read (``agentd.refs``): the engine and Go's options."""
+        return Engine(self.engine, self.left_delimiter, self.right_delimiter,
+                      self.error_on_missing_key, self.env)
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,17 @@ class BundleConfig:
     modes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per file
     on_revoke: str = "keep"                  # keep | remove: the files when an input is revoked
     allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
+    engine: str = "jinja"                    # jinja | go (consul-template's Go templates)
+    left_delimiter: str = "{{"               # Go only
+    right_delimiter: str = "}}"              # Go only
+    error_on_missing_key: bool = True        # Go only: False prints <no value> as Go does
+    env: tuple[str, ...] = ()                # Go only: variables its `env` may read
+
+    @property
+    def reader(self) -> Engine:
+        """How its text is read (``agentd.refs``): the engine and Go's options."""
+        return Engine(self.engine, self.left_delimiter, self.right_delimiter,
+                      self.error_on_missing_key, self.env)
 
 
 @dataclass(frozen=True)
