@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agentd.config import Config, SecretConfig
+from agentd import refs
+from agentd.config import BundleConfig, Config, SecretConfig, TemplateConfig
+from agentd.errors import RenderError
 from agentd.kinds import KINDS
-from agentd.refs import secret_refs
 
 
 def _template_text(contents: str | None, source: Path | None) -> str:
@@ -47,12 +48,20 @@ def schedule(secret: SecretConfig) -> str:
 def entries(config: Config, status: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One dict per declared secret, sorted by name (see the module docstring)."""
     live = (status or {}).get("secrets", {})
+    by_path = {s.path: n for n, s in config.secrets.items()}
+
+    def names(text: str, output: TemplateConfig | BundleConfig) -> set[str]:
+        try:
+            return set(refs.template_refs(text, output.reader, by_path, template="catalog"))
+        except RenderError:
+            return set()        # check-config reports it; the catalog lists what it can
+
     template_refs = [
-        (str(t.destination), set(secret_refs(_template_text(t.contents, t.source))))
+        (str(t.destination), names(_template_text(t.contents, t.source), t))
         for t in config.templates
     ]
     bundle_refs = [
-        (str(b.directory), set().union(*(secret_refs(text) for text in b.files.values())))
+        (str(b.directory), set().union(*(names(text, b) for text in b.files.values())))
         for b in config.bundles
     ]
     out: list[dict[str, Any]] = []

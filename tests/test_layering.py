@@ -231,11 +231,6 @@ def test_layering_rule_holds(rule: Rule) -> None:
     assert rule.check(ROOT) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="agentd/render/worker.py is created by the render/ split (issue 12); until it lands, "
-           "the worker lives in render.py, which imports the cache, config, crypto and trio",
-)
 @pytest.mark.parametrize("rule", WORKER_RULES, ids=lambda r: r.name)
 def test_render_worker_loads_no_cache(rule: Rule) -> None:
     assert rule.check(ROOT) == []

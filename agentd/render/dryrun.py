@@ -16,7 +16,7 @@ from typing import Any
 from agentd.config import Config
 from agentd.errors import AgentdError, RenderError
 from agentd.frozen import thaw
-from agentd.refs import secret_refs
+from agentd.refs import template_refs, upstream_reply
 from agentd.render.files import owner_ids
 from agentd.render.outputs import outputs_of
 from agentd.render.pool import RenderWorker
@@ -72,12 +72,19 @@ async def dry_run(config: Config, fetch: Any) -> list[PlannedChange]:
         for output in outputs_of(config):
             try:
                 texts = output.texts()
+                reader = output.config.reader
+                go = reader.options(output.key) if reader.name == "go" else None
+                by_path = {s.path: n for n, s in config.secrets.items()}
                 data: dict[str, Any] = {}
                 for text in texts.values():
-                    for name in secret_refs(text):
-                        if name not in data:
-                            data[name] = thaw(await fetch(name))
-                rendered = {n: await worker.render(t, data) for n, t in texts.items()}
+                    for name in template_refs(text, reader, by_path, template=output.key):
+                        secret = config.secrets[name]
+                        key = secret.path if go else name
+                        if key not in data:
+                            value = thaw(await fetch(name))
+                            data[key] = upstream_reply(secret.kind, value, version=0) \
+                                if go else value
+                rendered = {n: await worker.render(t, data, go=go) for n, t in texts.items()}
             except (RenderError, AgentdError) as exc:
                 plans.append(PlannedChange(output.key, "error", str(exc)))
                 continue

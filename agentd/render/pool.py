@@ -95,8 +95,20 @@ class RenderWorker:
         del self._buf[:n]
         return out
 
-    async def render(self, text: str, data: Mapping[str, Any]) -> bytes:
-        job = _Job(_frame({"template": text, "secrets": dict(data), "max_bytes": self.max_bytes}))
+    async def render(self, text: str, data: Mapping[str, Any], *,
+                     go: Mapping[str, Any] | None = None) -> bytes:
+        """Render ``text`` with ``data`` in the worker. Jinja2: ``data`` maps secret names to
+        their data. Go (``go`` holds the engine's options, ``refs.Engine.options``): ``data``
+        maps upstream paths to OpenBao-shaped replies (``refs.upstream_reply``).
+
+        Raises:
+            RenderError: the template failed, or the worker timed out (it is then replaced).
+        """
+        request: dict[str, Any] = {"template": text, "secrets": dict(data),
+                                   "max_bytes": self.max_bytes}
+        if go is not None:
+            request["go"] = dict(go)
+        job = _Job(_frame(request))
         self._queue.append(job)
         try:
             async with self._lock:

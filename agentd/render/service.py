@@ -39,7 +39,7 @@ from agentd.cache import Cache
 from agentd.config import BundleConfig, Config, TemplateConfig
 from agentd.errors import RenderError
 from agentd.frozen import thaw
-from agentd.refs import allowed, secret_refs
+from agentd.refs import allowed, template_refs, upstream_reply
 from agentd.render.commands import serve_commands
 from agentd.render.files import DATA_TMP, TMP_MARK, FileWrite, open_dir, remove_version, write_files
 from agentd.render.outputs import Output, Written, output_for, outputs_of
@@ -201,6 +201,7 @@ class Renderer:
         self.worker = worker or RenderWorker()
         self.targets: dict[str, Target] = {}
         self._sources: dict[Path, list[Target]] | None = None     # source file -> targets
+        self._paths: tuple[Config, dict[str, str]] | None = None   # see _by_path
         self._by_ref: dict[str, set[Target]] = {}                 # secret -> targets using it
         self._write_queue: list[_WriteJob] = []
         self._write_lock = trio.Lock()
@@ -262,6 +263,12 @@ class Renderer:
             if not self._pending:
                 return
             await trio.sleep(0.05)
+
+    def _by_path(self) -> dict[str, str]:
+        """Upstream path -> declared secret name, for Go templates' ``secret "path"``."""
+        if self._paths is None or self._paths[0] is not self.config:
+            self._paths = (self.config, {s.path: n for n, s in self.config.secrets.items()})
+        return self._paths[1]
 
     def apply_config(self, config: Config) -> None:
         """Swap targets on reload: unchanged ones keep running, removed ones stop; every
@@ -442,9 +449,11 @@ class Renderer:
             texts = await trio.to_thread.run_sync(target.texts)     # reads a file
         else:
             texts = target.texts()
+        reader = target.config.reader
+        by_path = self._by_path()
         refs: list[str] = []
         for text in texts.values():
-            refs += secret_refs(text)
+            refs += template_refs(text, reader, by_path, template=target.key)
         refs = list(dict.fromkeys(refs))
         allow = target.config.allow
         if allow is None and target.baseline is None:
@@ -462,8 +471,10 @@ class Renderer:
         versions = self._versions(target.refs)
         target.attempted = versions
         data: dict[str, Any] = {}
+        go = reader.name == "go"
         for name in target.refs:
-            if name not in self.config.secrets:
+            secret = self.config.secrets.get(name)
+            if secret is None:
                 raise RenderError(f"{target.key}: refers to undeclared secret {name!r}")
             got = self.cache.get(name)
             if got is None and self.is_revoked(name):
@@ -471,12 +482,18 @@ class Renderer:
             if got is None:
                 raise _Waiting(f"{target.key}: secret {name!r} has no value "
                                "(not fetched yet, or revoked): waiting for it")
-            data[name] = thaw(got.data)
+            if go:          # by upstream path, in OpenBao's reply shape (decision 3)
+                left = None if got.expires_at is None else got.expires_at - time.time()
+                data[secret.path] = upstream_reply(secret.kind, thaw(got.data),
+                                                   version=got.version, expires_in=left)
+            else:
+                data[name] = thaw(got.data)
         target.status.renders += 1
         outputs: dict[str, bytes] = {}
         for name, text in texts.items():
             try:
-                outputs[name] = await self.worker.render(text, data)
+                outputs[name] = await self.worker.render(
+                    text, data, go=reader.options(target.key) if go else None)
             except RenderError as exc:
                 raise RenderError(f"{target.key}: {name}: {exc}") from None
         del data

@@ -75,7 +75,40 @@ def _scrub(message: str, data: Mapping[str, Any]) -> str:
     return message[:MAX_ERROR]
 
 
-def _render_in_worker(env: Any, cache: dict[str, Any], request: Mapping[str, Any]) -> bytes:
+def _render_go(cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
+    """consul-template's Go dialect (``agentd.gotemplate``, standard library only): the same
+    output cap, and the engine's own step budget bounds the time a template can spin."""
+    from agentd import gotemplate
+
+    options: Mapping[str, Any] = request["go"]
+    text: str = request["template"]
+    key = (text, options["name"], options["left"], options["right"], options["missing_key"],
+           tuple(options["env_allow"]))
+    template = cache.get(key)
+    if template is None:
+        if len(cache) > 4096:
+            cache.clear()
+        template = cache[key] = gotemplate.parse(
+            text, name=options["name"], left_delim=options["left"],
+            right_delim=options["right"], env_allow=options["env_allow"],
+            missing_key=options["missing_key"])
+    replies: Mapping[str, Any] = request["secrets"]
+
+    def lookup(path: str, kv_args: Mapping[str, str]) -> Any:
+        # k=v arguments (a pki/issue write) are the declared secret's params: the agent
+        # issued it already; the template reads that value.
+        return replies.get(path)
+
+    limit: int = request["max_bytes"]
+    out = template.execute(lookup, max_output=limit).encode("utf-8", "surrogateescape")
+    if len(out) > limit:
+        raise RenderError(f"output larger than {limit} bytes")
+    return out
+
+
+def _render_in_worker(env: Any, cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
+    if "go" in request:
+        return _render_go(cache, request)
     data: Mapping[str, Any] = request["secrets"]
     frozen = {name: freeze(value) for name, value in data.items()}
 
