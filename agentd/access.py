@@ -201,22 +201,33 @@ class Peer:
         Read through the ``/proc/PID`` directory fd held since accept (and the pidfd, if any):
         False when that process has exited (even if its pid now names another process), is a
         zombie, has another effective uid or gid than at accept, or runs another file (it
-        called ``execve``); without a pidfd, also when the start time differs. Never blocks (a
-        few small /proc reads: ``status``, ``stat`` without a pidfd, and a ``stat()`` of
-        ``exe``).
+        called ``execve``); without a pidfd, also when the start time differs. Never blocks:
+        with a pidfd, a poll of it and one ``stat()`` of ``exe`` (a few microseconds: this runs
+        before every batch of replies); without one, ``status`` and ``stat`` read too.
         """
         dirfd = self.procfd
         if dirfd is None:
             return False
-        if self.pidfd is not None and not _pidfd_alive(self.pidfd):
-            return False
+        if self.pidfd is not None:
+            # A pidfd names this one process for good: its pid cannot be reused under it and
+            # it reads as exited once the process is a zombie. What is left to see is an exec
+            # (one stat). Its credentials can only have been dropped since connect (a setuid
+            # exec changes the running file too), so the status read is for the no-pidfd path.
+            if not _pidfd_alive(self.pidfd):
+                return False
+            try:
+                return FileId.of(os.stat("exe", dir_fd=dirfd)) == self.exe_id
+            except (FileNotFoundError, PermissionError):
+                return self.exe_id is None
+            except OSError:
+                return False
         try:
-            now = _observe(dirfd, with_start_time=self.pidfd is None)
+            now = _observe(dirfd, with_start_time=True)
         except OSError:
             return False
         return (
             now.alive_as(self.uid, self.gid)
-            and (self.pidfd is not None or now.start_time == self.start_time)
+            and now.start_time == self.start_time
             and now.exe_id == self.exe_id
         )
 
