@@ -124,6 +124,10 @@ class Peer:
     proc: Path = field(default=PROC, repr=False, compare=False)
     pidfd: int | None = field(default=None, repr=False, compare=False)
     procfd: int | None = field(default=None, repr=False, compare=False)   # /proc/PID dir
+    # Whether this peer's grants depend on the file it runs (a matching rule names exe or
+    # exe_sha256): only then must an exec after accept be looked for before each reply.
+    # ``grants`` sets it; True until then.
+    exe_bound: bool = field(default=True, repr=False, compare=False)
 
     @classmethod
     def from_socket(
@@ -215,6 +219,8 @@ class Peer:
             # exec changes the running file too), so the status read is for the no-pidfd path.
             if not _pidfd_alive(self.pidfd):
                 return False
+            if not self.exe_bound:
+                return True
             try:
                 return FileId.of(os.stat("exe", dir_fd=dirfd)) == self.exe_id
             except (FileNotFoundError, PermissionError):
@@ -741,12 +747,18 @@ def rule_matches(
 def grants(
     policies: Iterable[PolicyConfig], peer: Peer, *, exe_paths: ExePaths | None = None
 ) -> Grants:
+    """What ``peer`` may read: the union of the rules that match it. Notes on the peer whether
+    any of them names its executable (``Peer.exe_bound``: then an exec is looked for before
+    each reply)."""
     patterns: list[str] = []
     admin = False
     names: list[str] = []
+    exe_bound = False
     for rule in policies:
         if rule_matches(rule, peer, exe_paths=exe_paths):
             patterns.extend(rule.allow)
             admin = admin or rule.admin
             names.append(rule.name)
+            exe_bound = exe_bound or bool(rule.exe or rule.exe_sha256)
+    object.__setattr__(peer, "exe_bound", exe_bound)
     return Grants(patterns=tuple(dict.fromkeys(patterns)), admin=admin, rules=tuple(names))
