@@ -11,7 +11,7 @@ the call), then returns an iterator of ``Event``; the connection is given over t
 
 Connecting retries while the agent's listen queue is full: an AF_UNIX ``connect()`` then fails
 at once with ``EAGAIN`` (a connect storm by another process can cause it). Both clients try again
-after a short, growing, jittered pause (5 ms doubling to 250 ms) for at most
+after a short, growing, jittered pause (5 ms doubling to 50 ms) for at most
 ``CONNECT_RETRY_SECONDS`` in all (and never past ``Client.connect``'s ``timeout``), logging each
 retry at debug level on the ``agentd.client`` logger, then raise ``ClientError``. Every other
 connect error is raised at once.
@@ -56,7 +56,7 @@ DEFAULT_SOCKET: Final = "/run/agentd/agentd.sock"
 RECEIVE_SIZE: Final = 65536
 CONNECT_RETRY_SECONDS: Final = 2.0     # retrying a full listen queue, at most this long
 _FIRST_DELAY: Final = 0.005
-_MAX_DELAY: Final = 0.25
+_MAX_DELAY: Final = 0.05
 
 log = logging.getLogger("agentd.client")
 

@@ -5,7 +5,8 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
 
 1. is admitted by the accept loop (``serve_listener``), which accepts until the backlog is empty
    and, from ``SO_PEERCRED`` alone, closes a connection over the global or per-uid connection
-   cap at once (a ``rate_limited`` reply with id nil, written without waiting); an admitted one
+   cap, or over its uid's connect rate (a bucket of its own, with the request rate and burst),
+   at once (a ``rate_limited`` reply with id nil, written without waiting); an admitted one
    then takes the peer's full identity once (``SO_PEERCRED`` + /proc, see access.py);
 2. feeds received bytes to a ``protocol.ServerConnection`` and handles its events in order, so
    pipelined requests are answered in order; the replies to the frames one read brought go out
@@ -92,7 +93,7 @@ log = logging.getLogger("agentd.server")
 RECEIVE_SIZE = 65536
 MAX_BATCH = 64          # replies to pipelined requests sent before other connections get a turn
 LISTEN_BACKLOG = 4096   # connections queued by the kernel (capped by net.core.somaxconn)
-ACCEPT_BATCH = 512      # connections accepted in one turn before other tasks run
+ACCEPT_BATCH = 64       # connections accepted in one turn before other tasks run
 # accept() errors that mean "out of a resource": pause accepting, do not end the server
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_PAUSE = 0.1      # seconds accepting pauses after one of those
@@ -176,6 +177,18 @@ class _Budget:
     def idle(self, burst: float) -> bool:
         """True if the bucket is full and nobody waits: it carries no state."""
         return self.tokens >= burst and not self.queue.locked()
+
+
+def _budget(budgets: dict[int, _Budget], uid: int, burst: float) -> _Budget:
+    """``uid``'s budget in ``budgets``, made full the first time. Past ``MAX_BUDGETS`` uids, the
+    ones that carry no state (full, nobody queued) are forgotten to bound the table."""
+    budget = budgets.get(uid)
+    if budget is None:
+        if len(budgets) >= MAX_BUDGETS:
+            for key in [k for k, b in budgets.items() if b.idle(burst)]:
+                del budgets[key]
+        budget = budgets[uid] = _Budget(burst, trio.current_time())
+    return budget
 
 
 class _Warnings:
@@ -310,6 +323,7 @@ class Server:
         self._per_uid: Counter[int] = Counter()
         self._watchers: Counter[int] = Counter()
         self._budgets: dict[int, _Budget] = {}
+        self._connect_budgets: dict[int, _Budget] = {}   # connects, same rate and burst
         self._warnings = _Warnings()
         self.refused_connections = 0
         self.requests = 0
@@ -370,9 +384,12 @@ class Server:
                                 error=str(exc))
             return None
         agent = self.config.agent
+        rate = float(agent.requests_per_second_per_uid)
+        burst = float(agent.request_burst_per_uid)
         if (
             self._connections >= agent.max_connections
             or self._per_uid[uid] >= agent.max_connections_per_uid
+            or not _budget(self._connect_budgets, uid, burst).take(rate, burst)
         ):
             self.refused_connections += 1
             self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
@@ -463,7 +480,7 @@ class Server:
         got = False                     # a frame came out since the last receive
         granted: tuple[Config, Grants] | None = None
         while True:
-            if conn.event_ready and not self._budget(uid, burst).take(rate, burst):
+            if conn.event_ready and not _budget(self._budgets, uid, burst).take(rate, burst):
                 # The token comes before parsing, the pid check and any log or audit line.
                 if out and not await self._flush(stream, fd, out, scope):
                     return
@@ -614,17 +631,6 @@ class Server:
                            exe=peer.exe, start_time=peer.start_time)
         return False
 
-    def _budget(self, uid: int, burst: float) -> _Budget:
-        """``uid``'s budget, made full the first time. Past ``MAX_BUDGETS`` uids, the ones that
-        carry no state (full, nobody queued) are forgotten to bound the table."""
-        budget = self._budgets.get(uid)
-        if budget is None:
-            if len(self._budgets) >= MAX_BUDGETS:
-                for key in [k for k, b in self._budgets.items() if b.idle(burst)]:
-                    del self._budgets[key]
-            budget = self._budgets[uid] = _Budget(burst, trio.current_time())
-        return budget
-
     async def _throttle(
         self, fd: int, peer: Peer, scope: trio.CancelScope, wait: _Wait, rate: float,
         burst: float,
@@ -638,7 +644,7 @@ class Server:
             wait.throttled_since = now
         scope.deadline = math.inf
         with trio.move_on_at(wait.throttled_since + self.config.agent.frame_timeout):
-            await self._budget(peer.uid, burst).wait(rate, burst)
+            await _budget(self._budgets, peer.uid, burst).wait(rate, burst)
             return True
         self.flood_closed += 1
         self._warnings.warn(peer.uid, "flooding",

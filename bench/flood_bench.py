@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         role_id, secret_id = bao.approle("agentd-bench", policies=["agentd-bench"],
                                          token_ttl="1h")
         bao.kv_put("bench/db", {"username": "app", "password": secrets.token_urlsafe(18)})
+        (work / "agent").mkdir(mode=0o700)
         files = write_agent_files(work / "agent", address=bao.address, role_id=role_id,
                                   secret_id=secret_id, secrets_={SECRET: "secret/data/bench/db"},
                                   refresh="300s")

@@ -97,7 +97,7 @@ async def root_reads(path: Path, count: int) -> int:
 
 # --- item 2: a pipeline over the rate is not read, and closed if it keeps going ---------------
 
-flooded = agent_with('requests_per_second_per_uid = 20\nrequest_burst_per_uid = 40\n'
+flooded = agent_with('requests_per_second_per_uid = 20\nrequest_burst_per_uid = 80\n'
                      'frame_timeout = "1s"')
 
 
@@ -416,7 +416,8 @@ async def test_the_async_client_retries_a_full_listen_queue(
 
 # --- item 8: refusals cost bounded log and audit lines --------------------------------------
 
-quick_exit = agent_with("", audit_flush="1h")
+quick_exit = agent_with("requests_per_second_per_uid = 1000\nrequest_burst_per_uid = 1000",
+                        audit_flush="1h")
 
 
 async def test_a_fork_connect_exit_loop_costs_one_audit_line(quick_exit: RunningAgent) -> None:
