@@ -10,6 +10,15 @@ second. Past ``max_pending`` distinct keys between two flushes, new keys are cou
 ``dropped`` (metric, and one ``"decision": "dropped"`` line at the next flush) instead of growing
 memory without bound.
 
+A peer must not be able to flood the stream (issue 13, item 8). Refusals of a peer
+(``COALESCED_BY_UID``: ``rate_limited``, ``pid_reused``, ``no_identity``) are keyed by socket, op,
+decision and uid only, so a fork/connect/exit loop or a flood costs one line per uid and flush:
+its pid, exe, unit and name are those of the first record of the group, ``count`` says how many
+there were. String fields (exe, unit, name) are cut to ``MAX_FIELD_CHARS`` (head and tail kept,
+``...`` between). A uid has at most ``MAX_KEYS_PER_UID`` distinct keys of decisions other than
+``allow`` pending between two flushes (a peer asking for a new made-up name each time); past
+that its records are counted as ``dropped`` like the ones over ``max_pending``.
+
 Lines never carry a secret value (``record()`` has no argument for one). Keys are sorted::
 
     {"count":3,"decision":"allow","exe":"/usr/bin/app","name":"db","op":"get","pid":42,
@@ -51,10 +60,14 @@ log = logging.getLogger(__name__)
 JOURNAL = "journal"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"  # read at each flush (tests patch it)
 MAX_PENDING = 10_000
+MAX_KEYS_PER_UID = 256     # distinct keys of non-allow decisions per uid between two flushes
+MAX_FIELD_CHARS = 256      # exe, unit and name are cut to this many characters
+COALESCED_BY_UID = frozenset({"rate_limited", "pid_reused", "no_identity"})
 FINAL_FLUSH_TIMEOUT = 5.0  # seconds a flush at shutdown may take before lines are given up
 
-# (socket, op, decision, pid, start_time, uid, exe, unit, name, version, stale)
-_Key = tuple[str, str, str, int, int | None, int, str | None, str | None, str | None,
+# (socket, op, decision, pid, start_time, uid, exe, unit, name, version, stale); pid is None in
+# the key of a group coalesced by uid
+_Key = tuple[str, str, str, int | None, int | None, int, str | None, str | None, str | None,
              int | None, bool | None]
 
 
@@ -67,11 +80,22 @@ class AuditStatistics:
 
 
 class _Group:
-    __slots__ = ("count", "first")
+    """Records under one key: when the first came, how many, and the first one's fields."""
 
-    def __init__(self, first: float) -> None:
+    __slots__ = ("count", "first", "sample")
+
+    def __init__(self, first: float, sample: _Key) -> None:
         self.first = first
+        self.sample = sample
         self.count = 0
+
+
+def _cap(text: str | None) -> str | None:
+    """``text`` cut to ``MAX_FIELD_CHARS``, keeping its head and tail."""
+    if text is None or len(text) <= MAX_FIELD_CHARS:
+        return text
+    half = (MAX_FIELD_CHARS - 3) // 2
+    return text[:half] + "..." + text[-half:]
 
 
 class _Sink(Protocol):
@@ -236,6 +260,7 @@ class Audit:
         else:
             raise ValueError("audit path must be absolute, 'journal', or None")
         self._pending: dict[_Key, _Group] = {}
+        self._per_uid: dict[int, int] = {}     # non-allow keys pending, by uid
         self._dropped_pending = 0
         self._dropped_first = 0.0
         self._records = 0
@@ -263,17 +288,24 @@ class Audit:
             return
         try:
             self._records += 1
-            key: _Key = (socket, op, decision, pid, start_time, uid, exe, unit, name, version,
-                         stale)
+            sample: _Key = (socket, op, decision, pid, start_time, uid, _cap(exe), _cap(unit),
+                            _cap(name), version, stale)
+            key = sample
+            if decision in COALESCED_BY_UID:
+                key = (socket, op, decision, None, None, uid, None, None, None, None, None)
             group = self._pending.get(key)
             if group is None:
-                if len(self._pending) >= self._max_pending:
+                per_uid = self._per_uid.get(uid, 0) if decision != "allow" else 0
+                if (len(self._pending) >= self._max_pending
+                        or per_uid >= MAX_KEYS_PER_UID):
                     if self._dropped_pending == 0:
                         self._dropped_first = self._clock()
                     self._dropped_pending += 1
                     self._dropped += 1
                     return
-                group = self._pending[key] = _Group(self._clock())
+                if decision != "allow":
+                    self._per_uid[uid] = per_uid + 1
+                group = self._pending[key] = _Group(self._clock(), sample)
             group.count += 1
         except Exception:
             log.exception("audit record failed")
@@ -319,21 +351,23 @@ class Audit:
     def _take(self) -> list[str]:
         """Swap out the pending table and format it (trio thread: no lock needed)."""
         pending, self._pending = self._pending, {}
-        lines = [self._line(key, group) for key, group in pending.items()]
+        self._per_uid = {}
+        lines = [self._line(group) for group in pending.values()]
         if self._dropped_pending:
             line: dict[str, Any] = dict.fromkeys(
                 ("socket", "pid", "uid", "unit", "exe", "name", "version", "stale"))
             line.update(time=_iso(self._dropped_first), op="audit", decision="dropped",
                         count=self._dropped_pending)
             lines.append(json.dumps(line, sort_keys=True, separators=(",", ":")))
-            log.warning("audit dropped %d records: more than %d distinct keys pending",
-                        self._dropped_pending, self._max_pending)
+            log.warning("audit dropped %d records: more than %d distinct keys pending, or "
+                        "more than %d for one uid", self._dropped_pending, self._max_pending,
+                        MAX_KEYS_PER_UID)
             self._dropped_pending = 0
         return lines
 
     @staticmethod
-    def _line(key: _Key, group: _Group) -> str:
-        sock, op, decision, pid, _start_time, uid, exe, unit, name, version, stale = key
+    def _line(group: _Group) -> str:
+        sock, op, decision, pid, _start_time, uid, exe, unit, name, version, stale = group.sample
         obj = {"time": _iso(group.first), "socket": sock, "op": op, "decision": decision,
                "pid": pid, "uid": uid, "unit": unit, "exe": exe, "name": name,
                "version": version, "stale": stale, "count": group.count}

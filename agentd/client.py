@@ -9,14 +9,25 @@ with the connection itself (no socket, EOF, garbage, timeout) as ``ClientError``
 ``watch(names)`` sends the request and checks its reply at once (so ``Forbidden`` is raised by
 the call), then returns an iterator of ``Event``; the connection is given over to that stream.
 
+Connecting retries while the agent's listen queue is full: an AF_UNIX ``connect()`` then fails
+at once with ``EAGAIN`` (a connect storm by another process can cause it). Both clients try again
+after a short, growing, jittered pause (5 ms doubling to 50 ms) for at most
+``CONNECT_RETRY_SECONDS`` in all (and never past ``Client.connect``'s ``timeout``), logging each
+retry at debug level on the ``agentd.client`` logger, then raise ``ClientError``. Every other
+connect error is raised at once.
+
 ``resolve_socket_path()`` implements the CLI's rule for finding the socket.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import random
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -43,6 +54,31 @@ __all__ = [
 
 DEFAULT_SOCKET: Final = "/run/agentd/agentd.sock"
 RECEIVE_SIZE: Final = 65536
+CONNECT_RETRY_SECONDS: Final = 2.0     # retrying a full listen queue, at most this long
+_FIRST_DELAY: Final = 0.005
+_MAX_DELAY: Final = 0.05
+
+log = logging.getLogger("agentd.client")
+
+
+def _queue_full(exc: OSError) -> bool:
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def _retry_delay(attempt: int, left: float) -> float | None:
+    """The pause before connect attempt ``attempt + 1`` (``left`` seconds of the retry budget
+    remain), or None: give up."""
+    if left <= 0:
+        return None
+    delay = min(_MAX_DELAY, _FIRST_DELAY * 2.0 ** min(attempt - 1, 16))
+    return min(left, delay * (0.5 + random.random() / 2))
+
+
+def _full_error(where: str, attempts: int, waited: float, exc: OSError) -> ClientError:
+    error = ClientError(f"cannot connect to agentd at {where}: its connection queue stayed full "
+                        f"({attempts} attempts over {waited:.1f} s)")
+    error.__cause__ = exc
+    return error
 
 
 def resolve_socket_path(
@@ -133,14 +169,29 @@ class Client:
             ClientError: the socket is missing, refuses the connection or does not answer.
         """
         where = os.fspath(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(where)
-        except OSError as exc:
-            sock.close()
-            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
-        return cls(sock, where)
+        start = time.monotonic()
+        budget = min(CONNECT_RETRY_SECONDS, timeout)
+        attempts = 0
+        while True:
+            attempts += 1
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(where)
+            except OSError as exc:
+                sock.close()
+                if not _queue_full(exc):
+                    raise ClientError(
+                        f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+                waited = time.monotonic() - start
+                delay = _retry_delay(attempts, budget - waited)
+                if delay is None:
+                    raise _full_error(where, attempts, waited, exc) from exc
+                log.debug("agentd's connection queue is full; retrying in %.3f s", delay,
+                          extra={"attempt": attempts})
+                time.sleep(delay)
+                continue
+            return cls(sock, where)
 
     def __enter__(self) -> Client:
         return self
@@ -404,8 +455,39 @@ async def open_client(path: str | os.PathLike[str]) -> AsyncClient:
         ClientError: the socket is missing or refuses the connection.
     """
     where = os.fspath(path)
+    start = trio.current_time()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            stream = await _open_unix_stream(where)
+        except OSError as exc:
+            if not _queue_full(exc):
+                raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+            waited = trio.current_time() - start
+            delay = _retry_delay(attempts, CONNECT_RETRY_SECONDS - waited)
+            if delay is None:
+                raise _full_error(where, attempts, waited, exc) from exc
+            log.debug("agentd's connection queue is full; retrying in %.3f s", delay,
+                      extra={"attempt": attempts})
+            await trio.sleep(delay)
+            continue
+        return AsyncClient(stream, where)
+
+
+async def _open_unix_stream(where: str) -> trio.SocketStream:
+    """Connect to ``where``. Not ``trio.open_unix_socket``: on a full listen queue it returns an
+    unconnected socket (it takes ``EAGAIN`` for a connect in progress) instead of raising.
+
+    Raises:
+        OSError: the connect failed; ``EAGAIN``: the listen queue is full.
+    """
+    await trio.lowlevel.checkpoint()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        stream = await trio.open_unix_socket(where)
-    except OSError as exc:
-        raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
-    return AsyncClient(stream, where)
+        sock.setblocking(False)
+        sock.connect(where)     # AF_UNIX: connected at once, or an error (EAGAIN included)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

@@ -333,6 +333,19 @@ class ServerConnection:
         """True if bytes of a frame are buffered but the frame is not complete yet."""
         return not self._broken and len(self._buffer) > 0 and not self._buffer.has_frame()
 
+    @property
+    def event_ready(self) -> bool:
+        """True if ``next_event()`` would return a ``Request`` or ``Rejected`` (a whole frame,
+        or a header that is a framing error, is buffered): the shell takes the peer's rate
+        token before it lets the frame be parsed."""
+        if self._broken:
+            return False
+        buffer = self._buffer
+        length = buffer.length()
+        if length is None:
+            return False
+        return length > self.max_request_bytes or length == 0 or buffer.complete(length)
+
     def next_event(self) -> Request | Rejected | NeedData | Closed:
         """The next event from the buffered bytes. Never raises."""
         if self._broken:

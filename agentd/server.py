@@ -3,8 +3,11 @@
 Theory of operation: ``serve`` accepts connections on an already-listening AF_UNIX socket (bound by
 ``open_listener`` or passed by systemd). Each connection gets its own task that
 
-1. takes the peer's identity once (``SO_PEERCRED`` + /proc, see access.py) and refuses the
-   connection when the global or per-uid connection cap is reached;
+1. is admitted by the accept loop (``serve_listener``), which accepts until the backlog is empty
+   and, from ``SO_PEERCRED`` alone, closes a connection over the global or per-uid connection
+   cap, or over its uid's connect rate (a bucket of its own, with the request rate and burst),
+   at once (a ``rate_limited`` reply with id nil, written without waiting); an admitted one
+   then takes the peer's full identity once (``SO_PEERCRED`` + /proc, see access.py);
 2. feeds received bytes to a ``protocol.ServerConnection`` and handles its events in order, so
    pipelined requests are answered in order; the replies to the frames one read brought go out
    in one write (at most ``MAX_BATCH`` before other connections get a turn);
@@ -12,20 +15,30 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
    ``refresh``'s), re-checks that the pid still names the process identified at accept; if not,
    the connection is closed without an answer (pid reuse). Between the check and the write of
    those replies there is no scheduling point;
-3a. takes a token from the peer uid's bucket for each request (``requests_per_second_per_uid``,
-   ``request_burst_per_uid``); a request over the rate is answered ``rate_limited``, so a flood
-   from one uid costs that uid its answers and leaves other uids served;
+3a. takes a token from the peer uid's bucket (``requests_per_second_per_uid``,
+   ``request_burst_per_uid``) for each frame *before* it is parsed, checked or logged. When the
+   bucket is empty the connection sends the replies it has, then waits in its uid's queue
+   (first come, first served: a uid's connections take turns) and reads nothing meanwhile, so
+   the kernel's buffers fill and the client blocks (backpressure): a flood costs the agent no
+   more than the uid's rate. A connection still sending over the rate ``frame_timeout`` after it
+   first had to wait (it never caught up: its socket was never found empty) is flooding: it gets
+   a ``rate_limited`` reply with id nil, written without waiting, and is closed;
 3b. after a successful ``watch``, gives the connection over to that watch: it compares the
    watched names' versions with what the client last heard of each time ``cache.changes``
    moves (so events are never lost to the cell skipping a value, and at most one event per name
    is pending), sends ``changed``/``revoked`` events, reads nothing but EOF, and drops a watcher
    that does not take an event within ``frame_timeout``;
-4. closes the connection when a frame is not completed within ``frame_timeout``, when it is idle
-   for ``idle_timeout``, when a reply cannot be sent within ``frame_timeout`` (a client that does
-   not read), or after a framing error (whose reply carries ``id`` nil).
+4. closes the connection when a frame is not completed within ``frame_timeout`` of its first
+   byte, when ``idle_timeout`` passes after the last complete request (neither is moved by
+   bytes that arrive meanwhile), when a reply cannot be sent within ``frame_timeout`` (a
+   client that does not read), or after a framing error (whose reply carries ``id`` nil).
 
 A handler catches its own errors: one bad client can never take the server down. Every decision on
-a secret is written to the audit stream.
+a secret is written to the audit stream. Warnings about refused peers (over a cap, flooding, pid
+reused, no identity) are logged at most once per ``WARN_INTERVAL`` per uid and kind, with the
+count of those left out (``statistics()["warnings_suppressed"]``); the audit stream coalesces
+them by uid and decision (see audit.py). Error messages never echo a request's argument values
+(names included): the client knows what it asked.
 
 The read path is the hot path (issue #8: a cached ``get`` costs the agent about 20 µs of CPU),
 and these choices come from profiling it: a reply is written at once with ``os.write`` on the
@@ -40,11 +53,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import os
 import socket
 import stat
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -77,6 +92,20 @@ log = logging.getLogger("agentd.server")
 
 RECEIVE_SIZE = 65536
 MAX_BATCH = 64          # replies to pipelined requests sent before other connections get a turn
+LISTEN_BACKLOG = 4096   # connections queued by the kernel (capped by net.core.somaxconn)
+ACCEPT_BATCH = 64       # connections accepted in one turn before other tasks run
+# accept() errors that mean "out of a resource": pause accepting, do not end the server
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 0.1      # seconds accepting pauses after one of those
+WARN_INTERVAL = 10.0    # seconds between two warnings of one kind about one uid
+MAX_BUDGETS = 4096      # per-uid buckets kept before full ones are forgotten
+_UCRED = struct.Struct("3i")
+
+Handler = Callable[[trio.socket.SocketType], Awaitable[None]]
+_TOO_MANY_CONNECTIONS = protocol.ServerConnection().send_error(
+    None, RateLimited("too many connections"))
+_FLOODING = protocol.ServerConnection().send_error(
+    None, RateLimited("requests kept coming over this uid's rate; closing"))
 
 
 def _write_now(fd: int, data: bytes) -> int | None:
@@ -92,18 +121,102 @@ def _write_now(fd: int, data: bytes) -> int | None:
 
 
 class _Wait:
-    """The wait for bytes in progress on one connection (see ``Server._converse``)."""
+    """The clocks of one connection (see ``Server._converse``), in trio time."""
 
-    __slots__ = ("deadline", "resume", "waiting")
+    __slots__ = ("deadline", "frame_since", "idle_since", "read_at", "throttled_since",
+                 "waiting")
+
+    def __init__(self, now: float) -> None:
+        self.deadline = math.inf    # when the wait for bytes in progress is due
+        self.waiting = False        # True while waiting for bytes
+        self.read_at = now          # when the last bytes were read
+        self.idle_since = now       # when the last complete request came in (or the connect)
+        self.frame_since: float | None = None       # first byte of the partial frame
+        self.throttled_since: float | None = None   # first wait for a token, not caught up
+
+
+class _Budget:
+    """One uid's request budget: a token bucket, and a fair queue for its connections.
+
+    A connection takes a token at once only when the bucket has one and no connection of the
+    uid is queued; otherwise it queues (``trio.Lock`` is fair: first come, first served), so
+    a uid's connections are served in turn and a newcomer cannot jump the queue.
+    """
+
+    __slots__ = ("at", "queue", "tokens")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.at = now
+        self.queue = trio.Lock()
+
+    def _refill(self, rate: float, burst: float) -> float:
+        now = trio.current_time()
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        return now
+
+    def take(self, rate: float, burst: float) -> bool:
+        """Take a token now if there is one and nobody is queued. Sync, never blocks."""
+        self._refill(rate, burst)
+        if self.tokens < 1.0 or self.queue.locked():
+            return False
+        self.tokens -= 1.0
+        return True
+
+    async def wait(self, rate: float, burst: float) -> None:
+        """Queue behind the uid's other waiting connections, then take a token."""
+        async with self.queue:
+            while True:
+                now = self._refill(rate, burst)
+                if self.tokens >= 1.0:
+                    self.tokens -= 1.0
+                    return
+                await trio.sleep_until(now + (1.0 - self.tokens) / rate)
+
+    def idle(self, burst: float) -> bool:
+        """True if the bucket is full and nobody waits: it carries no state."""
+        return self.tokens >= burst and not self.queue.locked()
+
+
+def _budget(budgets: dict[int, _Budget], uid: int, burst: float) -> _Budget:
+    """``uid``'s budget in ``budgets``, made full the first time. Past ``MAX_BUDGETS`` uids, the
+    ones that carry no state (full, nobody queued) are forgotten to bound the table."""
+    budget = budgets.get(uid)
+    if budget is None:
+        if len(budgets) >= MAX_BUDGETS:
+            for key in [k for k, b in budgets.items() if b.idle(burst)]:
+                del budgets[key]
+        budget = budgets[uid] = _Budget(burst, trio.current_time())
+    return budget
+
+
+class _Warnings:
+    """Warnings about refused peers, at most one per ``WARN_INTERVAL`` per (uid, kind); the
+    ones left out are counted and their number is carried by the next one logged."""
 
     def __init__(self) -> None:
-        self.deadline = math.inf    # when the wait in progress is due
-        self.waiting = False        # True while waiting for bytes
-        self.resume = False         # the next wait goes on with ``deadline`` (cut short)
+        self._last: dict[tuple[int | None, str], float] = {}
+        self._left_out: Counter[tuple[int | None, str]] = Counter()
+        self.suppressed = 0
+
+    def warn(self, uid: int | None, kind: str, message: str, **extra: Any) -> None:
+        key = (uid, kind)
+        now = trio.current_time()
+        last = self._last.get(key)
+        if last is not None and now - last < WARN_INTERVAL:
+            self._left_out[key] += 1
+            self.suppressed += 1
+            return
+        if len(self._last) >= MAX_BUDGETS:
+            self._last = {k: t for k, t in self._last.items() if now - t < WARN_INTERVAL}
+        self._last[key] = now
+        log.warning(message, extra={"uid": uid, "suppressed": self._left_out.pop(key, 0),
+                                    **extra})
 
 
 def open_listener(
-    path: Path, *, mode: int, group: int | None, backlog: int = 128
+    path: Path, *, mode: int, group: int | None, backlog: int = LISTEN_BACKLOG
 ) -> socket.socket:
     """Bind and listen on ``path`` with its final mode and group set before ``listen``.
 
@@ -139,28 +252,51 @@ def open_listener(
 
 async def serve_listener(
     listener: socket.socket,
-    handle: Callable[[trio.socket.SocketType], Awaitable[None]],
+    handle: Handler | None,
     *,
+    admit: Callable[[socket.socket], Handler | None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listener`` until cancelled, one ``handle(conn)`` task per connection.
 
-    Running out of descriptors or memory pauses accepting briefly instead of ending the server;
-    ``handle`` must catch its own errors. Does not close ``listener``.
+    Each turn accepts until the kernel's queue is empty (``EAGAIN``), at most ``ACCEPT_BATCH``
+    at a time, so a connect storm cannot keep the backlog full and make other clients' connects
+    fail. ``admit(sock)``, if given, is called on each new socket before any task exists for
+    it: it returns the handler to run, or None to have the socket closed at once (a connection
+    over a cap costs one accept, one ``getsockopt`` and one close). This is why this is not
+    ``trio.serve_listeners``: its loop accepts one connection per iteration, with a checkpoint
+    each, and starts a task for every connection before anything can refuse it.
+
+    Resource handling: ``listener`` is made non-blocking and is not closed. Error handling:
+    running out of descriptors or memory (``ACCEPT_CAPACITY_ERRNOS``) pauses accepting for
+    ``ACCEPT_PAUSE`` instead of ending the server; ``ECONNABORTED`` is skipped; any other accept
+    error is raised. ``admit`` and the handlers must catch their own errors.
     """
-    sock = trio.socket.from_stdlib_socket(listener)
+    if (handle is None) == (admit is None):
+        raise TypeError("serve_listener takes one of handle and admit")
+    listener.setblocking(False)
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            try:
-                conn, _ = await sock.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed, pausing", extra={"error": str(exc)})
-                    await trio.sleep(0.1)
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.ECONNABORTED:
+                        continue
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        log.error("accept failed, pausing", extra={"error": str(exc)})
+                        await trio.sleep(ACCEPT_PAUSE)
+                        break
+                    raise
+                handler = handle if admit is None else admit(sock)
+                if handler is None:
+                    sock.close()
                     continue
-                raise
-            nursery.start_soon(handle, conn)
+                nursery.start_soon(handler, trio.socket.from_stdlib_socket(sock))
 
 
 class Server:
@@ -186,15 +322,19 @@ class Server:
         self._connections = 0
         self._per_uid: Counter[int] = Counter()
         self._watchers: Counter[int] = Counter()
-        self._buckets: dict[int, list[float]] = {}      # uid -> [tokens, trio time of update]
+        self._budgets: dict[int, _Budget] = {}
+        self._connect_budgets: dict[int, _Budget] = {}   # connects, same rate and burst
+        self._warnings = _Warnings()
         self.refused_connections = 0
         self.requests = 0
         self.requests_by_op: Counter[str] = Counter()            # for metrics
         self.decisions: Counter[tuple[str, str]] = Counter()     # (op, decision), for metrics
         # (op, policy) of every deny: the policies that matched the peer, "none" if none did
         self.denials: Counter[tuple[str, str]] = Counter()
-        self.rate_limited = 0
+        self.rate_limited = 0       # frames that had to wait for their uid's token
+        self.flood_closed = 0       # connections closed for sending over their rate too long
         self.pid_reused = 0
+        self.no_identity = 0
         # How a connection's peer is identified; tests swap it (fake proc root, no pidfd).
         self.identify: Callable[[socket.socket], Peer] = Peer.from_socket
         self.exe_hasher = ExeHasher()
@@ -215,8 +355,11 @@ class Server:
             "refused_connections": self.refused_connections,
             "requests": self.requests,
             "rate_limited": self.rate_limited,
+            "flood_closed": self.flood_closed,
             "watchers": sum(self._watchers.values()),
             "pid_reused": self.pid_reused,
+            "no_identity": self.no_identity,
+            "warnings_suppressed": self._warnings.suppressed,
         }
 
     async def serve(
@@ -226,35 +369,50 @@ class Server:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections on ``listener`` until cancelled. Does not close ``listener``."""
-        await serve_listener(listener, self._handle, task_status=task_status)
+        await serve_listener(listener, None, admit=self._admit, task_status=task_status)
 
-    async def _handle(self, conn: trio.socket.SocketType) -> None:
+    def _admit(self, sock: socket.socket) -> Handler | None:
+        """Admit a new connection or refuse it at once, from ``SO_PEERCRED`` alone (no /proc):
+        over a connection cap, it gets ``rate_limited`` (id nil) if the write does not block
+        and is closed. Counts the admitted connection; its handler uncounts it."""
+        try:
+            pid, uid, _gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        except OSError as exc:
+            self.no_identity += 1
+            self._warnings.warn(None, "no_identity", "no peer credentials; closing",
+                                error=str(exc))
+            return None
+        agent = self.config.agent
+        rate = float(agent.requests_per_second_per_uid)
+        burst = float(agent.request_burst_per_uid)
+        if (
+            self._connections >= agent.max_connections
+            or self._per_uid[uid] >= agent.max_connections_per_uid
+            or not _budget(self._connect_budgets, uid, burst).take(rate, burst)
+        ):
+            self.refused_connections += 1
+            self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
+            self._warnings.warn(uid, "connections", "too many connections; refusing",
+                                pid=pid, connections=self._per_uid[uid])
+            with contextlib.suppress(OSError):
+                sock.send(_TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
+            return None
+        self._connections += 1
+        self._per_uid[uid] += 1
+        return functools.partial(self._handle, uid=uid)
+
+    async def _handle(self, conn: trio.socket.SocketType, *, uid: int) -> None:
         stream = trio.SocketStream(conn)
-        uid: int | None = None
         peer: Peer | None = None
         try:
             try:
                 peer = self.identify(conn)  # type: ignore[arg-type]
             except OSError as exc:
-                log.warning("no peer credentials", extra={"error": str(exc)})
+                self.no_identity += 1
+                self._warnings.warn(uid, "no_identity", "no peer identity; closing",
+                                    error=str(exc))
                 return
-            agent = self.config.agent
-            if (
-                self._connections >= agent.max_connections
-                or self._per_uid[peer.uid] >= agent.max_connections_per_uid
-            ):
-                self.refused_connections += 1
-                self._audit.record(op="connect", decision="rate_limited", pid=peer.pid,
-                                   uid=peer.uid, exe=peer.exe, start_time=peer.start_time)
-                reply = protocol.ServerConnection().send_error(
-                    None, RateLimited("too many connections")
-                )
-                with trio.move_on_after(agent.frame_timeout):
-                    await stream.send_all(reply)
-                return
-            uid = peer.uid
-            self._connections += 1
-            self._per_uid[uid] += 1
             if needs_exe_sha256(self.config.policies):
                 digest = await trio.to_thread.run_sync(self.exe_hasher.digest, peer)
                 peer = peer.with_exe_sha256(digest)
@@ -264,11 +422,10 @@ class Server:
         except Exception:
             log.exception("connection handler failed")
         finally:
-            if uid is not None:
-                self._connections -= 1
-                self._per_uid[uid] -= 1
-                if not self._per_uid[uid]:
-                    del self._per_uid[uid]
+            self._connections -= 1
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]
             if peer is not None:
                 peer.close()
             with trio.CancelScope(shield=True):
@@ -277,16 +434,22 @@ class Server:
     async def _converse(self, stream: trio.SocketStream, peer: Peer) -> None:
         """Serve requests on one connection until it closes, breaks or times out.
 
+        Deadlines (item 10 of issue 13): a partial frame must be complete ``frame_timeout``
+        after its first byte arrived, and a connection with no partial frame must bring a
+        request within ``idle_timeout`` of the last complete one; bytes arriving meanwhile move
+        neither, so a request trickled a byte at a time is closed.
+
         Timeouts without a cancel scope per wait: one scope covers the conversation, and its
         deadline is only ever moved *earlier* (to the deadline of the wait in progress) or to
         infinity before an await that is not a wait for bytes. So it may fire before the wait
         in progress is due (at the deadline of an earlier wait): then, if the connection was
-        waiting for bytes and that wait is not due yet, the wait goes on in a new scope. Nothing
-        is lost: a wait for readability consumes nothing.
+        waiting for bytes and that wait is not due yet, the wait goes on in a new scope (the
+        deadlines live in ``_Wait``, so it is the same deadline). Nothing is lost: a wait for
+        readability consumes nothing.
         """
         agent = self.config.agent
         conn = protocol.ServerConnection(max_request_bytes=agent.max_request_bytes)
-        wait = _Wait()
+        wait = _Wait(trio.current_time())
         scope = trio.CancelScope()
         while True:
             with scope:
@@ -294,7 +457,6 @@ class Server:
                 return
             if not wait.waiting or trio.current_time() >= wait.deadline:
                 return      # idle_timeout, frame_timeout, or cut short outside a wait
-            wait.resume = True
             scope = trio.CancelScope(deadline=wait.deadline)
 
     async def _serve_connection(
@@ -306,13 +468,26 @@ class Server:
         wait: _Wait,
     ) -> None:
         """The request loop of ``_converse``: every complete frame received is answered, in
-        order, and the replies to one receive go out in one write (pipelined requests)."""
+        order, and the replies to one receive go out in one write (pipelined requests). Each
+        frame takes its uid's token before it is parsed (``_throttle`` when there is none)."""
         agent = self.config.agent
+        rate = float(agent.requests_per_second_per_uid)
+        burst = float(agent.request_burst_per_uid)
+        uid = peer.uid
         fd = stream.socket.fileno()
         out: list[bytes] = []           # replies not sent yet
         checked = False                 # the pid was re-checked since the last receive
+        got = False                     # a frame came out since the last receive
         granted: tuple[Config, Grants] | None = None
         while True:
+            if conn.event_ready and not _budget(self._budgets, uid, burst).take(rate, burst):
+                # The token comes before parsing, the pid check and any log or audit line.
+                if out and not await self._flush(stream, fd, out, scope):
+                    return
+                out = []
+                if not await self._throttle(fd, peer, scope, wait, rate, burst):
+                    return
+                checked = False
             event = conn.next_event()
             if event is protocol.NEED_DATA or event is protocol.CLOSED:
                 if out:
@@ -323,13 +498,31 @@ class Server:
                     out = []
                 if event is protocol.CLOSED:
                     return
-                if wait.resume:         # a wait cut short by an early deadline goes on
-                    wait.resume = False
+                if got:
+                    wait.idle_since = trio.current_time()
+                if conn.has_partial_frame:
+                    if got or wait.frame_since is None:
+                        wait.frame_since = wait.read_at     # its first byte came in that read
+                    wait.deadline = wait.frame_since + agent.frame_timeout
                 else:
-                    timeout = agent.frame_timeout if conn.has_partial_frame else agent.idle_timeout
-                    wait.deadline = trio.current_time() + timeout
+                    wait.frame_since = None
+                    wait.deadline = wait.idle_since + agent.idle_timeout
+                got = False
                 if wait.deadline < scope.deadline:
                     scope.deadline = wait.deadline
+                if wait.throttled_since is not None:
+                    # Throttled: has the client caught up (nothing more waiting to be read)?
+                    try:
+                        data = os.read(fd, RECEIVE_SIZE)
+                    except BlockingIOError:
+                        wait.throttled_since = None
+                    except OSError:
+                        return
+                    else:
+                        wait.read_at = trio.current_time()
+                        conn.receive_data(data)
+                        checked = False
+                        continue
                 wait.waiting = True
                 await trio.lowlevel.wait_readable(fd)
                 wait.waiting = False
@@ -339,9 +532,11 @@ class Server:
                     continue
                 except OSError:
                     return              # reset by the peer
+                wait.read_at = trio.current_time()
                 conn.receive_data(data)
                 checked = False
                 continue
+            got = True
             if not checked:
                 # Before the replies to what this receive brought (decision: pid reuse).
                 if not self._same_process(peer):
@@ -349,13 +544,7 @@ class Server:
                 checked = True
             if type(event) is not protocol.Request:
                 assert isinstance(event, protocol.Rejected)
-                error = event.error
-                if not conn.broken and not self._take_token(peer.uid):
-                    # Malformed requests cost a token too, or they would be a free flood.
-                    self.rate_limited += 1
-                    error = RateLimited(f"over {agent.requests_per_second_per_uid} requests per "
-                                        f"second for uid {peer.uid}")
-                out.append(conn.send_error(event.id, error))
+                out.append(conn.send_error(event.id, event.error))
                 if conn.broken:
                     await self._flush(stream, fd, out, scope)
                     return
@@ -363,12 +552,6 @@ class Server:
             op = event.op
             self.requests += 1
             self.requests_by_op[op] += 1
-            if not self._take_token(peer.uid):
-                self.rate_limited += 1
-                out.append(conn.send_error(event.id, RateLimited(
-                    f"over {agent.requests_per_second_per_uid} requests per second for uid "
-                    f"{peer.uid}")))
-                continue
             config = self._config
             if granted is None or granted[0] is not config:
                 granted = (config, grants(config.policies, peer))
@@ -442,31 +625,35 @@ class Server:
         if peer.still_same_process():
             return True
         self.pid_reused += 1
-        log.warning("peer pid now names another process; closing", extra={"pid": peer.pid})
+        self._warnings.warn(peer.uid, "pid_reused", "peer pid now names another process; "
+                            "closing", pid=peer.pid)
         self._audit.record(op="reply", decision="pid_reused", pid=peer.pid, uid=peer.uid,
                            exe=peer.exe, start_time=peer.start_time)
         return False
 
-    def _take_token(self, uid: int) -> bool:
-        """Take one request token from ``uid``'s bucket; False if it is empty."""
-        agent = self.config.agent
-        rate, burst = float(agent.requests_per_second_per_uid), float(agent.request_burst_per_uid)
+    async def _throttle(
+        self, fd: int, peer: Peer, scope: trio.CancelScope, wait: _Wait, rate: float,
+        burst: float,
+    ) -> bool:
+        """Wait, reading nothing, for a token of ``peer.uid`` (in the uid's queue); False (close)
+        if the connection has been sending over the rate for ``frame_timeout`` without ever
+        catching up: it is told ``rate_limited`` (id nil) if that write does not block."""
+        self.rate_limited += 1
         now = trio.current_time()
-        bucket = self._buckets.get(uid)
-        if bucket is None:
-            if len(self._buckets) >= 4096:
-                # Buckets refilled to the brim carry no state: drop them to bound the table.
-                for key in [k for k, (t, at) in self._buckets.items()
-                            if t + (now - at) * rate >= burst]:
-                    del self._buckets[key]
-            bucket = self._buckets[uid] = [burst, now]
-        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
+        if wait.throttled_since is None:
+            wait.throttled_since = now
+        scope.deadline = math.inf
+        with trio.move_on_at(wait.throttled_since + self.config.agent.frame_timeout):
+            await _budget(self._budgets, peer.uid, burst).wait(rate, burst)
+            return True
+        self.flood_closed += 1
+        self._warnings.warn(peer.uid, "flooding",
+                            "closing a connection that keeps sending over its uid's rate",
+                            pid=peer.pid)
+        self._audit.record(op="request", decision="rate_limited", pid=peer.pid, uid=peer.uid,
+                           exe=peer.exe, unit=peer.unit, start_time=peer.start_time)
+        _write_now(fd, _FLOODING)
+        return False
 
     # --- watch -------------------------------------------------------------------------------
 
@@ -476,7 +663,7 @@ class Server:
         for name in names:
             if name not in self.config.secrets or not allowed.may_read(name):
                 self._record(peer, "watch", "deny", name=name)
-                raise Forbidden(f"not allowed to read {name[:64]!r}")
+                raise Forbidden("not allowed to read every watched name")
         if self._watchers[peer.uid] >= self.config.agent.max_watchers_per_uid:
             self._record(peer, "watch", "rate_limited")
             raise RateLimited(f"too many watches for uid {peer.uid}")
@@ -616,14 +803,14 @@ class Server:
             if name not in config.secrets or not allowed.may_read(name):
                 # The same answer whether the name exists or not: no existence oracle.
                 self._record(peer, "get", "deny", name=name)
-                raise Forbidden(f"not allowed to read {name[:64]!r}")
+                raise Forbidden("not allowed to read this secret")
             opened = self._cache.get_packed(name)
             if opened is None:
                 if self._refresher.is_revoked(name):
                     self._record(peer, "get", "not_found", name=name)
-                    raise NotFound(f"secret {name!r} was deleted or revoked upstream")
+                    raise NotFound("the secret was deleted or revoked upstream")
                 self._record(peer, "get", "unavailable", name=name)
-                raise Unavailable(f"secret {name!r} has not been fetched yet")
+                raise Unavailable("the secret has not been fetched yet")
             packed, version, fetched_at, expires_at, stale = opened
             if self._clock() > stale_deadline(fetched_at, expires_at, stale,
                                               config.max_stale_for(name)):
@@ -631,7 +818,7 @@ class Server:
                 # (decision 5)
                 self._record(peer, "get", "unavailable", name=name, version=version,
                              stale=stale)
-                raise Unavailable(f"secret {name!r} is past its stale deadline")
+                raise Unavailable("the secret is past its stale deadline")
             meta = {"version": version, "fetched_at": fetched_at, "expires_at": expires_at,
                     "stale": stale}
             if field is None:
@@ -640,7 +827,7 @@ class Server:
             data = msgpack.unpackb(packed, raw=False, strict_map_key=False)
             if field not in data:
                 self._record(peer, "get", "not_found", name=name, version=version)
-                raise NotFound(f"secret {name!r} has no field {field[:64]!r}")
+                raise NotFound("the secret has no such field")
             self._record(peer, "get", "allow", name=name, version=version, stale=stale)
             return conn.send_result(request.id, {"data": data[field], **meta})
         except RequestError as exc:
@@ -650,12 +837,12 @@ class Server:
         name = request.args["name"]
         if name not in self.config.secrets:
             self._record(peer, "refresh", "not_found", name=name)
-            raise BadRequest(f"{name[:64]!r} is not a declared secret")
+            raise BadRequest("not a declared secret")
         try:
             version = await self._refresher.refresh(name)
         except UpstreamError as exc:
             self._record(peer, "refresh", "unavailable", name=name)
-            raise Unavailable(f"refresh of {name!r} failed: {exc}") from exc
+            raise Unavailable(f"refresh failed: {exc}") from exc
         except RequestError:
             raise
         except Exception as exc:

@@ -314,3 +314,49 @@ async def test_run_when_off_just_waits(autojump_clock: trio.testing.MockClock) -
     with trio.move_on_after(60):
         await audit.run()
     assert audit.statistics().lines_written == 0
+
+
+# --- flooding the audit stream (issue 13, item 8) ----------------------------------------------
+
+
+def test_refusals_coalesce_by_uid_and_decision_not_by_pid_or_exe(tmp_path: Path) -> None:
+    # A fork/connect/exit loop: a new pid (and exe, unit, name) every time.
+    audit = Audit(file_cfg(tmp_path), clock=FakeClock())
+    for pid in range(1000, 1500):
+        for decision in ("pid_reused", "rate_limited"):
+            get(audit, op="reply", decision=decision, pid=pid, exe=f"/tmp/x{pid}",
+                unit=f"u{pid}.service", name=f"n{pid}", start_time=pid)
+    get(audit, op="reply", decision="pid_reused", uid=2000, pid=7)
+    audit.flush()
+    lines = read_lines(tmp_path / "log" / "audit.jsonl")
+    by = {(line["uid"], line["decision"]): line for line in lines}
+    assert len(lines) == 3 and set(by) == {(1000, "pid_reused"), (1000, "rate_limited"),
+                                            (2000, "pid_reused")}
+    first = by[(1000, "pid_reused")]
+    # The first record's fields, and the count of the whole group.
+    assert (first["pid"], first["exe"], first["count"]) == (1000, "/tmp/x1000", 500)
+    assert by[(2000, "pid_reused")]["count"] == 1
+
+
+def test_fields_are_cut_and_one_uid_has_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    audit = Audit(file_cfg(tmp_path), clock=FakeClock())
+    exe = "/opt/" + "d" * 3800 + "/app"
+    for i in range(2000):           # a new made-up name every time, from a 3.8 KB path
+        get(audit, decision="deny", exe=exe, name=f"{i:0256d}", unit="u" * 300)
+    for i in range(10):             # another uid is not affected
+        get(audit, decision="deny", uid=2000, name=f"other{i}")
+    audit.flush()
+    path = tmp_path / "log" / "audit.jsonl"
+    lines = read_lines(path)
+    deny = [line for line in lines if line["decision"] == "deny" and line["uid"] == 1000]
+    assert len(deny) == audit_module.MAX_KEYS_PER_UID
+    assert len([line for line in lines if line["uid"] == 2000]) == 10
+    dropped = [line for line in lines if line["decision"] == "dropped"]
+    assert dropped and dropped[0]["count"] == 2000 - audit_module.MAX_KEYS_PER_UID
+    assert audit.statistics().dropped == 2000 - audit_module.MAX_KEYS_PER_UID
+    for line in deny:
+        for key in ("exe", "unit", "name"):
+            assert len(line[key]) <= audit_module.MAX_FIELD_CHARS
+    assert deny[0]["exe"].startswith("/opt/ddd") and deny[0]["exe"].endswith("d/app")
+    assert max(len(raw) for raw in path.read_text().splitlines()) < 1024
+    audit.close()

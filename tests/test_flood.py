@@ -1,0 +1,494 @@
+"""Floods of the socket by another uid (issue 13, items 2, 3, 8 and 10), against a running agent.
+
+The attacker is always nobody, in a forked child (``tests.peers.run_as``) using plain blocking
+sockets; root, a uid with its own budget, reads meanwhile in the trio loop and counts failures.
+Every loop is bounded in count, every wait by a timeout. Nothing here asserts a duration: timings
+are ``bench/flood_bench.py``'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import agentd.daemon
+from agentd.access import Peer
+from agentd.client import AsyncClient, Client, open_client
+from agentd.errors import ClientError
+from tests.agentfixture import (
+    NOBODY,
+    RunningAgent,
+    Seeded,
+    running_agent,
+    seed,
+    socket_dir,
+    write_config,
+)
+from tests.openbao import DevServer
+from tests.peers import run_as
+from tests.test_limits import code, frame, read_reply
+
+PING = frame({"v": 1, "id": 1, "op": "ping"})
+
+
+@pytest.fixture
+def seeded(bao: DevServer) -> Seeded:
+    return seed(bao)
+
+
+def agent_with(
+    agent_extra: str, *, configure: Callable[[agentd.daemon.Agent], None] | None = None,
+    audit_flush: str = "1s",
+):  # type: ignore[no-untyped-def]
+    @pytest.fixture
+    async def agent(
+        tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
+    ) -> AsyncIterator[RunningAgent]:
+        sock = socket_dir() / "agentd.sock"
+        cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
+                           agent_extra=agent_extra)
+        cfg.write_text(cfg.read_text().replace('flush_interval = "1s"',
+                                               f'flush_interval = "{audit_flush}"'))
+        async with running_agent(cfg, configure=configure) as ra:
+            yield ra
+    return agent
+
+
+def read_until_eof(sock: socket.socket, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """Replies on ``sock`` until EOF (True) or ``limit`` replies or a timeout (False)."""
+    replies: list[dict[str, Any]] = []
+    try:
+        while len(replies) < limit:
+            replies.append(read_reply(sock))
+    except ConnectionError:
+        return replies, True
+    except OSError:
+        return replies, False
+    return replies, False
+
+
+async def root_reads(path: Path, count: int) -> int:
+    """``count`` reads by root, half on one kept connection, half on fresh ones; the failures."""
+    failures = 0
+    async with AsyncClient.connect(path) as kept:
+        for i in range(count):
+            try:
+                if i % 2:
+                    assert (await kept.get("db", "username"))["data"] == "app"
+                else:
+                    async with AsyncClient.connect(path) as fresh:
+                        assert (await fresh.get("db", "username"))["data"] == "app"
+            except (ClientError, AssertionError):
+                failures += 1
+    return failures
+
+
+# --- item 2: a pipeline over the rate is not read, and closed if it keeps going ---------------
+
+flooded = agent_with('requests_per_second_per_uid = 20\nrequest_burst_per_uid = 80\n'
+                     'frame_timeout = "1s"')
+
+
+async def test_connections_flooding_over_the_rate_are_closed_and_others_served(
+    flooded: RunningAgent,
+) -> None:
+    """64 connections of nobody pipeline 500 pings each without reading; root reads meanwhile."""
+    path = str(flooded.socket)
+
+    def flood() -> dict[str, Any]:
+        socks = []
+        for _ in range(64):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(30)
+            sock.connect(path)
+            socks.append(sock)
+        for sock in socks:
+            sock.sendall(PING * 500)         # 10 KB: fits in the socket buffer
+        tally = {"closed": 0, "ok": 0, "rate_limited-id": 0, "rate_limited-nil": 0}
+        for sock in socks:
+            replies, eof = read_until_eof(sock, 501)
+            tally["closed"] += eof
+            if not eof:             # still open after every answer: no point waiting for more
+                sock.close()
+                break
+            for reply in replies:
+                key = code(reply)
+                if key == "rate_limited":
+                    key += "-nil" if reply["id"] is None else "-id"
+                tally[key] = tally.get(key, 0) + 1
+            sock.close()
+        return tally
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            result: dict[str, Any] = {}
+
+            async def run_flood() -> None:
+                result.update(await run_as(NOBODY, NOBODY, flood))
+
+            nursery.start_soon(run_flood)
+            failures = await root_reads(flooded.socket, 40)
+    assert failures == 0
+    assert result["ok"], result
+    tally = result["value"]
+    # Every flooding connection was closed by the agent with rate_limited (id nil)...
+    assert tally["closed"] == 64 and tally["rate_limited-nil"] == 64, tally
+    # ... after answering only what its uid's budget paid for, and no over-rate request.
+    assert tally["rate_limited-id"] == 0
+    assert 0 < tally["ok"] < 64 * 500
+    stats = flooded.agent.server.statistics()
+    assert stats["flood_closed"] >= 64 and stats["rate_limited"] > 0
+    # The agent still answers nobody once its bucket refills.
+    with trio.fail_after(30):
+        after = await run_as(NOBODY, NOBODY, lambda: _ping(path))
+        assert after == {"ok": True, "value": "pong"}
+
+
+def _ping(path: str) -> str:
+    with Client.connect(path, timeout=20) as client:
+        client.ping()
+    return "pong"
+
+
+async def test_a_client_that_waits_for_its_answers_is_slowed_not_closed(
+    flooded: RunningAgent,
+) -> None:
+    # One request at a time, twice the burst: every one answered, none refused, none dropped.
+    path = str(flooded.socket)
+
+    def steady() -> list[str]:
+        out = []
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            for i in range(80):
+                sock.sendall(frame({"v": 1, "id": i, "op": "ping"}))
+                out.append(code(read_reply(sock)))
+        return out
+
+    with trio.fail_after(60):
+        result = await run_as(NOBODY, NOBODY, steady)
+    assert result == {"ok": True, "value": ["ok"] * 80}
+    assert flooded.agent.server.statistics()["flood_closed"] == 0
+
+
+# --- item 3: over-cap connections closed at accept; the backlog; clients retry EAGAIN --------
+
+identified: list[int] = []
+
+
+def counting_identify(agent: agentd.daemon.Agent) -> None:
+    identified.clear()
+
+    def identify(sock: socket.socket) -> Peer:
+        peer = Peer.from_socket(sock)
+        identified.append(peer.uid)
+        return peer
+
+    agent.server.identify = identify
+
+
+capped = agent_with("max_connections_per_uid = 2", configure=counting_identify)
+
+
+async def test_a_connection_over_the_cap_is_closed_at_accept_without_identity_work(
+    capped: RunningAgent,
+) -> None:
+    path = str(capped.socket)
+
+    def over_the_cap() -> dict[str, Any]:
+        held = []
+        for i in range(2):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(20)
+            sock.connect(path)
+            sock.sendall(frame({"v": 1, "id": i, "op": "ping"}))
+            assert read_reply(sock) == {"id": i, "ok": True}      # admitted and served
+            held.append(sock)
+        third = socket.socket(socket.AF_UNIX)
+        third.settimeout(20)
+        third.connect(path)
+        replies, eof = read_until_eof(third, 2)       # sends nothing: the agent speaks first
+        for sock in [*held, third]:
+            sock.close()
+        return {"replies": replies, "eof": eof}
+
+    with trio.fail_after(30):
+        result = await run_as(NOBODY, NOBODY, over_the_cap)
+    assert result["ok"], result
+    replies = result["value"]["replies"]
+    assert result["value"]["eof"] and len(replies) == 1
+    assert (replies[0]["id"], code(replies[0])) == (None, "rate_limited")
+    # The refused connection never cost a /proc identity: only the two admitted ones did.
+    assert identified.count(NOBODY) == 2
+    assert capped.agent.server.statistics()["refused_connections"] == 1
+
+
+stormed = agent_with("")
+
+
+async def test_a_connect_storm_does_not_make_other_uids_connects_fail(
+    stormed: RunningAgent,
+) -> None:
+    path = str(stormed.socket)
+    stop = threading.Event()
+
+    def storm() -> dict[str, int]:
+        tally = {"connects": 0, "eagain": 0}
+        for _ in range(20_000):
+            if stop.is_set():       # never set in the child (fork copies memory): count bounds
+                break
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+                tally["connects"] += 1
+            except BlockingIOError:
+                tally["eagain"] += 1
+            except OSError:
+                pass
+            sock.close()
+        return tally
+
+    with trio.fail_after(180):
+        async with trio.open_nursery() as nursery:
+            result: dict[str, Any] = {}
+
+            async def run_storm() -> None:
+                result.update(await run_as(NOBODY, NOBODY, storm))
+
+            nursery.start_soon(run_storm)
+            failures = 0
+            for _ in range(100):
+                try:
+                    async with AsyncClient.connect(stormed.socket) as client:
+                        await client.ping()
+                except ClientError:
+                    failures += 1
+                blocking = await trio.to_thread.run_sync(_ping_or_fail, path)
+                failures += blocking
+    assert result["ok"], result
+    assert result["value"]["connects"] > 0
+    assert failures == 0
+
+
+def _ping_or_fail(path: str) -> int:
+    try:
+        _ping(path)
+    except ClientError:
+        return 1
+    return 0
+
+
+def full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket with backlog 1 that never accepts, its queue filled: a connect to it
+    fails with EAGAIN until something is accepted."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    queued = []
+    for _ in range(16):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            sock.close()
+            return listener, queued
+        queued.append(sock)
+    raise AssertionError("the listen queue never filled")
+
+
+def reached(listener: socket.socket, send: Callable[[bytes], object]) -> bool:
+    """True if a byte sent with ``send`` arrives on one of the connections queued on
+    ``listener`` (all of which are accepted and closed)."""
+    send(b"x")
+    listener.setblocking(False)
+    found = False
+    for _ in range(64):
+        try:
+            server, _ = listener.accept()
+        except BlockingIOError:
+            break
+        with server, contextlib.suppress(BlockingIOError):
+            found = found or server.recv(1, socket.MSG_DONTWAIT) == b"x"
+    return found
+
+
+class _Retries(logging.Handler):
+    """Counts the client's retry log records and wakes a waiter at the first."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+        self.first = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            self.count += 1
+            self.first.set()
+
+
+@pytest.fixture
+def retries() -> AsyncIterator[_Retries]:
+    handler = _Retries()
+    logger = logging.getLogger("agentd.client")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler  # type: ignore[misc]
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+async def test_the_blocking_client_retries_a_full_listen_queue(
+    tmp_path: Path, retries: _Retries
+) -> None:
+    path = tmp_path / "full.sock"
+    listener, queued = full_listener(path)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                connected: list[Client] = []
+
+                async def connect() -> None:
+                    connected.append(await trio.to_thread.run_sync(
+                        partial(Client.connect, path, timeout=10)))
+
+                nursery.start_soon(connect)
+                # Once it has been refused (EAGAIN) and is retrying, free a place in the queue.
+                assert await trio.to_thread.run_sync(retries.first.wait, 20)
+                listener.accept()[0].close()
+        assert retries.count >= 1 and len(connected) == 1
+        with connected[0]:
+            assert reached(listener, connected[0]._sock.sendall)     # really connected
+        # A queue that stays full: a bounded number of attempts, then ClientError.
+        listener2, queued2 = full_listener(tmp_path / "full2.sock")
+        try:
+            with pytest.raises(ClientError, match="connection queue stayed full"):
+                await trio.to_thread.run_sync(partial(Client.connect, tmp_path / "full2.sock",
+                                                      timeout=10))
+        finally:
+            for sock in [listener2, *queued2]:
+                sock.close()
+    finally:
+        for sock in [listener, *queued]:
+            sock.close()
+
+
+async def test_the_async_client_retries_a_full_listen_queue(
+    tmp_path: Path, retries: _Retries
+) -> None:
+    path = tmp_path / "full.sock"
+    listener, queued = full_listener(path)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                connected: list[AsyncClient] = []
+
+                async def connect() -> None:
+                    connected.append(await open_client(path))
+
+                nursery.start_soon(connect)
+                while not retries.first.is_set():
+                    await trio.sleep(0.001)
+                listener.accept()[0].close()
+            assert retries.count >= 1 and len(connected) == 1
+            fd = connected[0]._stream.socket.fileno()
+            assert reached(listener, lambda data: os.write(fd, data))
+            await connected[0].aclose()
+    finally:
+        for sock in [listener, *queued]:
+            sock.close()
+
+
+# --- item 8: refusals cost bounded log and audit lines --------------------------------------
+
+quick_exit = agent_with("requests_per_second_per_uid = 1000\nrequest_burst_per_uid = 1000",
+                        audit_flush="1h")
+
+
+async def test_a_fork_connect_exit_loop_costs_one_audit_line(quick_exit: RunningAgent) -> None:
+    """200 times, a process of nobody connects, is answered once and exits; the connection it
+    leaves behind then asks again: each is refused (pid gone), one audit line for them all."""
+    path = str(quick_exit.socket)
+
+    def loop() -> int:
+        unanswered = 0
+        for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(20)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    sock.connect(path)
+                    sock.sendall(PING)
+                    read_reply(sock)       # identified and answered while alive
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                sock.sendall(PING)          # from the connection of a process that is gone
+            replies, eof = read_until_eof(sock, 1)
+            unanswered += eof and not replies
+            sock.close()
+        return unanswered
+
+    with trio.fail_after(120):
+        result = await run_as(NOBODY, NOBODY, loop)
+        assert result == {"ok": True, "value": 200}
+    stats = quick_exit.agent.server.statistics()
+    assert stats["pid_reused"] == 200
+    lines = [json.loads(line) for line in quick_exit.audit_text().splitlines()]
+    about_nobody = [line for line in lines if line["uid"] == NOBODY]
+    # One line per (op, decision) for the uid, however many pids: not one per process.
+    assert len(about_nobody) == len({(line["op"], line["decision"]) for line in about_nobody})
+    reused = [line for line in about_nobody if line["decision"] == "pid_reused"]
+    assert len(reused) == 1 and reused[0]["count"] == 200
+    warnings = [line for line in quick_exit.log_text().splitlines()
+                if "names another process" in line or "no peer" in line]
+    assert 1 <= len(warnings) < 50
+    assert stats["warnings_suppressed"] >= 150
+
+
+# --- item 10: deadlines per frame and per connection, not per byte --------------------------
+
+trickled = agent_with('frame_timeout = "1s"\nidle_timeout = "2s"')
+
+
+async def test_a_frame_trickled_a_byte_at_a_time_is_closed(trickled: RunningAgent) -> None:
+    path = str(trickled.socket)
+
+    def trickle() -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(20)
+            sock.connect(path)
+            sent = 0
+            try:
+                for byte in PING:           # one byte every 0.3 s: each gap < frame_timeout
+                    sock.sendall(bytes([byte]))
+                    sent += 1
+                    time.sleep(0.3)
+            except OSError:
+                pass
+            replies, eof = read_until_eof(sock, 1)
+            return {"sent": sent, "replies": replies, "eof": eof}
+
+    with trio.fail_after(60):
+        result = await run_as(NOBODY, NOBODY, trickle)
+    assert result["ok"], result
+    value = result["value"]
+    assert value["eof"] and value["replies"] == []      # closed, never answered
+    assert value["sent"] < len(PING)                    # before the frame was complete
