@@ -168,7 +168,7 @@ def test_deb_lists_files_conffiles_and_dependencies() -> None:
         name = fields[5].removeprefix(".").rstrip("/")
         entries[name] = (fields[0], fields[1], fields[6:])
     for path in [*EXPECTED_FILES, "/usr/share/doc/agentd/copyright",
-                 "/usr/share/doc/agentd/changelog.gz"]:
+                 "/usr/share/doc/agentd/changelog.Debian.gz"]:
         assert path in entries, path
     assert entries["/usr/bin/agentd"][2] == ["->", "/opt/agentd/venv/bin/agentd"]
     assert entries["/etc/agentd/agentd.toml"][:2] == ("-rw-r-----", "root/root")
