@@ -88,7 +88,10 @@ do_pack() {
     esac
     mkdir -p "${OUT_DIR}"
     local file="${OUT_DIR}/agentd_${version}-${release}_amd64.deb"
-    [[ "${format}" == rpm ]] && file="${OUT_DIR}/agentd-${version}-${release}.${target}.x86_64.rpm"
+    if [[ "${format}" == rpm ]]; then
+        release="${release}.${target}"          # the EL way: agentd-0.1.0-1.el9.x86_64.rpm
+        file="${OUT_DIR}/agentd-${version}-${release}.x86_64.rpm"
+    fi
     # The repo's files, with one mtime: the package does not depend on when the clone was made.
     local files="${BUILD_DIR}/files"
     rm -rf "${files}"

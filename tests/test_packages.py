@@ -224,7 +224,7 @@ def test_rpm_lists_files_config_scriptlets_and_requires(
     header = subprocess.run(["rpm", "-qp", "--qf", "%{NAME} %{VERSION} %{RELEASE} %{ARCH} "
                              "%{URL} %{LICENSE}", str(rpm)],
                             check=True, capture_output=True, text=True).stdout
-    assert header.startswith(f"agentd {VERSION} 1 x86_64 https://")
+    assert header.startswith(f"agentd {VERSION} 1.{target} x86_64 https://")
     assert "localhost" not in header and header.endswith(" MPL-2.0")
     # The pythons this target's Requires admit can install agentd from the package's wheels.
     unpacked = tmp_path / "rpm"
