@@ -544,3 +544,15 @@ def test_unknown_sprig_functions_are_not_supported() -> None:
     with pytest.raises(gotemplate.GoTemplateError, match='t:1: function "sprig_env" not sup'):
         gotemplate.parse('{{ sprig_env "HOME" }}', name="t")
     assert run('{{ "a" | sprig_upper }}') == "A"
+
+
+@pytest.mark.parametrize("text", [
+    '{{ replaceAll "0" (printf "%999999d" 0) (printf "%09999d" 0) }}',
+    '{{ $l := split "," (printf "%09999d" 0 | replaceAll "0" "x,") }}'
+    '{{ join (printf "%999999d" 0) $l }}',
+    '{{ indent 99999999 (printf "%09999d" 0 | replaceAll "0" "\\n") }}',
+    '{{ sprig_repeat 999999999 "abc" }}',
+])
+def test_no_function_builds_a_huge_string(text: str) -> None:
+    with pytest.raises(gotemplate.GoTemplateError, match="would exceed"):
+        gotemplate.parse(text, name="t").execute(lambda p, kv: None, max_output=1 << 30)

@@ -475,9 +475,30 @@ def _split(sep: str, s: str) -> StrList:
     return StrList(s.split(sep))
 
 
+MAX_VALUE_CHARS = 1 << 24  # no function builds a bigger string (the output cap is checked after)
+
+
+def check_growth(chars: int) -> None:
+    """Refuse to build a string of ``chars`` characters before building it."""
+    if chars > MAX_VALUE_CHARS:
+        raise FuncError(f"the result would exceed {MAX_VALUE_CHARS} characters")
+
+
+def replace_all(old: str, new: str, s: str) -> str:
+    count = s.count(old) if old else len(s) + 1
+    check_growth(len(s) + count * (len(new) - len(old)))
+    return s.replace(old, new) if old else _replace_empty(s, new)
+
+
+def join(sep: str, items: list[str]) -> str:
+    check_growth(sum(len(x) for x in items) + len(sep) * max(len(items) - 1, 0))
+    return sep.join(items)
+
+
 def _indent(spaces: int, s: str) -> str:
     if spaces < 0:
         raise FuncError("indent value must be a positive integer")
+    check_growth(len(s) + spaces * (s.count("\n") + 1))
     prefix = " " * spaces
     out = []
     at_line_start = True
@@ -894,7 +915,7 @@ CONSUL_TEMPLATE: dict[str, Func] = {
     "containsNotAll": _s(_contains_some(False, True), "anylist", "any"),
     "in": _s(_in, "any", "any"),
     "indent": _s(_indent, "int", "string"),
-    "join": _s(lambda sep, items: sep.join(items), "string", "strlist"),
+    "join": _s(join, "string", "strlist"),
     "trim": _s(lambda cutset, s: s.strip(cutset), "string", "string"),
     "trimPrefix": _s(lambda pre, s: s[len(pre):] if pre and s.startswith(pre) else s,
                      "string", "string"),
@@ -908,8 +929,7 @@ CONSUL_TEMPLATE: dict[str, Func] = {
     "parseInt": _s(_parse_int, "string"),
     "parseUint": _s(_parse_uint, "string"),
     "parseJSON": _s(_parse_json, "string"),
-    "replaceAll": _s(lambda f, t, s: s.replace(f, t) if f else _replace_empty(s, t),
-                     "string", "string", "string"),
+    "replaceAll": _s(replace_all, "string", "string", "string"),
     "sha256Hex": _s(lambda s: hashlib.sha256(s.encode("utf-8", "surrogateescape")).hexdigest(),
                     "string"),
     "md5sum": _s(lambda s: hashlib.md5(s.encode("utf-8", "surrogateescape"),
