@@ -42,7 +42,8 @@ APP = r"""{"data": {
   "html": "<script>alert('x') && \"y\"</script>=", "b64": "aGVsbG8gd29ybGQ=",
   "csv": " a, b ,c ", "json": "{\"k\": [1, 2.5, \"v\"], \"n\": null}", "num_str": "42",
   "float_str": "3.14159", "bool_str": "true", "spaces": "  padded \t ",
-  "mixed": "Hello World foo-bar", "control": "tab\tnl\ncr\rbell\u0007 \u2028"
+  "mixed": "Hello World foo-bar", "my-key": "dash", "d\u00e4t\u00e4": "unicode key",
+  "zws": "a\u200bb\u00a0c\u00ad", "control": "tab\tnl\ncr\rbell\u0007 \u2028"
 }}"""
 DB_V1 = r"""{"data": {"host": "old.internal", "user": "app"}}"""
 DB_V2 = r"""{"data": {"host": "db.internal", "user": "app"}}"""
