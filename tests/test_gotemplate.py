@@ -343,6 +343,7 @@ def test_error_names_template_and_line_not_data() -> None:
         run("ok\n{{ printf \"%s\" .pw }}\n{{ len .pw.deeper }}", {"pw": secret})
     text = str(info.value)
     assert text.startswith("test:3: executing at <.pw.deeper>: ")
+    assert (info.value.template, info.value.line) == ("test", 3)
     assert secret not in text
 
 

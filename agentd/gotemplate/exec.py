@@ -30,6 +30,10 @@ MAX_TEMPLATE_DEPTH = 100
 class ExecError(Exception):
     """Execution failed; the message is complete ("name:line: executing ...")."""
 
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
 
 class FuncError(Exception):
     """Raised by a function implementation; becomes "error calling NAME: message"."""
@@ -120,10 +124,11 @@ class State:
         node = node if node is not None else self.node
         line = getattr(node, "line", 1) if node is not None else 1
         if node is None:
-            return ExecError(f"{self.display_name}:{line}: {message}")
+            return ExecError(f"{self.display_name}:{line}: {message}", line)
         context = _context(node)
         where = "" if self.tree_name == p.MAIN else f" in {p.go_quote(self.tree_name)}"
-        return ExecError(f"{self.display_name}:{line}: executing at <{context}>{where}: {message}")
+        return ExecError(
+            f"{self.display_name}:{line}: executing at <{context}>{where}: {message}", line)
 
     def step(self, cost: int = 1) -> None:
         self.steps_left -= cost
