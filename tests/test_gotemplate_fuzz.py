@@ -47,9 +47,9 @@ def lookup(path: str, kv: Any) -> Any:
     return SECRET
 
 
-def check(text: str) -> None:
+def check(text: str, missing_key: str = "zero") -> None:
     try:
-        tmpl = gotemplate.parse(text, name="fuzz.tmpl", missing_key="zero")
+        tmpl = gotemplate.parse(text, name="fuzz.tmpl", missing_key=missing_key)
     except gotemplate.GoTemplateError as exc:
         assert exc.template == "fuzz.tmpl"
         return
@@ -63,9 +63,10 @@ def check(text: str) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=4)), max_size=40))
-def test_token_soup(parts: list[str]) -> None:
-    check("".join(parts))
+@given(st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=4)), max_size=40),
+       st.sampled_from(["zero", "error", "default"]))
+def test_token_soup(parts: list[str], missing_key: str) -> None:
+    check("".join(parts), missing_key)
 
 
 @settings(max_examples=150, deadline=None)
