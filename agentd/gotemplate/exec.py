@@ -171,29 +171,28 @@ class State:
     def walk(self, dot: Any, node: Any) -> None:
         self.step()
         self.node = node
-        if isinstance(node, p.ListNode):
-            for child in node.nodes:
-                self.walk(dot, child)
-        elif isinstance(node, p.TextNode):
-            self.write(node.text)
-        elif isinstance(node, p.ActionNode):
-            val = self.eval_pipeline(dot, node.pipe)
-            if not node.pipe.decl:
-                self.print_value(node, val)
-        elif isinstance(node, p.CommentNode):
-            pass
-        elif isinstance(node, p.IfNode):
-            self.walk_if(dot, node)
-        elif isinstance(node, p.RangeNode):
-            self.walk_range(dot, node)
-        elif isinstance(node, p.TemplateNode):
-            self.walk_template(dot, node)
-        elif isinstance(node, p.BreakNode):
-            raise _Break
-        elif isinstance(node, p.ContinueNode):
-            raise _Continue
-        else:  # pragma: no cover
-            raise self.error(f"unknown node: {node}")
+        _WALKERS[type(node)](self, dot, node)
+
+    def walk_list(self, dot: Any, node: p.ListNode) -> None:
+        for child in node.nodes:
+            self.walk(dot, child)
+
+    def walk_text(self, dot: Any, node: p.TextNode) -> None:
+        self.write(node.text)
+
+    def walk_action(self, dot: Any, node: p.ActionNode) -> None:
+        val = self.eval_pipeline(dot, node.pipe)
+        if not node.pipe.decl:  # a declaration prints nothing
+            self.print_value(node, val)
+
+    def walk_comment(self, dot: Any, node: p.CommentNode) -> None:
+        pass
+
+    def walk_break(self, dot: Any, node: p.BreakNode) -> None:
+        raise _Break
+
+    def walk_continue(self, dot: Any, node: p.ContinueNode) -> None:
+        raise _Continue
 
     def print_value(self, node: Any, v: Any) -> None:
         self.node = node
@@ -564,3 +563,16 @@ def _context(node: Any) -> str:
     if len(text) > 20:
         text = text[:20] + "..."
     return text
+
+
+_WALKERS: dict[type, Callable[[State, Any, Any], None]] = {
+    p.ListNode: State.walk_list,
+    p.TextNode: State.walk_text,
+    p.ActionNode: State.walk_action,
+    p.CommentNode: State.walk_comment,
+    p.IfNode: State.walk_if,
+    p.RangeNode: State.walk_range,
+    p.TemplateNode: State.walk_template,
+    p.BreakNode: State.walk_break,
+    p.ContinueNode: State.walk_continue,
+}
