@@ -557,3 +557,17 @@ def test_unknown_sprig_functions_are_not_supported() -> None:
 def test_no_function_builds_a_huge_string(text: str) -> None:
     with pytest.raises(gotemplate.GoTemplateError, match="would exceed"):
         gotemplate.parse(text, name="t").execute(lambda p, kv: None, max_output=1 << 30)
+
+
+def test_missing_secret_is_nil() -> None:
+    # consul-template returns nil for a dependency it does not have (yet)
+    tmpl = gotemplate.parse('{{ with secret "a/b" }}x{{ else }}none{{ end }} {{ secret "a/b" }}'
+                            ' {{ secrets "a/" }} {{ len (secrets "a/") }}', name="t")
+    assert tmpl.execute(lambda p, kv: None, max_output=100) == "none <no value> [] 0"
+
+
+def test_plain_python_numbers_print_as_their_text() -> None:
+    tmpl = gotemplate.parse('{{ with secret "kv/x" }}{{ .Data.n }} {{ .Data.f }} '
+                            '{{ printf "%d" .Data.n }} {{ toJSON .Data }}{{ end }}', name="t")
+    out = tmpl.execute(lambda p, kv: {"data": {"n": 5, "f": 2.5}}, max_output=200)
+    assert out == '5 2.5 %!d(json.Number=5) {"f":2.5,"n":5}'
