@@ -32,6 +32,7 @@ from agentd.gotemplate.values import (
     Int64,
     JSONError,
     JsonNumber,
+    NilStrList,
     StrList,
     Uint64,
     go_type,
@@ -734,7 +735,7 @@ def make_secret(response: Mapping[str, Any]) -> GoStruct:
         "LeaseDuration": _as_int(resp.get("lease_duration")),
         "Renewable": bool(resp.get("renewable")),
         "Data": data if isinstance(data, dict) else {},
-        "Warnings": StrList(resp.get("warnings") or []),
+        "Warnings": StrList(resp["warnings"]) if resp.get("warnings") else NilStrList(),
         "Auth": auth,
         "WrapInfo": GoNil("*dependency.SecretWrapInfo", WRAP_FIELDS),
     })
@@ -809,10 +810,10 @@ def _secret(state: State, *args: str) -> Any:
 
 def _secrets(state: State, path: str) -> StrList:
     if not path:
-        return StrList()
+        return NilStrList()
     resp = _environment(state).fetch("secrets", path, {})
     if resp is None:
-        return StrList()
+        return NilStrList()
     keys = (resp.get("data") or {}).get("keys") or []
     return StrList(sorted(str(k) for k in keys if isinstance(k, str)))
 

@@ -32,6 +32,7 @@ class _Flags:
     sharp: bool = False
     space: bool = False
     zero: bool = False
+    plus_v: bool = False  # %+v: field names in structs, no sign on numbers
     width: int | None = None
     prec: int | None = None
 
@@ -137,7 +138,7 @@ def format_value(v: Any, verb: str, f: _Flags, depth: int) -> str:
         parts = []
         for name, fv in v.fields.items():
             text = format_value(fv, verb, f, depth + 1)
-            parts.append(f"{name}:{text}" if f.plus and verb == "v" else text)
+            parts.append(f"{name}:{text}" if f.plus_v and verb == "v" else text)
         body = "{" + " ".join(parts) + "}"
         return ("&" + body) if v.pointer and depth == 0 else body
     if isinstance(v, complex):
@@ -439,6 +440,8 @@ def sprintf(fmt: str, args: list[Any]) -> str:
         if verb == "w":
             out.append(_bad_verb(arg, verb, f))
             continue
+        if verb == "v" and f.plus:
+            f.plus, f.plus_v = False, True
         out.append(format_value(arg, verb, f, 0))
     if not reordered and argn < len(args):
         extra = []

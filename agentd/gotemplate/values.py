@@ -61,6 +61,10 @@ class StrList(list):  # type: ignore[type-arg]
     """A Go []string (split, secrets): distinct from []interface{} for argument typing."""
 
 
+class NilStrList(StrList):
+    """A nil []string: prints ``[]`` like an empty one, but encodes to JSON as ``null``."""
+
+
 @dataclass
 class GoMethod:
     params: tuple[str, ...]
@@ -164,7 +168,7 @@ def json_marshal(value: Any, *, indent: str | None = None, escape_html: bool = T
 def _encode(v: Any, out: list[str], indent: str | None, esc: bool, level: int) -> None:
     if level > 1000:
         raise JSONError("json: unsupported value: encountered a cycle or too deep a value")
-    if v is None or v is NO_VALUE or isinstance(v, GoNil):
+    if v is None or v is NO_VALUE or isinstance(v, (GoNil, NilStrList)):
         out.append("null")
     elif isinstance(v, bool):
         out.append("true" if v else "false")
