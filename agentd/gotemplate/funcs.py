@@ -355,7 +355,9 @@ def _parse_bool(s: str) -> bool:
 
 
 _FLOAT_RE = re.compile(
-    r"[+-]?(?:(?:\d+(?:_\d+)*)?\.?\d*(?:[eE][+-]?\d+)?|0[xX][0-9a-fA-F_.]+[pP][+-]?\d+"
+    # strconv: underscores only between digits (or after a base prefix)
+    r"[+-]?(?:(?:\d+(?:_\d+)*(?:\.(?:\d+(?:_\d+)*)?)?|\.\d+(?:_\d+)*)"
+    r"(?:[eE][+-]?\d+(?:_\d+)*)?|0[xX][0-9a-fA-F_.]+[pP][+-]?\d+"
     r"|inf|infinity|nan)", re.IGNORECASE)
 
 
