@@ -575,11 +575,7 @@ def _min_max(name: str, pick_min: bool) -> Callable[[Any, Any], Any]:
         if kb is None:
             raise FuncError(f"{name}: unknown type for a value of type {go_type(b)}")
         first = a < b if pick_min else a > b
-        chosen = a if first else b
-        if ka == "float" or kb == "float":
-            return float(chosen) if (ka == "float" and kb == "float") or \
-                isinstance(chosen, float) else _conv(chosen)
-        return _conv(chosen)
+        return _conv(a if first else b)  # the chosen operand keeps its own Go type
 
     return impl
 

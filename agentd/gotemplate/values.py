@@ -166,7 +166,7 @@ def json_marshal(value: Any, *, indent: str | None = None, escape_html: bool = T
 
 
 def _encode(v: Any, out: list[str], indent: str | None, esc: bool, level: int) -> None:
-    if level > 1000:
+    if level > 200:
         raise JSONError("json: unsupported value: encountered a cycle or too deep a value")
     if v is None or v is NO_VALUE or isinstance(v, (GoNil, NilStrList)):
         out.append("null")
