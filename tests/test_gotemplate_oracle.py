@@ -51,6 +51,8 @@ DB_V1 = r"""{"data": {"host": "old.internal", "user": "app"}}"""
 DB_V2 = r"""{"data": {"host": "db.internal", "user": "app"}}"""
 LEGACY = r"""{"key": "v1value", "count": 7, "tags": ["x", "y"], "m": {"k": "v"}}"""
 OTHER = r"""{"a": "b"}"""
+KEYS = r"""{"data": {"B": 1, "a": 2, "_x": 3, "10": 4, "9": 5, "\u00e9": 6, "Z": 7, "aa": 8,
+  "": 9, "a b": 10, "\ud83d\ude00": 11, "\u00ff": 12, "-": 13}}"""
 
 
 def _raw(server: DevServer, method: str, path: str, body: str | None = None) -> bytes:
@@ -71,6 +73,7 @@ def _seed(server: DevServer) -> None:
     _raw(server, "POST", "secret/data/gotmpl/db", DB_V2)
     _raw(server, "POST", "kv1/gotmpl/legacy", LEGACY)
     _raw(server, "POST", "kv1/gotmpl/other", OTHER)
+    _raw(server, "POST", "secret/data/gotmpl/keys", KEYS)
     try:
         _raw(server, "POST", "sys/mounts/gotmpl-pki", '{"type": "pki"}')
     except urllib.error.HTTPError as exc:
