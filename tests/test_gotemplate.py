@@ -9,6 +9,7 @@ cases. Errors are checked as Go's tests check them: a substring of the message.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -571,3 +572,12 @@ def test_plain_python_numbers_print_as_their_text() -> None:
                             '{{ printf "%d" .Data.n }} {{ toJSON .Data }}{{ end }}', name="t")
     out = tmpl.execute(lambda p, kv: {"data": {"n": 5, "f": 2.5}}, max_output=200)
     assert out == '5 2.5 %!d(json.Number=5) {"f":2.5,"n":5}'
+
+
+@pytest.mark.parametrize("reply", [["a"], "text", 3, {"data": "not a map"}, {"data": None},
+                                   {"data": {"keys": "x"}}, {"lease_duration": "x"}])
+def test_odd_lookup_replies_are_template_errors_or_values(reply: Any) -> None:
+    tmpl = gotemplate.parse('{{ with secret "a" }}{{ .Data }}{{ end }}{{ secrets "b/" }}'
+                            '{{ with pkiCert "c/issue/x" }}{{ .Cert }}{{ end }}', name="t")
+    with contextlib.suppress(gotemplate.GoTemplateError):
+        tmpl.execute(lambda p, kv: reply, max_output=1000)

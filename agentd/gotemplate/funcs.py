@@ -745,7 +745,9 @@ def make_pem(response: Mapping[str, Any]) -> GoStruct:
     Each PEM gains the newline pem.EncodeToMemory ends with; ``.Data`` returns the value itself
     (openbao-template's wrapper "to mimic v2 secrets Data").
     """
-    data = to_go(dict(response)).get("data") or {}
+    data = to_go(dict(response)).get("data")
+    if not isinstance(data, dict):
+        data = {}
 
     def pem(key: str) -> str:
         v = data.get(key)
@@ -788,7 +790,10 @@ class Environment:
     def fetch(self, kind: str, path: str, kv: dict[str, str]) -> Any:
         key = (kind, path, tuple(sorted(kv.items())))
         if key not in self.cache:
-            self.cache[key] = self.lookup(path, kv)
+            reply = self.lookup(path, kv)
+            if reply is not None and not isinstance(reply, Mapping):
+                raise FuncError(f"the lookup of a {kind} path returned a {type(reply).__name__}")
+            self.cache[key] = reply
         return self.cache[key]
 
 
@@ -812,7 +817,10 @@ def _secrets(state: State, path: str) -> StrList:
     resp = _environment(state).fetch("secrets", path, {})
     if resp is None:
         return NilStrList()
-    keys = (resp.get("data") or {}).get("keys") or []
+    data = resp.get("data")
+    keys = data.get("keys") if isinstance(data, Mapping) else None
+    if not isinstance(keys, list):
+        return StrList()
     return StrList(sorted(str(k) for k in keys if isinstance(k, str)))
 
 
