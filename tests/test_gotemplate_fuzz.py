@@ -9,6 +9,7 @@ IndexError... The step budget bounds every execution, so no case can hang.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,29 @@ def test_corpus_mutations(base: str, edits: list[tuple[int, int, str]]) -> None:
 def test_arbitrary_text(text: str) -> None:
     check(text)
     check("{{" + text + "}}")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(CORPUS), st.dictionaries(st.sampled_from(
+    ["data", "lease_duration", "warnings", "auth", "request_id", "keys"]), JSON_VALUES,
+    max_size=4))
+def test_corpus_with_arbitrary_secret_data(text: str, reply: dict[str, Any]) -> None:
+    """Any shape of upstream reply: the corpus renders or fails as a template error."""
+    for delims in (("{{", "}}"), ("[[", "]]")):
+        try:
+            tmpl = gotemplate.parse(text, name="fuzz.tmpl", left_delim=delims[0],
+                                    right_delim=delims[1], env_allow={"GOTMPL_ORACLE_VAR"},
+                                    missing_key="zero")
+        except gotemplate.GoTemplateError:
+            continue
+        with contextlib.suppress(gotemplate.GoTemplateError):
+            tmpl.execute(lambda path, kv: reply, max_output=50_000, max_steps=50_000, env={})
