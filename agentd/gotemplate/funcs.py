@@ -712,6 +712,10 @@ def _as_int(v: Any) -> int:
             return 0
 
 
+def _str_list(v: Any) -> StrList:
+    return StrList(str(x) for x in v) if isinstance(v, list) else StrList()
+
+
 def make_secret(response: Mapping[str, Any]) -> GoStruct:
     """consul-template's *dependency.Secret from an OpenBao response."""
     resp = to_go(dict(response))
@@ -722,8 +726,9 @@ def make_secret(response: Mapping[str, Any]) -> GoStruct:
         auth = GoStruct("*dependency.SecretAuth", {
             "ClientToken": str(auth_resp.get("client_token") or ""),
             "Accessor": str(auth_resp.get("accessor") or ""),
-            "Policies": StrList(auth_resp.get("policies") or []),
-            "Metadata": dict(auth_resp.get("metadata") or {}),
+            "Policies": _str_list(auth_resp.get("policies")),
+            "Metadata": {str(k): v for k, v in auth_resp["metadata"].items()}
+            if isinstance(auth_resp.get("metadata"), dict) else {},
             "LeaseDuration": _as_int(auth_resp.get("lease_duration")),
             "Renewable": bool(auth_resp.get("renewable")),
         })
@@ -733,7 +738,7 @@ def make_secret(response: Mapping[str, Any]) -> GoStruct:
         "LeaseDuration": _as_int(resp.get("lease_duration")),
         "Renewable": bool(resp.get("renewable")),
         "Data": data if isinstance(data, dict) else {},
-        "Warnings": StrList(resp["warnings"]) if resp.get("warnings") else NilStrList(),
+        "Warnings": _str_list(resp.get("warnings")) or NilStrList(),
         "Auth": auth,
         "WrapInfo": GoNil("*dependency.SecretWrapInfo", WRAP_FIELDS),
     })
