@@ -179,9 +179,9 @@ def test_matches_openbao_agent(tmpl: Path, oracle: dict[str, bytes], bao: DevSer
 
 def _parse_and_run(tmpl: Path, server: DevServer) -> str:
     return gotemplate.parse(
-        tmpl.read_bytes().decode(), name=tmpl.name,
+        tmpl.read_bytes().decode(), name=tmpl.name, env_allow={ENV_VAR, "GOTMPL_ORACLE_UNSET"},
         missing_key="error" if tmpl.name.endswith(".strict.tmpl") else "zero",
-    ).execute(_lookup(server), max_output=1 << 20, env={})
+    ).execute(_lookup(server), max_output=1 << 20, env={ENV_VAR: ENV_VALUE})
 
 
 @pytest.fixture(scope="module")
