@@ -37,7 +37,8 @@ TOKENS = [
     "modulo", "multiply", "maximum", "minimum", "parseJSON", "parseInt", "parseFloat",
     "parseBool", "base64Decode", "base64Encode", "replaceAll", "contains", "in",
     "containsAny", "scratch", ".Set", ".Get", ".MapSet", ".MapValues", "executeTemplate",
-    "timestamp", "env", '"HOME"', "sha256Hex", "toTitle", "trimSpace", "plugin", "x", "999",
+    "timestamp", "env", '"HOME"', "loop", "range loop 3", "sha256Hex", "toTitle", "trimSpace",
+    "plugin", "x", "999",
     "9223372036854775808", "\t", "}", "{", "-",
 ]
 

@@ -22,7 +22,16 @@ from typing import Any
 
 from agentd.gotemplate import parse as p
 from agentd.gotemplate.gofmt import sprint
-from agentd.gotemplate.values import NO_VALUE, GoNil, GoStruct, JsonNumber, StrList, go_type
+from agentd.gotemplate.values import (
+    NO_VALUE,
+    GoChan,
+    GoNil,
+    GoStruct,
+    Int64,
+    JsonNumber,
+    StrList,
+    go_type,
+)
 
 MAX_TEMPLATE_DEPTH = 100
 
@@ -254,6 +263,12 @@ class State:
                     for key in sorted(val):
                         ran = True
                         one(key, val[key])
+                elif isinstance(val, GoChan):
+                    if val.stop - val.start > self.steps_left:
+                        raise self.error("template exceeded its step budget (range too long)")
+                    for i, elem in enumerate(range(val.start, val.stop)):
+                        ran = True
+                        one(i, Int64(elem))
                 elif isinstance(val, int) and not isinstance(val, bool):
                     if len(decl) > 1:
                         raise self.error(

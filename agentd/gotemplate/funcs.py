@@ -26,6 +26,7 @@ from agentd.gotemplate.exec import Func, FuncError, State, truth
 from agentd.gotemplate.gofmt import sprint, sprintf, sprintln
 from agentd.gotemplate.values import (
     NO_VALUE,
+    GoChan,
     GoMethod,
     GoNil,
     GoStruct,
@@ -138,6 +139,8 @@ def _len(v: Any) -> int:
         return len(v.encode("utf-8", "surrogatepass"))
     if isinstance(v, (list, dict)):
         return len(v)
+    if isinstance(v, GoChan):
+        return 0  # an unbuffered channel holds nothing
     raise FuncError(f"len of type {go_type(v)}")
 
 
@@ -870,6 +873,19 @@ def _timestamp(state: State, *args: str) -> str:
     raise FuncError(f"timestamp: wrong number of arguments, expected 0 or 1, but got {len(args)}")
 
 
+def _loop(*args: Any) -> GoChan:
+    def to64(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise FuncError(f"loop: bad argument type: {go_type(v)}")
+        return int(_parse_int(v)) if isinstance(v, str) else int(v)
+
+    if len(args) == 1:
+        return GoChan(0, to64(args[0]))
+    if len(args) == 2:
+        return GoChan(to64(args[0]), to64(args[1]))
+    raise FuncError(f"loop: wrong number of arguments, expected 1 or 2, but got {len(args)}")
+
+
 def _execute_template(state: State, name: str, *data: Any) -> str:
     if len(data) > 1:
         raise FuncError("executeTemplate: wrong number of arguments, expected 1 or 2, but got "
@@ -914,6 +930,7 @@ CONSUL_TEMPLATE: dict[str, Func] = {
     "timestamp": Func((), _timestamp, variadic="string", state=True),
     "executeTemplate": Func(("string",), _execute_template, variadic="any", state=True),
     "scratch": Func((), _scratch, state=True),
+    "loop": Func((), _loop, variadic="any"),
     "base64Decode": _s(lambda s: _b64decode("base64Decode", s, False), "string"),
     "base64Encode": _s(lambda s: base64.b64encode(s.encode("utf-8", "surrogateescape"))
                        .decode(), "string"),
@@ -978,7 +995,7 @@ UNSUPPORTED = frozenset({
     "partitions", "peerings", "service", "connect", "services", "tree", "safeTree", "caRoots",
     "caLeaf", "nomadServices", "nomadService", "nomadVarList", "nomadVarListSafe", "nomadVar",
     "nomadVarExists", "byKey", "byPort", "byTag", "byMeta", "explode", "explodeMap", "mergeMap",
-    "mergeMapWithOverride", "loop", "parseYAML", "toYAML", "toTOML", "splitToMap",
+    "mergeMapWithOverride", "parseYAML", "toYAML", "toTOML", "splitToMap",
     "regexReplaceAll", "regexMatch", "spew_dump", "spew_printf", "spew_sdump", "spew_sprintf",
 })
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from agentd.gotemplate.values import (
     NO_VALUE,
+    GoChan,
     GoNil,
     GoStruct,
     Uint64,
@@ -143,6 +144,8 @@ def format_value(v: Any, verb: str, f: _Flags, depth: int) -> str:
         return ("&" + body) if v.pointer and depth == 0 else body
     if isinstance(v, complex):
         return _bad_verb(v, verb, f) if verb != "v" else f"({v.real:g}{v.imag:+g}i)"
+    if isinstance(v, GoChan):  # Go prints the channel's address: any will do
+        return _pad("0xc000100000", f) if verb in "vp" else _bad_verb(v, verb, f)
     return _bad_verb(v, verb, f)
 
 

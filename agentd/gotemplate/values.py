@@ -65,6 +65,14 @@ class NilStrList(StrList):
     """A nil []string: prints ``[]`` like an empty one, but encodes to JSON as ``null``."""
 
 
+@dataclass(frozen=True)
+class GoChan:
+    """consul-template's ``loop``: a ``<-chan int64`` yielding start, start+1, ... stop-1."""
+
+    start: int
+    stop: int
+
+
 @dataclass
 class GoMethod:
     params: tuple[str, ...]
@@ -118,6 +126,8 @@ def go_type(v: Any) -> str:
         return v.type_name
     if isinstance(v, GoNil):
         return v.type_name
+    if isinstance(v, GoChan):
+        return "<-chan int64"
     return "interface {}"
 
 
