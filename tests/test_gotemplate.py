@@ -9,6 +9,7 @@ cases. Errors are checked as Go's tests check them: a substring of the message.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -343,6 +344,7 @@ def test_error_names_template_and_line_not_data() -> None:
         run("ok\n{{ printf \"%s\" .pw }}\n{{ len .pw.deeper }}", {"pw": secret})
     text = str(info.value)
     assert text.startswith("test:3: executing at <.pw.deeper>: ")
+    assert (info.value.template, info.value.line) == ("test", 3)
     assert secret not in text
 
 
@@ -544,3 +546,38 @@ def test_unknown_sprig_functions_are_not_supported() -> None:
     with pytest.raises(gotemplate.GoTemplateError, match='t:1: function "sprig_env" not sup'):
         gotemplate.parse('{{ sprig_env "HOME" }}', name="t")
     assert run('{{ "a" | sprig_upper }}') == "A"
+
+
+@pytest.mark.parametrize("text", [
+    '{{ replaceAll "0" (printf "%999999d" 0) (printf "%09999d" 0) }}',
+    '{{ $l := split "," (printf "%09999d" 0 | replaceAll "0" "x,") }}'
+    '{{ join (printf "%999999d" 0) $l }}',
+    '{{ indent 99999999 (printf "%09999d" 0 | replaceAll "0" "\\n") }}',
+    '{{ sprig_repeat 999999999 "abc" }}',
+])
+def test_no_function_builds_a_huge_string(text: str) -> None:
+    with pytest.raises(gotemplate.GoTemplateError, match="would exceed"):
+        gotemplate.parse(text, name="t").execute(lambda p, kv: None, max_output=1 << 30)
+
+
+def test_missing_secret_is_nil() -> None:
+    # consul-template returns nil for a dependency it does not have (yet)
+    tmpl = gotemplate.parse('{{ with secret "a/b" }}x{{ else }}none{{ end }} {{ secret "a/b" }}'
+                            ' {{ secrets "a/" }} {{ len (secrets "a/") }}', name="t")
+    assert tmpl.execute(lambda p, kv: None, max_output=100) == "none <no value> [] 0"
+
+
+def test_plain_python_numbers_print_as_their_text() -> None:
+    tmpl = gotemplate.parse('{{ with secret "kv/x" }}{{ .Data.n }} {{ .Data.f }} '
+                            '{{ printf "%d" .Data.n }} {{ toJSON .Data }}{{ end }}', name="t")
+    out = tmpl.execute(lambda p, kv: {"data": {"n": 5, "f": 2.5}}, max_output=200)
+    assert out == '5 2.5 %!d(json.Number=5) {"f":2.5,"n":5}'
+
+
+@pytest.mark.parametrize("reply", [["a"], "text", 3, {"data": "not a map"}, {"data": None},
+                                   {"data": {"keys": "x"}}, {"lease_duration": "x"}])
+def test_odd_lookup_replies_are_template_errors_or_values(reply: Any) -> None:
+    tmpl = gotemplate.parse('{{ with secret "a" }}{{ .Data }}{{ end }}{{ secrets "b/" }}'
+                            '{{ with pkiCert "c/issue/x" }}{{ .Cert }}{{ end }}', name="t")
+    with contextlib.suppress(gotemplate.GoTemplateError):
+        tmpl.execute(lambda p, kv: reply, max_output=1000)

@@ -9,6 +9,7 @@ IndexError... The step budget bounds every execution, so no case can hang.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ TOKENS = [
     "modulo", "multiply", "maximum", "minimum", "parseJSON", "parseInt", "parseFloat",
     "parseBool", "base64Decode", "base64Encode", "replaceAll", "contains", "in",
     "containsAny", "scratch", ".Set", ".Get", ".MapSet", ".MapValues", "executeTemplate",
-    "timestamp", "env", '"HOME"', "sha256Hex", "toTitle", "trimSpace", "plugin", "x", "999",
+    "timestamp", "env", '"HOME"', "loop", "range loop 3", "sha256Hex", "toTitle", "trimSpace",
+    "plugin", "x", "999",
     "9223372036854775808", "\t", "}", "{", "-",
 ]
 
@@ -47,9 +49,9 @@ def lookup(path: str, kv: Any) -> Any:
     return SECRET
 
 
-def check(text: str) -> None:
+def check(text: str, missing_key: str = "zero") -> None:
     try:
-        tmpl = gotemplate.parse(text, name="fuzz.tmpl", missing_key="zero")
+        tmpl = gotemplate.parse(text, name="fuzz.tmpl", missing_key=missing_key)
     except gotemplate.GoTemplateError as exc:
         assert exc.template == "fuzz.tmpl"
         return
@@ -63,9 +65,10 @@ def check(text: str) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=4)), max_size=40))
-def test_token_soup(parts: list[str]) -> None:
-    check("".join(parts))
+@given(st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=4)), max_size=40),
+       st.sampled_from(["zero", "error", "default"]))
+def test_token_soup(parts: list[str], missing_key: str) -> None:
+    check("".join(parts), missing_key)
 
 
 @settings(max_examples=150, deadline=None)
@@ -91,3 +94,29 @@ def test_corpus_mutations(base: str, edits: list[tuple[int, int, str]]) -> None:
 def test_arbitrary_text(text: str) -> None:
     check(text)
     check("{{" + text + "}}")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(CORPUS), st.dictionaries(st.sampled_from(
+    ["data", "lease_duration", "warnings", "auth", "request_id", "keys"]), JSON_VALUES,
+    max_size=4))
+def test_corpus_with_arbitrary_secret_data(text: str, reply: dict[str, Any]) -> None:
+    """Any shape of upstream reply: the corpus renders or fails as a template error."""
+    for delims in (("{{", "}}"), ("[[", "]]")):
+        try:
+            tmpl = gotemplate.parse(text, name="fuzz.tmpl", left_delim=delims[0],
+                                    right_delim=delims[1], env_allow={"GOTMPL_ORACLE_VAR"},
+                                    missing_key="zero")
+        except gotemplate.GoTemplateError:
+            continue
+        with contextlib.suppress(gotemplate.GoTemplateError):
+            tmpl.execute(lambda path, kv: reply, max_output=50_000, max_steps=50_000, env={})

@@ -13,7 +13,21 @@ KV v2, the issued certificate for ``pki/issue``), the LIST reply (``{"data": {"k
 for ``secrets``, or None when there is nothing (the function then returns nil, as
 consul-template does for a missing dependency). Decode replies with :func:`decode_json` so JSON
 numbers keep their text (Go's json.Number); plain Python ints and floats are accepted and print
-as ``str(int)`` / ``repr(float)``.
+as ``str(int)`` / ``repr(float)``. The path handed to ``lookup`` is the template's literal, as
+written: consul-template adds ``data/`` to a KV v2 path written without it
+(``secret "secret/app"`` reads ``secret/data/app``) and passes ``?version=N`` through; the
+caller's catalog does the same mapping. ``secret`` with ``k=v`` arguments (``pki/issue``) is a
+write: ``kv_args`` holds them. ``pkiCert`` returns ``{Cert, Key, CA}`` (and ``.Data`` of it).
+
+Read template files as bytes and decode them: Go keeps ``\r\n`` in text, so must we.
+``missing_key`` is Go's option: ``"zero"`` is the OpenBao Agent's default (a missing map key
+prints ``<no value>``), ``"error"`` (agentd's default: fail closed) is its
+``error_on_missing_key = true``.
+
+Not supported, refused at parse time: ``plugin``, ``writeToFile``, ``file``, ``sockaddr``, the
+Consul and Nomad functions, ``regexMatch``/``regexReplaceAll`` (Python's backtracking ``re``
+is not RE2: a hostile pattern could hang the worker), ``toYAML``/``parseYAML``/``toTOML``, and
+``sprig_*`` beyond the hermetic string, default, list and hash helpers in ``sprig.py``.
 
 Errors: :class:`GoTemplateError` (a RenderError) at parse time for syntax errors and for any
 unknown, unsupported or refused function (``"t.tmpl:3: function "plugin" not supported"``), and
@@ -40,7 +54,7 @@ from agentd.gotemplate.funcs import (
     SecretLookup,
     all_functions,
 )
-from agentd.gotemplate.values import JsonNumber, decode_json
+from agentd.gotemplate.values import NO_VALUE, JsonNumber, decode_json
 
 DEFAULT_MAX_STEPS = 1_000_000
 MISSING_KEY_MODES = ("zero", "error", "default")
@@ -115,15 +129,12 @@ class Template:
         state.extra["env_allow"] = self._env_allow
         state.display_name = self.name
         try:
-            return state.execute(_p.MAIN, _NO_DATA if dot is None else dot)
+            return state.execute(_p.MAIN, NO_VALUE if dot is None else dot)
         except ExecError as exc:
-            raise GoTemplateError(str(exc), template=self.name) from None
+            raise GoTemplateError(str(exc), template=self.name, line=exc.line) from None
         except RecursionError:
             raise GoTemplateError(f"{self.name}: template nested too deeply",
                                   template=self.name) from None
-
-
-_NO_DATA: Any = None  # replaced below: consul-template executes with nil data
 
 
 def parse(
@@ -184,15 +195,6 @@ def parse(
         raise GoTemplateError(f"{name}: template nested too deeply", template=name) from None
     return Template(name, trees, refs, allowed_env, missing_key)
 
-
-def _init() -> None:
-    global _NO_DATA
-    from agentd.gotemplate.values import NO_VALUE
-
-    _NO_DATA = NO_VALUE
-
-
-_init()
 
 __all__ = ["GoTemplateError", "JsonNumber", "SecretRef", "Template", "decode_json", "parse",
            "supported_functions"]

@@ -22,13 +22,26 @@ from typing import Any
 
 from agentd.gotemplate import parse as p
 from agentd.gotemplate.gofmt import sprint
-from agentd.gotemplate.values import NO_VALUE, GoNil, GoStruct, JsonNumber, StrList, go_type
+from agentd.gotemplate.values import (
+    NO_VALUE,
+    GoChan,
+    GoNil,
+    GoStruct,
+    Int64,
+    JsonNumber,
+    StrList,
+    go_type,
+)
 
 MAX_TEMPLATE_DEPTH = 100
 
 
 class ExecError(Exception):
     """Execution failed; the message is complete ("name:line: executing ...")."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class FuncError(Exception):
@@ -120,10 +133,11 @@ class State:
         node = node if node is not None else self.node
         line = getattr(node, "line", 1) if node is not None else 1
         if node is None:
-            return ExecError(f"{self.display_name}:{line}: {message}")
+            return ExecError(f"{self.display_name}:{line}: {message}", line)
         context = _context(node)
         where = "" if self.tree_name == p.MAIN else f" in {p.go_quote(self.tree_name)}"
-        return ExecError(f"{self.display_name}:{line}: executing at <{context}>{where}: {message}")
+        return ExecError(
+            f"{self.display_name}:{line}: executing at <{context}>{where}: {message}", line)
 
     def step(self, cost: int = 1) -> None:
         self.steps_left -= cost
@@ -166,29 +180,28 @@ class State:
     def walk(self, dot: Any, node: Any) -> None:
         self.step()
         self.node = node
-        if isinstance(node, p.ListNode):
-            for child in node.nodes:
-                self.walk(dot, child)
-        elif isinstance(node, p.TextNode):
-            self.write(node.text)
-        elif isinstance(node, p.ActionNode):
-            val = self.eval_pipeline(dot, node.pipe)
-            if not node.pipe.decl:
-                self.print_value(node, val)
-        elif isinstance(node, p.CommentNode):
-            pass
-        elif isinstance(node, p.IfNode):
-            self.walk_if(dot, node)
-        elif isinstance(node, p.RangeNode):
-            self.walk_range(dot, node)
-        elif isinstance(node, p.TemplateNode):
-            self.walk_template(dot, node)
-        elif isinstance(node, p.BreakNode):
-            raise _Break
-        elif isinstance(node, p.ContinueNode):
-            raise _Continue
-        else:  # pragma: no cover
-            raise self.error(f"unknown node: {node}")
+        _WALKERS[type(node)](self, dot, node)
+
+    def walk_list(self, dot: Any, node: p.ListNode) -> None:
+        for child in node.nodes:
+            self.walk(dot, child)
+
+    def walk_text(self, dot: Any, node: p.TextNode) -> None:
+        self.write(node.text)
+
+    def walk_action(self, dot: Any, node: p.ActionNode) -> None:
+        val = self.eval_pipeline(dot, node.pipe)
+        if not node.pipe.decl:  # a declaration prints nothing
+            self.print_value(node, val)
+
+    def walk_comment(self, dot: Any, node: p.CommentNode) -> None:
+        pass
+
+    def walk_break(self, dot: Any, node: p.BreakNode) -> None:
+        raise _Break
+
+    def walk_continue(self, dot: Any, node: p.ContinueNode) -> None:
+        raise _Continue
 
     def print_value(self, node: Any, v: Any) -> None:
         self.node = node
@@ -250,6 +263,12 @@ class State:
                     for key in sorted(val):
                         ran = True
                         one(key, val[key])
+                elif isinstance(val, GoChan):
+                    if val.stop - val.start > self.steps_left:
+                        raise self.error("template exceeded its step budget (range too long)")
+                    for i, elem in enumerate(range(val.start, val.stop)):
+                        ran = True
+                        one(i, Int64(elem))
                 elif isinstance(val, int) and not isinstance(val, bool):
                     if len(decl) > 1:
                         raise self.error(
@@ -559,3 +578,16 @@ def _context(node: Any) -> str:
     if len(text) > 20:
         text = text[:20] + "..."
     return text
+
+
+_WALKERS: dict[type, Callable[[State, Any, Any], None]] = {
+    p.ListNode: State.walk_list,
+    p.TextNode: State.walk_text,
+    p.ActionNode: State.walk_action,
+    p.CommentNode: State.walk_comment,
+    p.IfNode: State.walk_if,
+    p.RangeNode: State.walk_range,
+    p.TemplateNode: State.walk_template,
+    p.BreakNode: State.walk_break,
+    p.ContinueNode: State.walk_continue,
+}

@@ -26,12 +26,14 @@ from agentd.gotemplate.exec import Func, FuncError, State, truth
 from agentd.gotemplate.gofmt import sprint, sprintf, sprintln
 from agentd.gotemplate.values import (
     NO_VALUE,
+    GoChan,
     GoMethod,
     GoNil,
     GoStruct,
     Int64,
     JSONError,
     JsonNumber,
+    NilStrList,
     StrList,
     Uint64,
     go_type,
@@ -137,6 +139,8 @@ def _len(v: Any) -> int:
         return len(v.encode("utf-8", "surrogatepass"))
     if isinstance(v, (list, dict)):
         return len(v)
+    if isinstance(v, GoChan):
+        return 0  # an unbuffered channel holds nothing
     raise FuncError(f"len of type {go_type(v)}")
 
 
@@ -354,7 +358,9 @@ def _parse_bool(s: str) -> bool:
 
 
 _FLOAT_RE = re.compile(
-    r"[+-]?(?:(?:\d+(?:_\d+)*)?\.?\d*(?:[eE][+-]?\d+)?|0[xX][0-9a-fA-F_.]+[pP][+-]?\d+"
+    # strconv: underscores only between digits (or after a base prefix)
+    r"[+-]?(?:(?:\d+(?:_\d+)*(?:\.(?:\d+(?:_\d+)*)?)?|\.\d+(?:_\d+)*)"
+    r"(?:[eE][+-]?\d+(?:_\d+)*)?|0[xX][0-9a-fA-F_.]+[pP][+-]?\d+"
     r"|inf|infinity|nan)", re.IGNORECASE)
 
 
@@ -475,9 +481,30 @@ def _split(sep: str, s: str) -> StrList:
     return StrList(s.split(sep))
 
 
+MAX_VALUE_CHARS = 1 << 24  # no function builds a bigger string (the output cap is checked after)
+
+
+def check_growth(chars: int) -> None:
+    """Refuse to build a string of ``chars`` characters before building it."""
+    if chars > MAX_VALUE_CHARS:
+        raise FuncError(f"the result would exceed {MAX_VALUE_CHARS} characters")
+
+
+def replace_all(old: str, new: str, s: str) -> str:
+    count = s.count(old) if old else len(s) + 1
+    check_growth(len(s) + count * (len(new) - len(old)))
+    return s.replace(old, new) if old else _replace_empty(s, new)
+
+
+def join(sep: str, items: list[str]) -> str:
+    check_growth(sum(len(x) for x in items) + len(sep) * max(len(items) - 1, 0))
+    return sep.join(items)
+
+
 def _indent(spaces: int, s: str) -> str:
     if spaces < 0:
         raise FuncError("indent value must be a positive integer")
+    check_growth(len(s) + spaces * (s.count("\n") + 1))
     prefix = " " * spaces
     out = []
     at_line_start = True
@@ -551,11 +578,7 @@ def _min_max(name: str, pick_min: bool) -> Callable[[Any, Any], Any]:
         if kb is None:
             raise FuncError(f"{name}: unknown type for a value of type {go_type(b)}")
         first = a < b if pick_min else a > b
-        chosen = a if first else b
-        if ka == "float" or kb == "float":
-            return float(chosen) if (ka == "float" and kb == "float") or \
-                isinstance(chosen, float) else _conv(chosen)
-        return _conv(chosen)
+        return _conv(a if first else b)  # the chosen operand keeps its own Go type
 
     return impl
 
@@ -692,6 +715,10 @@ def _as_int(v: Any) -> int:
             return 0
 
 
+def _str_list(v: Any) -> StrList:
+    return StrList(str(x) for x in v) if isinstance(v, list) else StrList()
+
+
 def make_secret(response: Mapping[str, Any]) -> GoStruct:
     """consul-template's *dependency.Secret from an OpenBao response."""
     resp = to_go(dict(response))
@@ -702,8 +729,9 @@ def make_secret(response: Mapping[str, Any]) -> GoStruct:
         auth = GoStruct("*dependency.SecretAuth", {
             "ClientToken": str(auth_resp.get("client_token") or ""),
             "Accessor": str(auth_resp.get("accessor") or ""),
-            "Policies": StrList(auth_resp.get("policies") or []),
-            "Metadata": dict(auth_resp.get("metadata") or {}),
+            "Policies": _str_list(auth_resp.get("policies")),
+            "Metadata": {str(k): v for k, v in auth_resp["metadata"].items()}
+            if isinstance(auth_resp.get("metadata"), dict) else {},
             "LeaseDuration": _as_int(auth_resp.get("lease_duration")),
             "Renewable": bool(auth_resp.get("renewable")),
         })
@@ -713,7 +741,7 @@ def make_secret(response: Mapping[str, Any]) -> GoStruct:
         "LeaseDuration": _as_int(resp.get("lease_duration")),
         "Renewable": bool(resp.get("renewable")),
         "Data": data if isinstance(data, dict) else {},
-        "Warnings": StrList(resp.get("warnings") or []),
+        "Warnings": _str_list(resp.get("warnings")) or NilStrList(),
         "Auth": auth,
         "WrapInfo": GoNil("*dependency.SecretWrapInfo", WRAP_FIELDS),
     })
@@ -725,7 +753,9 @@ def make_pem(response: Mapping[str, Any]) -> GoStruct:
     Each PEM gains the newline pem.EncodeToMemory ends with; ``.Data`` returns the value itself
     (openbao-template's wrapper "to mimic v2 secrets Data").
     """
-    data = to_go(dict(response)).get("data") or {}
+    data = to_go(dict(response)).get("data")
+    if not isinstance(data, dict):
+        data = {}
 
     def pem(key: str) -> str:
         v = data.get(key)
@@ -768,7 +798,10 @@ class Environment:
     def fetch(self, kind: str, path: str, kv: dict[str, str]) -> Any:
         key = (kind, path, tuple(sorted(kv.items())))
         if key not in self.cache:
-            self.cache[key] = self.lookup(path, kv)
+            reply = self.lookup(path, kv)
+            if reply is not None and not isinstance(reply, Mapping):
+                raise FuncError(f"the lookup of a {kind} path returned a {type(reply).__name__}")
+            self.cache[key] = reply
         return self.cache[key]
 
 
@@ -788,11 +821,14 @@ def _secret(state: State, *args: str) -> Any:
 
 def _secrets(state: State, path: str) -> StrList:
     if not path:
-        return StrList()
+        return NilStrList()
     resp = _environment(state).fetch("secrets", path, {})
     if resp is None:
+        return NilStrList()
+    data = resp.get("data")
+    keys = data.get("keys") if isinstance(data, Mapping) else None
+    if not isinstance(keys, list):
         return StrList()
-    keys = (resp.get("data") or {}).get("keys") or []
     return StrList(sorted(str(k) for k in keys if isinstance(k, str)))
 
 
@@ -835,6 +871,19 @@ def _timestamp(state: State, *args: str) -> str:
             return str(int(now.timestamp()))
         return go_time_format(now, args[0])
     raise FuncError(f"timestamp: wrong number of arguments, expected 0 or 1, but got {len(args)}")
+
+
+def _loop(*args: Any) -> GoChan:
+    def to64(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise FuncError(f"loop: bad argument type: {go_type(v)}")
+        return int(_parse_int(v)) if isinstance(v, str) else int(v)
+
+    if len(args) == 1:
+        return GoChan(0, to64(args[0]))
+    if len(args) == 2:
+        return GoChan(to64(args[0]), to64(args[1]))
+    raise FuncError(f"loop: wrong number of arguments, expected 1 or 2, but got {len(args)}")
 
 
 def _execute_template(state: State, name: str, *data: Any) -> str:
@@ -881,6 +930,7 @@ CONSUL_TEMPLATE: dict[str, Func] = {
     "timestamp": Func((), _timestamp, variadic="string", state=True),
     "executeTemplate": Func(("string",), _execute_template, variadic="any", state=True),
     "scratch": Func((), _scratch, state=True),
+    "loop": Func((), _loop, variadic="any"),
     "base64Decode": _s(lambda s: _b64decode("base64Decode", s, False), "string"),
     "base64Encode": _s(lambda s: base64.b64encode(s.encode("utf-8", "surrogateescape"))
                        .decode(), "string"),
@@ -894,7 +944,7 @@ CONSUL_TEMPLATE: dict[str, Func] = {
     "containsNotAll": _s(_contains_some(False, True), "anylist", "any"),
     "in": _s(_in, "any", "any"),
     "indent": _s(_indent, "int", "string"),
-    "join": _s(lambda sep, items: sep.join(items), "string", "strlist"),
+    "join": _s(join, "string", "strlist"),
     "trim": _s(lambda cutset, s: s.strip(cutset), "string", "string"),
     "trimPrefix": _s(lambda pre, s: s[len(pre):] if pre and s.startswith(pre) else s,
                      "string", "string"),
@@ -908,8 +958,7 @@ CONSUL_TEMPLATE: dict[str, Func] = {
     "parseInt": _s(_parse_int, "string"),
     "parseUint": _s(_parse_uint, "string"),
     "parseJSON": _s(_parse_json, "string"),
-    "replaceAll": _s(lambda f, t, s: s.replace(f, t) if f else _replace_empty(s, t),
-                     "string", "string", "string"),
+    "replaceAll": _s(replace_all, "string", "string", "string"),
     "sha256Hex": _s(lambda s: hashlib.sha256(s.encode("utf-8", "surrogateescape")).hexdigest(),
                     "string"),
     "md5sum": _s(lambda s: hashlib.md5(s.encode("utf-8", "surrogateescape"),
@@ -946,7 +995,7 @@ UNSUPPORTED = frozenset({
     "partitions", "peerings", "service", "connect", "services", "tree", "safeTree", "caRoots",
     "caLeaf", "nomadServices", "nomadService", "nomadVarList", "nomadVarListSafe", "nomadVar",
     "nomadVarExists", "byKey", "byPort", "byTag", "byMeta", "explode", "explodeMap", "mergeMap",
-    "mergeMapWithOverride", "loop", "parseYAML", "toYAML", "toTOML", "splitToMap",
+    "mergeMapWithOverride", "parseYAML", "toYAML", "toTOML", "splitToMap",
     "regexReplaceAll", "regexMatch", "spew_dump", "spew_printf", "spew_sdump", "spew_sprintf",
 })
 

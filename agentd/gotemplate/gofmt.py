@@ -11,11 +11,12 @@ bad verb).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agentd.gotemplate.values import (
     NO_VALUE,
+    GoChan,
     GoNil,
     GoStruct,
     Uint64,
@@ -32,6 +33,7 @@ class _Flags:
     sharp: bool = False
     space: bool = False
     zero: bool = False
+    plus_v: bool = False  # %+v: field names in structs, no sign on numbers
     width: int | None = None
     prec: int | None = None
 
@@ -137,11 +139,13 @@ def format_value(v: Any, verb: str, f: _Flags, depth: int) -> str:
         parts = []
         for name, fv in v.fields.items():
             text = format_value(fv, verb, f, depth + 1)
-            parts.append(f"{name}:{text}" if f.plus and verb == "v" else text)
+            parts.append(f"{name}:{text}" if f.plus_v and verb == "v" else text)
         body = "{" + " ".join(parts) + "}"
         return ("&" + body) if v.pointer and depth == 0 else body
     if isinstance(v, complex):
         return _bad_verb(v, verb, f) if verb != "v" else f"({v.real:g}{v.imag:+g}i)"
+    if isinstance(v, GoChan):  # Go prints the channel's address: any will do
+        return _pad("0xc000100000", f) if verb in "vp" else _bad_verb(v, verb, f)
     return _bad_verb(v, verb, f)
 
 
@@ -190,22 +194,12 @@ def _fmt_float(v: float, verb: str, f: _Flags) -> str:
     if verb not in "vbeEfFgGxX":
         return _bad_verb(v, verb, f)
     if math.isinf(v) or math.isnan(v):
+        # fmt always signs infinities; a NaN only with '+' or ' '; never zero padding
         if math.isnan(v):
-            s = "NaN"
-            if f.plus:
-                s = "+NaN"
-            elif f.space:
-                s = " NaN"
+            s = "+NaN" if f.plus else (" NaN" if f.space else "NaN")
         else:
-            s = ("+Inf" if f.plus else ("Inf" if not f.space else " Inf")) if v > 0 else "-Inf"
-            if v > 0 and not f.plus and not f.space:
-                s = "+Inf"
-        saved = f.zero
-        f.zero = False
-        try:
-            return _pad(s, f)
-        finally:
-            f.zero = saved
+            s = "-Inf" if v < 0 else (" Inf" if f.space and not f.plus else "+Inf")
+        return _pad(s, replace(f, zero=False))
     if verb == "b":
         m, e = math.frexp(abs(v))
         mant = int(m * (1 << 53))
@@ -266,19 +260,13 @@ def _fmt_str(v: str, verb: str, f: _Flags) -> str:
         data = v.encode("utf-8", "surrogatepass")
         if f.prec is not None:
             data = data[:f.prec]
-        parts = []
-        for i, b in enumerate(data):
-            h = f"{b:02x}" if verb == "x" else f"{b:02X}"
-            if f.space:
-                if f.sharp:
-                    h = ("0x" if verb == "x" else "0X") + h
-                parts.append(h)
-            else:
-                parts.append(h)
-                _ = i
+        prefix = "0x" if verb == "x" else "0X"
+        parts = [f"{b:02x}" if verb == "x" else f"{b:02X}" for b in data]
+        if f.space and f.sharp:
+            parts = [prefix + h for h in parts]
         s = " ".join(parts) if f.space else "".join(parts)
         if f.sharp and not f.space and data:
-            s = ("0x" if verb == "x" else "0X") + s
+            s = prefix + s
         return _pad(s, f)
     if verb == "q":
         s = v if f.prec is None else v[:f.prec]
@@ -439,6 +427,8 @@ def sprintf(fmt: str, args: list[Any]) -> str:
         if verb == "w":
             out.append(_bad_verb(arg, verb, f))
             continue
+        if verb == "v" and f.plus:
+            f.plus, f.plus_v = False, True
         out.append(format_value(arg, verb, f, 0))
     if not reordered and argn < len(args):
         extra = []

@@ -307,8 +307,8 @@ def _lex_action(text: str, pos: int, line: int, right: str,
 
 
 def _go_rune(ch: str) -> str:
-    return f"U+{ord(ch):04X} {go_quote(ch)[1:-1]!r}".replace('"', "'") if ch.isprintable() \
-        else f"U+{ord(ch):04X}"
+    """fmt's %#U."""
+    return f"U+{ord(ch):04X} '{ch}'" if ch.isprintable() else f"U+{ord(ch):04X}"
 
 
 def _check_terminator(text: str, pos: int, right: str, line: int) -> None:

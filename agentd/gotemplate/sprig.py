@@ -12,7 +12,8 @@ import binascii
 import hashlib
 from typing import Any
 
-from agentd.gotemplate.exec import Func, truth
+from agentd.gotemplate.exec import Func, FuncError, truth
+from agentd.gotemplate.funcs import check_growth, join, replace_all
 from agentd.gotemplate.gofmt import sprintf
 from agentd.gotemplate.values import NO_VALUE, StrList
 
@@ -46,6 +47,7 @@ def _cat(*args: Any) -> str:
 
 
 def _indent(spaces: int, s: str) -> str:
+    check_growth(len(s) + max(spaces, 0) * (s.count("\n") + 1))
     pad = " " * spaces
     return pad + s.replace("\n", "\n" + pad)
 
@@ -115,6 +117,13 @@ def _sort_alpha(v: Any) -> StrList:
     return StrList([strval(v)])
 
 
+def _repeat(n: int, s: str) -> str:
+    if n < 0:
+        raise FuncError("strings: negative Repeat count")
+    check_growth(len(s) * n)
+    return s * n
+
+
 def _nospace(s: str) -> str:
     return "".join(ch for ch in s if not ch.isspace())
 
@@ -135,9 +144,9 @@ SPRIG: dict[str, Func] = {
     "sprig_contains": _s(lambda sub, s: sub in s, "string", "string"),
     "sprig_hasPrefix": _s(lambda sub, s: s.startswith(sub), "string", "string"),
     "sprig_hasSuffix": _s(lambda sub, s: s.endswith(sub), "string", "string"),
-    "sprig_repeat": _s(lambda n, s: s * max(n, 0) if len(s) * max(n, 0) <= 1 << 24 else "",
-                       "int", "string"),
-    "sprig_replace": _s(lambda old, new, s: s.replace(old, new), "string", "string", "string"),
+    "sprig_repeat": _s(_repeat, "int", "string"),
+    "sprig_replace": _s(lambda old, new, s: replace_all(old, new, s), "string", "string",
+                        "string"),
     "sprig_quote": _s(_quote, variadic="any"),
     "sprig_squote": _s(_squote, variadic="any"),
     "sprig_cat": _s(_cat, variadic="any"),
@@ -145,7 +154,7 @@ SPRIG: dict[str, Func] = {
     "sprig_nindent": _s(lambda n, s: "\n" + _indent(n, s), "int", "string"),
     "sprig_nospace": _s(_nospace, "string"),
     "sprig_trunc": _s(_trunc, "int", "string"),
-    "sprig_join": _s(lambda sep, v: sep.join(strslice(v)), "string", "any"),
+    "sprig_join": _s(lambda sep, v: join(sep, strslice(v)), "string", "any"),
     "sprig_splitList": _s(lambda sep, s: StrList(s.split(sep)) if sep else StrList(list(s)),
                           "string", "string"),
     "sprig_toString": _s(strval, "any"),

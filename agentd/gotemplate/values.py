@@ -61,6 +61,18 @@ class StrList(list):  # type: ignore[type-arg]
     """A Go []string (split, secrets): distinct from []interface{} for argument typing."""
 
 
+class NilStrList(StrList):
+    """A nil []string: prints ``[]`` like an empty one, but encodes to JSON as ``null``."""
+
+
+@dataclass(frozen=True)
+class GoChan:
+    """consul-template's ``loop``: a ``<-chan int64`` yielding start, start+1, ... stop-1."""
+
+    start: int
+    stop: int
+
+
 @dataclass
 class GoMethod:
     params: tuple[str, ...]
@@ -114,6 +126,8 @@ def go_type(v: Any) -> str:
         return v.type_name
     if isinstance(v, GoNil):
         return v.type_name
+    if isinstance(v, GoChan):
+        return "<-chan int64"
     return "interface {}"
 
 
@@ -162,9 +176,9 @@ def json_marshal(value: Any, *, indent: str | None = None, escape_html: bool = T
 
 
 def _encode(v: Any, out: list[str], indent: str | None, esc: bool, level: int) -> None:
-    if level > 1000:
+    if level > 200:
         raise JSONError("json: unsupported value: encountered a cycle or too deep a value")
-    if v is None or v is NO_VALUE or isinstance(v, GoNil):
+    if v is None or v is NO_VALUE or isinstance(v, (GoNil, NilStrList)):
         out.append("null")
     elif isinstance(v, bool):
         out.append("true" if v else "false")
