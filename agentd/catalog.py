@@ -48,7 +48,7 @@ def schedule(secret: SecretConfig) -> str:
 def entries(config: Config, status: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One dict per declared secret, sorted by name (see the module docstring)."""
     live = (status or {}).get("secrets", {})
-    by_path = {s.path: n for n, s in config.secrets.items()}
+    by_path = refs.paths_of(config.secrets)
 
     def names(text: str, output: TemplateConfig | BundleConfig) -> set[str]:
         try:

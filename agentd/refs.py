@@ -19,6 +19,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agentd.errors import RenderError
 
@@ -60,6 +61,21 @@ class Engine:
 JINJA = Engine()
 
 
+def paths_of(secrets: Mapping[str, Any]) -> dict[str, str]:
+    """Upstream path -> declared name, for Go templates, from ``Config.secrets``.
+
+    A kv2 secret answers to its API path (``secret/data/app/db``) and to the path without
+    ``data/`` (``secret/app/db``), which consul-template rewrites the same way."""
+    out: dict[str, str] = {}
+    for name, secret in secrets.items():
+        out[secret.path] = name
+        if secret.kind == "kv2":
+            mount, sep, rest = secret.path.partition("/data/")
+            if sep:
+                out.setdefault(f"{mount}/{rest}", name)
+    return out
+
+
 def template_refs(
     text: str, engine: Engine, by_path: Mapping[str, str], *, template: str
 ) -> list[str]:
@@ -83,7 +99,9 @@ def template_refs(
                               missing_key=engine.missing_key)
     names: list[str] = []
     for ref in parsed.secret_paths():
-        name = by_path.get(ref.path)
+        # secret "secret/data/db?version=2": the catalog pins versions (a secret's `version`)
+        path = ref.path.partition("?")[0]
+        name = by_path.get(path)
         if name is None:
             raise RenderError(f"{template}:{ref.line}: {ref.function} {ref.path!r}: no declared "
                               "secret has this path (declare it under [secrets.NAME])")

@@ -36,6 +36,7 @@ async def test_a_go_template_renders_by_path_and_follows_rotation(
     text = (f'{{{{ with secret "secret/data/{p}/db" }}}}user={{{{ .Data.data.username }}}}\n'
             f'pw={{{{ .Data.data.password }}}}\nv={{{{ .Data.metadata.version }}}}{{{{ end }}}}\n'
             f'token={{{{ (secret "kv1/{p}/api").Data.token }}}}\n'
+            f'short={{{{ (secret "secret/{p}/other").Data.data.value }}}}\n'
             f'{{{{ range $k, $v := (secret "secret/data/{p}/db").Data.data }}}}'
             f'{{{{ $k }}}};{{{{ end }}}}\n')
     extra = f"""
@@ -50,7 +51,8 @@ contents = {json.dumps(text)}
         async with running_agent(cfg):
             assert dest.read_text() == (
                 f"user=app\npw={seeded.markers['db']}\nv=1\n"
-                f"token={seeded.markers['api']}\npassword;username;\n")
+                f"token={seeded.markers['api']}\nshort={seeded.markers['other']}\n"
+                "password;username;\n")
             bao.kv_put(f"{p}/db", {"username": "app", "password": "rotated-MARKER"})
             await until(lambda: "pw=rotated-MARKER\nv=2\n" in (read(dest) or ""))
 

@@ -45,7 +45,7 @@ from agentd.config.schema import (
 )
 from agentd.config.source import SourceFile
 from agentd.errors import RenderError, UnsafePath
-from agentd.refs import ENGINES, JINJA, Engine, allowed, template_refs
+from agentd.refs import ENGINES, JINJA, Engine, allowed, paths_of, template_refs
 
 _MAIN_ONLY = ("agent", "upstream", "cache", "audit", "metrics")
 _ANYWHERE = ("secrets", "policy", "template", "bundle")
@@ -485,7 +485,7 @@ class Builder:
                     continue                    # a literal name (the common case: no scan)
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     f.problem(key, f"{pattern!r} matches no declared secret")
-        self.by_path = {secret.path: name for name, secret in self.secrets.items()}
+        self.by_path = paths_of(self.secrets)
         for f, key, what, text, allow, reader in self.refs:
             self._check_refs(f, key, what, text, allow, reader)
         if not self.check_permissions:

@@ -16,7 +16,7 @@ from typing import Any
 from agentd.config import Config
 from agentd.errors import AgentdError, RenderError
 from agentd.frozen import thaw
-from agentd.refs import template_refs, upstream_reply
+from agentd.refs import paths_of, template_refs, upstream_reply
 from agentd.render.files import owner_ids
 from agentd.render.outputs import outputs_of
 from agentd.render.pool import RenderWorker
@@ -74,7 +74,7 @@ async def dry_run(config: Config, fetch: Any) -> list[PlannedChange]:
                 texts = output.texts()
                 reader = output.config.reader
                 go = reader.options(output.key) if reader.name == "go" else None
-                by_path = {s.path: n for n, s in config.secrets.items()}
+                by_path = paths_of(config.secrets)
                 data: dict[str, Any] = {}
                 for text in texts.values():
                     for name in template_refs(text, reader, by_path, template=output.key):

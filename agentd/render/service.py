@@ -39,7 +39,7 @@ from agentd.cache import Cache
 from agentd.config import BundleConfig, Config, TemplateConfig
 from agentd.errors import RenderError
 from agentd.frozen import thaw
-from agentd.refs import allowed, template_refs, upstream_reply
+from agentd.refs import allowed, paths_of, template_refs, upstream_reply
 from agentd.render.commands import serve_commands
 from agentd.render.files import DATA_TMP, TMP_MARK, FileWrite, open_dir, remove_version, write_files
 from agentd.render.outputs import Output, Written, output_for, outputs_of
@@ -267,7 +267,7 @@ class Renderer:
     def _by_path(self) -> dict[str, str]:
         """Upstream path -> declared secret name, for Go templates' ``secret "path"``."""
         if self._paths is None or self._paths[0] is not self.config:
-            self._paths = (self.config, {s.path: n for n, s in self.config.secrets.items()})
+            self._paths = (self.config, paths_of(self.config.secrets))
         return self._paths[1]
 
     def apply_config(self, config: Config) -> None:
@@ -484,8 +484,11 @@ class Renderer:
                                "(not fetched yet, or revoked): waiting for it")
             if go:          # by upstream path, in OpenBao's reply shape (decision 3)
                 left = None if got.expires_at is None else got.expires_at - time.time()
-                data[secret.path] = upstream_reply(secret.kind, thaw(got.data),
-                                                   version=got.version, expires_in=left)
+                reply = upstream_reply(secret.kind, thaw(got.data), version=got.version,
+                                       expires_in=left)
+                for path, owner in by_path.items():     # its API path and kv2's short one
+                    if owner == name:
+                        data[path] = reply
             else:
                 data[name] = thaw(got.data)
         target.status.renders += 1

@@ -97,7 +97,7 @@ def _render_go(cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
     def lookup(path: str, kv_args: Mapping[str, str]) -> Any:
         # k=v arguments (a pki/issue write) are the declared secret's params: the agent
         # issued it already; the template reads that value.
-        return replies.get(path)
+        return replies.get(path.partition("?")[0])     # ?version=N: the catalog pins versions
 
     limit: int = request["max_bytes"]
     out = template.execute(lookup, max_output=limit).encode("utf-8", "surrogateescape")
