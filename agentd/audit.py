@@ -54,6 +54,7 @@ import trio
 
 from agentd.cell import Cell
 from agentd.config import AuditConfig
+from agentd.readmodel import COUNTER, metric
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,13 @@ _Key = tuple[str, str, str, int | None, int | None, int, str | None, str | None,
 
 @dataclass(frozen=True)
 class AuditStatistics:
-    records: int        # record() calls while audit is on (dropped ones included)
-    lines_written: int
-    dropped: int        # records not kept because max_pending keys were pending
-    write_errors: int   # lines that could not be written
+    records: int = metric("Audit records (before coalescing)", COUNTER,
+                        name="agentd_audit_records")
+    lines_written: int = metric("Audit lines written (after coalescing)", COUNTER,
+                              name="agentd_audit_lines_written")
+    dropped: int = metric("Audit records dropped (too many distinct records pending)", COUNTER,
+                        name="agentd_audit_dropped")
+    write_errors: int = metric("Failed audit writes", COUNTER, name="agentd_audit_write_errors")
 
 
 class _Group:

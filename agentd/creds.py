@@ -34,6 +34,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from agentd.access import Peer
 from agentd.audit import Audit
 from agentd.cache import Cache
 from agentd.config import Config, PolicyConfig
+from agentd.readmodel import COUNTER, metric
 from agentd.refresh import Refresher
 from agentd.server import open_listener, serve_listener
 
@@ -111,6 +113,16 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, default=plain, sort_keys=True, separators=(",", ":")).encode()
 
 
+
+@dataclass(frozen=True)
+class CredentialsStatistics:
+    """The credentials socket's counters; each ``metric`` field is a series."""
+
+    served: int = metric("Credentials handed to systemd units", COUNTER,
+                       name="agentd_credentials_served")
+    denied: int = metric("Credential requests refused (answered with the oversized reply)",
+                       COUNTER, name="agentd_credentials_denied")
+
 class CredentialsServer:
     """Serves ``LoadCredential=`` requests for one daemon. Reads its config on each request,
     so a reload applies at once."""
@@ -135,8 +147,8 @@ class CredentialsServer:
         self.served = 0
         self.denied = 0
 
-    def statistics(self) -> dict[str, int]:
-        return {"served": self.served, "denied": self.denied}
+    def statistics(self) -> CredentialsStatistics:
+        return CredentialsStatistics(served=self.served, denied=self.denied)
 
     async def serve(
         self,

@@ -45,6 +45,7 @@ from agentd.config import Config
 from agentd.creds import CredentialsServer, close_listener, open_credentials_listener
 from agentd.crypto import Sealer, harden_process
 from agentd.errors import ConfigError, UnsafePath
+from agentd.readmodel import as_status
 from agentd.refresh import Refresher
 from agentd.render import Renderer
 from agentd.server import Server, open_listener
@@ -135,12 +136,12 @@ class Agent:
                 "stale": sum(1 for s in secrets.values() if s["stale"]),
                 "templates": len(self.config.templates),
             },
-            "server": self.server.statistics(),
-            "credentials": self.credentials.statistics(),
-            "snapshot": dataclasses.asdict(self.snapshot.statistics()),
+            "server": as_status(self.server.statistics()),
+            "credentials": as_status(self.credentials.statistics()),
+            "snapshot": as_status(self.snapshot.statistics()),
             "alerts": {"policy_denied": self.refresher.policy_denied},
             "reloads": {"applied": self.reloads, "refused": self.reload_failures},
-            "audit": dataclasses.asdict(self.audit.statistics()),
+            "audit": as_status(self.audit.statistics()),
             "templates": self.renderer.statistics(),
         }
 

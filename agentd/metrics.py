@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agentd import __version__
 from agentd.cache import stale_deadline
+from agentd.readmodel import COUNTER, metric_fields
 from agentd.render.files import replace_file
 
 if TYPE_CHECKING:
@@ -125,21 +126,13 @@ class AgentCollector:
                 denials.add_metric([op, policy], count)
             yield denials
         yield from self._templates()
-        yield _counter("agentd_requests_rate_limited", "Requests answered rate_limited",
-                       server["rate_limited"])
-        yield _counter("agentd_connections_refused", "Connections refused over a cap",
-                       server["refused_connections"])
-        yield _gauge("agentd_connections", "Open connections on the socket",
-                     server["connections"])
-        yield _gauge("agentd_watchers", "Open watch streams", server["watchers"])
-
-        audit = agent.audit.statistics()
-        yield _counter("agentd_audit_records", "Audit records (before coalescing)",
-                       audit.records)
-        yield _counter("agentd_audit_dropped", "Audit records dropped (too many distinct "
-                       "records pending)", audit.dropped)
-        yield _counter("agentd_audit_write_errors", "Failed audit writes", audit.write_errors)
-        yield from self._snapshot()
+        # The components' typed statistics: each field declared with readmodel.metric is a series
+        yield from _from_statistics("server", server)
+        yield from _from_statistics("credentials", agent.credentials.statistics())
+        yield from _from_statistics("audit", agent.audit.statistics())
+        snapshot = getattr(agent, "snapshot", None)    # the on-disk cache snapshot
+        if snapshot is not None:
+            yield from _from_statistics("snapshot", snapshot.statistics())
         reloads = CounterMetricFamily("agentd_config_reloads", "Config reloads by result",
                                       labels=["result"])
         reloads.add_metric(["applied"], agent.reloads)
@@ -172,24 +165,6 @@ class AgentCollector:
             ok.add_metric([target], int(status["last_error"] is None
                                         and status["last_ok_at"] is not None))
         yield ok
-
-    def _snapshot(self) -> Iterator[Metric]:
-        snapshot = getattr(self._agent, "snapshot", None)    # the on-disk cache snapshot
-        if snapshot is None:
-            return
-        stats = snapshot.statistics()
-        yield _gauge("agentd_snapshot_enabled", "1 when a snapshot key is usable",
-                     int(stats.enabled))
-        yield _gauge("agentd_snapshot_loaded", "Entries restored from the snapshot at start",
-                     stats.loaded)
-        yield _counter("agentd_snapshot_writes", "Snapshot writes", stats.writes)
-        yield _counter("agentd_snapshot_write_failures", "Failed snapshot writes (the previous "
-                       "snapshot stayed)", stats.write_failures)
-        yield _counter("agentd_snapshot_rejected", "Snapshot files moved aside (failed "
-                       "authentication or parsing)", stats.rejected)
-        if stats.last_write is not None:
-            yield _gauge("agentd_snapshot_last_write_timestamp_seconds",
-                         "When the snapshot was last written", stats.last_write)
 
     def _secret_totals(self) -> Iterator[Metric]:
         """Counts only (no names): what an unprivileged reader of the metrics may see."""
@@ -261,6 +236,12 @@ class AgentCollector:
                     next_refresh.add_metric(key, state.next_attempt + offset)
         yield from (version, fetched, age, stale, cached, revoked, failures, expiry, deadline,
                     next_refresh, anomalies)
+
+
+def _from_statistics(component: str, stats: object) -> Iterator[Metric]:
+    """The series a component's statistics declare (``readmodel.metric`` fields)."""
+    for name, kind, doc, value in metric_fields(component, stats):
+        yield _counter(name, doc, value) if kind == COUNTER else _gauge(name, doc, value)
 
 
 def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:

@@ -63,6 +63,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ from agentd.errors import (
     UnknownOp,
     UpstreamError,
 )
+from agentd.readmodel import COUNTER, metric
 from agentd.refresh import Refresher
 
 log = logging.getLogger("agentd.server")
@@ -299,6 +301,28 @@ async def serve_listener(
                 nursery.start_soon(handler, trio.socket.from_stdlib_socket(sock))
 
 
+@dataclass(frozen=True)
+class ServerStatistics:
+    """The main socket's counters (``Server.statistics()``); each ``metric`` field is a series."""
+
+    connections: int = metric("Open connections on the socket", name="agentd_connections")
+    refused_connections: int = metric("Connections refused over a cap or the connect rate",
+                                    COUNTER, name="agentd_connections_refused")
+    requests: int = metric("Requests on the socket (all ops)", COUNTER,
+                         name="agentd_socket_requests")
+    rate_limited: int = metric("Requests that waited for their uid's rate token", COUNTER,
+                             name="agentd_requests_rate_limited")
+    flood_closed: int = metric("Connections closed for sending over the rate for too long",
+                             COUNTER, name="agentd_connections_flood_closed")
+    watchers: int = metric("Open watch streams", name="agentd_watchers")
+    pid_reused: int = metric("Replies refused because the pid no longer named the peer",
+                           COUNTER, name="agentd_peer_pid_reused")
+    no_identity: int = metric("Connections refused because the peer could not be identified",
+                            COUNTER, name="agentd_peer_no_identity")
+    warnings_suppressed: int = metric("Refusal warnings not logged (coalesced per uid)", COUNTER,
+                                    name="agentd_warnings_suppressed")
+
+
 class Server:
     """Serves the v1 protocol for one daemon. Its state lives as long as the daemon."""
 
@@ -349,18 +373,18 @@ class Server:
         self._config = config
         self._reloads.set(self._reloads.value + 1)
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "connections": self._connections,
-            "refused_connections": self.refused_connections,
-            "requests": self.requests,
-            "rate_limited": self.rate_limited,
-            "flood_closed": self.flood_closed,
-            "watchers": sum(self._watchers.values()),
-            "pid_reused": self.pid_reused,
-            "no_identity": self.no_identity,
-            "warnings_suppressed": self._warnings.suppressed,
-        }
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            connections=self._connections,
+            refused_connections=self.refused_connections,
+            requests=self.requests,
+            rate_limited=self.rate_limited,
+            flood_closed=self.flood_closed,
+            watchers=sum(self._watchers.values()),
+            pid_reused=self.pid_reused,
+            no_identity=self.no_identity,
+            warnings_suppressed=self._warnings.suppressed,
+        )
 
     async def serve(
         self,

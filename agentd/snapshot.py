@@ -63,6 +63,7 @@ from agentd.config import Config
 from agentd.crypto import KEY_BYTES, Sealer, load_or_create_key
 from agentd.errors import CryptoError
 from agentd.kinds import LeaseRecord
+from agentd.readmodel import COUNTER, metric
 from agentd.render.files import replace_file
 
 log = logging.getLogger("agentd.snapshot")
@@ -124,14 +125,19 @@ class Session:
 @dataclass(frozen=True)
 class SnapshotStatistics:
     path: str
-    enabled: bool                 # False: no usable key; nothing is loaded or written
-    loaded: int                   # entries restored at start
-    rejected: int                 # files moved aside (failed authentication or parsing)
-    writes: int
-    generation: int               # of the last snapshot written or loaded (0: none yet)
-    write_failures: int           # e.g. a full disk: the previous snapshot stayed
-    last_write: float | None      # unix time of the last good write
-    last_error: str | None
+    enabled: bool = metric("1 when a snapshot key is usable", name="agentd_snapshot_enabled")
+    loaded: int = metric("Entries restored from the snapshot at start",
+                       name="agentd_snapshot_loaded")
+    rejected: int = metric("Snapshot files moved aside (failed authentication or parsing, or an "
+                         "older copy put back)", COUNTER, name="agentd_snapshot_rejected")
+    writes: int = metric("Snapshot writes", COUNTER, name="agentd_snapshot_writes")
+    generation: int = metric("Generation of the last snapshot written or loaded",
+                           name="agentd_snapshot_generation")
+    write_failures: int = metric("Failed snapshot writes (the previous snapshot stayed)", COUNTER,
+                               name="agentd_snapshot_write_failures")
+    last_write: float | None = metric("When the snapshot was last written",
+                                    name="agentd_snapshot_last_write_timestamp_seconds")
+    last_error: str | None = None
 
 
 class Snapshot:

@@ -189,7 +189,7 @@ async def test_everything_denied_gets_the_over_limit_answer(
         spoofer = f"spoof-{uuid.uuid4().hex[:6]}.service"
         assert is_denial(await s.load("db.password", inside=spoofer))
         stats = s.ra.agent.credentials.statistics()
-        assert stats["denied"] == 7 and stats["served"] == 0
+        assert stats.denied == 7 and stats.served == 0
         assert s.ra.audit_text().count('"deny"') >= 1
 
 
@@ -208,7 +208,8 @@ async def test_a_non_root_caller_gets_nothing(
         result = await run_as(NOBODY, NOBODY, connect)
         assert result["ok"] is False
         assert "PermissionError" in result["message"]
-        assert s.ra.agent.credentials.statistics() == {"served": 0, "denied": 0}
+        stats = s.ra.agent.credentials.statistics()
+        assert (stats.served, stats.denied) == (0, 0)
 
 
 async def test_a_caller_from_the_wrong_cgroup_by_fake_proc_root(

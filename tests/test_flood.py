@@ -149,7 +149,7 @@ async def test_connections_flooding_over_the_rate_are_closed_and_others_served(
     assert tally["rate_limited-id"] == 0
     assert 0 < tally["ok"] < 64 * 500
     stats = flooded.agent.server.statistics()
-    assert stats["flood_closed"] >= 64 and stats["rate_limited"] > 0
+    assert stats.flood_closed >= 64 and stats.rate_limited > 0
     # The agent still answers nobody once its bucket refills.
     with trio.fail_after(30):
         after = await run_as(NOBODY, NOBODY, lambda: _ping(path))
@@ -181,7 +181,7 @@ async def test_a_client_that_waits_for_its_answers_is_slowed_not_closed(
     with trio.fail_after(60):
         result = await run_as(NOBODY, NOBODY, steady)
     assert result == {"ok": True, "value": ["ok"] * 80}
-    assert flooded.agent.server.statistics()["flood_closed"] == 0
+    assert flooded.agent.server.statistics().flood_closed == 0
 
 
 # --- item 3: over-cap connections closed at accept; the backlog; clients retry EAGAIN --------
@@ -233,7 +233,7 @@ async def test_a_connection_over_the_cap_is_closed_at_accept_without_identity_wo
     assert (replies[0]["id"], code(replies[0])) == (None, "rate_limited")
     # The refused connection never cost a /proc identity: only the two admitted ones did.
     assert identified.count(NOBODY) == 2
-    assert capped.agent.server.statistics()["refused_connections"] == 1
+    assert capped.agent.server.statistics().refused_connections == 1
 
 
 stormed = agent_with("")
@@ -450,7 +450,7 @@ async def test_a_fork_connect_exit_loop_costs_one_audit_line(quick_exit: Running
         result = await run_as(NOBODY, NOBODY, loop)
         assert result == {"ok": True, "value": 200}
     stats = quick_exit.agent.server.statistics()
-    assert stats["pid_reused"] == 200
+    assert stats.pid_reused == 200
     lines = [json.loads(line) for line in quick_exit.audit_text().splitlines()]
     about_nobody = [line for line in lines if line["uid"] == NOBODY]
     # One line per (op, decision) for the uid, however many pids: not one per process.
@@ -460,7 +460,7 @@ async def test_a_fork_connect_exit_loop_costs_one_audit_line(quick_exit: Running
     warnings = [line for line in quick_exit.log_text().splitlines()
                 if "names another process" in line or "no peer" in line]
     assert 1 <= len(warnings) < 50
-    assert stats["warnings_suppressed"] >= 150
+    assert stats.warnings_suppressed >= 150
 
 
 # --- item 10: deadlines per frame and per connection, not per byte --------------------------

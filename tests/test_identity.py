@@ -402,7 +402,7 @@ async def test_a_dead_or_recycled_peer_gets_no_answer(
             finally:
                 recycled.kill()
                 recycled.wait()
-            assert ra.agent.server.statistics()["pid_reused"] == 2
+            assert ra.agent.server.statistics().pid_reused == 2
             assert ra.audit_text().count('"pid_reused"') >= 1
 
 

@@ -434,7 +434,7 @@ allow = ["other"]
                 answer = await trio.to_thread.run_sync(attacker.stdout.readline)
             assert first == "connected\n"
             assert answer == "closed\n"
-            assert ra.agent.server.statistics()["pid_reused"] == 1
+            assert ra.agent.server.statistics().pid_reused == 1
         finally:
             stop(attacker)
 
@@ -541,7 +541,7 @@ async def test_agent_without_pidfd_does_not_answer_a_connection_whose_pid_was_re
             assert recycled[0].pid == pid
             assert not isinstance(answer, str), "answered as the process that got the pid"
             assert "closed the connection" in str(answer)
-            assert ra.agent.server.statistics()["pid_reused"] == 1
+            assert ra.agent.server.statistics().pid_reused == 1
         finally:
             for p in recycled:
                 p.kill()

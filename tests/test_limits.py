@@ -78,7 +78,7 @@ async def test_requests_over_the_rate_wait_for_their_tokens(small: RunningAgent)
         async with AsyncClient.connect(small.socket) as client:
             for _ in range(5):
                 assert (await client.get("db", "username"))["data"] == "app"
-    assert small.agent.server.statistics()["rate_limited"] >= 2     # waits for a token
+    assert small.agent.server.statistics().rate_limited >= 2     # waits for a token
 
 
 async def test_connections_per_uid_are_capped(small: RunningAgent) -> None:
@@ -118,7 +118,7 @@ async def test_connections_per_uid_are_capped(small: RunningAgent) -> None:
             async with AsyncClient.connect(small.socket) as c:
                 with pytest.raises(RateLimited):
                     await c.ping()
-    assert small.agent.server.statistics()["refused_connections"] >= 2
+    assert small.agent.server.statistics().refused_connections >= 2
 
 
 plain = agent_fixture("")
@@ -241,7 +241,7 @@ async def test_a_flood_from_one_uid_leaves_another_served(plain: RunningAgent) -
                 break
             await trio.sleep(0.05)
         assert after == {"ok": True, "value": "pong"}
-        while plain.agent.server.statistics()["connections"]:
+        while plain.agent.server.statistics().connections:
             await trio.sleep(0.01)      # flood handlers wind down
     assert rss_kib() - before < 64 * 1024
     print(f"flood: {tally}, root served {served} times, rss +{rss_kib() - before} KiB")

@@ -90,12 +90,12 @@ async def test_watchers_per_uid_are_bounded_and_released(agent: RunningAgent) ->
                 await client.watch(["db"])
             with pytest.raises(RateLimited):
                 await clients[3].watch(["db"])
-            assert agent.agent.server.statistics()["watchers"] == 3
+            assert agent.agent.server.statistics().watchers == 3
         finally:
             for client in clients:
                 await client.aclose()
         # Closed watch connections give their slots back.
-        while agent.agent.server.statistics()["watchers"]:
+        while agent.agent.server.statistics().watchers:
             await trio.sleep(0.01)
         async with AsyncClient.connect(agent.socket) as client:
             await client.watch(["db"])
@@ -120,7 +120,7 @@ async def test_a_watcher_that_does_not_read_is_dropped(agent: RunningAgent) -> N
         async with client:
             await client.watch(["api"])           # and never read again
             version = 1000
-            while agent.agent.server.statistics()["watchers"]:
+            while agent.agent.server.statistics().watchers:
                 version += 1
                 cache.put("api", {"token": f"t{version}"}, version=version)
                 await trio.sleep(0)
@@ -159,9 +159,9 @@ allow = ["api"]
                     outcome.update(await run_as(NOBODY, NOBODY, watch_until_closed))
 
                 nursery.start_soon(watcher)
-                while not ra.agent.server.statistics()["watchers"]:
+                while not ra.agent.server.statistics().watchers:
                     await trio.sleep(0.01)
                 write_config(tmp_path, bao, approle_files, seeded, sock=sock)   # no nobody-api
                 assert ra.agent.reload()
             assert outcome == {"ok": True, "value": "closed"}
-            assert ra.agent.server.statistics()["watchers"] == 0
+            assert ra.agent.server.statistics().watchers == 0
