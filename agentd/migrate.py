@@ -46,7 +46,7 @@ from agentd.config import SECRET_NAME_PATTERN, parse_duration
 if sys.version_info >= (3, 11):
     import tomllib
 else:
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 # Keys agentd's config must accept on [[template]] for this output to load (the Go-template
 # work adds them; docs/migration.md and the tests name them).
@@ -131,7 +131,7 @@ class Block:
             found.append(_object_block(name, (), value, line))
         return found
 
-    def keys(self) -> Iterator[tuple[str, int]]:
+    def entries(self) -> Iterator[tuple[str, int]]:
         for name, (_, line) in self.attrs.items():
             yield name, line
         for block in self.blocks:
@@ -166,13 +166,68 @@ def _decode_heredoc(text: str) -> str:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, str):
-        return _decode_heredoc(value) if value.startswith("<<") else value
+        return _unescape(_decode_heredoc(value) if value.startswith("<<") else value)
     if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k).strip('"'): _plain(v) for k, v in value.items()
                 if not str(k).startswith("__")}
     return value
+
+
+def _escape_templates(text: str) -> str:
+    """Escape HCL 2's ``${`` and ``%{`` inside strings and heredocs (``$${``, ``%%{``).
+
+    HCL 1 has no string templates: ``"${HOME:-/}"`` or ``%{`` are plain text to the OpenBao
+    Agent, but python-hcl2 would parse them as HCL 2 interpolations or directives (and refuse
+    many). python-hcl2 keeps ``$${`` and ``%%{`` as written; ``_unescape`` undoes this. Newlines
+    are untouched, so lines stay where they were.
+    """
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "#" or text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(text[i:end])
+            i = end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(text[i:end])
+            i = end
+        elif ch == '"':
+            j = i + 1
+            while j < n and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            out.append('"' + _escape_part(text[i + 1:j]))
+            i = j
+            if i < n and text[i] == '"':
+                out.append('"')
+                i += 1
+        elif (match := re.compile(r"<<-?([A-Za-z_][A-Za-z0-9_.-]*)\r?\n").match(text, i)):
+            marker = match.group(1)
+            close = re.compile(rf"^[ \t]*{re.escape(marker)}[ \t]*$", re.M).search(
+                text, match.end())
+            stop = close.start() if close else n
+            out.append(match.group() + _escape_part(text[match.end():stop]))
+            i = stop
+            if close is not None:
+                out.append(close.group())
+                i = close.end()
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _escape_part(text: str) -> str:
+    return text.replace("${", "$${").replace("%{", "%%{")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("$${", "${").replace("%%{", "%{")
 
 
 def parse_hcl(text: str) -> Block:
@@ -185,7 +240,7 @@ def parse_hcl(text: str) -> Block:
     options = SerializationOptions(with_comments=False, strip_string_quotes=True,
                                    preserve_heredocs=True, explicit_blocks=False)
     try:
-        start = hcl2.parses(text, discard_comments=True)
+        start = hcl2.parses(_escape_templates(text), discard_comments=True)
     except lark.exceptions.UnexpectedInput as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HclError(max(int(getattr(exc, "line", 0) or 0), 0), first) from None
@@ -327,7 +382,8 @@ class MountLookup:
 
     def _ask(self, path: str) -> Mount | str:
         url = f"{self.address}/v1/sys/internal/ui/mounts/{urllib.parse.quote(path)}"
-        request = urllib.request.Request(url, headers={"X-Vault-Token": self.token})
+        request = urllib.request.Request(  # noqa: S310 (http/https: the --upstream address)
+            url, headers={"X-Vault-Token": self.token})
         if self.namespace:
             request.add_header("X-Vault-Namespace", self.namespace)
         try:
@@ -517,7 +573,7 @@ class Migration:
                        "log_rotate_bytes", "log_rotate_duration", "log_rotate_max_files",
                        "disable_mlock", "disable_idle_connections", "disable_keep_alives",
                        "plugin_directory"}
-        for name, line in self.root.keys():
+        for name, line in self.root.entries():
             if name not in handlers and name not in known_attrs:
                 self.problem(line, name, "unknown stanza: agentd does not know what it would do")
         self.top_attributes()
@@ -583,7 +639,7 @@ class Migration:
 
     def template_config(self) -> None:
         for block in self.root.children("template_config"):
-            for name, line in block.keys():
+            for name, line in block.entries():
                 value = block.get(name)
                 if name == "static_secret_render_interval":
                     duration = _duration(value)
@@ -636,7 +692,7 @@ class Migration:
         for name in ("tls_server_name", "namespace"):
             if name in block.attrs:
                 self.upstream.append(f"{name} = {toml_value(block.get(name))}")
-        for name, line in block.keys():
+        for name, line in block.entries():
             if name in ("address", "ca_cert", "tls_server_name", "namespace"):
                 continue
             if name in ("client_cert", "client_key"):
@@ -664,7 +720,7 @@ class Migration:
             return
         block = blocks[0]
         methods = block.children("method")
-        for name, line in block.keys():
+        for name, line in block.entries():
             if name == "sink":
                 self.problem(line, "auto_auth.sink", "agentd keeps its token in memory and "
                              "never writes it to a file: give each reader its secrets through "
@@ -688,7 +744,7 @@ class Migration:
         mount = method.get("mount_path")
         if isinstance(mount, str) and mount.strip("/") not in ("", f"auth/{kind}"):
             self.auth.append(f"mount = {toml_value(mount.strip('/').removeprefix('auth/'))}")
-        for name, line in method.keys():
+        for name, line in method.entries():
             if name in ("type", "mount_path", "config"):
                 continue
             if name == "namespace":
@@ -705,7 +761,7 @@ class Migration:
     def _auth_keys(self, config: Block, what: str, mapping: Mapping[str, str | None],
                    required: tuple[str, ...]) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        for name, line in config.keys():
+        for name, line in config.entries():
             if name not in mapping:
                 self.problem(line, f"{what} config.{name}", "not supported by agentd")
                 continue
@@ -959,7 +1015,7 @@ class Migration:
                  "command_timeout", "exec", "error_on_missing_key", "left_delimiter",
                  "right_delimiter", "backup", "wait", "create_dest_dirs", "error_fatal",
                  "sandbox_path", "function_denylist", "function_blacklist"}
-        for name, line in block.keys():
+        for name, line in block.entries():
             if name not in known:
                 self.problem(line, f"{what}.{name}", "not supported by agentd's [[template]]")
         left, right = block.get("left_delimiter", "{{"), block.get("right_delimiter", "}}")
@@ -1041,7 +1097,7 @@ class Migration:
                                      f"{wait.get(key)!r} is not a duration")
                     else:
                         table[key] = value
-            for key, line in wait.keys():
+            for key, line in wait.entries():
                 if key not in ("min", "max"):
                     self.problem(line, f"{what}.wait.{key}", "unknown setting")
             if table:
@@ -1073,7 +1129,7 @@ class Migration:
                 return out
             command = execs[0].get("command")
             timeout = execs[0].get("timeout", timeout)
-            for name, line in execs[0].keys():
+            for name, line in execs[0].entries():
                 if name not in ("command", "timeout"):
                     self.problem(line, f"{what}.exec.{name}", "not supported")
         if command is None or command == "" or command == []:
