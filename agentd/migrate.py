@@ -562,6 +562,19 @@ class Migration:
     def where(self, line: int, file: str | None = None) -> str:
         return f"{Path(file or self.file).name}:{line}"
 
+    def file_path(self, value: Any, line: int, what: str) -> str:
+        """A file the HCL names, made absolute (agentd takes absolute paths only)."""
+        if not isinstance(value, str) or not value:
+            self.problem(line, what, "expected a file path")
+            return ""
+        path = Path(value)
+        if path.is_absolute():
+            return value
+        resolved = str((self.path.parent / path).resolve())
+        self.notes.append(f"{self.file}:{line}: {what}: relative path {value!r} taken from the "
+                          f"HCL file's directory: {resolved}")
+        return resolved
+
     # -- top level
 
     def run(self) -> str | None:
@@ -687,6 +700,7 @@ class Migration:
         self.upstream.append(f"addresses = {toml_value([address])}   # from {where}")
         ca = block.get("ca_cert")
         if ca is not None:
+            ca = self.file_path(ca, block.line_of("ca_cert"), "vault.ca_cert")
             self.upstream.append(f"ca_file = {toml_value(ca)}   "
                                  f"# vault.ca_cert ({self.where(block.line_of('ca_cert'))})")
         for name in ("tls_server_name", "namespace"):
@@ -773,6 +787,9 @@ class Migration:
                 self.problem(config.line, f"{what} config.{name}", "required by agentd")
         return found
 
+    def auth_file(self, config: Block, found: Mapping[str, Any], key: str) -> str:
+        return self.file_path(found[key], config.line, f"auth config {key}")
+
     def _auth_approle(self, config: Block, what: str) -> None:
         found = self._auth_keys(config, what, {
             "role_id_file_path": "role_id_file", "secret_id_file_path": "secret_id_file",
@@ -780,7 +797,7 @@ class Migration:
                                                            "secret_id_file_path"))
         for key in ("role_id_file", "secret_id_file"):
             if key in found:
-                self.auth.append(f"{key} = {toml_value(found[key])}")
+                self.auth.append(f"{key} = {toml_value(self.auth_file(config, found, key))}")
         if config.get("remove_secret_id_file_after_reading", True) is not False:
             self.auth += _comment(
                 "The OpenBao Agent deletes the secret_id file after reading it (unless "
@@ -791,7 +808,8 @@ class Migration:
         found = self._auth_keys(config, what, {"token_file_path": "token_file"},
                                 ("token_file_path",))
         if "token_file" in found:
-            self.auth.append(f"token_file = {toml_value(found['token_file'])}")
+            self.auth.append(
+                f"token_file = {toml_value(self.auth_file(config, found, 'token_file'))}")
 
     def _auth_cert(self, config: Block, what: str) -> None:
         found = self._auth_keys(config, what, {
@@ -800,6 +818,8 @@ class Migration:
         vault = (self.root.children("vault") or [Block("vault", (), 0)])[0]
         for key, fallback in (("cert_file", "client_cert"), ("key_file", "client_key")):
             value = found.get(key, vault.get(fallback))
+            if value is not None:
+                value = self.file_path(value, config.line, f"{what} {fallback}")
             if value is None:
                 self.problem(config.line, f"{what} config.{fallback}",
                              "agentd needs the client certificate and key files "
@@ -818,7 +838,8 @@ class Migration:
             "remove_jwt_follows_symlinks": None}, ("path", "role"))
         for key in ("jwt_file", "role"):
             if key in found:
-                self.auth.append(f"{key} = {toml_value(found[key])}")
+                value = self.auth_file(config, found, key) if key == "jwt_file" else found[key]
+                self.auth.append(f"{key} = {toml_value(value)}")
         if config.get("remove_jwt_after_reading", True) is not False:
             self.auth += _comment("The OpenBao Agent deletes the JWT file after reading it; "
                                   "agentd leaves it and reads it again at each login.")
@@ -862,8 +883,14 @@ class Migration:
                 "asks the agent as the calling user (a [[policy]] must grant it) and puts the "
                 "values in its environment; --restart-on-change restarts it when a value "
                 "changes (restart_on_secret_changes).")
-            line = "#   agentd exec " + " ".join(envs or ["--env VAR=NAME.FIELD"]) + \
-                " -- " + " ".join(shlex.quote(str(a)) for a in argv)
+            flags: list[str] = []
+            if block.get("restart_on_secret_changes", "always") == "always":
+                flags.append("--restart-on-change")
+                stop = block.get("restart_stop_signal")
+                if isinstance(stop, str) and stop.upper().removeprefix("SIG") != "TERM":
+                    flags.append(f"--signal {stop.upper().removeprefix('SIG')}")
+            line = "#   agentd exec " + " ".join([*flags, *(envs or ["--env VAR=NAME.FIELD"])]) \
+                + " -- " + " ".join(shlex.quote(str(a)) for a in argv)
             self.exec_notes.append(line)
         if env_blocks and not exec_blocks:
             self.exec_notes += _comment(

@@ -153,8 +153,8 @@ def test_template_options(tmp_path: Path) -> None:
 def test_exec_env_template_listener_cache(tmp_path: Path) -> None:
     result = run(str(CORPUS / "exec_env.hcl"))
     assert result.returncode == 0, result.stderr
-    assert "agentd exec --env DB_PASSWORD=secret-app-db.password -- /usr/bin/app --serve" \
-        in result.stdout
+    assert ("agentd exec --restart-on-change --env DB_PASSWORD=secret-app-db.password -- "
+            "/usr/bin/app --serve") in result.stdout
     assert "BAO_AGENT_ADDR=unix:///run/agentd/agentd.sock" in result.stdout
     assert "api_proxy (exec_env.hcl:22)" in result.stdout
     assert "cache (exec_env.hcl:18)" in result.stdout
