@@ -555,6 +555,7 @@ class Migration:
         self.refresh: str | None = None
         self.renew_at: float | None = None
         self.exec_notes: list[str] = []
+        self.create_dirs: list[str] = []       # templates relying on create_dest_dirs
 
     def problem(self, line: int, what: str, why: str, file: str | None = None) -> None:
         self.problems.append(Problem(file or self.file, line, what, why))
@@ -1130,9 +1131,7 @@ class Migration:
             if table:
                 out.append(f"wait = {toml_value(table)}")
         if block.get("create_dest_dirs") is not False:
-            out += _comment("agentd does not create a missing destination directory "
-                            "(create_dest_dirs): create it beforehand (tmpfiles.d, or the "
-                            "package).")
+            self.create_dirs.append(self.where(block.line))
         if "error_fatal" in block.attrs:
             out += _comment("error_fatal: agentd never exits because one template fails; the "
                             "failure is logged, counted and retried, the other files go on.")
@@ -1203,6 +1202,11 @@ class Migration:
             "is readable",
             "# through the socket until a [[policy]] grants it (deny by default).",
         ]
+        if self.create_dirs:
+            self.head += _comment(
+                "create_dest_dirs (the default, in template " + ", ".join(self.create_dirs) +
+                "): agentd does not create a missing destination directory; create it "
+                "beforehand (tmpfiles.d, the package, or StateDirectory=/RuntimeDirectory=).")
         if self.head:
             lines += ["#", *self.head]
         if self.agent:
