@@ -341,11 +341,14 @@ def scan_template(text: str, left: str = "{{", right: str = "}}") -> list[Call]:
             line = text.count("\n", 0, at) + 1
             if value in _SECRET_FUNCTIONS or value in _ENV_FUNCTIONS:
                 args: list[str] = []
-                for kind2, value2, _ in tokens[index + 1:]:
-                    if kind2 not in ("string", "raw"):
-                        break
-                    args.append(_go_string(value2))
-                calls.append(Call(value, tuple(args), line, literal=bool(args)))
+                rest = tokens[index + 1:]
+                while rest and rest[0][0] in ("string", "raw"):
+                    args.append(_go_string(rest[0][1]))
+                    rest = rest[1:]
+                # anything but the end of the call after the strings is a computed argument
+                computed = bool(rest) and (rest[0][0] in ("field", "var", "ident", "char")
+                                           or rest[0][1] == "(")
+                calls.append(Call(value, tuple(args), line, literal=bool(args) and not computed))
             elif value in _REFUSED_FUNCTIONS:
                 calls.append(Call(value, (), line))
 
@@ -707,8 +710,15 @@ class Migration:
         for name in ("tls_server_name", "namespace"):
             if name in block.attrs:
                 self.upstream.append(f"{name} = {toml_value(block.get(name))}")
+        if "client_timeout" in block.attrs:
+            timeout = _duration(block.get("client_timeout"))
+            if timeout is None:
+                self.problem(block.line_of("client_timeout"), "vault.client_timeout",
+                             f"{block.get('client_timeout')!r} is not a duration")
+            else:
+                self.upstream.append(f"timeout = {toml_value(timeout)}   # vault.client_timeout")
         for name, line in block.entries():
-            if name in ("address", "ca_cert", "tls_server_name", "namespace"):
+            if name in ("address", "ca_cert", "tls_server_name", "namespace", "client_timeout"):
                 continue
             if name in ("client_cert", "client_key"):
                 continue                       # used by auth "cert" below
@@ -936,9 +946,10 @@ class Migration:
             if call.function in _ENV_FUNCTIONS:
                 continue
             if not call.literal:
-                self.problem(line, f"{what}: {call.function}", "the path is not a string "
-                             "literal: agentd declares every secret a template reads in its "
-                             "config, so each path must be written out", file=file)
+                self.problem(line, f"{what}: {call.function}", "the path or an argument is not "
+                             "a string literal: agentd declares every secret a template reads "
+                             "(and its parameters) in its config, so each must be written out",
+                             file=file)
                 continue
             use = SecretUse(call.function, call.args[0], call.args[1:],
                             self.where(line, file))
@@ -1164,10 +1175,14 @@ class Migration:
                 and " " in command[0]:
             command = command[0]                   # consul-template runs it as a shell string
         if isinstance(command, str):
-            if _SHELL_SAFE.fullmatch(command) and shlex.split(command):
+            try:
+                words = shlex.split(command) if _SHELL_SAFE.fullmatch(command) else []
+            except ValueError:                     # unbalanced quotes: leave it to the shell
+                words = []
+            if words:
                 out += _comment("command was a string without shell syntax: split into words "
                                 "(agentd runs an argv, never a shell by itself).")
-                out.append(f"command = {toml_value(shlex.split(command))}")
+                out.append(f"command = {toml_value(words)}")
             else:
                 out += _comment("command was a shell string: agentd never uses a shell by "
                                 "itself, so it is run through /bin/sh -c explicitly, as the "

@@ -227,6 +227,28 @@ def test_other_unsupported_inputs(tmp_path: Path) -> None:
         assert f"{hcl}:{line}: {what}: " in result.stderr, (line, what, result.stderr)
 
 
+def test_block_forms_and_odd_commands(tmp_path: Path) -> None:
+    """`config { }` as a block, a method named by `type`, client_timeout, a quote-unbalanced
+    command (left to the shell), a one-element command list with spaces (a shell string)."""
+    hcl = tmp_path / "agent.hcl"
+    hcl.write_text(
+        'vault {\n  address = "https://b:8200"\n  client_timeout = "30s"\n}\n'
+        'auto_auth {\n  method {\n    type = "approle"\n    mount_path = "auth/ar"\n'
+        '    config {\n      role_id_file_path = "/r"\n      secret_id_file_path = "/s"\n'
+        '    }\n  }\n}\n'
+        'template {\n  contents = "x"\n  destination = "/a"\n  command = "echo don\'t"\n}\n'
+        'template {\n  contents = "y"\n  destination = "/b"\n'
+        '  command = ["pkill -HUP app"]\n}\n')
+    result = migrate.migrate(hcl)
+    assert result.toml is not None, result.problems
+    config = load(result.toml, tmp_path)
+    assert config.upstream.timeout == 30.0
+    assert (config.upstream.auth.method, config.upstream.auth.mount) == ("approle", "ar")
+    assert str(config.upstream.auth.secret_id_file) == "/s"
+    assert config.templates[0].command == ("/bin/sh", "-c", "echo don't")
+    assert config.templates[1].command == ("pkill", "-HUP", "app")
+
+
 def test_output_file(tmp_path: Path) -> None:
     out = tmp_path / "agentd.toml"
     result = run(str(CORPUS / "jwt.hcl"), "-o", str(out))
@@ -383,7 +405,8 @@ def test_scan_template_finds_calls_with_lines() -> None:
     text = ('a {{ secret "p/one" }}\n{{- with secret `p/two` "k=v" -}}\n'
             '{{ define "secret" }}{{ end }}{{ .secret }}{{ $secret := 1 }}\n'
             '{{ /* secret "p/comment" */ }}{{ "secret \\"p/str\\"" }}\n'
-            '{{ env "HOME" }}{{ plugin "x" }}{{ secret (print "p") }}')
+            '{{ env "HOME" }}{{ plugin "x" }}{{ secret (print "p") }}'
+            '{{ pkiCert "pki/issue/a" $cn }}{{ (secret "p/three").Data }}')
     calls = migrate.scan_template(text)
     assert [(c.function, c.args, c.line, c.literal) for c in calls] == [
         ("secret", ("p/one",), 1, True),
@@ -391,6 +414,8 @@ def test_scan_template_finds_calls_with_lines() -> None:
         ("env", ("HOME",), 5, True),
         ("plugin", (), 5, True),
         ("secret", (), 5, False),
+        ("pkiCert", ("pki/issue/a",), 5, False),
+        ("secret", ("p/three",), 5, True),
     ]
     assert [c.line for c in migrate.scan_template("[[ secret \"a/b\" ]] {{ secret }}", "[[",
                                                   "]]")] == [1]
