@@ -36,7 +36,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -426,13 +426,6 @@ class Secret:
     uses: list[SecretUse]
     origin: str                               # how the kind was decided (a comment)
     inferred: bool
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Template:
-    block: Block
-    lines: list[str]                          # the [[template]] table, ready to print
 
 
 def _toml_string(text: str) -> str:
@@ -539,9 +532,10 @@ def _mode(value: Any) -> str | None:
 class Migration:
     """One translation of one HCL file."""
 
-    def __init__(self, path: Path, root: Block, *, lookup: MountLookup | None,
+    def __init__(self, path: Path, text: str, root: Block, *, lookup: MountLookup | None,
                  fallback_address: str | None) -> None:
         self.path = path
+        self.text = text
         self.file = str(path)
         self.root = root
         self.lookup = lookup
@@ -582,16 +576,14 @@ class Migration:
     # -- top level
 
     def run(self) -> str | None:
-        handlers: dict[str, Callable[[], None]] = {}
-        for name in ("vault", "auto_auth", "template_config", "template", "env_template",
-                     "exec", "listener", "cache", "api_proxy", "telemetry"):
-            handlers[name] = lambda: None
+        stanzas = {"vault", "auto_auth", "template_config", "template", "env_template", "exec",
+                   "listener", "cache", "api_proxy", "telemetry"}
         known_attrs = {"pid_file", "exit_after_auth", "log_level", "log_file", "log_format",
                        "log_rotate_bytes", "log_rotate_duration", "log_rotate_max_files",
                        "disable_mlock", "disable_idle_connections", "disable_keep_alives",
                        "plugin_directory"}
         for name, line in self.root.entries():
-            if name not in handlers and name not in known_attrs:
+            if name not in stanzas and name not in known_attrs:
                 self.problem(line, name, "unknown stanza: agentd does not know what it would do")
         self.top_attributes()
         self.template_config()             # before the secrets: refresh and renew_at
@@ -916,8 +908,6 @@ class Migration:
             after = lines[line - 1].split("=", 1)
             return after[1].strip() if len(after) == 2 else ""
         return ""
-
-    text: str = ""
 
     # -- templates and the secrets they read
 
@@ -1278,8 +1268,7 @@ def migrate(path: Path, *, upstream: str | None = None, token: str | None = None
         namespace = vault.get("namespace")
         lookup = MountLookup(upstream, token or "", ca_file=ca_file or vault.get("ca_cert"),
                              namespace=namespace if isinstance(namespace, str) else None)
-    migration = Migration(path, root, lookup=lookup, fallback_address=upstream)
-    migration.text = text
+    migration = Migration(path, text, root, lookup=lookup, fallback_address=upstream)
     output = migration.run()
     problems = sorted(migration.problems, key=lambda p: (p.file != file, p.file, p.line))
     if output is None:
