@@ -240,7 +240,8 @@ def parse_hcl(text: str) -> Block:
     options = SerializationOptions(with_comments=False, strip_string_quotes=True,
                                    preserve_heredocs=True, explicit_blocks=False)
     try:
-        start = hcl2.parses(_escape_templates(text), discard_comments=True)
+        start = hcl2.parses(_escape_templates(text.removeprefix("\ufeff")),
+                            discard_comments=True)
     except lark.exceptions.UnexpectedInput as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HclError(max(int(getattr(exc, "line", 0) or 0), 0), first) from None
@@ -740,8 +741,9 @@ class Migration:
         for name, line in block.entries():
             if name == "sink":
                 self.problem(line, "auto_auth.sink", "agentd keeps its token in memory and "
-                             "never writes it to a file: give each reader its secrets through "
-                             "the socket, `agentd exec` or a template instead")
+                             "never writes it to a file: give each reader of that token its "
+                             "secrets through the socket, `agentd exec` or a template instead "
+                             "(if nothing reads it, remove the sink and run migrate again)")
             elif name not in ("method",):
                 self.problem(line, f"auto_auth.{name}", "not supported")
         if len(methods) != 1:
