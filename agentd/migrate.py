@@ -48,10 +48,6 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-# Keys agentd's config must accept on [[template]] for this output to load (the Go-template
-# work adds them; docs/migration.md and the tests name them).
-PENDING_TEMPLATE_KEYS = ("engine", "left_delimiter", "right_delimiter", "error_on_missing_key")
-
 AGENT_SOCKET_ADDR = "unix:///run/agentd/agentd.sock"
 
 # consul-template functions a migrated template may not use: agentd renders in a sandbox with no
@@ -352,6 +348,11 @@ def scan_template(text: str, left: str = "{{", right: str = "}}") -> list[Call]:
                 calls.append(Call(value, tuple(args), line, literal=bool(args) and not computed))
             elif value in _REFUSED_FUNCTIONS:
                 calls.append(Call(value, (), line))
+
+
+def _env_names(calls: list[Call]) -> list[str]:
+    """The environment variables a template reads with a literal name, once each."""
+    return list(dict.fromkeys(c.args[0] for c in calls if c.function in _ENV_FUNCTIONS and c.args))
 
 
 # --- the upstream: mount lookups -----------------------------------------------------------------
@@ -927,24 +928,49 @@ class Migration:
     def scan(self, text: str, file: str, offset: int, left: Any, right: Any,
              what: str) -> list[str]:
         """Declare the secrets ``text`` reads; return their names. Problems are located at
-        ``file`` line ``offset + line in the text``."""
+        ``file`` line ``offset + line in the text``.
+
+        The text is parsed by agentd's own Go engine, as ``check-config`` will: a syntax error
+        or a function it lacks is a problem here already, and the secret references are the
+        engine's. Functions agentd refuses on purpose, and computed paths, are named first with
+        the reason."""
+        from agentd import gotemplate
+
         names: list[str] = []
-        for call in scan_template(text, str(left), str(right)):
+        calls = scan_template(text, str(left), str(right))
+        clean = True
+        for call in calls:
             line = offset + call.line
             if call.function in _REFUSED_FUNCTIONS:
                 self.problem(line, f"{what}: {call.function}", _REFUSED_FUNCTIONS[call.function],
                              file=file)
-                continue
-            if call.function in _ENV_FUNCTIONS:
-                continue
-            if not call.literal:
+                clean = False
+            elif call.function not in _ENV_FUNCTIONS and not call.literal:
                 self.problem(line, f"{what}: {call.function}", "the path or an argument is not "
                              "a string literal: agentd declares every secret a template reads "
                              "(and its parameters) in its config, so each must be written out",
                              file=file)
-                continue
-            use = SecretUse(call.function, call.args[0], call.args[1:],
-                            self.where(line, file))
+                clean = False
+        # (function, path, args, line) of each secret read: the engine's, or, when the text
+        # is refused anyway, this scan's literal ones (so that every problem is named at once)
+        refs = [(c.function, c.args[0], c.args[1:], c.line) for c in calls
+                if c.function in _SECRET_FUNCTIONS and c.literal]
+        if clean:
+            try:
+                parsed = gotemplate.parse(text, name=what, left_delim=str(left),
+                                          right_delim=str(right), env_allow=_env_names(calls))
+            except gotemplate.GoTemplateError as exc:
+                message = str(exc)
+                for prefix in (f"{what}:{exc.line}: ", f"{what}: "):
+                    message = message.removeprefix(prefix)
+                self.problem(offset + (exc.line or 1), what,
+                             f"agentd's Go engine cannot take it: {message}", file=file)
+            else:
+                refs = [(r.function, r.path, tuple(r.args), r.line)
+                        for r in parsed.secret_paths()]
+        for function, path, args, at in refs:
+            line = offset + at
+            use = SecretUse(function, path, tuple(args), self.where(line, file))
             name = self.declare(use, line, file, what)
             if name is not None:
                 names.append(name)
@@ -987,6 +1013,13 @@ class Migration:
             return known.name
         name = secret_name(upstream_path, self.names)
         self.names[name] = upstream_path
+        if upstream_path != path:
+            origin += (f". The template reads {path} (consul-template's KV v2 shorthand, which "
+                       f"reads {upstream_path}); agentd looks template paths up as written, so "
+                       "write it with data/ in the template until agentd does the same")
+            self.notes.append(f"{file}:{line}: {path} is KV v2 data at {upstream_path}: agentd "
+                              "resolves template paths as written; write the data/ path in the "
+                              "template (check-config names it otherwise)")
         secret = Secret(name, kind, upstream_path, params, [use], origin, inferred)
         self.secrets[upstream_path] = secret
         return name
@@ -1112,6 +1145,10 @@ class Migration:
                     "previous file stays (the OpenBao Agent writes <no value> unless "
                     "error_on_missing_key = true). Add error_on_missing_key = false to render "
                     "<no value> as it did.")
+        envs = _env_names(scan_template(text, str(left), str(right))) if text else []
+        if envs:
+            out.append(f"env = {toml_value(envs)}   # agentd's Go engine reads only the "
+                       "environment variables listed here")
         if "left_delimiter" in block.attrs:
             out.append(f"left_delimiter = {toml_value(str(left))}")
         if "right_delimiter" in block.attrs:
@@ -1138,12 +1175,6 @@ class Migration:
         if "error_fatal" in block.attrs:
             out += _comment("error_fatal: agentd never exits because one template fails; the "
                             "failure is logged, counted and retried, the other files go on.")
-        envs = [c.args[0] for c in (scan_template(text, str(left), str(right)) if text else [])
-                if c.function in _ENV_FUNCTIONS and c.args]
-        if envs:
-            out += _comment("reads the environment: " + ", ".join(dict.fromkeys(envs)) + ". "
-                            "agentd's Go engine reads only the environment variables the "
-                            "template's config lists.")
         self.templates.append(out)
 
     def command(self, block: Block, what: str) -> list[str]:
