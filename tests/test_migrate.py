@@ -418,6 +418,112 @@ def test_docs_side_by_side_is_what_migrate_prints(tmp_path: Path) -> None:
     load(result.stdout, tmp_path)
 
 
+AGENT_HCL = """\
+vault {{
+  address = "{address}"
+}}
+
+auto_auth {{
+  method "token_file" {{
+    config = {{
+      token_file_path = "{token}"
+    }}
+  }}
+}}
+
+exit_after_auth = true
+
+template_config {{
+  exit_on_retry_failure = true
+}}
+
+template {{
+  contents    = <<EOT
+{{{{ with secret "secret/data/{p}/db" -}}}}
+host={{{{ .Data.data.host }}}} port={{{{ .Data.data.port }}}}
+{{{{ range $k, $v := .Data.data }}}}{{{{ $k }}}}={{{{ $v }}}};{{{{ end }}}}
+{{{{ printf "%q %5.2f" .Data.data.password .Data.data.ratio }}}}
+{{{{- end }}}}
+EOT
+  destination = "{out}/db.conf"
+  perms       = "0640"
+}}
+
+template {{
+  source      = "{source}"
+  destination = "{out}/legacy.env"
+}}
+
+template {{
+  contents = "{{{{ with secret \\"secret/data/{p}/db\\" }}}}{{{{ .Data.data.nope }}}}{{{{ end }}}}"
+  destination          = "{out}/missing.txt"
+  error_on_missing_key = false
+  perms                = "0600"
+}}
+
+template {{
+  contents        = "[[ with secret \\"kv1/{p}/legacy\\" ]][[ .Data.tags ]] {{{{ x }}}}[[ end ]]"
+  destination     = "{out}/delims.txt"
+  left_delimiter  = "[["
+  right_delimiter = "]]"
+}}
+"""
+
+
+async def test_migrated_config_renders_what_the_openbao_agent_renders(
+    bao: DevServer, tmp_path: Path
+) -> None:
+    """The issue's differential, end to end: the real OpenBao Agent renders an HCL config's
+    templates; `agentd migrate` translates the same HCL and a running agentd renders them: the
+    same bytes and the same modes."""
+    import secrets as random_names
+
+    import trio
+
+    from tests.agentfixture import running_agent, socket_dir
+    from tests.support import until
+
+    p = f"migrate-{random_names.token_hex(4)}"
+    bao.kv_put(f"{p}/db", {"host": "db.internal", "port": 5432, "ratio": 0.25,
+                           "password": "p<a>ss\"w", "user": "app"})
+    bao.api("POST", f"kv1/{p}/legacy", {"api_key": "k-123", "tags": ["x", "y"]})
+    token = tmp_path / "token"
+    token.write_text(bao.token)
+    token.chmod(0o600)
+    source = tmp_path / "legacy.ctmpl"
+    source.write_text(f'{{{{ with secret "kv1/{p}/legacy" }}}}API_KEY={{{{ .Data.api_key }}}}\n'
+                      f'TAGS={{{{ range .Data.tags }}}}{{{{ . }}}},{{{{ end }}}}\n'
+                      f'{{{{ toJSON .Data }}}}{{{{ end }}}}\n')
+    outputs = {}
+    for who in ("bao", "agentd"):
+        out = tmp_path / who
+        out.mkdir()
+        outputs[who] = out
+        (tmp_path / f"{who}.hcl").write_text(AGENT_HCL.format(
+            address=bao.address, token=token, p=p, out=out, source=source))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BAO_ADDR", "VAULT_ADDR", "BAO_TOKEN", "VAULT_TOKEN")}
+    agent = subprocess.run([bao_binary(), "agent", f"-config={tmp_path / 'bao.hcl'}"],
+                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                           check=False, env=dict(env, HOME=str(tmp_path), BAO_LOG_LEVEL="warn"))
+    expected = {f.name: f for f in outputs["bao"].iterdir()}
+    assert agent.returncode == 0 and len(expected) == 4, agent.stderr[-3000:]
+
+    result = run(str(tmp_path / "agentd.hcl"))
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "agentd.toml"
+    config.write_text(
+        f'[agent]\nsocket = "{socket_dir() / "a.sock"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[audit]\npath = "{tmp_path / "audit.jsonl"}"\n' + result.stdout)
+    with trio.fail_after(60):
+        async with running_agent(config):
+            await until(lambda: len(list(outputs["agentd"].iterdir())) == len(expected))
+    for name, theirs in expected.items():
+        ours = outputs["agentd"] / name
+        assert ours.read_bytes() == theirs.read_bytes(), name
+        assert stat.S_IMODE(ours.stat().st_mode) == stat.S_IMODE(theirs.stat().st_mode), name
+
+
 # --- units ----------------------------------------------------------------------------------------
 
 
