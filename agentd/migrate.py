@@ -5,8 +5,10 @@ blocks and attributes that keep their line; nothing of it is evaluated. Each sta
 is translated, or turned into a comment where agentd does the job differently (a listener, the
 cache, ``exec``), or refused where agentd cannot do what the agent did (another auth method, a
 token sink, a template ``plugin``, a stanza we do not know). Every template's text (``contents``,
-or the file ``source`` names) is scanned for the consul-template functions that read the upstream
-(``secret``, ``pkiCert``, ``secrets``): each distinct upstream path becomes one ``[secrets.NAME]``
+or the file ``source`` names) is parsed by agentd's own Go engine, as ``check-config`` will parse
+it, for the consul-template functions that read the upstream (``secret``, ``pkiCert``,
+``secrets``; a small scan of our own names the functions agentd refuses on purpose, with the
+reason, first): each distinct upstream path becomes one ``[secrets.NAME]``
 (decision 3: the config is the catalog), its kind asked of the upstream's
 ``sys/internal/ui/mounts/<path>`` when ``--upstream`` is given, else inferred from the path and
 flagged so in a comment.
