@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", default="10s",
                    help="wait this long after --signal before SIGKILL (10s)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROG [ARGS...]")
+    p = sub.add_parser("migrate", help="translate an OpenBao/Vault Agent config (HCL) to TOML")
+    p.add_argument("hcl", metavar="AGENT.hcl", help="the OpenBao/Vault Agent configuration")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the TOML to FILE (mode 0640) instead of stdout")
+    p.add_argument("--upstream", metavar="ADDR",
+                   help="ask this OpenBao/Vault server for each mount's type and KV version")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="token for --upstream (else $BAO_TOKEN, else $VAULT_TOKEN)")
+    p.add_argument("--ca-file", metavar="FILE",
+                   help="CA bundle for --upstream (else the HCL's vault.ca_cert)")
     p = sub.add_parser("demo", add_help=False,
                        help="run a local OpenBao dev server and the agent end to end")
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -162,6 +172,18 @@ _MANUAL: dict[str, tuple[str, str]] = {
         "Check that the agent answers on its socket; prints `ok`.",
         "examples:\n  agentd ping --timeout 2 || systemctl status agentd",
     ),
+    "migrate": (
+        "Translate an OpenBao/Vault Agent configuration (HCL) into an agentd TOML on stdout: "
+        "vault and auto_auth become [upstream], every secret path the templates read becomes "
+        "a [secrets.NAME] (its kind asked of the server with --upstream, else inferred from the "
+        "path and marked INFERRED), and each template stanza a [[template]] with engine = "
+        "\"go\" that renders the same Go template text. Comments say where agentd differs. "
+        "Anything that cannot be carried over faithfully (another auth method, a sink, plugin, "
+        "an unknown stanza) is listed on stderr as FILE:LINE: what: why, and nothing is "
+        "printed (exit 2). Notes (no policy generated, inferred kinds) go to stderr too.",
+        "examples:\n  agentd migrate /etc/openbao/agent.hcl > /etc/agentd/agentd.toml\n"
+        "  BAO_TOKEN=... agentd migrate agent.hcl --upstream https://bao:8200 -o agentd.toml",
+    ),
     "exec": (
         "",
         "examples:\n  agentd exec --env DB_PASSWORD=db.password -- /usr/bin/app --serve\n"
@@ -174,7 +196,7 @@ def _add_manual(parser: argparse.ArgumentParser,
                 commands: Mapping[str, argparse.ArgumentParser]) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("commands: run, check-config, get, list, status, catalog, ping, exec, "
-                     "render, demo;\n"
+                     "render, migrate, demo;\n"
                      "`agentd COMMAND --help` describes each.\n\n" + _COMMON)
     for name, (description, examples) in _MANUAL.items():
         command = commands.get(name)
@@ -234,6 +256,8 @@ def _run(args: argparse.Namespace) -> int:
         return int(demo.main(args.rest))
     if args.command == "exec":
         return _exec_command(args)
+    if args.command == "migrate":
+        return _migrate_command(args)
     if args.command == "catalog":
         return _catalog_command(args)
     if args.command == "render":
@@ -275,6 +299,49 @@ def _render_command(args: argparse.Namespace) -> int:
     print(f"{changes} file(s) would change, {errors} error(s), "
           f"{len(plans) - changes - errors} unchanged")
     return 1 if errors else 0
+
+
+def _migrate_command(args: argparse.Namespace) -> int:
+    """``migrate AGENT.hcl``: the TOML on stdout (or -o), exit 0; problems on stderr, exit 2."""
+    from agentd import migrate
+
+    token = None
+    if args.upstream is not None:
+        if args.token_file:
+            try:
+                token = Path(args.token_file).read_text().strip()
+            except OSError as exc:
+                raise UsageError(f"migrate: --token-file: {exc.strerror}: "
+                                 f"{args.token_file}") from None
+        else:
+            token = os.environ.get("BAO_TOKEN") or os.environ.get("VAULT_TOKEN")
+        if not token:
+            raise UsageError("migrate: --upstream needs a token (--token-file, $BAO_TOKEN or "
+                             "$VAULT_TOKEN)")
+    try:
+        result = migrate.migrate(Path(args.hcl), upstream=args.upstream, token=token,
+                                 ca_file=args.ca_file)
+    except migrate.UpstreamLookupError as exc:
+        print(f"agentd: migrate: {exc}", file=sys.stderr)
+        return 1
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.toml is None:
+        for problem in result.problems:
+            print(problem, file=sys.stderr)
+        print(f"agentd: migrate: {len(result.problems)} problem(s); no configuration written",
+              file=sys.stderr)
+        return 2
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.migrate-tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(result.toml)
+        os.replace(tmp, out)
+    else:
+        sys.stdout.write(result.toml)
+    return 0
 
 
 def _catalog_command(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 AGENTD = str(Path(sys.executable).with_name("agentd"))
-COMMANDS = ["run", "check-config", "get", "list", "status", "ping", "exec"]
+COMMANDS = ["run", "check-config", "get", "list", "status", "ping", "exec", "migrate"]
 
 
 def help_text(*argv: str) -> str:
