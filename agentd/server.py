@@ -36,7 +36,7 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
 A handler catches its own errors: one bad client can never take the server down. Every decision on
 a secret is written to the audit stream. Warnings about refused peers (over a cap, flooding, pid
 reused, no identity) are logged at most once per ``WARN_INTERVAL`` per uid and kind, with the
-count of those left out (``statistics()["warnings_suppressed"]``); the audit stream coalesces
+count of those left out (``statistics().warnings_suppressed``); the audit stream coalesces
 them by uid and decision (see audit.py). Error messages never echo a request's argument values
 (names included): the client knows what it asked.
 

@@ -339,10 +339,6 @@ def test_upstream_decides_kv1_and_kv2(bao: DevServer, tmp_path: Path) -> None:
     assert {s.path: s.kind for s in config.secrets.values()} == kinds
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agentd looks Go template paths up exactly as written (agentd.refs.template_refs); "
-    "consul-template's KV v2 shorthand (secret \"M/p\" reads M/data/p on a KV v2 mount) is "
-    "not applied, so check-config refuses 'migrate-v2/app/two'"))
 def test_kv2_shorthand_paths_load(bao: DevServer, tmp_path: Path) -> None:
     hcl = _upstream_hcl(bao, tmp_path, shorthand=True)
     result = run(str(hcl), "--upstream", bao.address, env={"BAO_TOKEN": bao.token})
