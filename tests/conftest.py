@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,3 +50,13 @@ def seeded(bao: DevServer) -> Seeded:
     from tests.agentfixture import seed  # here: conftest does not load the daemon for every test
 
     return seed(bao)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory under /tmp that other uids can traverse (pytest's tmp_path is 0700), for
+    tests whose attacker runs as another user. Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="agentd-shared-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)

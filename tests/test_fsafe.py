@@ -7,9 +7,6 @@ writable directories, symlinks swapped in by that uid.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +18,8 @@ NOBODY = 65534
 
 
 @pytest.fixture
-def root() -> Iterator[Path]:
-    """A directory under /tmp that other uids can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="agentd-fsafe-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path)
-
+def root(shared_tmp: Path) -> Path:
+    return shared_tmp
 
 def _file(path: Path, text: str = "x", mode: int = 0o644) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,6 @@ come first, as a ``ConfigError`` naming the key, not as a traceback after a logi
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +18,8 @@ from agentd.errors import ConfigError
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="agentd-preflight-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path)
-
+def base(shared_tmp: Path) -> Path:
+    return shared_tmp
 
 def _config(base: Path, *, socket: Path, state_dir: Path) -> config_mod.Config:
     token = base / "token"

@@ -10,9 +10,6 @@ it never named. The agent refuses to render either (the last good file stays, th
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +25,8 @@ NOBODY = 65534
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="agentd-tmpl-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path)
-
+def base(shared_tmp: Path) -> Path:
+    return shared_tmp
 
 def _as_nobody(action: object) -> None:
     pid = os.fork()

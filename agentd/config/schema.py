@@ -138,8 +138,27 @@ class WaitConfig:
     max: float = 0.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class TemplateText:
+    """What templates and bundles share about their text: which secrets it may read and the
+    language it is written in (keyword-only, so the outputs' own fields come first)."""
+
+    allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
+    engine: str = "jinja"                    # jinja | go (consul-template's Go templates)
+    left_delimiter: str = "{{"               # Go only
+    right_delimiter: str = "}}"              # Go only
+    error_on_missing_key: bool = True        # Go only: False prints <no value> as Go does
+    env: tuple[str, ...] = ()                # Go only: variables its `env` may read
+
+    @property
+    def reader(self) -> Engine:
+        """How its text is read (``agentd.refs``): the engine and Go's options."""
+        return Engine(self.engine, self.left_delimiter, self.right_delimiter,
+                      self.error_on_missing_key, self.env)
+
+
 @dataclass(frozen=True)
-class TemplateConfig:
+class TemplateConfig(TemplateText):
     destination: Path
     source: Path | None = None
     contents: str | None = None
@@ -151,22 +170,10 @@ class TemplateConfig:
     wait: WaitConfig = field(default_factory=WaitConfig)
     backup: bool = False                     # keep the replaced file as DESTINATION.bak
     on_revoke: str = "keep"                  # keep | remove: the file when an input is revoked
-    allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
-    engine: str = "jinja"                    # jinja | go (consul-template's Go templates)
-    left_delimiter: str = "{{"               # Go only
-    right_delimiter: str = "}}"              # Go only
-    error_on_missing_key: bool = True        # Go only: False prints <no value> as Go does
-    env: tuple[str, ...] = ()                # Go only: variables its `env` may read
-
-    @property
-    def reader(self) -> Engine:
-        """How its text is read (``agentd.refs``): the engine and Go's options."""
-        return Engine(self.engine, self.left_delimiter, self.right_delimiter,
-                      self.error_on_missing_key, self.env)
 
 
 @dataclass(frozen=True)
-class BundleConfig:
+class BundleConfig(TemplateText):
     directory: Path
     files: Mapping[str, str]                 # file name -> template text
     mode: int = 0o600
@@ -178,18 +185,6 @@ class BundleConfig:
     grace: float = 60.0
     modes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # per file
     on_revoke: str = "keep"                  # keep | remove: the files when an input is revoked
-    allow: tuple[str, ...] | None = None     # secret name globs it may name (None: see docs)
-    engine: str = "jinja"                    # jinja | go (consul-template's Go templates)
-    left_delimiter: str = "{{"               # Go only
-    right_delimiter: str = "}}"              # Go only
-    error_on_missing_key: bool = True        # Go only: False prints <no value> as Go does
-    env: tuple[str, ...] = ()                # Go only: variables its `env` may read
-
-    @property
-    def reader(self) -> Engine:
-        """How its text is read (``agentd.refs``): the engine and Go's options."""
-        return Engine(self.engine, self.left_delimiter, self.right_delimiter,
-                      self.error_on_missing_key, self.env)
 
 
 @dataclass(frozen=True)
