@@ -36,8 +36,18 @@ from tests.openbao import DevServer  # noqa: E402
 LOG_LEVEL = os.environ.get("RENDER_BENCH_LOG_LEVEL", "warning")
 
 
+TEMPLATES = {
+    # the same output from both engines: Jinja2 by name, Go (consul-template) by upstream path
+    "jinja": 'contents = "user={{{{ secret(\'s{i}\').user }}}}\\npassword={{{{ secret(\'s{i}\')'
+             '.password }}}}\\n"',
+    "go": 'engine = "go"\ncontents = "{{{{ with secret \\"secret/data/{prefix}/s{i}\\" }}}}'
+          'user={{{{ .Data.data.user }}}}\\npassword={{{{ .Data.data.password }}}}\\n'
+          '{{{{ end }}}}"',
+}
+
+
 def write_config(work: Path, address: str, role: tuple[str, str], prefix: str, count: int,
-                 out: Path) -> Path:
+                 out: Path, engine: str = "jinja") -> Path:
     role_file, secret_file = work / "role_id", work / "secret_id"
     for path, value in ((role_file, role[0]), (secret_file, role[1])):
         path.write_text(value + "\n")
@@ -72,7 +82,7 @@ refresh = "2s"
 
 [[template]]
 destination = "{out / f's{i}.conf'}"
-contents = "user={{{{ secret('s{i}').user }}}}\\npassword={{{{ secret('s{i}').password }}}}\\n"
+{TEMPLATES[engine].format(i=i, prefix=prefix)}
 mode = "0640"
 """)
     config = work / "agentd.toml"
@@ -127,6 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engine", choices=sorted(TEMPLATES), default="jinja",
+                        help="template engine of the rendered templates (same output)")
     args = parser.parse_args()
     work_root = Path(tempfile.mkdtemp(prefix="agentd-render-bench-"))
     bao = DevServer.start(work_root / "bao")
@@ -146,7 +158,7 @@ def main() -> None:
             work = work_root / f"round{r}"
             out = work / "out"
             out.mkdir(parents=True)
-            config = write_config(work, bao.address, role, prefix, args.count, out)
+            config = write_config(work, bao.address, role, prefix, args.count, out, args.engine)
             start = time.monotonic()
             agent = AgentProcess(config, work / "agent.log")
             try:
@@ -175,7 +187,8 @@ def main() -> None:
         return (f"| {name} | {fmt.format(statistics.median(values))} | "
                 f"{fmt.format(min(values))} | {fmt.format(max(values))} |")
 
-    print(f"\nagentd render bench: {args.count} KV v2 secrets, {args.count} templates, "
+    print(f"\nagentd render bench: {args.count} KV v2 secrets, {args.count} {args.engine} "
+          "templates, "
           f"{args.rounds} cold starts; {platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()} (seeding took {seed_s:.1f} s)\n")
     print("| metric | median | min | max |")
