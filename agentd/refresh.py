@@ -20,9 +20,13 @@ remove a value on their own (decision 5):
 - any other PermanentError: kept stale, logged, retried with backoff at the cap.
 
 Schedules are spread per host (decision 9): the daemon seeds ``rng`` with the host id. A secret
-that already has a value when its task starts (restored from the snapshot) is first refreshed at a
-random phase within ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst; a
-restored lease sooner if its renewal is due before that.
+that already has a value when its task starts (restored from the snapshot, or kept over a reload)
+takes its first step where its kind's restored state puts it (``Kinds.restored_delay``, decision
+12): a certificate at its own re-issue point, a lease at its renewal point, a KV secret one
+``refresh`` after its ``fetched_at``; a step already due waits a random phase within
+``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst. ``restore`` takes the
+snapshot's states back at start; a value whose restored state vouches for it (a certificate
+within its validity) is served as current, not stale, until its step.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -33,7 +37,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +89,12 @@ class SecretState:
     fetched: trio.Event | None = None
     denials: int = 0                      # consecutive 403s
     policy_denied: bool = False           # alert: 403s survived a fresh login / token check
+    from_snapshot: bool = False           # the value served came from the snapshot at start
 
     def as_status(self) -> dict[str, Any]:
         return {
             "revoked": self.revoked,
+            "from_snapshot": self.from_snapshot,
             "failures": self.failures,
             "last_error": self.last_error,
             "last_attempt": self.last_attempt,
@@ -116,7 +122,8 @@ class Refresher:
         self._auth = auth
         self._cache = cache
         self._clock = clock
-        self.kinds = Kinds(upstream, cache, clock=clock)   # per-kind steps (agentd/kinds/)
+        # per-kind steps (agentd/kinds/); their jitter is spread per host too
+        self.kinds = Kinds(upstream, cache, clock=clock, rng=self._rng)
         self.states: dict[str, SecretState] = {
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }
@@ -188,6 +195,17 @@ class Refresher:
             state = self.states.get(name)
             if state is not None and state.fetched is not None:
                 state.fetched.set()
+                state.from_snapshot = True
+
+    def restore(self, names: list[str], states: Mapping[str, Mapping[str, Any]]) -> None:
+        """At start, before ``run``: ``names`` were restored from the snapshot with the schedule
+        ``states`` (``Snapshot.restored_states``). Their kinds take the states back, so each
+        first step is computed from them, and a value its state vouches for is served as
+        current (not stale) until that step."""
+        self.mark_restored(names)
+        for name in self.kinds.restore_states(states, self._config.secrets):
+            if self.kinds.restored_current(self._config.secrets[name]):
+                self._cache.mark_current(name)
 
     @property
     def policy_denied(self) -> list[str]:
@@ -237,6 +255,7 @@ class Refresher:
         if state.revoked:
             log.info("secret is back upstream", extra={"secret": secret.name})
         state.revoked = False
+        state.from_snapshot = False
         state.failures = 0
         state.last_error = None
         state.denials = 0
@@ -249,12 +268,15 @@ class Refresher:
         cfg = self._config.upstream
         backoff = Backoff(cfg.backoff_min, cfg.backoff_max, rng=self._rng)
         state = self.states[secret.name]
-        if self._cache.info(secret.name) is not None:
-            # restored from the snapshot (or kept over a reload): refresh at this secret's own
-            # phase, not all at once with the others
-            first = self._rng.uniform(0.0, min(secret.refresh, RESTORED_SPREAD))
-            # ...but a restored lease is renewed before it is due
-            first = min(first, self.kinds.next_delay(secret, first))
+        info = self._cache.info(secret.name)
+        if info is not None:
+            # restored from the snapshot (or kept over a reload): the first step where the
+            # kind's state puts it, or at this secret's own phase when already due, not all
+            # at once with the others
+            first = self.kinds.restored_delay(
+                secret, fetched_at=info.fetched_at,
+                default=jittered(secret.refresh, rng=self._rng),
+                spread=self._rng.uniform(0.0, min(secret.refresh, RESTORED_SPREAD)))
             state.next_attempt = wake_slot(trio.current_time() + first)
             await trio.sleep_until(state.next_attempt)
         while True:
@@ -265,6 +287,7 @@ class Refresher:
                 self._failed(state, exc, delay)
             except UpstreamNotFound as exc:
                 # Positive evidence of deletion (decision 5): stop serving it at once.
+                state.from_snapshot = False
                 if self._cache.remove(secret.name) or not state.revoked:
                     log.warning(
                         "secret deleted upstream, no longer served",
@@ -322,7 +345,8 @@ class Refresher:
     def status(self) -> dict[str, dict[str, Any]]:
         return {
             name: {**state.as_status(), **self.kinds.status(self._config.secrets[name]),
-                   "next_rotation": self._wall(state.next_attempt)}
+                   "next_rotation": self._wall(state.next_attempt),
+                   "next_step_at": self._wall(state.next_attempt)}
             for name, state in sorted(self.states.items())
             if name in self._config.secrets
         }

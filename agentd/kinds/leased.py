@@ -119,6 +119,19 @@ class Leased(Kind[LeaseState]):
             due = min(due, now + (state.token_expires_at - now) * secret.renew_at)
         return max(MIN_DELAY if left > 3 * MIN_DELAY else 0.2, due - now)
 
+    def restored_delay(self, rt: Runtime, secret: SecretConfig, state: LeaseState, *,
+                       fetched_at: float, default: float, spread: float) -> float:
+        """A restored lease is renewed at its own renewal point (decision 12); one already due
+        at this host's phase, but within the first third of the time it has left."""
+        if state.lease_id is None or state.lease_expires_at is None:
+            return spread                # no lease taken over: a new credential is read
+        due = self.next_delay(rt, secret, state, default)
+        left = state.lease_expires_at - rt.now()
+        return max(due, min(spread, left / 3))
+
+    def next_step(self, state: LeaseState) -> str:
+        return "renew" if state.lease_id and state.renewable and not state.reissue else "read"
+
     def status(self, secret: SecretConfig, state: LeaseState) -> dict[str, Any]:
         return {"lease_expires_at": state.lease_expires_at, "renewals": state.renewals,
                 "reissues": state.reissues, "renewable": state.renewable}
