@@ -132,7 +132,7 @@ class Kind(ABC, Generic[S]):
         """
         return max(fetched_at + default - rt.now(), spread)
 
-    def restored_current(self, state: S, now: float) -> bool:
+    def restored_current(self, secret: SecretConfig, state: S, now: float) -> bool:
         """True when ``state`` (restored) shows the value needs nothing from the upstream
         before its next step, so it is served as current, not stale (default: a restored
         value is stale until refreshed, decision 6)."""

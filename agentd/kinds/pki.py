@@ -104,8 +104,12 @@ class Pki(Kind[PkiState]):
             return spread
         return max(self.next_delay(rt, secret, state, default), spread)
 
-    def restored_current(self, state: PkiState, now: float) -> bool:
-        return state.not_after is not None and state.not_after > now
+    def restored_current(self, secret: SecretConfig, state: PkiState, now: float) -> bool:
+        """Valid and not yet at its re-issue point (one past it is stale until re-issued)."""
+        if state.not_after is None or state.issued_at is None:
+            return False
+        reissue_at = state.issued_at + (state.not_after - state.issued_at) * secret.renew_at
+        return now < min(reissue_at, state.not_after)
 
     def status(self, secret: SecretConfig, state: PkiState) -> dict[str, Any]:
         return {"serial": state.serial, "expires_at": state.not_after}

@@ -212,7 +212,7 @@ class Kinds:
 
     def restored_current(self, secret: SecretConfig) -> bool:
         """True when ``secret``'s restored state vouches for its value until the next step."""
-        return _kind(secret).restored_current(self._state(secret), self._clock())
+        return _kind(secret).restored_current(secret, self._state(secret), self._clock())
 
     # --- leases -------------------------------------------------------------------------------
 
