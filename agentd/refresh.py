@@ -124,6 +124,7 @@ class Refresher:
         self._clock = clock
         # per-kind steps (agentd/kinds/); their jitter is spread per host too
         self.kinds = Kinds(upstream, cache, clock=clock, rng=self._rng)
+        self.kinds.on_revoked = self._revoked
         self.states: dict[str, SecretState] = {
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }
@@ -206,6 +207,13 @@ class Refresher:
         for name in self.kinds.restore_states(states, self._config.secrets):
             if self.kinds.restored_current(self._config.secrets[name]):
                 self._cache.mark_current(name)
+
+    def _revoked(self, name: str) -> None:
+        """A kind saw evidence that ``name``'s value is gone upstream (and dropped it)."""
+        state = self.states.get(name)
+        if state is not None:
+            state.revoked = True
+            state.from_snapshot = False
 
     @property
     def policy_denied(self) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from agentd.errors import Unavailable
+from agentd.errors import NotFound, Unavailable
 from tests.agentfixture import running_agent
 from tests.faultproxy import FaultProxy
 from tests.kindsupport import approle_with_policy, call, write_config
@@ -325,3 +325,53 @@ refresh = "1s"
     assert certificates(bao, pki) == certs
     assert roles(pg) - users == set()
     assert ran.read_text() == "ran\n"
+
+
+async def test_a_lease_revoked_while_down_is_served_stale_until_the_upstream_says_so(
+    audited: tuple[DevServer, Path], pg: Postgres, tmp_path: Path
+) -> None:
+    bao, _ = audited
+    mount = enable_database(bao, pg, ttl="1m", max_ttl="1h")
+    approle = approle_with_policy(bao, tmp_path, leased_policy(mount))
+    secrets = f"""
+[secrets.pg]
+kind = "leased"
+path = "{mount}/creds/app"
+refresh = "1s"
+renew_at = 0.1
+"""
+    async with running_agent(write_config(tmp_path, bao, approle, secrets)) as first:
+        user = (await call(first.socket, "get", name="pg"))["data"]["username"]
+        lease_id = first.agent.refresher.kinds.state("pg").lease_id
+    # While the agent is down: the lease is revoked (the user dropped) and the role is gone,
+    # so no new credential can be read either.
+    bao.api("PUT", f"sys/leases/revoke/{lease_id}", {})
+    bao.api("DELETE", f"{mount}/roles/app")
+
+    proxy = FaultProxy(bao.port)
+    proxy.mode = "reset"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
+        async with running_agent(path) as second:
+            with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
+                while True:
+                    reply = await call(second.socket, "get", name="pg")
+                    assert reply["data"]["username"] == user and reply["stale"] is True
+                    await trio.sleep(0.2)
+            proxy.mode = "pass"                  # the upstream says the lease is revoked
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        await call(second.socket, "get", name="pg")
+                    except NotFound:
+                        break
+                    await trio.sleep(0.2)
+            status = (await call(second.socket, "status"))["secrets"]["pg"]
+            assert status["revoked"] is True and status["from_snapshot"] is False
+            with trio.move_on_after(WINDOW):     # and stays so while no new one can be read
+                while True:
+                    with pytest.raises(NotFound):
+                        await call(second.socket, "get", name="pg")
+                    await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()

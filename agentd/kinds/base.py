@@ -96,6 +96,12 @@ class Runtime(Protocol):
         """Run ``await fn(*args)`` after ``delay`` seconds (dropped at shutdown)."""
         ...
 
+    def revoke(self, name: str) -> None:
+        """The upstream says ``name``'s value is gone (decision 5's evidence, e.g. a lease
+        OpenBao says is revoked): stop serving it at once and answer ``not_found`` until a new
+        value is stored."""
+        ...
+
 
 class Kind(ABC, Generic[S]):
     """One secret kind. Stateless: what a secret remembers lives in its ``State``."""

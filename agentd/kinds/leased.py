@@ -4,14 +4,15 @@ Later steps renew it (``sys/leases/renew/ID``) at ``renew_at`` of the lease; whe
 refused, comes back capped (the max TTL is near) or the lease is not renewable, the next step
 reads a new credential and the old lease is revoked ``grace`` after the new one went live. A
 lease OpenBao says is gone ("lease not found") is treated as revoked: the cached value is dropped
-at once and a new credential is read. OpenBao revokes a lease with the token that created it, so
+at once, the secret answers ``not_found`` (``Runtime.revoke``) until a new credential is read,
+and one is read in the same step. OpenBao revokes a lease with the token that created it, so
 a lease created under an earlier login token is replaced by one under the current token, and the
 next step is due before the token's end.
 
 At a clean shutdown leases are revoked only for ``revoke_on_shutdown = true``; the others go into
 the snapshot as ``LeaseRecord`` (``Kinds.export_leases``) and a restarted agent takes them over
 (``Kinds.restore_leases``) with the login token that created them, so they are renewed, not
-re-read.
+re-read, at their own renewal point (``restored_delay``; decision 12), served stale until then.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class Leased(Kind[LeaseState]):
                 log.warning("lease is gone upstream; dropping the credential and reading anew",
                             extra={"secret": secret.name, "error": str(exc)})
                 state.lease_id = None
-                rt.cache.remove(secret.name)
+                rt.revoke(secret.name)      # not_found until a new credential is read
             else:
                 log.info("lease renewal refused; reading a new credential",
                          extra={"secret": secret.name, "error": str(exc)})

@@ -83,6 +83,8 @@ class Kinds:
         self._states: dict[str, KindState] = {}
         self._secrets: dict[str, SecretConfig] = {}
         self._nursery: trio.Nursery | None = None
+        # the refresher's: marks a secret revoked (answered not_found); see revoke()
+        self.on_revoked: Callable[[str], None] | None = None
 
     # --- base.Runtime -------------------------------------------------------------------------
 
@@ -124,6 +126,11 @@ class Kinds:
             await fn(*args)
 
         self._nursery.start_soon(task)
+
+    def revoke(self, name: str) -> None:
+        self._cache.remove(name)
+        if self.on_revoked is not None:
+            self.on_revoked(name)
 
     # --- states -------------------------------------------------------------------------------
 
