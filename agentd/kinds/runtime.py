@@ -35,6 +35,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -201,9 +202,8 @@ class Kinds:
                 continue
             old = self._states.get(name)
             if old is not None:      # keep what the common part counted
-                for common in ("fingerprints", "last_change", "reuse_alarms",
-                               "rotation_alarms", "check_failures"):
-                    setattr(kept, common, getattr(old, common))
+                for common in fields(KindState):
+                    setattr(kept, common.name, getattr(old, common.name))
             self._states[name] = kept
             self._secrets[name] = secret
             restored.append(name)
