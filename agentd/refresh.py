@@ -16,7 +16,10 @@ remove a value on their own (decision 5):
   refusal upstream: logged as an error and raised as an alert (``policy_denied``), never a
   revocation;
 - UpstreamNotFound: positive evidence that the secret was deleted upstream: the entry is dropped and
-  ``get`` answers ``not_found`` until the secret comes back;
+  ``get`` answers ``not_found`` until the secret comes back. A KV v2 deletion or destroy marker
+  (``UpstreamDeleted``) is evidence at once; a plain 404 on a value being served is evidence only
+  once a second request ``NOT_FOUND_CONFIRM`` later says 404 too (one stray 404, say from a
+  node that has not loaded the mount yet after a restart, does not wipe a secret; decision 5);
 - any other PermanentError: kept stale, logged, retried with backoff at the cap.
 
 Schedules are spread per host (decision 9): the daemon seeds ``rng`` with the host id. A secret
@@ -51,6 +54,7 @@ from agentd.errors import (
     AuthError,
     PermanentError,
     TransientError,
+    UpstreamDeleted,
     UpstreamError,
     UpstreamNotFound,
 )
@@ -60,6 +64,7 @@ from agentd.upstream import Upstream
 log = logging.getLogger("agentd.refresh")
 
 RESTORED_SPREAD = 30.0   # restored secrets first refresh within this long (or their `refresh`)
+NOT_FOUND_CONFIRM = 1.0  # a plain 404 on a served value is asked again after 1-2x this long
 WAKE_SLOT = 0.02         # refresh wake-ups are rounded to a multiple of this (seconds)
 
 
@@ -90,6 +95,7 @@ class SecretState:
     denials: int = 0                      # consecutive 403s
     policy_denied: bool = False           # alert: 403s survived a fresh login / token check
     from_snapshot: bool = False           # the value served came from the snapshot at start
+    unconfirmed_404: bool = False         # a plain 404 on a served value, to be asked again
 
     def as_status(self) -> dict[str, Any]:
         return {
@@ -264,6 +270,7 @@ class Refresher:
             log.info("secret is back upstream", extra={"secret": secret.name})
         state.revoked = False
         state.from_snapshot = False
+        state.unconfirmed_404 = False
         state.failures = 0
         state.last_error = None
         state.denials = 0
@@ -294,6 +301,11 @@ class Refresher:
                 delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
                 self._failed(state, exc, delay)
             except UpstreamNotFound as exc:
+                if self._to_confirm(state, exc):
+                    delay = self._rng.uniform(NOT_FOUND_CONFIRM, 2 * NOT_FOUND_CONFIRM)
+                    state.next_attempt = wake_slot(trio.current_time() + delay)
+                    await trio.sleep_until(state.next_attempt)
+                    continue
                 # Positive evidence of deletion (decision 5): stop serving it at once.
                 state.from_snapshot = False
                 if self._cache.remove(secret.name) or not state.revoked:
@@ -318,6 +330,21 @@ class Refresher:
                 delay = self.kinds.next_delay(secret, jittered(secret.refresh, rng=self._rng))
             state.next_attempt = wake_slot(trio.current_time() + delay)
             await trio.sleep_until(state.next_attempt)
+
+    def _to_confirm(self, state: SecretState, exc: UpstreamNotFound) -> bool:
+        """True when ``exc`` is a plain 404 on a value being served that no earlier request
+        confirmed: it is asked again before the value is dropped (the value stays served)."""
+        if isinstance(exc, UpstreamDeleted) or self._cache.info(state.name) is None:
+            state.unconfirmed_404 = False
+            return False
+        if state.unconfirmed_404:
+            state.unconfirmed_404 = False
+            return False
+        state.unconfirmed_404 = True
+        state.last_error = str(exc)
+        log.warning("404 on a secret being served; asking again before dropping it",
+                    extra={"secret": state.name, "error": str(exc)})
+        return True
 
     def _denied(self, state: SecretState, exc: AuthError) -> None:
         """A 403 on a read. The first one hands the token back for a check or a new login; a

@@ -375,3 +375,74 @@ renew_at = 0.1
                         await call(second.socket, "get", name="pg")
                     await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
+
+
+def reads_of(log: Path, since: int, path: str) -> int:
+    """How many times the agent asked for ``path`` since line ``since`` of the audit log."""
+    count = 0
+    for line in log.read_bytes().splitlines()[since:]:
+        entry = json.loads(line)
+        request = entry.get("request") or {}
+        if entry.get("type") == "request" and request.get("path") == path \
+                and (entry.get("auth") or {}).get("display_name") != "root":
+            count += 1
+    return count
+
+
+async def test_kv_secrets_deleted_while_down_answer_not_found_once_the_upstream_says_so(
+    audited: tuple[DevServer, Path], tmp_path: Path
+) -> None:
+    bao, log = audited
+    bao.kv_put("restart/deleted", {"value": "a"})
+    bao.kv_put("restart/gone", {"value": "b"})
+    approle = approle_with_policy(bao, tmp_path,
+                                  'path "secret/data/restart/*" { capabilities = ["read"] }\n')
+    secrets = """
+[secrets.deleted]
+kind = "kv2"
+path = "secret/data/restart/deleted"
+refresh = "1s"
+
+[secrets.gone]
+kind = "kv2"
+path = "secret/data/restart/gone"
+refresh = "1s"
+"""
+    async with running_agent(write_config(tmp_path, bao, approle, secrets)) as first:
+        for name in ("deleted", "gone"):
+            await call(first.socket, "get", name=name)
+    # While the agent is down: one secret's version is deleted (KV v2 says so in its metadata),
+    # the other's metadata is deleted with every version (a plain 404).
+    bao.api("DELETE", "secret/data/restart/deleted")
+    bao.api("DELETE", "secret/metadata/restart/gone")
+
+    proxy = FaultProxy(bao.port)
+    proxy.mode = "reset"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
+        async with running_agent(path) as second:
+            with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
+                while True:
+                    for name in ("deleted", "gone"):
+                        assert (await call(second.socket, "get", name=name))["stale"] is True
+                    await trio.sleep(0.2)
+            mark = audit_lines(log)
+            proxy.mode = "pass"
+            with trio.fail_after(30):
+                answered: dict[str, int] = {}
+                while len(answered) < 2:
+                    for name in ("deleted", "gone"):
+                        if name in answered:
+                            continue
+                        try:
+                            await call(second.socket, "get", name=name)
+                        except NotFound:
+                            answered[name] = reads_of(log, mark, f"secret/data/restart/{name}")
+                    await trio.sleep(0.1)
+            # a deletion marker is evidence at once; a plain 404 once a second request says so
+            assert answered["deleted"] >= 1
+            assert answered["gone"] >= 2
+            status = (await call(second.socket, "status"))["secrets"]
+            assert status["deleted"]["revoked"] and status["gone"]["revoked"]
+        nursery.cancel_scope.cancel()
