@@ -77,6 +77,7 @@ class Agent:
         self.refresher = Refresher(config, self.upstream, self.auth, self.cache,
                                    rng=random.Random(f"agentd-schedule:{self.host_id}"))
         self.snapshot.states_source = self.refresher.kinds.export_states
+        self.snapshot.revoked_source = self.refresher.revoked_names
         self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
         self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
@@ -220,7 +221,8 @@ class Agent:
                     if session.token is not None:
                         self.auth.restore(session.token)
                 # each restored value's first step comes from its kind's state (decision 12)
-                self.refresher.restore(restored, self.snapshot.restored_states)
+                self.refresher.restore(restored, self.snapshot.restored_states,
+                                       self.snapshot.restored_revoked)
                 await nursery.start(self.snapshot.run, self.cache)
                 nursery.start_soon(self.auth.run)
                 await nursery.start(self.refresher.run)

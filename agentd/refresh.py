@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,15 +204,27 @@ class Refresher:
                 state.fetched.set()
                 state.from_snapshot = True
 
-    def restore(self, names: list[str], states: Mapping[str, Mapping[str, Any]]) -> None:
+    def restore(self, names: list[str], states: Mapping[str, Mapping[str, Any]],
+                revoked: Iterable[str] = ()) -> None:
         """At start, before ``run``: ``names`` were restored from the snapshot with the schedule
         ``states`` (``Snapshot.restored_states``). Their kinds take the states back, so each
         first step is computed from them, and a value its state vouches for is served as
-        current (not stale) until that step."""
+        current (not stale) until that step. ``revoked`` were revoked on evidence before the
+        restart: they answer ``not_found`` until the upstream gives them a value again."""
         self.mark_restored(names)
         for name in self.kinds.restore_states(states, self._config.secrets):
             if self.kinds.restored_current(self._config.secrets[name]):
                 self._cache.mark_current(name)
+        for name in revoked:
+            state = self.states.get(name)
+            if state is not None and state.fetched is not None and \
+                    self._cache.info(name) is None:
+                state.revoked = True
+                state.fetched.set()          # a known answer (not_found) counts for readiness
+
+    def revoked_names(self) -> list[str]:
+        """The secrets revoked on evidence (for the snapshot)."""
+        return sorted(name for name, state in self.states.items() if state.revoked)
 
     def _revoked(self, name: str) -> None:
         """A kind saw evidence that ``name``'s value is gone upstream (and dropped it)."""

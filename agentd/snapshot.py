@@ -35,9 +35,11 @@ not_after, tagged with its kind and config; issue 16) goes, when ``states_source
 daemon) gives one, into the optional ``states`` map, each sealed with ``["agentd-snapshot-state",
 host id, name, version]`` as associated data: bound to the value it schedules, so it cannot be
 moved to another entry or outlive the value. At start ``restored_states`` holds them for the
-daemon to hand to the kinds. The map is optional and the format number unchanged: a snapshot
-written before it loads (its secrets are then refreshed at their start phase, as before), and an
-older agent reading a newer snapshot ignores the map.
+daemon to hand to the kinds. Likewise ``revoked`` (from ``revoked_source``) lists the secrets
+revoked on evidence, so that after a restart they answer ``not_found`` at once, also while the
+upstream is down, instead of ``unavailable`` (``restored_revoked``). Both are optional and the
+format number unchanged: a snapshot written before them loads (its secrets are then refreshed at
+their start phase, as before), and an older agent reading a newer snapshot ignores them.
 
 Rollback (issue 13 item 12): every write carries a ``generation`` one higher than the last,
 sealed inside the file, and the same number goes, sealed under the same key, into a second file
@@ -59,7 +61,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +176,8 @@ class Snapshot:
         self.restored_session: Session | None = None
         self.states_source: Callable[[], Mapping[str, Any]] | None = None
         self.restored_states: dict[str, Any] = {}
+        self.revoked_source: Callable[[], Iterable[str]] | None = None
+        self.restored_revoked: list[str] = []
 
     @classmethod
     def from_config(cls, config: Config, *, host: str | None = None) -> Snapshot:
@@ -263,7 +267,7 @@ class Snapshot:
                                                            "error": exc.strerror})
             return []
         try:
-            records, session, generation, states = self._decode(raw)
+            records, session, generation, states, revoked = self._decode(raw)
             if generation < recorded:
                 raise ValueError(f"generation {generation} is older than the last one written "
                                  f"({recorded}): an earlier copy put back")
@@ -282,16 +286,18 @@ class Snapshot:
             })
         self.restored_session = session
         self.restored_states = {n: state for n, state in states.items() if n in restored}
+        self.restored_revoked = [n for n in revoked
+                                 if (names is None or n in names) and n not in restored]
         log.info("snapshot restored", extra={
             "path": str(self.path), "secrets": len(restored),
-            "states": len(self.restored_states),
+            "states": len(self.restored_states), "revoked": len(self.restored_revoked),
             "leases": 0 if session is None else len(session.leases),
             "token": session is not None and session.token is not None,
         })
         return restored
 
-    def _decode(self, raw: bytes
-                ) -> tuple[list[SealedRecord], Session | None, int, dict[str, Any]]:
+    def _decode(self, raw: bytes) -> tuple[
+            list[SealedRecord], Session | None, int, dict[str, Any], list[str]]:
         assert self._sealer is not None
         if not raw.startswith(MAGIC):
             raise ValueError("not an agentd snapshot")
@@ -314,13 +320,16 @@ class Snapshot:
                 stale_since=None if stale_since is None else float(stale_since), blob=blob,
             ))
         states = self._decode_states(body.get("states") or {}, records)
+        revoked = body.get("revoked") or []         # absent before issue 16
+        if not isinstance(revoked, list) or not all(isinstance(n, str) for n in revoked):
+            raise ValueError("malformed snapshot revoked list")
         sealed = body.get("token")
         if sealed is None:
-            return records, None, generation, states
+            return records, None, generation, states, revoked
         if not isinstance(sealed, bytes):
             raise ValueError("malformed snapshot session")
         session = self._decode_session(self._sealer.open(sealed, self._session_ad()))
-        return records, session, generation, states
+        return records, session, generation, states, revoked
 
     def _decode_states(self, sealed: object, records: list[SealedRecord]) -> dict[str, Any]:
         """The schedule states (absent before issue 16), each opened against its entry."""
@@ -391,9 +400,11 @@ class Snapshot:
     # --- writing ------------------------------------------------------------------------------
 
     def encode(self, cache: Cache, *, session: Session | None = None,
-               generation: int = 0, states: Mapping[str, Any] | None = None) -> bytes:
-        """The sealed file contents for ``cache`` now, with ``session`` (token and leases) and
-        the schedule ``states`` of its entries (by name; one without an entry is left out)."""
+               generation: int = 0, states: Mapping[str, Any] | None = None,
+               revoked: Iterable[str] = ()) -> bytes:
+        """The sealed file contents for ``cache`` now, with ``session`` (token and leases), the
+        schedule ``states`` of its entries (by name; one without an entry is left out) and the
+        names ``revoked`` on evidence."""
         assert self._sealer is not None
         records = cache.export_sealed(self._sealer, self._inner_ad, memo=self._memo)
         states = states or {}
@@ -412,6 +423,9 @@ class Snapshot:
         }
         if sealed_states:
             body["states"] = sealed_states
+        revoked = sorted(revoked)
+        if revoked:
+            body["revoked"] = revoked
         return MAGIC + self._sealer.seal(msgpack.packb(body), self._outer_ad)
 
     async def write(self, cache: Cache) -> bool:
@@ -422,8 +436,10 @@ class Snapshot:
         async with self._write_lock:
             session = self.session_source() if self.session_source is not None else None
             states = self.states_source() if self.states_source is not None else None
+            revoked = self.revoked_source() if self.revoked_source is not None else ()
             generation = self._generation + 1
-            data = self.encode(cache, session=session, generation=generation, states=states)
+            data = self.encode(cache, session=session, generation=generation, states=states,
+                               revoked=revoked)
             try:
                 await trio.to_thread.run_sync(_write_atomic, self.path, data)
                 self._generation = generation

@@ -446,3 +446,51 @@ refresh = "1s"
             status = (await call(second.socket, "status"))["secrets"]
             assert status["deleted"]["revoked"] and status["gone"]["revoked"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_secret_revoked_before_a_restart_answers_not_found_while_the_upstream_is_down(
+    audited: tuple[DevServer, Path], tmp_path: Path
+) -> None:
+    bao, _ = audited
+    bao.kv_put("restart/revoked", {"value": "a"})
+    approle = approle_with_policy(bao, tmp_path,
+                                  'path "secret/data/restart/*" { capabilities = ["read"] }\n')
+    secrets = """
+[secrets.revoked]
+kind = "kv2"
+path = "secret/data/restart/revoked"
+refresh = "1s"
+"""
+    async with running_agent(write_config(tmp_path, bao, approle, secrets)) as first:
+        await call(first.socket, "get", name="revoked")
+        bao.api("DELETE", "secret/data/restart/revoked")
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await call(first.socket, "get", name="revoked")
+                except NotFound:
+                    break
+                await trio.sleep(0.1)
+    proxy = FaultProxy(bao.port)
+    proxy.mode = "reset"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
+        async with running_agent(path) as second:
+            with trio.move_on_after(WINDOW):     # the evidence survived the restart
+                while True:
+                    with pytest.raises(NotFound):
+                        await call(second.socket, "get", name="revoked")
+                    await trio.sleep(0.2)
+            bao.kv_put("restart/revoked", {"value": "back"})
+            proxy.mode = "pass"
+            with trio.fail_after(20):               # and a value coming back is served again
+                while True:
+                    try:
+                        reply = await call(second.socket, "get", name="revoked")
+                    except NotFound:
+                        await trio.sleep(0.1)
+                        continue
+                    assert reply["data"]["value"] == "back"
+                    break
+        nursery.cancel_scope.cancel()

@@ -61,6 +61,17 @@ async def test_states_round_trip_sealed_and_only_beside_their_value(tmp_path: Pa
     assert reader.restored_states == {}
 
 
+async def test_revoked_names_round_trip_and_never_beside_a_value(tmp_path: Path) -> None:
+    cache = Cache()
+    cache.put("db", {"password": "p"}, version=3)
+    writer = snap(tmp_path)
+    writer.revoked_source = lambda: ["gone", "db", "other"]
+    assert await writer.write(cache)
+    reader = snap(tmp_path)
+    assert reader.load_into(Cache(), names={"db", "gone"}) == ["db"]
+    assert reader.restored_revoked == ["gone"]      # declared, and not restored with a value
+
+
 async def test_a_state_moved_to_another_entry_is_refused(tmp_path: Path) -> None:
     cache = Cache()
     cache.put("web", {"certificate": "A"}, version=None)
@@ -83,7 +94,7 @@ async def test_a_snapshot_from_before_states_loads_without_them(tmp_path: Path) 
     shutil.copy(OLD_SNAPSHOT, tmp_path / FILE_NAME)
     reader = Snapshot(tmp_path / FILE_NAME, Sealer(KEY), host="fixture-host")
     assert sorted(reader.load_into(Cache(), names={"pg", "db"})) == ["db", "pg"]
-    assert reader.restored_states == {}
+    assert reader.restored_states == {} and reader.restored_revoked == []
     assert reader.restored_session is not None and "pg" in reader.restored_session.leases
 
 
