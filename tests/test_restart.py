@@ -33,8 +33,6 @@ WINDOW = 3.0            # > the restored-refresh spread (refresh = 1 s)
 WRITES = ("create", "update", "delete")
 
 
-
-
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevServer, Path]]:
     """An OpenBao dev server of this module's own with a file audit device (OpenBao enables
