@@ -54,10 +54,7 @@ class DevServer:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, workdir: Path, *, port: int | None = None,
-              config: Path | None = None) -> DevServer:
-        """Start ``bao server -dev``; ``config``: an extra HCL file (e.g. a declarative audit
-        device, which OpenBao no longer lets the API enable)."""
+    def start(cls, workdir: Path, *, port: int | None = None) -> DevServer:
         port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         log_path = workdir / f"bao-{port}.log"
@@ -70,7 +67,6 @@ class DevServer:
                     bao_binary(), "server", "-dev",
                     f"-dev-root-token-id={ROOT_TOKEN}",
                     f"-dev-listen-address=127.0.0.1:{port}",
-                    *([f"-config={config}"] if config is not None else []),
                 ],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,

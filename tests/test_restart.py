@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from agentd.errors import NotFound, Unavailable
 from tests.agentfixture import running_agent
 from tests.faultproxy import FaultProxy
 from tests.kindsupport import approle_with_policy, call, write_config
-from tests.openbao import DevServer
+from tests.openbao import ROOT_TOKEN, DevServer, bao_binary, free_port
 from tests.postgres import Postgres
 from tests.test_leased import enable_database, leased_policy, login
 from tests.test_pki import assert_pair, enable_pki, pki_policy, root_pem
@@ -41,8 +42,25 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevServe
     log = work / "audit.log"
     hcl = work / "audit.hcl"
     hcl.write_text(f'audit "file" "count" {{\n  options {{\n    file_path = "{log}"\n  }}\n}}\n')
-    server = DevServer.start(work, config=hcl)
+    port = free_port()
+    server_log = work / f"bao-{port}.log"
+    with open(server_log, "wb") as out:
+        proc = subprocess.Popen(
+            [bao_binary(), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}",
+             f"-dev-listen-address=127.0.0.1:{port}", f"-config={hcl}"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, HOME=str(work), BAO_LOG_LEVEL="warn"), start_new_session=True)
+    server = DevServer(port=port, proc=proc, log_path=server_log)
     try:
+        deadline = time.monotonic() + 30
+        while True:     # fixture setup, outside trio: a plain wait for the server to answer
+            try:
+                if server.api("GET", "sys/health").get("initialized"):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, server_log.read_text()
+            time.sleep(0.05)
         yield server, log
     finally:
         server.stop()
