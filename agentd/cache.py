@@ -268,6 +268,17 @@ class Cache:
         entry.stale_since = self._clock() if since is None else since
         self.updates.set(None)
 
+    def mark_current(self, name: str) -> None:
+        """Clear ``name``'s stale mark without a fetch (``fetched_at`` kept): a restored value
+        whose kind state vouches for it until its next step (a certificate within its
+        validity, decision 12)."""
+        entry = self._entries.get(name)
+        if entry is None or not entry.stale:
+            return
+        entry.stale = False
+        entry.stale_since = None
+        self.updates.set(None)
+
     def remove(self, name: str) -> bool:
         """Drop ``name`` (revoked or deleted); announce ``(name, -1)``. False if absent."""
         if self._entries.pop(name, None) is None:

@@ -425,7 +425,8 @@ def format_status(status: Mapping[str, Any], *, now: float) -> str:
         f"auth      {auth.get('method')}  {auth.get('state')}  "
         f"token expires {_ago(auth.get('expires_at'), now) if auth.get('expires_at') else 'never'}",
         "",
-        f"{'SECRET':<24} {'KIND':<7} {'VERSION':>7}  {'FETCHED':<14} {'STATE':<9} NEXT",
+        f"{'SECRET':<24} {'KIND':<7} {'VERSION':>7}  {'FETCHED':<14} {'STATE':<9} "
+        f"{'FROM':<8} NEXT",
     ]
     errors: list[str] = []
     for name, s in sorted(status.get("secrets", {}).items()):
@@ -435,9 +436,15 @@ def format_status(status: Mapping[str, Any], *, now: float) -> str:
             state = "missing"
         else:
             state = "stale" if s.get("stale") else "ok"
+        # where the served value came from, and the next upstream step and when it is due
+        source = "-" if s.get("version") is None else (
+            "snapshot" if s.get("from_snapshot") else "upstream")
+        due = s.get("next_step_at", s.get("next_rotation"))
+        step = f"{s['next_step']} " if s.get("next_step") and due is not None else ""
         lines.append(
             f"{name:<24} {s.get('kind', ''):<7} {s.get('version') or '-':>7}  "
-            f"{_ago(s.get('fetched_at'), now):<14} {state:<9} {_ago(s.get('next_rotation'), now)}"
+            f"{_ago(s.get('fetched_at'), now):<14} {state:<9} {source:<8} "
+            f"{step}{_ago(due, now)}"
         )
         if s.get("last_error"):
             errors.append(f"secret {name}: {s['last_error']}")

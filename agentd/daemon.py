@@ -4,9 +4,11 @@ Start order (decision 10):
 
 1. harden the process (non-dumpable, no core dumps), then load nothing secret before that;
 2. start the audit writer, restore the encrypted snapshot into the cache (stale, before the
-   upstream is asked anything) and start its writer, then the authenticator (which logs in with
-   backoff) and the refresher (which fetches every declared secret as soon as there is a token;
-   restored ones at their own jittered phase);
+   upstream is asked anything) with the leases, the token they hang on and each secret's
+   schedule state (decision 12: a certificate within its validity is served as current and
+   re-issued at its own re-issue point), and start its writer, then the authenticator (which
+   logs in with backoff) and the refresher (which fetches every declared secret as soon as there
+   is a token; restored ones when their own next step is due);
 3. start the renderer (templates, bundles) and the file watcher (hot reload, drift repair);
    wait until every secret has a value (fetched or restored) and every template was rendered
    once, or ``ready_timeout`` at the latest, so a dead upstream on first boot or one broken
@@ -79,6 +81,8 @@ class Agent:
         self.audit = Audit(config.audit)
         self.refresher = Refresher(config, self.upstream, self.auth, self.cache,
                                    rng=random.Random(f"agentd-schedule:{self.host_id}"))
+        self.snapshot.states_source = self.refresher.kinds.export_states
+        self.snapshot.revoked_source = self.refresher.revoked_names
         self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
         self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
@@ -215,7 +219,6 @@ class Agent:
                 await nursery.start(self.audit.run)
                 # the snapshot first, before the upstream is asked anything (decision 6)
                 restored = self.snapshot.load_into(self.cache, names=set(config.secrets))
-                self.refresher.mark_restored(restored)
                 session = self.snapshot.restored_session
                 if session is not None:     # leases live on with the token that created them
                     self.refresher.kinds.restore_leases(
@@ -223,6 +226,9 @@ class Agent:
                         token=None if session.token is None else session.token.value)
                     if session.token is not None:
                         self.auth.restore(session.token)
+                # each restored value's first step comes from its kind's state (decision 12)
+                self.refresher.restore(restored, self.snapshot.restored_states,
+                                       self.snapshot.restored_revoked)
                 await nursery.start(self.snapshot.run, self.cache)
                 nursery.start_soon(self.auth.run)
                 await nursery.start(self.refresher.run)

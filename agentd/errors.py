@@ -12,7 +12,9 @@ upstream failure is worth retrying is a *type*, never a string match::
     │   │                            (.retry_after: seconds or None): retry with backoff
     │   ├── AuthError                401/403, or a login that failed: log in again
     │   └── PermanentError           any other 4xx, malformed reply: retrying will not help
-    │       ├── UpstreamNotFound     404: the path does not exist (evidence of deletion)
+    │       ├── UpstreamNotFound     404: the path does not exist (evidence of deletion
+    │       │   │                        once a second request confirms it)
+    │       │   └── UpstreamDeleted      a KV v2 deletion or destroy marker: evidence at once
     │       ├── CheckFailed          a secret's ``check`` program refused a new value
     │       └── CertificateRejected  an issued certificate failed verification
     ├── CryptoError                  a sealed blob failed authentication or a key is unusable
@@ -92,6 +94,10 @@ class PermanentError(UpstreamError):
 
 class UpstreamNotFound(PermanentError):
     """The upstream answered 404 for the path."""
+
+
+class UpstreamDeleted(UpstreamNotFound):
+    """The upstream says the secret was deleted or destroyed (KV v2 version metadata)."""
 
 
 class CheckFailed(PermanentError):

@@ -16,13 +16,20 @@ remove a value on their own (decision 5):
   refusal upstream: logged as an error and raised as an alert (``policy_denied``), never a
   revocation;
 - UpstreamNotFound: positive evidence that the secret was deleted upstream: the entry is dropped and
-  ``get`` answers ``not_found`` until the secret comes back;
+  ``get`` answers ``not_found`` until the secret comes back. A KV v2 deletion or destroy marker
+  (``UpstreamDeleted``) is evidence at once; a plain 404 on a value being served is evidence only
+  once a second request ``NOT_FOUND_CONFIRM`` later says 404 too (one stray 404, say from a
+  node that has not loaded the mount yet after a restart, does not wipe a secret; decision 5);
 - any other PermanentError: kept stale, logged, retried with backoff at the cap.
 
 Schedules are spread per host (decision 9): the daemon seeds ``rng`` with the host id. A secret
-that already has a value when its task starts (restored from the snapshot) is first refreshed at a
-random phase within ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst; a
-restored lease sooner if its renewal is due before that.
+that already has a value when its task starts (restored from the snapshot, or kept over a reload)
+takes its first step where its kind's restored state puts it (``Kinds.restored_delay``, decision
+12): a certificate at its own re-issue point, a lease at its renewal point, a KV secret one
+``refresh`` after its ``fetched_at``; a step already due waits a random phase within
+``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst. ``restore`` takes the
+snapshot's states back at start; a value whose restored state vouches for it (a certificate
+within its validity) is served as current, not stale, until its step.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -33,7 +40,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +54,7 @@ from agentd.errors import (
     AuthError,
     PermanentError,
     TransientError,
+    UpstreamDeleted,
     UpstreamError,
     UpstreamNotFound,
 )
@@ -56,6 +64,7 @@ from agentd.upstream import Upstream
 log = logging.getLogger("agentd.refresh")
 
 RESTORED_SPREAD = 30.0   # restored secrets first refresh within this long (or their `refresh`)
+NOT_FOUND_CONFIRM = 1.0  # a plain 404 on a served value is asked again after 1-2x this long
 WAKE_SLOT = 0.02         # refresh wake-ups are rounded to a multiple of this (seconds)
 
 
@@ -85,10 +94,13 @@ class SecretState:
     fetched: trio.Event | None = None
     denials: int = 0                      # consecutive 403s
     policy_denied: bool = False           # alert: 403s survived a fresh login / token check
+    from_snapshot: bool = False           # the value served came from the snapshot at start
+    unconfirmed_404: bool = False         # a plain 404 on a served value, to be asked again
 
     def as_status(self) -> dict[str, Any]:
         return {
             "revoked": self.revoked,
+            "from_snapshot": self.from_snapshot,
             "failures": self.failures,
             "last_error": self.last_error,
             "last_attempt": self.last_attempt,
@@ -116,7 +128,9 @@ class Refresher:
         self._auth = auth
         self._cache = cache
         self._clock = clock
-        self.kinds = Kinds(upstream, cache, clock=clock)   # per-kind steps (agentd/kinds/)
+        # per-kind steps (agentd/kinds/); their jitter is spread per host too
+        self.kinds = Kinds(upstream, cache, clock=clock, rng=self._rng)
+        self.kinds.on_revoked = self._revoked
         self.states: dict[str, SecretState] = {
             name: SecretState(name=name, fetched=trio.Event()) for name in config.secrets
         }
@@ -188,6 +202,36 @@ class Refresher:
             state = self.states.get(name)
             if state is not None and state.fetched is not None:
                 state.fetched.set()
+                state.from_snapshot = True
+
+    def restore(self, names: list[str], states: Mapping[str, Mapping[str, Any]],
+                revoked: Iterable[str] = ()) -> None:
+        """At start, before ``run``: ``names`` were restored from the snapshot with the schedule
+        ``states`` (``Snapshot.restored_states``). Their kinds take the states back, so each
+        first step is computed from them, and a value its state vouches for is served as
+        current (not stale) until that step. ``revoked`` were revoked on evidence before the
+        restart: they answer ``not_found`` until the upstream gives them a value again."""
+        self.mark_restored(names)
+        for name in self.kinds.restore_states(states, self._config.secrets):
+            if self.kinds.restored_current(self._config.secrets[name]):
+                self._cache.mark_current(name)
+        for name in revoked:
+            state = self.states.get(name)
+            if state is not None and state.fetched is not None and \
+                    self._cache.info(name) is None:
+                state.revoked = True
+                state.fetched.set()          # a known answer (not_found) counts for readiness
+
+    def revoked_names(self) -> list[str]:
+        """The secrets revoked on evidence (for the snapshot)."""
+        return sorted(name for name, state in self.states.items() if state.revoked)
+
+    def _revoked(self, name: str) -> None:
+        """A kind saw evidence that ``name``'s value is gone upstream (and dropped it)."""
+        state = self.states.get(name)
+        if state is not None:
+            state.revoked = True
+            state.from_snapshot = False
 
     @property
     def policy_denied(self) -> list[str]:
@@ -237,6 +281,8 @@ class Refresher:
         if state.revoked:
             log.info("secret is back upstream", extra={"secret": secret.name})
         state.revoked = False
+        state.from_snapshot = False
+        state.unconfirmed_404 = False
         state.failures = 0
         state.last_error = None
         state.denials = 0
@@ -249,12 +295,15 @@ class Refresher:
         cfg = self._config.upstream
         backoff = Backoff(cfg.backoff_min, cfg.backoff_max, rng=self._rng)
         state = self.states[secret.name]
-        if self._cache.info(secret.name) is not None:
-            # restored from the snapshot (or kept over a reload): refresh at this secret's own
-            # phase, not all at once with the others
-            first = self._rng.uniform(0.0, min(secret.refresh, RESTORED_SPREAD))
-            # ...but a restored lease is renewed before it is due
-            first = min(first, self.kinds.next_delay(secret, first))
+        info = self._cache.info(secret.name)
+        if info is not None:
+            # restored from the snapshot (or kept over a reload): the first step where the
+            # kind's state puts it, or at this secret's own phase when already due, not all
+            # at once with the others
+            first = self.kinds.restored_delay(
+                secret, fetched_at=info.fetched_at,
+                default=jittered(secret.refresh, rng=self._rng),
+                spread=self._rng.uniform(0.0, min(secret.refresh, RESTORED_SPREAD)))
             state.next_attempt = wake_slot(trio.current_time() + first)
             await trio.sleep_until(state.next_attempt)
         while True:
@@ -264,7 +313,13 @@ class Refresher:
                 delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
                 self._failed(state, exc, delay)
             except UpstreamNotFound as exc:
+                if self._to_confirm(state, exc):
+                    delay = self._rng.uniform(NOT_FOUND_CONFIRM, 2 * NOT_FOUND_CONFIRM)
+                    state.next_attempt = wake_slot(trio.current_time() + delay)
+                    await trio.sleep_until(state.next_attempt)
+                    continue
                 # Positive evidence of deletion (decision 5): stop serving it at once.
+                state.from_snapshot = False
                 if self._cache.remove(secret.name) or not state.revoked:
                     log.warning(
                         "secret deleted upstream, no longer served",
@@ -287,6 +342,21 @@ class Refresher:
                 delay = self.kinds.next_delay(secret, jittered(secret.refresh, rng=self._rng))
             state.next_attempt = wake_slot(trio.current_time() + delay)
             await trio.sleep_until(state.next_attempt)
+
+    def _to_confirm(self, state: SecretState, exc: UpstreamNotFound) -> bool:
+        """True when ``exc`` is a plain 404 on a value being served that no earlier request
+        confirmed: it is asked again before the value is dropped (the value stays served)."""
+        if isinstance(exc, UpstreamDeleted) or self._cache.info(state.name) is None:
+            state.unconfirmed_404 = False
+            return False
+        if state.unconfirmed_404:
+            state.unconfirmed_404 = False
+            return False
+        state.unconfirmed_404 = True
+        state.last_error = str(exc)
+        log.warning("404 on a secret being served; asking again before dropping it",
+                    extra={"secret": state.name, "error": str(exc)})
+        return True
 
     def _denied(self, state: SecretState, exc: AuthError) -> None:
         """A 403 on a read. The first one hands the token back for a check or a new login; a
@@ -322,7 +392,8 @@ class Refresher:
     def status(self) -> dict[str, dict[str, Any]]:
         return {
             name: {**state.as_status(), **self.kinds.status(self._config.secrets[name]),
-                   "next_rotation": self._wall(state.next_attempt)}
+                   "next_rotation": self._wall(state.next_attempt),
+                   "next_step_at": self._wall(state.next_attempt)}
             for name, state in sorted(self.states.items())
             if name in self._config.secrets
         }

@@ -30,6 +30,17 @@ At start ``restored_session`` holds it: the daemon hands the token to the authen
 ``lookup-self`` accepts it) and the leases to ``kinds``, which renews them. Without leases, no
 token is written and a login token is revoked at a clean shutdown instead.
 
+Each secret's schedule state (``Kinds.export_states``: a certificate's serial, issue time and
+not_after, tagged with its kind and config; issue 16) goes, when ``states_source`` (set by the
+daemon) gives one, into the optional ``states`` map, each sealed with ``["agentd-snapshot-state",
+host id, name, version]`` as associated data: bound to the value it schedules, so it cannot be
+moved to another entry or outlive the value. At start ``restored_states`` holds them for the
+daemon to hand to the kinds. Likewise ``revoked`` (from ``revoked_source``) lists the secrets
+revoked on evidence, so that after a restart they answer ``not_found`` at once, also while the
+upstream is down, instead of ``unavailable`` (``restored_revoked``). Both are optional and the
+format number unchanged: a snapshot written before them loads (its secrets are then refreshed at
+their start phase, as before), and an older agent reading a newer snapshot ignores them.
+
 Rollback (issue 13 item 12): every write carries a ``generation`` one higher than the last,
 sealed inside the file, and the same number goes, sealed under the same key, into a second file
 (``generation_path``: beside the key file, ``cache.key.generation``, or ``state_dir/
@@ -49,7 +60,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +180,10 @@ class Snapshot:
         self._memo: dict[str, tuple[bytes, bytes]] = {}     # see Cache.export_sealed
         self.session_source: Callable[[], Session | None] | None = None
         self.restored_session: Session | None = None
+        self.states_source: Callable[[], Mapping[str, Any]] | None = None
+        self.restored_states: dict[str, Any] = {}
+        self.revoked_source: Callable[[], Iterable[str]] | None = None
+        self.restored_revoked: list[str] = []
 
     @classmethod
     def from_config(cls, config: Config, *, host: str | None = None) -> Snapshot:
@@ -202,6 +217,10 @@ class Snapshot:
 
     def _inner_ad(self, name: str, version: int) -> bytes:
         packed: bytes = msgpack.packb(["agentd-snapshot-entry", self._host, name, version])
+        return packed
+
+    def _state_ad(self, name: str, version: int) -> bytes:
+        packed: bytes = msgpack.packb(["agentd-snapshot-state", self._host, name, version])
         return packed
 
     def _session_ad(self) -> bytes:
@@ -254,7 +273,7 @@ class Snapshot:
                                                            "error": exc.strerror})
             return []
         try:
-            records, session, generation = self._decode(raw)
+            records, session, generation, states, revoked = self._decode(raw)
             if generation < recorded:
                 raise ValueError(f"generation {generation} is older than the last one written "
                                  f"({recorded}): an earlier copy put back")
@@ -272,14 +291,19 @@ class Snapshot:
                 n: lease for n, lease in session.leases.items() if n in names
             })
         self.restored_session = session
+        self.restored_states = {n: state for n, state in states.items() if n in restored}
+        self.restored_revoked = [n for n in revoked
+                                 if (names is None or n in names) and n not in restored]
         log.info("snapshot restored", extra={
             "path": str(self.path), "secrets": len(restored),
+            "states": len(self.restored_states), "revoked": len(self.restored_revoked),
             "leases": 0 if session is None else len(session.leases),
             "token": session is not None and session.token is not None,
         })
         return restored
 
-    def _decode(self, raw: bytes) -> tuple[list[SealedRecord], Session | None, int]:
+    def _decode(self, raw: bytes) -> tuple[
+            list[SealedRecord], Session | None, int, dict[str, Any], list[str]]:
         assert self._sealer is not None
         if not raw.startswith(MAGIC):
             raise ValueError("not an agentd snapshot")
@@ -301,13 +325,34 @@ class Snapshot:
                 expires_at=None if expires_at is None else float(expires_at),
                 stale_since=None if stale_since is None else float(stale_since), blob=blob,
             ))
+        states = self._decode_states(body.get("states") or {}, records)
+        revoked = body.get("revoked") or []         # absent before issue 16
+        if not isinstance(revoked, list) or not all(isinstance(n, str) for n in revoked):
+            raise ValueError("malformed snapshot revoked list")
         sealed = body.get("token")
         if sealed is None:
-            return records, None, generation
+            return records, None, generation, states, revoked
         if not isinstance(sealed, bytes):
             raise ValueError("malformed snapshot session")
         session = self._decode_session(self._sealer.open(sealed, self._session_ad()))
-        return records, session, generation
+        return records, session, generation, states, revoked
+
+    def _decode_states(self, sealed: object, records: list[SealedRecord]) -> dict[str, Any]:
+        """The schedule states (absent before issue 16), each opened against its entry."""
+        assert self._sealer is not None
+        if not isinstance(sealed, dict):
+            raise ValueError("malformed snapshot states")
+        versions = {r.name: r.version for r in records}
+        states: dict[str, Any] = {}
+        for name, blob in sealed.items():
+            if not isinstance(name, str) or not isinstance(blob, bytes) or name not in versions:
+                raise ValueError("malformed snapshot state")
+            plain = self._sealer.open(blob, self._state_ad(name, versions[name]))
+            state = msgpack.unpackb(plain, raw=False, strict_map_key=True)
+            if not isinstance(state, dict):
+                raise ValueError("malformed snapshot state")
+            states[name] = state
+        return states
 
     def _decode_session(self, plain: bytes) -> Session:
         body = msgpack.unpackb(plain, raw=False, strict_map_key=True)
@@ -361,10 +406,19 @@ class Snapshot:
     # --- writing ------------------------------------------------------------------------------
 
     def encode(self, cache: Cache, *, session: Session | None = None,
-               generation: int = 0) -> bytes:
-        """The sealed file contents for ``cache`` now, with ``session`` (token and leases)."""
+               generation: int = 0, states: Mapping[str, Any] | None = None,
+               revoked: Iterable[str] = ()) -> bytes:
+        """The sealed file contents for ``cache`` now, with ``session`` (token and leases), the
+        schedule ``states`` of its entries (by name; one without an entry is left out) and the
+        names ``revoked`` on evidence."""
         assert self._sealer is not None
         records = cache.export_sealed(self._sealer, self._inner_ad, memo=self._memo)
+        states = states or {}
+        sealed_states = {
+            r.name: self._sealer.seal(msgpack.packb(states[r.name]),
+                                      self._state_ad(r.name, r.version))
+            for r in records if r.name in states
+        }
         body: dict[str, Any] = {
             "format": FORMAT,
             "generation": generation,
@@ -373,6 +427,11 @@ class Snapshot:
                         for r in records],
             "token": None if session is None else self._encode_session(session),
         }
+        if sealed_states:
+            body["states"] = sealed_states
+        revoked = sorted(revoked)
+        if revoked:
+            body["revoked"] = revoked
         return MAGIC + self._sealer.seal(msgpack.packb(body), self._outer_ad)
 
     async def write(self, cache: Cache) -> bool:
@@ -382,8 +441,11 @@ class Snapshot:
             return False
         async with self._write_lock:
             session = self.session_source() if self.session_source is not None else None
+            states = self.states_source() if self.states_source is not None else None
+            revoked = self.revoked_source() if self.revoked_source is not None else ()
             generation = self._generation + 1
-            data = self.encode(cache, session=session, generation=generation)
+            data = self.encode(cache, session=session, generation=generation, states=states,
+                               revoked=revoked)
             try:
                 await trio.to_thread.run_sync(_write_atomic, self.path, data)
                 self._generation = generation

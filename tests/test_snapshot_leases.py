@@ -32,9 +32,9 @@ def pg() -> Iterator[Postgres]:
 async def test_restart_keeps_the_leased_credential_and_renews_its_lease(
     bao: DevServer, pg: Postgres, tmp_path: Path
 ) -> None:
-    mount = enable_database(bao, pg, ttl="1m", max_ttl="1h")
+    mount = enable_database(bao, pg, ttl="15s", max_ttl="1h")
     approle = approle_with_policy(bao, tmp_path, leased_policy(mount))
-    # refresh 2s: the restored lease's first step comes within 2 s (not RESTORED_SPREAD)
+    # the restored lease is renewed at its own renewal point (2/3 of 15 s, issue 16)
     path = write_config(tmp_path, bao, approle, secrets_toml(mount, 'refresh = "2s"'))
     async with running_agent(path) as first:
         with trio.fail_after(20):

@@ -13,6 +13,10 @@ A kind implements:
 - ``fetch``: one refresh step (the upstream calls: read, issue, renew or re-read) returning the
   ``SecretValue`` to store;
 - ``next_delay``: when the next step is due after a successful one (default: poll);
+- ``export_state``/``restore_state``: what of its state the snapshot keeps, so that after a
+  restart ``restored_delay`` computes the next step from it (decision 12: a certificate is
+  re-issued at its own re-issue point, not at start), and ``restored_current``: whether a value
+  restored with that state may be served as current rather than stale;
 - ``status``: its fields in ``agentd status``;
 - ``schedule`` and ``grants``: its line in ``agentd catalog`` and what its upstream policy
   allows (``catalog.upstream_policy``).
@@ -92,6 +96,12 @@ class Runtime(Protocol):
         """Run ``await fn(*args)`` after ``delay`` seconds (dropped at shutdown)."""
         ...
 
+    def revoke(self, name: str) -> None:
+        """The upstream says ``name``'s value is gone (decision 5's evidence, e.g. a lease
+        OpenBao says is revoked): stop serving it at once and answer ``not_found`` until a new
+        value is stored."""
+        ...
+
 
 class Kind(ABC, Generic[S]):
     """One secret kind. Stateless: what a secret remembers lives in its ``State``."""
@@ -109,9 +119,38 @@ class Kind(ABC, Generic[S]):
         """Seconds until the next step after a successful one (``default``: polling)."""
         return default
 
+    def export_state(self, state: S) -> dict[str, Any] | None:
+        """What the snapshot keeps of ``state`` (plain msgpack types; None: nothing, the entry's
+        own ``fetched_at`` and version are enough to schedule it)."""
+        return None
+
+    def restore_state(self, saved: Mapping[str, Any]) -> S:
+        """The state ``export_state`` saved. Raises ValueError when ``saved`` is malformed."""
+        return self.State()
+
+    def restored_delay(self, rt: Runtime, secret: SecretConfig, state: S, *,
+                       fetched_at: float, default: float, spread: float) -> float:
+        """Seconds until the first step of a value restored from the snapshot.
+
+        The step is due where it would have been without the restart (``fetched_at`` plus
+        ``default``, the jittered poll interval); one already due waits ``spread``, this
+        secret's per-host phase, so that a restart makes no burst.
+        """
+        return max(fetched_at + default - rt.now(), spread)
+
+    def restored_current(self, secret: SecretConfig, state: S, now: float) -> bool:
+        """True when ``state`` (restored) shows the value needs nothing from the upstream
+        before its next step, so it is served as current, not stale (default: a restored
+        value is stale until refreshed, decision 6)."""
+        return False
+
     def status(self, secret: SecretConfig, state: S) -> dict[str, Any]:
         """This kind's fields in a secret's status."""
         return {}
+
+    def next_step(self, state: S) -> str:
+        """What the next upstream step does, for ``agentd status``."""
+        return "poll"
 
     @abstractmethod
     def schedule(self, secret: SecretConfig) -> str:

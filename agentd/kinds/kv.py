@@ -2,7 +2,8 @@
 
 A kv2 ``version = N`` pin reads ``?version=N`` (the refresher drops the cached value when a pin is
 added or removed, so the cache's "never go back a version" rule does not hide the pinned one). A
-KV v2 version that is deleted or destroyed is ``UpstreamNotFound`` saying so. The ``check``
+KV v2 version that is deleted or destroyed is ``UpstreamDeleted`` saying so (evidence at once; a
+plain 404 is confirmed by a second request first, see ``refresh``). The ``check``
 program runs only on a value that is not yet live.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from agentd.errors import PermanentError, UpstreamNotFound
+from agentd.errors import PermanentError, UpstreamDeleted
 from agentd.kinds.base import Grant, Kind, KindState, Runtime, human_duration
 from agentd.upstream import SecretValue
 
@@ -28,16 +29,16 @@ def _check_kv2(path: str, status: int, body: Any) -> None:
     if isinstance(metadata, dict) and status in (200, 404):
         version = metadata.get("version")
         if metadata.get("destroyed"):
-            raise UpstreamNotFound(f"GET {path}: version {version} destroyed", status=status)
+            raise UpstreamDeleted(f"GET {path}: version {version} destroyed", status=status)
         if metadata.get("deletion_time"):
-            raise UpstreamNotFound(f"GET {path}: version {version} deleted", status=status)
+            raise UpstreamDeleted(f"GET {path}: version {version} deleted", status=status)
     if status >= 300 or not isinstance(body, dict):
         return                       # the upstream client maps it
     if not isinstance(data, dict):
         raise PermanentError(f"GET {path}: reply has no data object")
     values = data.get("data")
     if values is None:
-        raise UpstreamNotFound(f"GET {path}: no data (deleted)", status=status)
+        raise UpstreamDeleted(f"GET {path}: no data (deleted)", status=status)
     if not isinstance(values, dict) or not isinstance(metadata, dict):
         raise PermanentError(f"GET {path}: reply is not a KV v2 secret")
     version = metadata.get("version")

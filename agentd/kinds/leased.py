@@ -4,14 +4,15 @@ Later steps renew it (``sys/leases/renew/ID``) at ``renew_at`` of the lease; whe
 refused, comes back capped (the max TTL is near) or the lease is not renewable, the next step
 reads a new credential and the old lease is revoked ``grace`` after the new one went live. A
 lease OpenBao says is gone ("lease not found") is treated as revoked: the cached value is dropped
-at once and a new credential is read. OpenBao revokes a lease with the token that created it, so
+at once, the secret answers ``not_found`` (``Runtime.revoke``) until a new credential is read,
+and one is read in the same step. OpenBao revokes a lease with the token that created it, so
 a lease created under an earlier login token is replaced by one under the current token, and the
 next step is due before the token's end.
 
 At a clean shutdown leases are revoked only for ``revoke_on_shutdown = true``; the others go into
 the snapshot as ``LeaseRecord`` (``Kinds.export_leases``) and a restarted agent takes them over
 (``Kinds.restore_leases``) with the login token that created them, so they are renewed, not
-re-read.
+re-read, at their own renewal point (``restored_delay``; decision 12), served stale until then.
 """
 
 from __future__ import annotations
@@ -119,6 +120,19 @@ class Leased(Kind[LeaseState]):
             due = min(due, now + (state.token_expires_at - now) * secret.renew_at)
         return max(MIN_DELAY if left > 3 * MIN_DELAY else 0.2, due - now)
 
+    def restored_delay(self, rt: Runtime, secret: SecretConfig, state: LeaseState, *,
+                       fetched_at: float, default: float, spread: float) -> float:
+        """A restored lease is renewed at its own renewal point (decision 12); one already due
+        at this host's phase, but within the first third of the time it has left."""
+        if state.lease_id is None or state.lease_expires_at is None:
+            return spread                # no lease taken over: a new credential is read
+        due = self.next_delay(rt, secret, state, default)
+        left = state.lease_expires_at - rt.now()
+        return max(due, min(spread, left / 3))
+
+    def next_step(self, state: LeaseState) -> str:
+        return "renew" if state.lease_id and state.renewable and not state.reissue else "read"
+
     def status(self, secret: SecretConfig, state: LeaseState) -> dict[str, Any]:
         return {"lease_expires_at": state.lease_expires_at, "renewals": state.renewals,
                 "reissues": state.reissues, "renewable": state.renewable}
@@ -156,7 +170,7 @@ class Leased(Kind[LeaseState]):
                 log.warning("lease is gone upstream; dropping the credential and reading anew",
                             extra={"secret": secret.name, "error": str(exc)})
                 state.lease_id = None
-                rt.cache.remove(secret.name)
+                rt.revoke(secret.name)      # not_found until a new credential is read
             else:
                 log.info("lease renewal refused; reading a new credential",
                          extra={"secret": secret.name, "error": str(exc)})

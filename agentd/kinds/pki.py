@@ -6,6 +6,10 @@ before it may replace the served pair; otherwise the step fails and the old pair
 until it expires. Re-issue is due at ``renew_at`` of the lifetime (issue time to not_after), +-5%
 of the lifetime as jitter. With ``revoke_previous`` the replaced serial is revoked ``grace``
 after the new pair was stored.
+
+The state (serial, issue time, not_after) goes into the snapshot, so after a restart a
+certificate is re-issued at its own re-issue point (with this host's jitter), not at start
+(decision 12), and a restored certificate still within its validity is served as current.
 """
 
 from __future__ import annotations
@@ -80,8 +84,38 @@ class Pki(Kind[PkiState]):
         due = state.issued_at + life * fraction
         return max(MIN_DELAY, due - rt.now())
 
+    def export_state(self, state: PkiState) -> dict[str, Any] | None:
+        if state.serial is None or state.issued_at is None or state.not_after is None:
+            return None
+        return {"serial": state.serial, "issued_at": state.issued_at,
+                "not_after": state.not_after}
+
+    def restore_state(self, saved: Mapping[str, Any]) -> PkiState:
+        serial, issued_at, not_after = (saved.get(k) for k in ("serial", "issued_at",
+                                                               "not_after"))
+        if not (isinstance(serial, str) and isinstance(issued_at, (int, float))
+                and isinstance(not_after, (int, float))):
+            raise ValueError("malformed pki state")
+        return PkiState(serial=serial, issued_at=float(issued_at), not_after=float(not_after))
+
+    def restored_delay(self, rt: Runtime, secret: SecretConfig, state: PkiState, *,
+                       fetched_at: float, default: float, spread: float) -> float:
+        if state.not_after is None:      # nothing known (a snapshot from before issue 16)
+            return spread
+        return max(self.next_delay(rt, secret, state, default), spread)
+
+    def restored_current(self, secret: SecretConfig, state: PkiState, now: float) -> bool:
+        """Valid and not yet at its re-issue point (one past it is stale until re-issued)."""
+        if state.not_after is None or state.issued_at is None:
+            return False
+        reissue_at = state.issued_at + (state.not_after - state.issued_at) * secret.renew_at
+        return now < min(reissue_at, state.not_after)
+
     def status(self, secret: SecretConfig, state: PkiState) -> dict[str, Any]:
         return {"serial": state.serial, "expires_at": state.not_after}
+
+    def next_step(self, state: PkiState) -> str:
+        return "issue" if state.serial is None else "re-issue"
 
     def schedule(self, secret: SecretConfig) -> str:
         text = f"re-issue at {secret.renew_at:.0%} of the certificate lifetime (+-5%)"

@@ -16,7 +16,12 @@ For every kind, here:
   are a warning log and a counter in ``status``;
 - the leases' life across tokens and restarts: ``follow_token`` moves leases to a new login
   token, ``export_leases``/``restore_leases`` carry them through the snapshot, and at a clean
-  shutdown ``revoke_on_shutdown`` leases are revoked.
+  shutdown ``revoke_on_shutdown`` leases are revoked;
+- every kind's schedule state across restarts (decision 12): ``export_states`` gives each
+  secret's ``Kind.export_state`` tagged with its kind and a digest of the config it was obtained
+  under (kind, path, version pin, params), and ``restore_states`` takes back only those whose
+  tag still matches the config (a changed ``params`` or path is fetched anew, at its phase).
+  ``restored_delay`` is then the first step of a restored value.
 
 Delayed revocations run in ``run()``'s nursery (started by the refresher); cancelling it drops
 the pending ones (OpenBao expires the leases on its own).
@@ -24,10 +29,13 @@ the pending ones (OpenBao expires the leases on its own).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -76,6 +84,8 @@ class Kinds:
         self._states: dict[str, KindState] = {}
         self._secrets: dict[str, SecretConfig] = {}
         self._nursery: trio.Nursery | None = None
+        # the refresher's: marks a secret revoked (answered not_found); see revoke()
+        self.on_revoked: Callable[[str], None] | None = None
 
     # --- base.Runtime -------------------------------------------------------------------------
 
@@ -118,6 +128,11 @@ class Kinds:
 
         self._nursery.start_soon(task)
 
+    def revoke(self, name: str) -> None:
+        self._cache.remove(name)
+        if self.on_revoked is not None:
+            self.on_revoked(name)
+
     # --- states -------------------------------------------------------------------------------
 
     def state(self, name: str) -> KindState:
@@ -138,11 +153,73 @@ class Kinds:
 
     def status(self, secret: SecretConfig) -> dict[str, Any]:
         state = self._state(secret)
-        out = _kind(secret).status(secret, state)
+        kind = _kind(secret)
+        out = kind.status(secret, state)
+        out["next_step"] = kind.next_step(state)
         out["anomalies"] = {"reuse": state.reuse_alarms, "rotation": state.rotation_alarms}
         if secret.check:
             out["check_failures"] = state.check_failures
         return out
+
+    # --- schedule state across restarts -------------------------------------------------------
+
+    def export_states(self) -> dict[str, dict[str, Any]]:
+        """Each secret's schedule state for the snapshot (plain msgpack types, never a value):
+        ``{"kind", "config", "state"}`` by secret name, for secrets whose kind keeps one."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, state in self._states.items():
+            secret = self._secrets.get(name)
+            if secret is None:
+                continue
+            saved = _kind(secret).export_state(state)
+            if saved is not None:
+                out[name] = {"kind": secret.kind, "config": config_digest(secret),
+                             "state": saved}
+        return out
+
+    def restore_states(self, saved: Mapping[str, Mapping[str, Any]],
+                       secrets: Mapping[str, SecretConfig]) -> list[str]:
+        """Take back states from the snapshot for the declared ``secrets`` they were obtained
+        under; a state for another kind or config, or a malformed one, is dropped (logged).
+        Returns the names restored."""
+        restored: list[str] = []
+        for name, item in saved.items():
+            secret = secrets.get(name)
+            if secret is None:
+                continue
+            if item.get("kind") != secret.kind or item.get("config") != config_digest(secret):
+                log.info("the snapshot's schedule state is for another config; fetched anew",
+                         extra={"secret": name})
+                continue
+            state = item.get("state")
+            try:
+                if not isinstance(state, Mapping):
+                    raise ValueError("not a map")
+                kept = _kind(secret).restore_state(state)
+            except ValueError as exc:
+                log.warning("malformed schedule state in the snapshot; ignored",
+                            extra={"secret": name, "error": str(exc)})
+                continue
+            old = self._states.get(name)
+            if old is not None:      # keep what the common part counted
+                for common in fields(KindState):
+                    setattr(kept, common.name, getattr(old, common.name))
+            self._states[name] = kept
+            self._secrets[name] = secret
+            restored.append(name)
+        return restored
+
+    def restored_delay(self, secret: SecretConfig, *, fetched_at: float, default: float,
+                       spread: float) -> float:
+        """Seconds until the first step of ``secret``'s value restored from the snapshot
+        (``Kind.restored_delay``): its own due point, or ``spread`` when already due."""
+        return _kind(secret).restored_delay(self, secret, self._state(secret),
+                                            fetched_at=fetched_at, default=default,
+                                            spread=spread)
+
+    def restored_current(self, secret: SecretConfig) -> bool:
+        """True when ``secret``'s restored state vouches for its value until the next step."""
+        return _kind(secret).restored_current(secret, self._state(secret), self._clock())
 
     # --- leases -------------------------------------------------------------------------------
 
@@ -269,3 +346,10 @@ class Kinds:
 
 def _kind(secret: SecretConfig) -> Kind[Any]:
     return KINDS[secret.kind]
+
+
+def config_digest(secret: SecretConfig) -> str:
+    """What a secret's state was obtained under: its kind, path, version pin and params."""
+    what = [secret.kind, secret.path, secret.version, dict(secret.params)]
+    text = json.dumps(what, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
