@@ -146,7 +146,8 @@ class Agent:
             "alerts": {"policy_denied": self.refresher.policy_denied},
             "reloads": {"applied": self.reloads, "refused": self.reload_failures},
             "audit": as_status(self.audit.statistics()),
-            "templates": self.renderer.statistics(),
+            "templates": {key: as_status(stats)
+                          for key, stats in self.renderer.statistics().items()},
         }
 
     def reload(self) -> bool:
@@ -234,7 +235,7 @@ class Agent:
                 await nursery.start(self.refresher.run)
                 await nursery.start(metrics.run, self)      # [metrics] listen / textfile
                 await nursery.start(self.renderer.run)      # templates and bundles
-                await nursery.start(watch.run, self)        # hot reload, drift repair
+                await nursery.start(watch.run, self, self.renderer)   # reload, drift repair
                 with trio.move_on_after(config.agent.ready_timeout) as waited:
                     await self.refresher.wait_all_fetched()
                     await self.renderer.wait_first_pass()   # first render (decision 10)

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import h11
 import trio
@@ -41,7 +41,36 @@ from agentd.readmodel import COUNTER, metric_fields
 from agentd.render.files import replace_file
 
 if TYPE_CHECKING:
-    from agentd.daemon import Agent
+    from agentd.audit import Audit
+    from agentd.auth import Authenticator
+    from agentd.cache import Cache
+    from agentd.config import Config
+    from agentd.creds import CredentialsServer
+    from agentd.refresh import Refresher
+    from agentd.render import Renderer
+    from agentd.server import Server
+    from agentd.snapshot import Snapshot
+    from agentd.upstream import Upstream
+
+
+class Observed(Protocol):
+    """The components the metrics read, each through its ``statistics()`` or state (the agent
+    provides them; nothing here knows the agent)."""
+
+    config: Config
+    ready: trio.Event
+    started_at: float
+    reloads: int
+    reload_failures: int
+    upstream: Upstream
+    auth: Authenticator
+    cache: Cache
+    refresher: Refresher
+    server: Server
+    credentials: CredentialsServer
+    audit: Audit
+    snapshot: Snapshot
+    renderer: Renderer
 
 log = logging.getLogger("agentd.metrics")
 
@@ -53,9 +82,9 @@ MAX_REQUEST_BYTES = 16384
 
 
 class AgentCollector:
-    """A prometheus_client collector over one ``Agent``."""
+    """A prometheus_client collector over the components an agent provides (``Observed``)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Observed) -> None:
         self._agent = agent
 
     def describe(self) -> list[Metric]:
@@ -142,28 +171,18 @@ class AgentCollector:
     def _templates(self) -> Iterator[Metric]:
         """Per template or bundle (labelled by its destination): render and command results."""
         targets = self._agent.renderer.statistics()
-        series = [
-            ("renders", "Renders attempted", "renders"),
-            ("writes", "Renders that changed the file(s) on disk", "writes"),
-            ("failures", "Renders or writes that failed (the last good file stayed)", "failures"),
-            ("drift_repairs", "Files written back after someone else changed them",
-             "drift_repairs"),
-            ("command_runs", "Change commands run", "command_runs"),
-            ("command_failures", "Change commands that failed or timed out",
-             "command_failures"),
-            ("render_seconds", "Time spent rendering and writing", "render_seconds"),
-            ("command_seconds", "Time change commands ran", "command_seconds"),
-        ]
-        for suffix, doc, key in series:
-            family = CounterMetricFamily(f"agentd_template_{suffix}", doc, labels=["target"])
-            for target, status in targets.items():
-                family.add_metric([target], status[key])
-            yield family
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for target, stats in targets.items():
+            for name, kind, doc, value in metric_fields("template", stats):
+                if name not in families:
+                    families[name] = (CounterMetricFamily if kind == COUNTER
+                                      else GaugeMetricFamily)(name, doc, labels=["target"])
+                families[name].add_metric([target], value)
+        yield from families.values()
         ok = GaugeMetricFamily("agentd_template_ok", "1 when the last render of the target "
                                "succeeded", labels=["target"])
-        for target, status in targets.items():
-            ok.add_metric([target], int(status["last_error"] is None
-                                        and status["last_ok_at"] is not None))
+        for target, stats in targets.items():
+            ok.add_metric([target], int(stats.ok))
         yield ok
 
     def _secret_totals(self) -> Iterator[Metric]:
@@ -262,7 +281,7 @@ def _trio_to_unix(now: float) -> float | None:
         return None
 
 
-def registry_for(agent: Agent) -> CollectorRegistry:
+def registry_for(agent: Observed) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
     return registry
@@ -286,7 +305,7 @@ def write_textfile(path: Path, data: bytes, *, mode: int = 0o640,
     replace_file(path, data, mode=mode, gid=gid)
 
 
-async def run_textfile(agent: Agent, path: Path, interval: float, *,
+async def run_textfile(agent: Observed, path: Path, interval: float, *,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Rewrite the textfile every ``interval`` until cancelled; failures are logged, not raised."""
     registry = registry_for(agent)
@@ -312,7 +331,7 @@ async def run_textfile(agent: Agent, path: Path, interval: float, *,
 
 # --- HTTP endpoint ----------------------------------------------------------------------------
 
-async def serve_http(agent: Agent, host: str, port: int, *,
+async def serve_http(agent: Observed, host: str, port: int, *,
                      task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                      ) -> None:
     """Serve /metrics, /live and /ready on ``host:port`` until cancelled.
@@ -338,7 +357,7 @@ async def serve_http(agent: Agent, host: str, port: int, *,
     await trio.serve_listeners(handle, listeners)
 
 
-async def _answer(stream: trio.SocketStream, agent: Agent, registry: CollectorRegistry) -> None:
+async def _answer(stream: trio.SocketStream, agent: Observed, registry: CollectorRegistry) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     request: h11.Request | None = None
     while request is None:
@@ -362,7 +381,7 @@ async def _answer(stream: trio.SocketStream, agent: Agent, registry: CollectorRe
     await stream.send_all(out)
 
 
-def _route(method: bytes, target: str, agent: Agent,
+def _route(method: bytes, target: str, agent: Observed,
            registry: CollectorRegistry) -> tuple[int, str, bytes]:
     text = "text/plain; charset=utf-8"
     if method not in (b"GET", b"HEAD"):
@@ -378,7 +397,7 @@ def _route(method: bytes, target: str, agent: Agent,
     return 404, text, b"not found: /metrics, /live, /ready\n"
 
 
-async def run(agent: Agent, *,
+async def run(agent: Observed, *,
               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the outlets configured in ``[metrics]`` (none: returns at once, after started())."""
     config = agent.config.metrics

@@ -33,7 +33,7 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pyinotify
 import trio
@@ -41,7 +41,16 @@ import trio
 from agentd.render import DATA_TMP, TMP_MARK
 
 if TYPE_CHECKING:
-    from agentd.daemon import Agent
+    from agentd.render import Renderer
+
+
+class Reloader(Protocol):
+    """What the watcher needs of the agent: the config file, and the reload it triggers."""
+
+    config_path: Path | None
+    reloads: int                 # grows with every applied reload (SIGHUP ones too)
+
+    def reload(self) -> bool: ...
 
 log = logging.getLogger("agentd.watch")
 
@@ -155,13 +164,14 @@ def is_config_event(config_path: Path | None, path: Path) -> bool:
     return path.suffix == ".toml" and path.parent == conf_d
 
 
-async def run(agent: Agent, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-              ) -> None:
+async def run(reloader: Reloader, renderer: Renderer, *,
+              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Watch until cancelled; reload on config changes, hand file events to the renderer."""
+    agent = reloader
     watcher = Watcher()
     try:
         def resync() -> None:
-            watcher.set_dirs([*config_dirs(agent.config_path), *agent.renderer.watched_paths()])
+            watcher.set_dirs([*config_dirs(agent.config_path), *renderer.watched_paths()])
 
         resync()
         task_status.started()
@@ -177,7 +187,7 @@ async def run(agent: Agent, *, task_status: trio.TaskStatus[None] = trio.TASK_ST
                         first = min(first, now)
                         due = min(now + RELOAD_QUIET, first + RELOAD_MAX)
                     else:
-                        agent.renderer.notify_path(path)
+                        renderer.notify_path(path)
                 continue
             if trio.current_time() >= due:
                 first = due = math.inf

@@ -299,7 +299,7 @@ async def test_revoked_input_keeps_the_file_or_removes_it_with_on_revoke_remove(
         assert read(kept) == f"pw={seeded.markers['db']}\n"      # the last good file stays
         assert read(other) == f"v={seeded.markers['other']}\n"   # others are untouched
         status = running.agent.renderer.statistics()
-        assert status[str(kept)]["failures"] == 1
-        assert "revoked" in (status[str(kept)]["last_error"] or "")
+        assert status[str(kept)].failures == 1
+        assert "revoked" in (status[str(kept)].last_error or "")
         log_text = running.log_text()
     assert seeded.markers["db"] not in log_text

@@ -103,7 +103,7 @@ async def test_a_burst_of_conf_d_changes_gives_one_reload(tmp_path: Path) -> Non
     main.write_text(_config(tmp_path))
     agent = Agent(config_mod.load(main), config_path=main)
     async with trio.open_nursery() as nursery:
-        await nursery.start(watch.run, agent)
+        await nursery.start(watch.run, agent, agent.renderer)
         with trio.fail_after(20):
             for i in range(10):                         # config management, file after file
                 (etc / "conf.d" / f"{i}.toml").write_text(

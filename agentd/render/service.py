@@ -39,6 +39,7 @@ from agentd.cache import Cache
 from agentd.config import BundleConfig, Config, TemplateConfig
 from agentd.errors import RenderError
 from agentd.frozen import thaw
+from agentd.readmodel import COUNTER, metric
 from agentd.refs import allowed, paths_of, template_refs, upstream_reply
 from agentd.render.commands import serve_commands
 from agentd.render.files import DATA_TMP, TMP_MARK, FileWrite, open_dir, remove_version, write_files
@@ -61,7 +62,8 @@ class _Revoked(_Waiting):
 
 @dataclass
 class TargetStatus:
-    """What ``status`` shows for one template or bundle. Never a value."""
+    """What ``status`` shows for one template or bundle, kept by its render task (mutable);
+    ``statistics()`` hands out frozen ``TargetStatistics`` copies. Never a value."""
 
     renders: int = 0
     writes: int = 0
@@ -74,6 +76,37 @@ class TargetStatus:
     last_command_error: str | None = None
     render_seconds: float = 0.0          # total time spent rendering and writing
     command_seconds: float = 0.0         # total time commands ran
+
+
+@dataclass(frozen=True)
+class TargetStatistics:
+    """One template's or bundle's counters at one moment; each ``metric`` field is a series
+    labelled by the target (its destination)."""
+
+    renders: int = metric("Renders attempted", COUNTER,
+                          name="agentd_template_renders", default=0)
+    writes: int = metric("Renders that changed the file(s) on disk", COUNTER,
+                         name="agentd_template_writes", default=0)
+    failures: int = metric("Renders or writes that failed (the last good file stayed)", COUNTER,
+                           name="agentd_template_failures", default=0)
+    drift_repairs: int = metric("Files written back after someone else changed them", COUNTER,
+                                name="agentd_template_drift_repairs", default=0)
+    last_error: str | None = None
+    last_ok_at: float | None = None
+    command_runs: int = metric("Change commands run", COUNTER,
+                               name="agentd_template_command_runs", default=0)
+    command_failures: int = metric("Change commands that failed or timed out", COUNTER,
+                                   name="agentd_template_command_failures", default=0)
+    last_command_error: str | None = None
+    render_seconds: float = metric("Time spent rendering and writing", COUNTER,
+                                   name="agentd_template_render_seconds", default=0.0)
+    command_seconds: float = metric("Time change commands ran", COUNTER,
+                                    name="agentd_template_command_seconds", default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        """The last render succeeded (and there was one)."""
+        return self.last_error is None and self.last_ok_at is not None
 
 
 class TargetState(enum.Enum):
@@ -326,9 +359,10 @@ class Renderer:
             dirs[target.directory] = None
         return list(dirs)
 
-    def statistics(self) -> dict[str, Any]:
-        """Per target: counts and the last error. Never a value."""
-        return {key: dict(t.status.__dict__) for key, t in sorted(self.targets.items())}
+    def statistics(self) -> dict[str, TargetStatistics]:
+        """Per target (by its destination): counts and the last error. Never a value."""
+        return {key: TargetStatistics(**t.status.__dict__)
+                for key, t in sorted(self.targets.items())}
 
     # -- change detection
 
