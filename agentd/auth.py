@@ -63,7 +63,7 @@ class Token:
     ttl: float             # seconds at ``obtained_at``; 0 = never expires (root)
     renewable: bool
     obtained_at: float     # wall clock (unix time)
-    from_login: bool       # True when agentd logged in (revoked at a clean shutdown)
+    from_login: bool       # True when agentd logged in (kept in the snapshot across restarts)
 
     @property
     def expires_at(self) -> float | None:

@@ -88,13 +88,15 @@ class Agent:
         self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
 
     def _session(self) -> Session | None:
-        """The token and leases sealed into the snapshot while leases depend on the token."""
+        """The login token, and the leases that depend on it, sealed into the snapshot: a
+        restart neither logs in again nor re-reads a lease (decision 12). A token agentd did not
+        log in for (a token file's) is the file's to keep, not ours."""
         leases = self.refresher.kinds.export_leases()
-        if not leases:
-            return None
         token = self.auth.current()
-        return Session(token=token if token is not None and token.from_login else None,
-                       leases=leases)
+        token = token if token is not None and token.from_login else None
+        if token is None and not leases:
+            return None
+        return Session(token=token, leases=leases)
 
     def status(self) -> Mapping[str, Any]:
         """What ``agentd status`` shows: upstream, auth, every secret's state. Never a value."""
@@ -257,7 +259,10 @@ class Agent:
                 systemd.notify("STOPPING=1")
                 await self.snapshot.flush(self.cache)
                 self.audit.flush()
-                if not self.refresher.kinds.holds_leases():   # its leases die with the token
+                # The login token is kept, sealed in the snapshot just flushed: the next start
+                # uses it (if lookup-self still accepts it) instead of logging in (decision 12).
+                # Without a snapshot nothing can use it again: revoke it, unless leases hang on it.
+                if not self.snapshot.enabled and not self.refresher.kinds.holds_leases():
                     await self.auth.revoke()
                 await self.upstream.aclose()
             if listener is not None:

@@ -22,13 +22,13 @@ reset a value's stale deadline.
 The key comes from ``[cache] key_credential`` (``$CREDENTIALS_DIRECTORY/<name>``, 32 raw bytes) or
 ``key_file`` (default ``state_dir/cache.key``, created 0600 on first start).
 
-The agent's token is sealed in only when leased secrets depend on it (OpenBao revokes leases with
-their token): ``session_source`` (set by the daemon) returns a ``Session`` (the login token with
-its lifetime, and each live lease: id, duration, expiry, renewability) or None; it goes into the
-``token`` field sealed once more with ``["agentd-snapshot-session", host id]`` as associated data.
-At start ``restored_session`` holds it: the daemon hands the token to the authenticator (used if
-``lookup-self`` accepts it) and the leases to ``kinds``, which renews them. Without leases, no
-token is written and a login token is revoked at a clean shutdown instead.
+The agent's login token is sealed in, with the leases that depend on it (OpenBao revokes leases
+with their token): ``session_source`` (set by the daemon) returns a ``Session`` (the login token
+with its lifetime, and each live lease: id, duration, expiry, renewability) or None; it goes into
+the ``token`` field sealed once more with ``["agentd-snapshot-session", host id]`` as associated
+data. At start ``restored_session`` holds it: the daemon hands the token to the authenticator
+(used if ``lookup-self`` accepts it) and the leases to ``kinds``, which renews them, so a restart
+neither logs in nor re-reads a lease (decision 12).
 
 Each secret's schedule state (``Kinds.export_states``: a certificate's serial, issue time and
 not_after, tagged with its kind and config; issue 16) goes, when ``states_source`` (set by the

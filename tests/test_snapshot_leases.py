@@ -106,3 +106,34 @@ async def test_a_refused_restored_token_logs_in_and_moves_the_lease(
         assert status["auth"]["logins"] == 1
         assert "restored token refused" in second.log_text()
     assert token.value not in second.log_text()
+
+
+async def test_a_restart_without_leases_keeps_its_login_token(
+    bao: DevServer, tmp_path: Path
+) -> None:
+    """Decision 12: a host with only KV (or PKI) secrets does not log in again at each start;
+    its token comes back sealed from the snapshot (and is not revoked at a clean stop)."""
+    approle = approle_with_policy(bao, tmp_path, 'path "secret/*" { capabilities = ["read"] }')
+    bao.kv_put("restart-token/db", {"password": "kv-only-MARKER"})
+    path = write_config(tmp_path, bao, approle, """
+[secrets.db]
+kind = "kv2"
+path = "secret/data/restart-token/db"
+""")
+    async with running_agent(path) as first:
+        with trio.fail_after(20):
+            assert (await call(first.socket, "get", name="db"))["data"]["password"] == \
+                "kv-only-MARKER"
+        token = first.agent.auth.current()
+        assert token is not None and token.from_login
+        assert first.agent.auth.statistics().logins == 1
+    raw = (tmp_path / "state" / FILE_NAME).read_bytes()
+    assert token.value.encode() not in raw                      # sealed, not in the clear
+    for _ in range(3):
+        async with running_agent(path) as again:
+            with trio.fail_after(20):
+                assert (await call(again.socket, "get", name="db"))["data"]["password"] == \
+                    "kv-only-MARKER"
+            assert again.agent.auth.statistics().logins == 0    # no login at this start
+            current = again.agent.auth.current()
+            assert current is not None and current.value == token.value
