@@ -1,0 +1,620 @@
+"""Sans-IO HTTP/1.1 face of the main socket: OpenBao/Vault-compatible reads and agentd's JSON API.
+
+Theory of operation
+-------------------
+
+Like ``protocol.py`` this module never touches a socket and never imports trio: an
+``HttpConnection`` turns the bytes a client sent into the bytes to answer, and asks a ``Reader``
+(the server's per-connection view: peer identity, grants, cache, audit, rate limit) for every
+decision, so the HTTP face and the v1 ``get`` share one decision path::
+
+    bytes in ──► receive_data(data) ──► h11 ──► next_reply() ──► route ──► Reader ──► bytes out
+
+``receive_data(b"")`` means end of file. The shell calls ``next_reply()`` in a loop: each call
+returns the bytes of one complete response, ``NEED_DATA`` (feed more bytes) or ``CLOSED`` (send
+what was returned so far, then close the connection). Pipelined requests come out one by one,
+in order; a keep-alive connection goes on after each response. ``looks_like_http(first)`` tells
+the shell, from a connection's first byte, which protocol the client speaks.
+
+What it answers (routes are a table, ``_ROUTES``; the contract is "HTTP on the socket" in
+DESIGN.md):
+
+- ``GET /v1/<path>``: the declared ``kv2``, ``kv1`` or ``leased`` secret whose ``path`` is
+  ``<path>`` (the upstream path is only a key into the catalog, decision 3), in OpenBao's
+  response envelope (``request_id``, ``lease_id``, ``renewable``, ``lease_duration``, ``data``,
+  ``wrap_info``, ``warnings``, ``auth``; OpenBao 2.x sends no ``mount_type``). kv2 answers carry
+  ``data.data`` and ``data.metadata`` (``created_time`` is when agentd fetched the version: the
+  upstream's creation time is not cached; ``custom_metadata`` null, ``deletion_time`` "",
+  ``destroyed`` false, ``version``). ``?version=N`` is served only when N is the version agentd
+  holds (or 0, OpenBao's "latest"); any other version is refused like an undeclared path (403):
+  agentd never fetches on a client's behalf. kv1's ``lease_duration`` is the secret's
+  ``refresh`` interval (OpenBao sends the mount's TTL hint there); a leased secret's is the
+  time its lease has left, with ``lease_id`` "" and ``renewable`` false, so a client can neither
+  renew nor revoke the agent's lease.
+- ``GET /v1/sys/internal/ui/mounts/<path>``: the KV-version lookup that ``bao kv get`` and
+  consul-template make first, answered for the mount (longest prefix of ``<path>``) of a kv
+  secret this peer may read: ``type`` "kv", ``options.version`` "1" or "2", ``path`` "mount/";
+  fields OpenBao would fill from its mount table that agentd does not know are empty strings.
+- ``GET /agentd/v1/secret/<name>[/<field>]`` (``?format=raw``: a field's bare bytes),
+  ``GET /agentd/v1/list``, ``GET /agentd/v1/health``, ``GET /agentd/v1/status`` (admin only):
+  the v1 ops ``get``, ``list``, ``ping`` and ``status`` as JSON.
+
+Refusals: a path no declared secret has, a secret the peer may not read, and every method but GET
+and HEAD all get ``403 {"errors":["permission denied"]}`` (no existence oracle). A request with
+a body (any ``Content-Length`` above 0 or any ``Transfer-Encoding``) is answered (403 for a
+write method, 413 for a read) and the connection closed, its body never read. A malformed
+request, or a request line and headers over ``max_head_bytes``, gets h11's 4xx and a close.
+No header is ever used for a decision: ``X-Vault-Token`` and every other credential a client
+sends are ignored, never forwarded (nothing is proxied) and never logged. A stale value carries
+a ``warnings`` entry (native API: ``"stale": true``) and the header ``X-Agentd-Stale: true``.
+Messages in errors never hold a secret value.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import http
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+from urllib.parse import parse_qs, unquote
+
+import h11
+
+from agentd.config import SecretConfig
+from agentd.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    RequestError,
+    Unavailable,
+)
+
+__all__ = [
+    "CLOSED",
+    "MAX_HEAD_BYTES",
+    "NEED_DATA",
+    "HttpConnection",
+    "Reader",
+    "Value",
+    "looks_like_http",
+]
+
+MAX_HEAD_BYTES: Final = 16384       # request line + headers; the shell passes max_request_bytes
+_METHOD_LETTERS: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_READ_METHODS: Final = frozenset({b"GET", b"HEAD"})
+_HEAD_END: Final = re.compile(rb"\n\r?\n")       # h11's end of a request's head
+_HTTP_VERSIONS: Final = frozenset({b"1.0", b"1.1"})
+_DENIED: Final = b'{"errors":["permission denied"]}'
+_STALE_WARNING: Final = ("agentd: this value is served from cache and is stale: the upstream "
+                         "could not be reached to refresh it")
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+"""``next_reply()`` needs more bytes: call ``receive_data()`` first."""
+CLOSED: Final = _Sentinel.CLOSED
+"""Nothing more will be answered: send what came before and close the connection."""
+NeedData = Literal[_Sentinel.NEED_DATA]
+Closed = Literal[_Sentinel.CLOSED]
+
+
+def looks_like_http(first: bytes) -> bool:
+    """Whether a connection whose first bytes are ``first`` speaks HTTP (a method's capital
+    letter) rather than v1 frames (whose 4-byte length starts with 0x00 below 16 MiB)."""
+    return bool(first) and first[0] in _METHOD_LETTERS
+
+
+@dataclass(frozen=True)
+class Value:
+    """One answer of ``Reader.get``. ``data`` is plaintext (the whole map, or the field's value
+    when a field was asked for): drop it once the reply is built. ``repr()`` never shows it."""
+
+    data: Any
+    version: int
+    fetched_at: float
+    expires_at: float | None
+    stale: bool
+
+    def __repr__(self) -> str:
+        return f"Value(version={self.version}, stale={self.stale})"
+
+
+class Reader(Protocol):
+    """The server's decisions for one connection's peer. Every method is sync and never blocks;
+    the ones that decide on a secret also write its audit line."""
+
+    @property
+    def secrets(self) -> Mapping[str, SecretConfig]:
+        """The catalog of the config in force (its identity changes on a reload)."""
+        ...
+
+    def admit(self) -> None:
+        """Called once per request before anything else. Raises RateLimited."""
+        ...
+
+    def may_read(self, name: str) -> bool:
+        """Whether the peer's grants cover ``name`` (no audit: for the mounts lookup)."""
+        ...
+
+    def get(self, name: str, field: str | None, *, version: int | None = None) -> Value:
+        """The value of ``name`` (its ``field``), decided and audited as the v1 ``get``.
+        ``version`` (kv2's ``?version=N``; 0 is "latest") is served only when it is the
+        version held; another is refused as Forbidden (agentd never fetches for a client).
+
+        Raises:
+            Forbidden: undeclared, not granted, or not the version held. NotFound: revoked
+            upstream, or no such field. Unavailable: not fetched yet, or past its stale
+            deadline.
+        """
+        ...
+
+    def refuse(self, op: str) -> None:
+        """Audit a refusal that names no declared secret (an undeclared path, a write)."""
+        ...
+
+    def readable(self) -> list[str]:
+        """The names the peer may read, sorted (audited as a ``list``)."""
+        ...
+
+    def health(self) -> Mapping[str, Any]:
+        """What ``/agentd/v1/health`` answers (any peer that may connect)."""
+        ...
+
+    def status(self) -> Mapping[str, Any]:
+        """The ``status`` op's result. Raises Forbidden unless the peer is an admin."""
+        ...
+
+
+# --- the catalog seen by upstream path ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Mount:
+    path: str                   # without a trailing slash
+    version: str                # KV version: "1" or "2"
+    names: tuple[str, ...]      # the kv secrets under it
+
+
+@dataclass(frozen=True)
+class _Index:
+    """The declared secrets by upstream path, built once per catalog."""
+
+    paths: Mapping[str, tuple[str, ...]]    # kv2/kv1/leased path -> names (declared order)
+    mounts: tuple[_Mount, ...]              # longest path first
+
+    @classmethod
+    def build(cls, secrets: Mapping[str, SecretConfig]) -> _Index:
+        paths: dict[str, list[str]] = {}
+        mounts: dict[tuple[str, str], list[str]] = {}
+        for name, secret in secrets.items():
+            if secret.kind not in ("kv2", "kv1", "leased"):
+                continue
+            path = secret.path.strip("/")
+            paths.setdefault(path, []).append(name)
+            mount = _kv_mount(secret.kind, path)
+            if mount is not None:
+                mounts.setdefault((mount, secret.kind[-1]), []).append(name)
+        ordered = sorted(mounts.items(), key=lambda item: -len(item[0][0]))
+        return cls(
+            paths={path: tuple(names) for path, names in paths.items()},
+            mounts=tuple(_Mount(m, v, tuple(names)) for (m, v), names in ordered),
+        )
+
+
+def _kv_mount(kind: str, path: str) -> str | None:
+    """The mount of a kv secret's API path: before the first ``/data/`` for kv2, the first
+    segment for kv1 (whose API paths carry no marker; the CLI reads ``/v1/<path>`` as given
+    for a version 1 mount, so only the version matters to it). None for other kinds."""
+    if kind == "kv2":
+        mount, sep, _ = path.partition("/data/")
+        return mount if sep and mount else None
+    if kind == "kv1":
+        mount, sep, _ = path.partition("/")
+        return mount if sep else None
+    return None
+
+
+# --- the connection -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: bytes
+    path: str                               # percent-decoded, without the query
+    query: Mapping[str, list[str]]
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+    stale: bool = False
+
+
+class HttpConnection:
+    """One HTTP/1.1 connection's server side (see the module docstring).
+
+    Error handling: ``receive_data`` and ``next_reply`` never raise on anything a client sends;
+    protocol errors become a 4xx reply and ``CLOSED``. Exceptions other than ``RequestError``
+    raised by the ``Reader`` propagate (they are the shell's bugs, not the client's).
+    """
+
+    def __init__(
+        self,
+        reader: Reader,
+        *,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._reader = reader
+        self._clock = clock
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._max_head = max_head_bytes
+        self._unchecked = 0             # bytes received since the buffer was last measured
+        self._closing = False           # the last reply said Connection: close
+        self._eof = False
+        self._index: tuple[Mapping[str, SecretConfig], _Index] | None = None
+
+    @property
+    def has_partial_request(self) -> bool:
+        """A request has begun but is not complete (the shell times it out sooner)."""
+        return bool(self._h11.trailing_data[0]) and not self._closing
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes received from the client; ``b""`` means end of file."""
+        if self._closing:
+            return
+        if not data:
+            self._eof = True
+        self._unchecked += len(data)
+        self._h11.receive_data(data)
+
+    def _head_too_long(self) -> bool:
+        """Whether the next request's line and headers exceed ``max_head_bytes``. h11 checks
+        its limit only while no complete head is buffered, so a long head that arrived in one
+        piece would pass it."""
+        buffered = self._h11.trailing_data[0]
+        self._unchecked = len(buffered)
+        if len(buffered) <= self._max_head:
+            return False
+        return _HEAD_END.search(buffered, 0, self._max_head + 3) is None
+
+    def next_reply(self) -> bytes | NeedData | Closed:
+        """The next response to send, or ``NEED_DATA``, or ``CLOSED`` (close after sending)."""
+        h = self._h11
+        while True:
+            if self._closing:
+                return CLOSED
+            if self._unchecked > self._max_head and self._head_too_long():
+                return self._fail(431, "request line and headers are too long")
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self._eof:           # the client went away mid-request: nobody to answer
+                    self._closing = True
+                    return CLOSED
+                return self._fail(exc.error_status_hint, str(exc))
+            if event is h11.NEED_DATA:
+                if self._eof:
+                    self._closing = True
+                    return CLOSED
+                return NEED_DATA
+            if event is h11.PAUSED or type(event) is h11.EndOfMessage:
+                if h.our_state is h11.DONE and h.their_state is h11.DONE:
+                    h.start_next_cycle()
+                    continue
+                if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+                    self._closing = True
+                    return CLOSED
+                continue
+            if type(event) is h11.Request:
+                return self._answer(event)
+            # ConnectionClosed, or Data of a body we never asked for (we closed before).
+            self._closing = True
+            return CLOSED
+
+    # --- framing ---------------------------------------------------------------------------
+
+    def _answer(self, event: h11.Request) -> bytes:
+        has_body = any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in event.headers
+        )
+        method = event.method
+        if event.http_version not in _HTTP_VERSIONS:
+            return self._send(_error(505, "HTTP/1.0 or HTTP/1.1 only"), method, close=True)
+        try:
+            self._reader.admit()
+        except RateLimited as exc:
+            return self._send(_error(429, exc.message), method, close=has_body)
+        if method not in _READ_METHODS:
+            self._reader.refuse(method.decode("ascii", "replace").lower()[:16])
+            return self._send(_Reply(403, _DENIED), method, close=has_body)
+        if has_body:
+            return self._send(_error(413, "request bodies are not accepted"), method, close=True)
+        try:
+            request = _parse_target(method, event.target)
+        except ValueError:
+            return self._send(_error(400, "malformed request target"), method, close=False)
+        try:
+            reply = self._route(request)
+        except RequestError as exc:
+            reply = _refusal(exc, native=request.path.startswith("/agentd/"))
+        return self._send(reply, method, close=False)
+
+    def _send(self, reply: _Reply, method: bytes, *, close: bool) -> bytes:
+        headers = [
+            (b"Content-Type", reply.content_type),
+            (b"Content-Length", b"%d" % len(reply.body)),
+            (b"Cache-Control", b"no-store"),
+        ]
+        if reply.stale:
+            headers.append((b"X-Agentd-Stale", b"true"))
+        if close:
+            headers.append((b"Connection", b"close"))
+            self._closing = True
+        h = self._h11
+        out = h.send(h11.Response(status_code=reply.status, headers=headers,
+                                  reason=_REASONS.get(reply.status, b"")))
+        assert out is not None
+        if method != b"HEAD":
+            out += h.send(h11.Data(data=reply.body)) or b""
+        out += h.send(h11.EndOfMessage()) or b""
+        if h.our_state is h11.MUST_CLOSE:
+            self._closing = True        # HTTP/1.0, or the client asked to close
+        return out
+
+    def _fail(self, status: int, message: str) -> bytes | Closed:
+        """Answer a protocol error (if a response can still be sent) and close."""
+        self._closing = True
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return CLOSED
+        if not 400 <= status < 500:
+            status = 400
+        body = json.dumps({"errors": [message[:200]]}).encode()
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+        ]
+        try:
+            out = self._h11.send(h11.Response(status_code=status, headers=headers,
+                                              reason=_REASONS.get(status, b"")))
+            out = (out or b"") + (self._h11.send(h11.Data(data=body)) or b"")
+            return out + (self._h11.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            return CLOSED
+
+    # --- routes ----------------------------------------------------------------------------
+
+    def _route(self, request: _Request) -> _Reply:
+        path = request.path
+        exact = _EXACT.get(path)
+        if exact is not None:
+            return exact(self, request)
+        for prefix, handler in _PREFIXES:
+            if path.startswith(prefix):
+                return handler(self, request, path[len(prefix):])
+        return self._deny()
+
+    def _deny(self) -> _Reply:
+        self._reader.refuse("get")
+        return _Reply(403, _DENIED)
+
+    def _catalog(self) -> _Index:
+        secrets = self._reader.secrets
+        if self._index is None or self._index[0] is not secrets:
+            self._index = (secrets, _Index.build(secrets))
+        return self._index[1]
+
+    def _bao_read(self, request: _Request, path: str) -> _Reply:
+        """``GET /v1/<path>``: a declared kv2, kv1 or leased secret, in OpenBao's envelope."""
+        names = self._catalog().paths.get(path.strip("/"))
+        if not names:
+            return self._deny()
+        reader = self._reader
+        # Several names may share a path: the first this peer may read answers.
+        name = next((n for n in names if reader.may_read(n)), names[0])
+        secret = reader.secrets[name]
+        version: int | None = None
+        wanted = request.query.get("version")
+        if secret.kind == "kv2" and wanted is not None:
+            version = _version(wanted[-1])
+            if version == 0:
+                version = None          # OpenBao's "latest": what agentd holds
+        value = reader.get(name, None, version=version)
+        if secret.kind == "kv2":
+            data: Any = {
+                "data": value.data,
+                "metadata": {
+                    "created_time": _rfc3339(value.fetched_at),
+                    "custom_metadata": None,
+                    "deletion_time": "",
+                    "destroyed": False,
+                    "version": value.version,
+                },
+            }
+            duration = 0
+        elif secret.kind == "kv1":
+            data, duration = value.data, int(secret.refresh)
+        else:
+            left = 0.0 if value.expires_at is None else value.expires_at - self._clock()
+            data, duration = value.data, max(0, math.floor(left))
+        return _Reply(200, _envelope(data, duration, value.stale), stale=value.stale)
+
+    def _mounts(self, request: _Request, path: str) -> _Reply:
+        """``GET /v1/sys/internal/ui/mounts/<path>``: the kv mount of a readable secret."""
+        path = path.strip("/")
+        reader = self._reader
+        for mount in self._catalog().mounts:
+            if (path == mount.path or path.startswith(mount.path + "/")) and any(
+                reader.may_read(name) for name in mount.names
+            ):
+                return _Reply(200, _envelope(_mount_info(mount), 0, False))
+        return self._deny()
+
+    def _native_secret(self, request: _Request, rest: str) -> _Reply:
+        """``GET /agentd/v1/secret/<name>[/<field>]``, ``?format=raw`` for a field's bytes."""
+        name, sep, field = rest.partition("/")
+        if not name:
+            return self._deny()
+        value = self._reader.get(name, field if sep else None)
+        fmt = request.query.get("format", ["json"])[-1]
+        if fmt == "raw":
+            if not sep:
+                raise BadRequest("format=raw needs a field: /agentd/v1/secret/<name>/<field>")
+            return _Reply(200, _raw(value.data), content_type=b"application/octet-stream",
+                          stale=value.stale)
+        if fmt != "json":
+            raise BadRequest("format must be json or raw")
+        result: dict[str, Any] = {"name": name}
+        if sep:
+            result["field"] = field
+        result.update(data=value.data, version=value.version, fetched_at=value.fetched_at,
+                      expires_at=value.expires_at, stale=value.stale)
+        return _Reply(200, _json(result), stale=value.stale)
+
+    def _native_list(self, request: _Request) -> _Reply:
+        return _Reply(200, _json({"names": self._reader.readable()}))
+
+    def _native_health(self, request: _Request) -> _Reply:
+        return _Reply(200, _json(self._reader.health()))
+
+    def _native_status(self, request: _Request) -> _Reply:
+        return _Reply(200, _json(self._reader.status()))
+
+
+_EXACT: Final[Mapping[str, Callable[[HttpConnection, _Request], _Reply]]] = {
+    "/agentd/v1/list": HttpConnection._native_list,
+    "/agentd/v1/health": HttpConnection._native_health,
+    "/agentd/v1/status": HttpConnection._native_status,
+}
+"""Routes by exact path."""
+
+_PREFIXES: Final[tuple[tuple[str, Callable[[HttpConnection, _Request, str], _Reply]], ...]] = (
+    ("/v1/sys/internal/ui/mounts/", HttpConnection._mounts),
+    ("/v1/", HttpConnection._bao_read),
+    ("/agentd/v1/secret/", HttpConnection._native_secret),
+)
+"""Routes by path prefix, tried in order (the handler gets the rest of the path)."""
+
+_REASONS: Final = {status.value: status.phrase.encode() for status in http.HTTPStatus}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _parse_target(method: bytes, target: bytes) -> _Request:
+    """Split a request target into its percent-decoded path and query. Raises ValueError."""
+    text = target.decode("ascii")           # h11 has checked the bytes; ValueError otherwise
+    if not text.startswith("/"):
+        raise ValueError("not an origin-form target")
+    raw_path, _, raw_query = text.partition("?")
+    path = unquote(raw_path, errors="strict")
+    query = parse_qs(raw_query, keep_blank_values=True, errors="strict", max_num_fields=32)
+    return _Request(method, path, query)
+
+
+def _version(text: str) -> int:
+    """kv2's ``?version=N``; anything that is not a plain number names no version agentd
+    holds: -1, refused like any other."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else -1
+
+
+def _envelope(data: Any, lease_duration: int, stale: bool) -> bytes:
+    """OpenBao's response envelope, field for field and in its order."""
+    return _json({
+        "request_id": str(uuid.uuid4()),
+        "lease_id": "",
+        "renewable": False,
+        "lease_duration": lease_duration,
+        "data": data,
+        "wrap_info": None,
+        "warnings": [_STALE_WARNING] if stale else None,
+        "auth": None,
+    })
+
+
+def _mount_info(mount: _Mount) -> dict[str, Any]:
+    """The fields of OpenBao's ``sys/internal/ui/mounts`` answer for a kv mount."""
+    return {
+        "accessor": "",
+        "config": {"default_lease_ttl": 0, "force_no_cache": False, "max_lease_ttl": 0},
+        "deprecation_status": "supported",
+        "description": "served by agentd",
+        "external_entropy_access": False,
+        "local": False,
+        "options": {"version": mount.version},
+        "path": mount.path + "/",
+        "plugin_version": "",
+        "running_plugin_version": "",
+        "running_sha256": "",
+        "seal_wrap": False,
+        "type": "kv",
+        "uuid": "",
+    }
+
+
+def _refusal(exc: RequestError, *, native: bool) -> _Reply:
+    """The reply to a refused request. Forbidden is always the same bytes (no oracle)."""
+    if isinstance(exc, Forbidden):
+        return _Reply(403, _DENIED)
+    if isinstance(exc, NotFound):
+        # OpenBao answers a missing secret with an empty error list.
+        return _error(404, exc.message) if native else _Reply(404, b'{"errors":[]}')
+    if isinstance(exc, Unavailable):
+        return _error(503, exc.message)
+    if isinstance(exc, RateLimited):
+        return _error(429, exc.message)
+    if isinstance(exc, BadRequest):
+        return _error(400, exc.message)
+    return _error(500, "internal error")
+
+
+def _error(status: int, message: str) -> _Reply:
+    return _Reply(status, _json({"errors": [message]}))
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=_plain).encode()
+
+
+def _plain(obj: Any) -> Any:
+    """JSON for what msgpack may hold beyond JSON's types (values read from OpenBao are JSON)."""
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, tuple | list | set | frozenset):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def _raw(value: Any) -> bytes:
+    """A field's bare bytes: strings as UTF-8, bytes as they are, anything else as JSON."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes):
+        return value
+    return _json(value)
+
+
+def _rfc3339(when: float) -> str:
+    moment = datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
