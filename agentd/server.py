@@ -70,12 +70,12 @@ from typing import Any
 import msgpack
 import trio
 
-from agentd import protocol
+from agentd import httpface, protocol
 from agentd.access import ExeHasher, Grants, Peer, grants, needs_exe_sha256
 from agentd.audit import Audit
 from agentd.cache import Cache, stale_deadline
 from agentd.cell import Cell
-from agentd.config import Config
+from agentd.config import Config, SecretConfig
 from agentd.errors import (
     BadRequest,
     Forbidden,
@@ -440,7 +440,11 @@ class Server:
             if needs_exe_sha256(self.config.policies):
                 digest = await trio.to_thread.run_sync(self.exe_hasher.digest, peer)
                 peer = peer.with_exe_sha256(digest)
-            await self._converse(stream, peer)
+            speaks = await self._first_byte(conn)
+            if speaks is _HTTP:
+                await self._converse_http(stream, peer)
+            elif speaks is not None:
+                await self._converse(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -884,6 +888,7 @@ class Server:
         name: str | None = None,
         version: int | None = None,
         stale: bool | None = None,
+        transport: str | None = None,
     ) -> None:
         self.decisions[(op, decision)] += 1
         if decision == "deny":
@@ -892,7 +897,126 @@ class Server:
         self._audit.record(
             op=op, decision=decision, pid=peer.pid, uid=peer.uid, exe=peer.exe, unit=peer.unit,
             name=name, version=version, stale=stale, start_time=peer.start_time,
+            transport=transport,
         )
+
+
+    # --- HTTP face (httpface.py) --------------------------------------------------------------
+
+    async def _first_byte(self, conn: trio.socket.SocketType) -> object | None:
+        """Which protocol the client speaks, from its first byte (peeked, not consumed):
+        ``_HTTP`` or ``_V1``; None if it closed or sent nothing within ``idle_timeout``. One
+        peek per connection: the v1 request loop is untouched."""
+        with trio.move_on_after(self.config.agent.idle_timeout):
+            try:
+                first = await conn.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return None
+            if not first:
+                return None
+            return _HTTP if httpface.looks_like_http(first) else _V1
+        return None
+
+    async def _converse_http(self, stream: trio.SocketStream, peer: Peer) -> None:
+        """Serve HTTP/1.1 requests on one connection until it closes, breaks or times out.
+
+        The same limits as v1 frames: a request's line and headers at most ``max_request_bytes``
+        and complete within ``frame_timeout`` of its first byte (trickled bytes move nothing),
+        the next request within ``idle_timeout`` of the last; a request takes its uid's token
+        (429 when there is none); the pid is re-checked before the replies to each receive
+        (``_HttpReader.admit``), and the connection closed without an answer if it was reused.
+        Responses to pipelined requests go out in one write, at most ``MAX_BATCH`` at a time.
+        """
+        agent = self.config.agent
+        reader = _HttpReader(self, peer)
+        conn = httpface.HttpConnection(reader, max_head_bytes=agent.max_request_bytes,
+                                       clock=self._clock)
+        fd = stream.socket.fileno()
+        out: list[bytes] = []
+        now = trio.current_time()
+        idle_since, frame_since, read_at = now, None, now
+        while True:
+            try:
+                reply = conn.next_reply()
+            except _PidReused:
+                return
+            if reply is not httpface.NEED_DATA and reply is not httpface.CLOSED:
+                out.append(reply)
+                idle_since = trio.current_time()
+                frame_since = None
+                if len(out) < MAX_BATCH:
+                    continue
+                if not await self._send(stream, b"".join(out)):
+                    return
+                out = []
+                await trio.lowlevel.checkpoint()
+                reader.checked = False
+                continue
+            if out:
+                data = b"".join(out)
+                sent = _write_now(fd, data)
+                if sent is None or (sent != len(data)
+                                    and not await self._send(stream, data[sent:])):
+                    return
+                out = []
+            if reply is httpface.CLOSED:
+                return
+            if conn.has_partial_request:
+                if frame_since is None:
+                    frame_since = read_at
+                deadline = frame_since + agent.frame_timeout
+            else:
+                frame_since = None
+                deadline = idle_since + agent.idle_timeout
+            with trio.move_on_at(deadline):
+                await trio.lowlevel.wait_readable(fd)
+            if trio.current_time() >= deadline:
+                return          # idle_timeout, or a request not complete within frame_timeout
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return          # reset by the peer
+            read_at = trio.current_time()
+            conn.receive_data(data)
+            reader.checked = False
+
+    def _read(
+        self, name: str, field: str | None, version: int | None, peer: Peer, allowed: Grants,
+    ) -> httpface.Value:
+        """An HTTP read of ``name``: the decisions and audit lines of ``_get`` (plus
+        ``transport``), and ``version`` (kv2's ``?version=N``) only if it is the one held."""
+        config = self._config
+        if name not in config.secrets or not allowed.may_read(name):
+            self._record(peer, "get", "deny", name=name, transport="http")
+            raise Forbidden(f"not allowed to read {name[:64]!r}")
+        opened = self._cache.get_packed(name)
+        if opened is None:
+            if self._refresher.is_revoked(name):
+                self._record(peer, "get", "not_found", name=name, transport="http")
+                raise NotFound(f"secret {name!r} was deleted or revoked upstream")
+            self._record(peer, "get", "unavailable", name=name, transport="http")
+            raise Unavailable(f"secret {name!r} has not been fetched yet")
+        packed, held, fetched_at, expires_at, stale = opened
+        if self._clock() > stale_deadline(fetched_at, expires_at, stale,
+                                          config.max_stale_for(name)):
+            self._record(peer, "get", "unavailable", name=name, version=held, stale=stale,
+                         transport="http")
+            raise Unavailable(f"secret {name!r} is past its stale deadline")
+        if version is not None and version != held:
+            self._record(peer, "get", "deny", name=name, transport="http")
+            raise Forbidden(f"not allowed to read {name[:64]!r} at that version")
+        data = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        if field is not None:
+            if field not in data:
+                self._record(peer, "get", "not_found", name=name, version=held,
+                             transport="http")
+                raise NotFound(f"secret {name!r} has no field {field[:64]!r}")
+            data = data[field]
+        self._record(peer, "get", "allow", name=name, version=held, stale=stale,
+                     transport="http")
+        return httpface.Value(data, held, fetched_at, expires_at, stale)
 
 
 async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -902,3 +1026,73 @@ async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         await stream.receive_some(1)
     scope.cancel()
 
+
+_HTTP = object()        # _first_byte: the client speaks HTTP/1.1
+_V1 = object()          # ... v1 frames
+
+
+class _PidReused(Exception):
+    """The peer's pid names another process now: close without an answer (``_HttpReader``)."""
+
+
+class _HttpReader:
+    """The ``httpface.Reader`` of one HTTP connection: the server's decisions for its peer.
+
+    ``checked`` is cleared by the shell after each receive; the first request after it re-checks
+    the pid (``_PidReused`` if it was reused), as the v1 loop does before its replies.
+    """
+
+    def __init__(self, server: Server, peer: Peer) -> None:
+        self._server = server
+        self._peer = peer
+        self._granted: tuple[Config, Grants] | None = None
+        self.checked = False
+
+    @property
+    def secrets(self) -> Mapping[str, SecretConfig]:
+        return self._server.config.secrets
+
+    def _grants(self) -> Grants:
+        config = self._server.config
+        if self._granted is None or self._granted[0] is not config:
+            self._granted = (config, grants(config.policies, self._peer))
+        return self._granted[1]
+
+    def admit(self) -> None:
+        server, peer = self._server, self._peer
+        if not self.checked:
+            if not server._same_process(peer):
+                raise _PidReused
+            self.checked = True
+        server.requests += 1
+        server.requests_by_op["http"] += 1
+        if not server._take_token(peer.uid):
+            server.rate_limited += 1
+            agent = server.config.agent
+            raise RateLimited(f"over {agent.requests_per_second_per_uid} requests per second "
+                              f"for uid {peer.uid}")
+
+    def may_read(self, name: str) -> bool:
+        return self._grants().may_read(name)
+
+    def get(self, name: str, field: str | None, *, version: int | None = None
+            ) -> httpface.Value:
+        return self._server._read(name, field, version, self._peer, self._grants())
+
+    def refuse(self, op: str) -> None:
+        self._server._record(self._peer, op, "deny", transport="http")
+
+    def readable(self) -> list[str]:
+        self._server._record(self._peer, "list", "allow", transport="http")
+        return self._grants().readable(self.secrets)
+
+    def health(self) -> Mapping[str, Any]:
+        return {"ok": True}
+
+    def status(self) -> Mapping[str, Any]:
+        server, peer = self._server, self._peer
+        if not self._grants().admin:
+            server._record(peer, "status", "deny", transport="http")
+            raise Forbidden("status needs a policy with admin = true")
+        server._record(peer, "status", "allow", transport="http")
+        return server._status()
