@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentd import protocol
 from agentd.config import SecretConfig
 from agentd.errors import Forbidden, NotFound, RateLimited, Unavailable
 from agentd.httpface import CLOSED, NEED_DATA, HttpConnection, Value, looks_like_http
@@ -450,3 +453,32 @@ def test_fuzz_never_raises(pieces: list[bytes], cuts: list[int], eof: bool, limi
             assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.")
             assert not closed
     assert closed or not eof
+
+
+@settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(data=st.one_of(st.binary(max_size=200),
+                      st.lists(_pieces, max_size=10).map(b"".join)),
+       frame=st.booleans())
+def test_fuzz_sniffing_picks_one_protocol_and_never_raises(data: bytes, frame: bool) -> None:
+    """What the server does with a connection's bytes: the first byte picks the protocol,
+    and either core turns anything into replies or a close."""
+    if frame:       # a v1 frame, or half of one, possibly followed by HTTP
+        body = msgpack.packb({"v": 1, "id": 1, "op": "get", "name": "db"})
+        data = (struct.pack(">I", len(body)) + body)[: 1 + len(data) % (len(body) + 4)] + data
+    if not data:
+        return
+    if looks_like_http(data[:1]):
+        conn = HttpConnection(FakeReader(), clock=lambda: NOW)
+        conn.receive_data(data)
+        conn.receive_data(b"")
+        while (reply := conn.next_reply()) is not CLOSED:
+            assert reply is not NEED_DATA
+            assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 ")
+    else:
+        assert data[0] not in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        server = protocol.ServerConnection()
+        server.receive_data(data)
+        server.receive_data(b"")
+        while (event := server.next_event()) is not protocol.CLOSED:
+            assert event is not protocol.NEED_DATA
+            assert isinstance(event, protocol.Request | protocol.Rejected)
