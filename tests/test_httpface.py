@@ -393,6 +393,33 @@ def test_malformed_requests_get_4xx_and_close() -> None:
         assert resp.headers["connection"] == "close"
 
 
+def test_header_grammar_is_strict() -> None:
+    bad = [
+        b"Host: x\r\n folded: on\r\n",                 # obs-fold
+        b"Host: x\rX-Smuggle: y\r\n",                   # a bare CR
+        b"Host: x\r\nBad Name: y\r\n",
+        b"Host: x\r\n: no name\r\n",
+        b"Host: x\r\nX: a\x00b\r\n",
+        b"Host: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n",
+        b"Host: x\r\nContent-Length: +1\r\n",
+        b"Host: x\r\nHost: y\r\n",
+        b"X-Flood:" + b" \t" * 7000 + b"\x01\r\nHost: x\r\n",     # no quadratic backtracking
+    ]
+    for headers in bad:
+        out, closed = run(b"GET /agentd/v1/health HTTP/1.1\r\n" + headers + b"\r\n")
+        assert closed and parse(out)[0].status == 400, headers
+    good = [
+        b"Host: x\r\nContent-Length: 0\r\n",
+        b"Host: x\r\nContent-Length: 00, 0\r\n",
+        b"Host:x\r\nX-Empty:\r\nX-Obs: caf\xc3\xa9 \t\r\n",
+    ]
+    for headers in good:
+        out, closed = run(b"\r\nGET /agentd/v1/health HTTP/1.1\r\n" + headers + b"\r\n")
+        assert not closed and parse(out)[0].status == 200, headers
+    out, closed = run(b"GET /agentd/v1/health HTTP/1.1\nHost: x\n\n")        # bare LF lines
+    assert not closed and parse(out)[0].status == 200
+
+
 def test_bad_targets_get_400_and_keep_alive() -> None:
     for target in (b"*", b"http://x/v1/secret/data/app/db", b"/v1/%ff", b"/x?" + b"a&" * 40):
         out, closed = run(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
