@@ -29,6 +29,7 @@ from tests.agentfixture import (
     write_config,
 )
 from tests.openbao import ROOT_TOKEN, DevServer, bao_binary
+from tests.peers import run_as
 
 STRANGER = 65533            # a uid no policy names
 DENIED = b'{"errors":["permission denied"]}'
@@ -338,3 +339,30 @@ async def test_hvac_over_requests_unixsocket(agent: RunningAgent, seeded: Seeded
     kv2, kv1 = await trio.to_thread.run_sync(read)
     assert kv2["data"]["data"]["password"] == seeded.markers["db"]
     assert kv1["data"]["token"] == seeded.markers["api"]
+
+
+# --- pipelining and the per-uid rate --------------------------------------------------------
+
+
+async def test_pipelined_requests_are_answered_in_order_then_rate_limited(
+    agent: RunningAgent, seeded: Seeded
+) -> None:
+    """One write of 300 requests: answered in order on one connection; past the uid's burst
+    (200 by default) they get 429, and another uid is served meanwhile."""
+    one = b"GET /agentd/v1/secret/db/password?format=raw HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /agentd/v1/list HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data = await trio.to_thread.run_sync(raw_exchange, agent.socket, one * 300 + last)
+    replies = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        replies.append((int(head.split()[1]), data[:length]))
+        data = data[length:]
+    assert len(replies) == 301
+    statuses = [status for status, _ in replies]
+    assert statuses[0] == 200 and 429 in statuses and set(statuses) == {200, 429}
+    assert all(body == seeded.markers["db"].encode() for status, body in replies[:-1]
+               if status == 200)
+    other = await run_as(NOBODY, NOBODY, lambda: Client.connect(
+        agent.socket, timeout=10).call("get", name="db", field="password"))
+    assert other == {"ok": True, "value": {**other["value"], "data": seeded.markers["db"]}}
