@@ -921,20 +921,40 @@ class Server:
         """Serve HTTP/1.1 requests on one connection until it closes, breaks or times out.
 
         The same limits as v1 frames: a request's line and headers at most ``max_request_bytes``
-        and complete within ``frame_timeout`` of its first byte (trickled bytes move nothing),
-        the next request within ``idle_timeout`` of the last; a request takes its uid's token
-        (429 when there is none); the pid is re-checked before the replies to each receive
-        (``_HttpReader.admit``), and the connection closed without an answer if it was reused.
-        Responses to pipelined requests go out in one write, at most ``MAX_BATCH`` at a time.
+        and complete within ``frame_timeout`` of the read that brought its first byte (trickled
+        bytes move nothing), the next request within ``idle_timeout`` of the read that completed
+        the last; a request takes its uid's token (429 when there is none); the pid is
+        re-checked before the replies to each receive (``_HttpReader.admit``), and the
+        connection closed without an answer if it was reused. Responses to pipelined requests
+        go out in one write, at most ``MAX_BATCH`` at a time. Timeouts as in ``_converse``: one
+        cancel scope whose deadline is only moved earlier, re-entered if it fired early.
         """
         agent = self.config.agent
         reader = _HttpReader(self, peer)
         conn = httpface.HttpConnection(reader, max_head_bytes=agent.max_request_bytes,
                                        clock=self._clock)
+        wait = _HttpWait(trio.current_time())
+        scope = trio.CancelScope()
+        while True:
+            with scope:
+                await self._serve_http(stream, conn, reader, scope, wait)
+                return
+            if not wait.waiting or trio.current_time() >= wait.deadline:
+                return      # idle_timeout, frame_timeout, or cut short outside a wait
+            scope = trio.CancelScope(deadline=wait.deadline)
+
+    async def _serve_http(
+        self,
+        stream: trio.SocketStream,
+        conn: httpface.HttpConnection,
+        reader: _HttpReader,
+        scope: trio.CancelScope,
+        wait: _HttpWait,
+    ) -> None:
+        """The request loop of ``_converse_http``."""
+        agent = self.config.agent
         fd = stream.socket.fileno()
         out: list[bytes] = []
-        now = trio.current_time()
-        idle_since, frame_since, read_at = now, None, now
         while True:
             try:
                 reply = conn.next_reply()
@@ -942,10 +962,11 @@ class Server:
                 return
             if reply is not httpface.NEED_DATA and reply is not httpface.CLOSED:
                 out.append(reply)
-                idle_since = trio.current_time()
-                frame_since = None
+                wait.idle_since = wait.read_at      # that read completed a request
+                wait.frame_since = None
                 if len(out) < MAX_BATCH:
                     continue
+                scope.deadline = math.inf
                 if not await self._send(stream, b"".join(out)):
                     return
                 out = []
@@ -953,32 +974,36 @@ class Server:
                 reader.checked = False
                 continue
             if out:
-                data = b"".join(out)
+                data = out[0] if len(out) == 1 else b"".join(out)
                 sent = _write_now(fd, data)
-                if sent is None or (sent != len(data)
-                                    and not await self._send(stream, data[sent:])):
-                    return
+                if sent != len(data):
+                    if sent is None:
+                        return
+                    scope.deadline = math.inf       # _send has its own timeout
+                    if not await self._send(stream, data[sent:]):
+                        return
                 out = []
             if reply is httpface.CLOSED:
                 return
             if conn.has_partial_request:
-                if frame_since is None:
-                    frame_since = read_at
-                deadline = frame_since + agent.frame_timeout
+                if wait.frame_since is None:
+                    wait.frame_since = wait.read_at
+                wait.deadline = wait.frame_since + agent.frame_timeout
             else:
-                frame_since = None
-                deadline = idle_since + agent.idle_timeout
-            with trio.move_on_at(deadline):
-                await trio.lowlevel.wait_readable(fd)
-            if trio.current_time() >= deadline:
-                return          # idle_timeout, or a request not complete within frame_timeout
+                wait.frame_since = None
+                wait.deadline = wait.idle_since + agent.idle_timeout
+            if wait.deadline < scope.deadline:
+                scope.deadline = wait.deadline
+            wait.waiting = True
+            await trio.lowlevel.wait_readable(fd)
+            wait.waiting = False
             try:
                 data = os.read(fd, RECEIVE_SIZE)
             except BlockingIOError:
                 continue
             except OSError:
                 return          # reset by the peer
-            read_at = trio.current_time()
+            wait.read_at = trio.current_time()
             conn.receive_data(data)
             reader.checked = False
 
@@ -1029,6 +1054,19 @@ async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
 
 _HTTP = object()        # _first_byte: the client speaks HTTP/1.1
 _V1 = object()          # ... v1 frames
+
+
+class _HttpWait:
+    """The clocks of one HTTP connection (see ``Server._converse_http``), in trio time."""
+
+    __slots__ = ("deadline", "frame_since", "idle_since", "read_at", "waiting")
+
+    def __init__(self, now: float) -> None:
+        self.deadline = math.inf        # when the wait for bytes in progress is due
+        self.waiting = False            # True while waiting for bytes
+        self.read_at = now              # when the last bytes were read
+        self.idle_since = now           # the read that completed the last request (or connect)
+        self.frame_since: float | None = None   # the read that began the partial request
 
 
 class _PidReused(Exception):
