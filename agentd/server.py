@@ -1015,29 +1015,29 @@ class Server:
         config = self._config
         if name not in config.secrets or not allowed.may_read(name):
             self._record(peer, "get", "deny", name=name, transport="http")
-            raise Forbidden(f"not allowed to read {name[:64]!r}")
+            raise Forbidden("not allowed to read this secret")
         opened = self._cache.get_packed(name)
         if opened is None:
             if self._refresher.is_revoked(name):
                 self._record(peer, "get", "not_found", name=name, transport="http")
-                raise NotFound(f"secret {name!r} was deleted or revoked upstream")
+                raise NotFound("the secret was deleted or revoked upstream")
             self._record(peer, "get", "unavailable", name=name, transport="http")
-            raise Unavailable(f"secret {name!r} has not been fetched yet")
+            raise Unavailable("the secret has not been fetched yet")
         packed, held, fetched_at, expires_at, stale = opened
         if self._clock() > stale_deadline(fetched_at, expires_at, stale,
                                           config.max_stale_for(name)):
             self._record(peer, "get", "unavailable", name=name, version=held, stale=stale,
                          transport="http")
-            raise Unavailable(f"secret {name!r} is past its stale deadline")
+            raise Unavailable("the secret is past its stale deadline")
         if version is not None and version != held:
             self._record(peer, "get", "deny", name=name, transport="http")
-            raise Forbidden(f"not allowed to read {name[:64]!r} at that version")
+            raise Forbidden("not allowed to read this secret at that version")
         data = msgpack.unpackb(packed, raw=False, strict_map_key=False)
         if field is not None:
             if field not in data:
                 self._record(peer, "get", "not_found", name=name, version=held,
                              transport="http")
-                raise NotFound(f"secret {name!r} has no field {field[:64]!r}")
+                raise NotFound("the secret has no such field")
             data = data[field]
         self._record(peer, "get", "allow", name=name, version=held, stale=stale,
                      transport="http")
