@@ -366,3 +366,40 @@ async def test_pipelined_requests_are_answered_in_order_then_rate_limited(
     other = await run_as(NOBODY, NOBODY, lambda: Client.connect(
         agent.socket, timeout=10).call("get", name="db", field="password"))
     assert other == {"ok": True, "value": {**other["value"], "data": seeded.markers["db"]}}
+
+
+# --- field for field with OpenBao ------------------------------------------------------------
+
+
+def shape(value: Any) -> Any:
+    """The keys of ``value``, recursively, in order (values of leaves are left out)."""
+    if isinstance(value, dict):
+        return [(key, shape(item)) for key, item in value.items()]
+    return type(value).__name__
+
+
+async def test_replies_have_openbao_s_shape_field_for_field(
+    agent: RunningAgent, seeded: Seeded, bao: DevServer
+) -> None:
+    p = seeded.prefix
+    for path, via_agent in ((f"secret/data/{p}/db", f"/v1/secret/data/{p}/db"),
+                            (f"kv1/{p}/api", f"/v1/kv1/{p}/api"),
+                            (f"sys/internal/ui/mounts/secret/{p}/db",
+                             f"/v1/sys/internal/ui/mounts/secret/{p}/db"),
+                            ("sys/internal/ui/mounts/kv1", "/v1/sys/internal/ui/mounts/kv1")):
+        upstream = bao.api("GET", path)
+        status, headers, body = await http_get(agent.socket, via_agent)
+        ours = json.loads(body)
+        assert status == 200 and headers["content-type"] == "application/json"
+        assert list(ours) == list(upstream), path
+        # the envelope and the metadata match OpenBao's keys, order and types exactly;
+        # leaves that differ in type: OpenBao's kv1 lease_duration is its TTL hint (an int too)
+        assert shape(ours) == shape(upstream), path
+        if "mounts" in path:
+            for key in ("type", "options", "path", "config", "local", "seal_wrap"):
+                assert ours["data"][key] == upstream["data"][key], (path, key)
+        else:
+            assert ours["data"] == upstream["data"] or (
+                ours["data"]["data"] == upstream["data"]["data"]
+                and ours["data"]["metadata"]["version"]
+                == upstream["data"]["metadata"]["version"]), path
