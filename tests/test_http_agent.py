@@ -3,6 +3,7 @@ read by the real ``bao`` binary, curl, and raw sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -403,3 +404,23 @@ async def test_replies_have_openbao_s_shape_field_for_field(
                 ours["data"]["data"] == upstream["data"]["data"]
                 and ours["data"]["metadata"]["version"]
                 == upstream["data"]["metadata"]["version"]), path
+
+
+async def test_a_dead_peer_gets_no_http_answer(agent: RunningAgent) -> None:
+    """The pid is re-checked before HTTP replies as before v1 ones (test_identity.py)."""
+    from tests.test_identity import handed_over_connection
+
+    def ask() -> bytes:
+        conn, _pid = handed_over_connection(agent.socket)
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(b"GET /agentd/v1/secret/db/username?format=raw HTTP/1.1\r\n"
+                         b"Host: x\r\n\r\n")
+            chunks = []
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := conn.recv(65536):
+                    chunks.append(chunk)
+            return b"".join(chunks)
+
+    assert await trio.to_thread.run_sync(ask) == b""
+    assert agent.agent.server.statistics()["pid_reused"] == 1
