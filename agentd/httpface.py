@@ -354,6 +354,8 @@ class HttpConnection:
         ]
         if reply.stale:
             parts.append(b"X-Agentd-Stale: true\r\n")
+        if reply.status == 429:
+            parts.append(b"Retry-After: 1\r\n")         # tokens come back within a second
         if close:
             parts.append(b"Connection: close\r\n")
             self._closing = True

@@ -273,6 +273,7 @@ def test_tokens_and_credentials_are_ignored() -> None:
 def test_rate_limited_is_429() -> None:
     resp = get("/v1/secret/data/app/db", reader=FakeReader(tokens=0))
     assert resp.status == 429 and b"hunter2" not in resp.body
+    assert resp.headers["retry-after"] == "1"
 
 
 def test_not_found_and_unavailable() -> None:
