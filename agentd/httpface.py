@@ -91,6 +91,7 @@ __all__ = [
     "HttpConnection",
     "Reader",
     "Value",
+    "error_response",
     "looks_like_http",
 ]
 
@@ -281,6 +282,7 @@ class HttpConnection:
         self._clock = clock
         self._max_head = max_head_bytes
         self._buffer = bytearray()
+        self._head: tuple[int, int] | None = None     # see _find_head
         self._closing = False           # the last reply said Connection: close
         self._eof = False
         self._index: tuple[Mapping[str, SecretConfig], _Index] | None = None
@@ -290,6 +292,13 @@ class HttpConnection:
         """A request has begun but is not complete (the shell times it out sooner)."""
         return bool(self._buffer) and not self._closing
 
+    @property
+    def request_ready(self) -> bool:
+        """A complete request line and headers are buffered: the next ``next_reply()`` answers
+        a request. The shell takes its uid's token before that, as before a v1 frame is parsed,
+        so a flood costs no parsing past the uid's rate."""
+        return not self._closing and self._find_head() is not None
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the client; ``b""`` means end of file."""
         if self._closing:
@@ -298,23 +307,34 @@ class HttpConnection:
             self._eof = True
         self._buffer += data
 
+    def _find_head(self) -> tuple[int, int] | None:
+        """Where the buffered request's head ends: (end of the headers, start of what follows);
+        None until it is complete. Empty lines before a request are dropped (RFC 9112)."""
+        if self._head is None:
+            buffer = self._buffer
+            while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
+                del buffer[:2 if buffer[:1] == b"\r" else 1]
+            end = _HEAD_END.search(buffer, 0, self._max_head + 3)
+            if end is not None:
+                self._head = (end.start(), end.end())
+        return self._head
+
     def next_reply(self) -> bytes | NeedData | Closed:
         """The next response to send, or ``NEED_DATA``, or ``CLOSED`` (close after sending)."""
         if self._closing:
             return CLOSED
+        head_end = self._find_head()
         buffer = self._buffer
-        while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
-            del buffer[:2 if buffer[:1] == b"\r" else 1]   # empty lines before a request
-        end = _HEAD_END.search(buffer, 0, self._max_head + 3)
-        if end is None:
+        if head_end is None:
             if len(buffer) > self._max_head:
                 return self._fail(431, "request line and headers are too long")
             if self._eof:
                 self._closing = True    # the client went away mid-request: nobody to answer
                 return CLOSED
             return NEED_DATA
-        head = bytes(buffer[:end.start()])
-        del buffer[:end.end()]
+        self._head = None
+        head = bytes(buffer[:head_end[0]])
+        del buffer[:head_end[1]]
         try:
             request = _parse_head(head)
         except _BadHead as exc:
@@ -347,22 +367,9 @@ class HttpConnection:
 
     def _send(self, reply: _Reply, method: bytes, *, close: bool) -> bytes:
         """The bytes of one response; after one with ``close``, ``next_reply`` says CLOSED."""
-        parts = [
-            _STATUS_LINES.get(reply.status) or b"HTTP/1.1 %d \r\n" % reply.status,
-            b"Content-Type: ", reply.content_type,
-            b"\r\nContent-Length: %d\r\nCache-Control: no-store\r\n" % len(reply.body),
-        ]
-        if reply.stale:
-            parts.append(b"X-Agentd-Stale: true\r\n")
-        if reply.status == 429:
-            parts.append(b"Retry-After: 1\r\n")         # tokens come back within a second
         if close:
-            parts.append(b"Connection: close\r\n")
             self._closing = True
-        parts.append(b"\r\n")
-        if method != b"HEAD":
-            parts.append(reply.body)
-        return b"".join(parts)
+        return _response(reply, head=method == b"HEAD", close=close)
 
     def _fail(self, status: int, message: str) -> bytes:
         """Answer a malformed or oversized request, and close."""
@@ -632,6 +639,31 @@ def _refusal(exc: RequestError, *, native: bool) -> _Reply:
     if isinstance(exc, BadRequest):
         return _error(400, exc.message)
     return _error(500, "internal error")
+
+
+def error_response(status: int, message: str) -> bytes:
+    """A whole response with ``{"errors":[message]}`` and ``Connection: close``, for the shell
+    to write before it closes a connection on its own account (a flooding client)."""
+    return _response(_error(status, message), head=False, close=True)
+
+
+def _response(reply: _Reply, *, head: bool, close: bool) -> bytes:
+    """The bytes of one response (no body after the headers for a HEAD request)."""
+    parts = [
+        _STATUS_LINES.get(reply.status) or b"HTTP/1.1 %d \r\n" % reply.status,
+        b"Content-Type: ", reply.content_type,
+        b"\r\nContent-Length: %d\r\nCache-Control: no-store\r\n" % len(reply.body),
+    ]
+    if reply.stale:
+        parts.append(b"X-Agentd-Stale: true\r\n")
+    if reply.status == 429:
+        parts.append(b"Retry-After: 1\r\n")         # tokens come back within a second
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(reply.body)
+    return b"".join(parts)
 
 
 def _error(status: int, message: str) -> _Reply:

@@ -108,6 +108,19 @@ _TOO_MANY_CONNECTIONS = protocol.ServerConnection().send_error(
     None, RateLimited("too many connections"))
 _FLOODING = protocol.ServerConnection().send_error(
     None, RateLimited("requests kept coming over this uid's rate; closing"))
+_HTTP_TOO_MANY_CONNECTIONS = httpface.error_response(429, "too many connections")
+_HTTP_FLOODING = httpface.error_response(429, "requests kept coming over this uid's rate; closing")
+
+
+def _refusal_for(sock: socket.socket) -> bytes:
+    """The "too many connections" reply in the protocol the client speaks, if its first byte
+    is already there (an HTTP client sends its request at once); v1's otherwise."""
+    try:
+        first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        first = b""
+    return _HTTP_TOO_MANY_CONNECTIONS if httpface.looks_like_http(first) else \
+        _TOO_MANY_CONNECTIONS
 
 
 def _write_now(fd: int, data: bytes) -> int | None:
@@ -420,7 +433,7 @@ class Server:
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])
             with contextlib.suppress(OSError):
-                sock.send(_TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
+                sock.send(_refusal_for(sock), socket.MSG_DONTWAIT)
             return None
         self._connections += 1
         self._per_uid[uid] += 1
@@ -661,11 +674,12 @@ class Server:
 
     async def _throttle(
         self, fd: int, peer: Peer, scope: trio.CancelScope, wait: _Wait, rate: float,
-        burst: float,
+        burst: float, refusal: bytes = _FLOODING,
     ) -> bool:
         """Wait, reading nothing, for a token of ``peer.uid`` (in the uid's queue); False (close)
         if the connection has been sending over the rate for ``frame_timeout`` without ever
-        catching up: it is told ``rate_limited`` (id nil) if that write does not block."""
+        catching up: it is told so (``refusal``: ``rate_limited`` with id nil, or HTTP's 429)
+        if that write does not block."""
         self.rate_limited += 1
         now = trio.current_time()
         if wait.throttled_since is None:
@@ -680,7 +694,7 @@ class Server:
                             pid=peer.pid)
         self._audit.record(op="request", decision="rate_limited", pid=peer.pid, uid=peer.uid,
                            exe=peer.exe, unit=peer.unit, start_time=peer.start_time)
-        _write_now(fd, _FLOODING)
+        _write_now(fd, refusal)
         return False
 
     # --- watch -------------------------------------------------------------------------------
@@ -814,6 +828,38 @@ class Server:
             return await self._refresh(request, peer)
         return self._dispatch_now(request, peer, allowed)
 
+    def _open(
+        self, name: str, peer: Peer, allowed: Grants, transport: str | None,
+    ) -> tuple[bytes, int, float, float | None, bool]:
+        """The decisions of a read of ``name`` (v1 ``get`` and every HTTP read): granted,
+        fetched, not revoked, within its stale deadline. Returns the cache's opened entry
+        ``(packed, version, fetched_at, expires_at, stale)``; the caller audits the outcome
+        once it has checked the field. A refusal is audited here and raised.
+
+        Raises:
+            Forbidden: undeclared or not granted (one answer: no existence oracle).
+            NotFound: revoked or deleted upstream. Unavailable: not fetched yet, or past the
+                earlier of ``fetched_at + max_stale`` and the value's own expiry (decision 5).
+        """
+        config = self._config
+        if name not in config.secrets or not allowed.may_read(name):
+            self._record(peer, "get", "deny", name=name, transport=transport)
+            raise Forbidden("not allowed to read this secret")
+        opened = self._cache.get_packed(name)
+        if opened is None:
+            if self._refresher.is_revoked(name):
+                self._record(peer, "get", "not_found", name=name, transport=transport)
+                raise NotFound("the secret was deleted or revoked upstream")
+            self._record(peer, "get", "unavailable", name=name, transport=transport)
+            raise Unavailable("the secret has not been fetched yet")
+        _packed, version, fetched_at, expires_at, stale = opened
+        if self._clock() > stale_deadline(fetched_at, expires_at, stale,
+                                          config.max_stale_for(name)):
+            self._record(peer, "get", "unavailable", name=name, version=version, stale=stale,
+                         transport=transport)
+            raise Unavailable("the secret is past its stale deadline")
+        return opened
+
     def _get(
         self,
         conn: protocol.ServerConnection,
@@ -826,27 +872,9 @@ class Server:
         args = request.args
         name = args["name"]
         field = args.get("field")
-        config = self._config
         try:
-            if name not in config.secrets or not allowed.may_read(name):
-                # The same answer whether the name exists or not: no existence oracle.
-                self._record(peer, "get", "deny", name=name)
-                raise Forbidden("not allowed to read this secret")
-            opened = self._cache.get_packed(name)
-            if opened is None:
-                if self._refresher.is_revoked(name):
-                    self._record(peer, "get", "not_found", name=name)
-                    raise NotFound("the secret was deleted or revoked upstream")
-                self._record(peer, "get", "unavailable", name=name)
-                raise Unavailable("the secret has not been fetched yet")
-            packed, version, fetched_at, expires_at, stale = opened
-            if self._clock() > stale_deadline(fetched_at, expires_at, stale,
-                                              config.max_stale_for(name)):
-                # past the earlier of fetched_at + max_stale and the value's own expiry
-                # (decision 5)
-                self._record(peer, "get", "unavailable", name=name, version=version,
-                             stale=stale)
-                raise Unavailable("the secret is past its stale deadline")
+            packed, version, fetched_at, expires_at, stale = self._open(
+                name, peer, allowed, None)
             meta = {"version": version, "fetched_at": fetched_at, "expires_at": expires_at,
                     "stale": stale}
             if field is None:
@@ -920,20 +948,20 @@ class Server:
     async def _converse_http(self, stream: trio.SocketStream, peer: Peer) -> None:
         """Serve HTTP/1.1 requests on one connection until it closes, breaks or times out.
 
-        The same limits as v1 frames: a request's line and headers at most ``max_request_bytes``
-        and complete within ``frame_timeout`` of the read that brought its first byte (trickled
-        bytes move nothing), the next request within ``idle_timeout`` of the read that completed
-        the last; a request takes its uid's token (429 when there is none); the pid is
-        re-checked before the replies to each receive (``_HttpReader.admit``), and the
-        connection closed without an answer if it was reused. Responses to pipelined requests
-        go out in one write, at most ``MAX_BATCH`` at a time. Timeouts as in ``_converse``: one
-        cancel scope whose deadline is only moved earlier, re-entered if it fired early.
+        The limits of v1 frames, applied the same way (see ``_converse`` and
+        ``_serve_connection``): a request's line and headers at most ``max_request_bytes`` and
+        complete within ``frame_timeout`` of the read that brought their first byte, the next
+        request within ``idle_timeout`` of the last; each request takes its uid's token before
+        it is parsed (``_throttle``: backpressure, and a connection that never catches up is
+        told 429 and closed); the pid is re-checked before the replies to each receive
+        (``_HttpReader.admit``), and the connection closed without an answer if it was reused.
+        Responses to pipelined requests go out in one write, at most ``MAX_BATCH`` at a time.
         """
         agent = self.config.agent
         reader = _HttpReader(self, peer)
         conn = httpface.HttpConnection(reader, max_head_bytes=agent.max_request_bytes,
                                        clock=self._clock)
-        wait = _HttpWait(trio.current_time())
+        wait = _Wait(trio.current_time())
         scope = trio.CancelScope()
         while True:
             with scope:
@@ -949,13 +977,26 @@ class Server:
         conn: httpface.HttpConnection,
         reader: _HttpReader,
         scope: trio.CancelScope,
-        wait: _HttpWait,
+        wait: _Wait,
     ) -> None:
         """The request loop of ``_converse_http``."""
         agent = self.config.agent
+        rate = float(agent.requests_per_second_per_uid)
+        burst = float(agent.request_burst_per_uid)
+        peer = reader.peer
         fd = stream.socket.fileno()
         out: list[bytes] = []
         while True:
+            if conn.request_ready and not _budget(self._budgets, peer.uid, burst).take(
+                    rate, burst):
+                # The token comes before parsing, the pid check and any log or audit line.
+                if out and not await self._flush(stream, fd, out, scope):
+                    return
+                out = []
+                if not await self._throttle(fd, peer, scope, wait, rate, burst,
+                                            _HTTP_FLOODING):
+                    return
+                reader.checked = False
             try:
                 reply = conn.next_reply()
             except _PidReused:
@@ -966,34 +1007,44 @@ class Server:
                 wait.frame_since = None
                 if len(out) < MAX_BATCH:
                     continue
-                scope.deadline = math.inf
-                if not await self._send(stream, b"".join(out)):
+                # A long pipeline: send what is ready and let other connections run.
+                if not await self._flush(stream, fd, out, scope):
                     return
                 out = []
+                scope.deadline = math.inf
                 await trio.lowlevel.checkpoint()
                 reader.checked = False
                 continue
             if out:
                 data = out[0] if len(out) == 1 else b"".join(out)
                 sent = _write_now(fd, data)
-                if sent != len(data):
-                    if sent is None:
-                        return
-                    scope.deadline = math.inf       # _send has its own timeout
-                    if not await self._send(stream, data[sent:]):
-                        return
+                if sent != len(data) and not await self._send_rest(stream, data, sent, scope):
+                    return
                 out = []
             if reply is httpface.CLOSED:
                 return
             if conn.has_partial_request:
                 if wait.frame_since is None:
-                    wait.frame_since = wait.read_at
+                    wait.frame_since = wait.read_at     # its first byte came in that read
                 wait.deadline = wait.frame_since + agent.frame_timeout
             else:
                 wait.frame_since = None
                 wait.deadline = wait.idle_since + agent.idle_timeout
             if wait.deadline < scope.deadline:
                 scope.deadline = wait.deadline
+            if wait.throttled_since is not None:
+                # Throttled: has the client caught up (nothing more waiting to be read)?
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    wait.throttled_since = None
+                except OSError:
+                    return
+                else:
+                    wait.read_at = trio.current_time()
+                    conn.receive_data(data)
+                    reader.checked = False
+                    continue
             wait.waiting = True
             await trio.lowlevel.wait_readable(fd)
             wait.waiting = False
@@ -1010,25 +1061,10 @@ class Server:
     def _read(
         self, name: str, field: str | None, version: int | None, peer: Peer, allowed: Grants,
     ) -> httpface.Value:
-        """An HTTP read of ``name``: the decisions and audit lines of ``_get`` (plus
-        ``transport``), and ``version`` (kv2's ``?version=N``) only if it is the one held."""
-        config = self._config
-        if name not in config.secrets or not allowed.may_read(name):
-            self._record(peer, "get", "deny", name=name, transport="http")
-            raise Forbidden("not allowed to read this secret")
-        opened = self._cache.get_packed(name)
-        if opened is None:
-            if self._refresher.is_revoked(name):
-                self._record(peer, "get", "not_found", name=name, transport="http")
-                raise NotFound("the secret was deleted or revoked upstream")
-            self._record(peer, "get", "unavailable", name=name, transport="http")
-            raise Unavailable("the secret has not been fetched yet")
-        packed, held, fetched_at, expires_at, stale = opened
-        if self._clock() > stale_deadline(fetched_at, expires_at, stale,
-                                          config.max_stale_for(name)):
-            self._record(peer, "get", "unavailable", name=name, version=held, stale=stale,
-                         transport="http")
-            raise Unavailable("the secret is past its stale deadline")
+        """An HTTP read of ``name``: ``_open``'s decisions and the audit lines of a v1 ``get``
+        (with ``transport`` "http"), and ``version`` (kv2's ``?version=N``) only if it is the
+        one held."""
+        packed, held, fetched_at, expires_at, stale = self._open(name, peer, allowed, "http")
         if version is not None and version != held:
             self._record(peer, "get", "deny", name=name, transport="http")
             raise Forbidden("not allowed to read this secret at that version")
@@ -1043,7 +1079,6 @@ class Server:
                      transport="http")
         return httpface.Value(data, held, fetched_at, expires_at, stale)
 
-
 async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
     """Read a watch connection until the client closes it or sends anything: then end the watch
     (a watch connection carries nothing from the client after the watch request)."""
@@ -1054,19 +1089,6 @@ async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
 
 _HTTP = object()        # _first_byte: the client speaks HTTP/1.1
 _V1 = object()          # ... v1 frames
-
-
-class _HttpWait:
-    """The clocks of one HTTP connection (see ``Server._converse_http``), in trio time."""
-
-    __slots__ = ("deadline", "frame_since", "idle_since", "read_at", "waiting")
-
-    def __init__(self, now: float) -> None:
-        self.deadline = math.inf        # when the wait for bytes in progress is due
-        self.waiting = False            # True while waiting for bytes
-        self.read_at = now              # when the last bytes were read
-        self.idle_since = now           # the read that completed the last request (or connect)
-        self.frame_since: float | None = None   # the read that began the partial request
 
 
 class _PidReused(Exception):
@@ -1082,7 +1104,7 @@ class _HttpReader:
 
     def __init__(self, server: Server, peer: Peer) -> None:
         self._server = server
-        self._peer = peer
+        self.peer = peer
         self._granted: tuple[Config, Grants] | None = None
         self.checked = False
 
@@ -1093,42 +1115,38 @@ class _HttpReader:
     def _grants(self) -> Grants:
         config = self._server.config
         if self._granted is None or self._granted[0] is not config:
-            self._granted = (config, grants(config.policies, self._peer))
+            self._granted = (config, grants(config.policies, self.peer))
         return self._granted[1]
 
     def admit(self) -> None:
-        server, peer = self._server, self._peer
+        """The pid re-check (the uid's token was taken by the shell before parsing)."""
+        server, peer = self._server, self.peer
         if not self.checked:
             if not server._same_process(peer):
                 raise _PidReused
             self.checked = True
         server.requests += 1
         server.requests_by_op["http"] += 1
-        if not server._take_token(peer.uid):
-            server.rate_limited += 1
-            agent = server.config.agent
-            raise RateLimited(f"over {agent.requests_per_second_per_uid} requests per second "
-                              f"for uid {peer.uid}")
 
     def may_read(self, name: str) -> bool:
         return self._grants().may_read(name)
 
     def get(self, name: str, field: str | None, *, version: int | None = None
             ) -> httpface.Value:
-        return self._server._read(name, field, version, self._peer, self._grants())
+        return self._server._read(name, field, version, self.peer, self._grants())
 
     def refuse(self, op: str) -> None:
-        self._server._record(self._peer, op, "deny", transport="http")
+        self._server._record(self.peer, op, "deny", transport="http")
 
     def readable(self) -> list[str]:
-        self._server._record(self._peer, "list", "allow", transport="http")
+        self._server._record(self.peer, "list", "allow", transport="http")
         return self._grants().readable(self.secrets)
 
     def health(self) -> Mapping[str, Any]:
         return {"ok": True}
 
     def status(self) -> Mapping[str, Any]:
-        server, peer = self._server, self._peer
+        server, peer = self._server, self.peer
         if not self._grants().admin:
             server._record(peer, "status", "deny", transport="http")
             raise Forbidden("status needs a policy with admin = true")

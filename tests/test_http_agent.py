@@ -345,28 +345,58 @@ async def test_hvac_over_requests_unixsocket(agent: RunningAgent, seeded: Seeded
 # --- pipelining and the per-uid rate --------------------------------------------------------
 
 
-async def test_pipelined_requests_are_answered_in_order_then_rate_limited(
-    agent: RunningAgent, seeded: Seeded
-) -> None:
-    """One write of 300 requests: answered in order on one connection; past the uid's burst
-    (200 by default) they get 429, and another uid is served meanwhile."""
-    one = b"GET /agentd/v1/secret/db/password?format=raw HTTP/1.1\r\nHost: x\r\n\r\n"
-    last = b"GET /agentd/v1/list HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    data = await trio.to_thread.run_sync(raw_exchange, agent.socket, one * 300 + last)
+def split_replies(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     replies = []
     while data:
         head, _, data = data.partition(b"\r\n\r\n")
-        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-        replies.append((int(head.split()[1]), data[:length]))
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers["content-length"])
+        replies.append((int(lines[0].split()[1]), headers, data[:length]))
         data = data[length:]
-    assert len(replies) == 301
-    statuses = [status for status, _ in replies]
-    assert statuses[0] == 200 and 429 in statuses and set(statuses) == {200, 429}
-    assert all(body == seeded.markers["db"].encode() for status, body in replies[:-1]
-               if status == 200)
-    other = await run_as(NOBODY, NOBODY, lambda: Client.connect(
-        agent.socket, timeout=10).call("get", name="db", field="password"))
-    assert other == {"ok": True, "value": {**other["value"], "data": seeded.markers["db"]}}
+    return replies
+
+
+ONE = b"GET /agentd/v1/secret/db/password?format=raw HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_a_pipeline_over_the_burst_is_slowed_and_answered_in_order(
+    agent: RunningAgent, seeded: Seeded
+) -> None:
+    """250 requests in one write, past the uid's burst (200 by default, then 100 a second):
+    the agent stops reading until the uid's tokens come back (backpressure, as for v1 frames)
+    and answers every one, in order; another uid is served meanwhile."""
+    async with trio.open_nursery() as nursery:
+        got: dict[str, bytes] = {}
+
+        async def pipeline() -> None:
+            got["data"] = await trio.to_thread.run_sync(raw_exchange, agent.socket, ONE * 250)
+
+        nursery.start_soon(pipeline)
+        other = await run_as(NOBODY, NOBODY, lambda: Client.connect(
+            agent.socket, timeout=10).call("get", name="db", field="password"))
+        assert other["ok"] and other["value"]["data"] == seeded.markers["db"]
+    replies = split_replies(got["data"])
+    assert len(replies) == 250
+    assert all(status == 200 and body == seeded.markers["db"].encode()
+               for status, _, body in replies)
+    assert agent.agent.server.statistics()["rate_limited"] > 0
+
+
+async def test_a_pipeline_that_keeps_over_the_rate_gets_429_and_is_closed(
+    agent: RunningAgent, seeded: Seeded
+) -> None:
+    """1,000 requests in one write need 8 s of the uid's rate: past frame_timeout (1 s) of
+    waiting without catching up, the connection is told 429 and closed, as a v1 flood is."""
+    data = await trio.to_thread.run_sync(raw_exchange, agent.socket, ONE * 1000)
+    replies = split_replies(data)
+    assert 200 < len(replies) < 1000
+    *served, (status, headers, body) = replies
+    assert all(s == 200 and b == seeded.markers["db"].encode() for s, _, b in served)
+    assert status == 429 and headers["connection"] == "close" and b"rate" in body
+    assert agent.agent.server.statistics()["flood_closed"] == 1
+    assert (await v1_get(agent.socket, "db", "password"))["data"] == seeded.markers["db"]
 
 
 # --- field for field with OpenBao ------------------------------------------------------------
@@ -424,3 +454,18 @@ async def test_a_dead_peer_gets_no_http_answer(agent: RunningAgent) -> None:
 
     assert await trio.to_thread.run_sync(ask) == b""
     assert agent.agent.server.statistics()["pid_reused"] == 1
+
+
+def test_over_the_cap_refusal_speaks_the_client_s_protocol() -> None:
+    """A connection refused at accept is told so in HTTP when its request is already there."""
+    from agentd.server import _refusal_for
+
+    for sent, http in ((b"GET / HTTP/1.1\r\n", True), (b"\x00\x00\x00\x05", False), (b"", False)):
+        a, b = socket.socketpair(socket.AF_UNIX)
+        with a, b:
+            if sent:
+                a.sendall(sent)
+            reply = _refusal_for(b)
+            assert reply.startswith(b"HTTP/1.1 429 ") is http
+            assert (b"Connection: close" in reply) is http
+            assert b.recv(64, socket.MSG_DONTWAIT) == sent if sent else True    # peeked only
