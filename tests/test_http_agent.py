@@ -47,7 +47,9 @@ async def agent(
 ) -> AsyncIterator[RunningAgent]:
     path = write_config(
         tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
-        agent_extra='frame_timeout = "1s"\nidle_timeout = "30s"',
+        agent_extra='frame_timeout = "1s"\nidle_timeout = "30s"\n'
+                    # the pipeline tests count on a modest budget (100 a second, bursts of 200)
+                    'requests_per_second_per_uid = 100\nrequest_burst_per_uid = 200',
     )
     async with running_agent(path) as running:
         running.socket.chmod(0o666)
