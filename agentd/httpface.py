@@ -489,6 +489,7 @@ _PREFIXES: Final[tuple[tuple[str, Callable[[HttpConnection, _Request, str], _Rep
 """Routes by path prefix, tried in order (the handler gets the rest of the path)."""
 
 _NO_QUERY: Final[Mapping[str, list[str]]] = {}
+_STALE_WARNINGS: Final = json.dumps([_STALE_WARNING]).encode()
 _UUID_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & (2**128 - 1)
 _UUID_V4: Final = (0x4000 << 64) | (0x8000 << 48)
 _STATUS_LINES: Final = {
@@ -592,17 +593,15 @@ def _request_id() -> str:
 
 
 def _envelope(data: Any, lease_duration: int, stale: bool) -> bytes:
-    """OpenBao's response envelope, field for field and in its order."""
-    return _json({
-        "request_id": _request_id(),
-        "lease_id": "",
-        "renewable": False,
-        "lease_duration": lease_duration,
-        "data": data,
-        "wrap_info": None,
-        "warnings": [_STALE_WARNING] if stale else None,
-        "auth": None,
-    })
+    """OpenBao's response envelope, field for field and in its order (what ``_json`` makes of
+    the same dict, with only ``data`` encoded per reply: the envelope is a hot path)."""
+    return b"".join((
+        b'{"request_id":"', _request_id().encode(),
+        b'","lease_id":"","renewable":false,"lease_duration":%d,"data":' % lease_duration,
+        _json(data),
+        b',"wrap_info":null,"warnings":', _STALE_WARNINGS if stale else b"null",
+        b',"auth":null}',
+    ))
 
 
 def _mount_info(mount: _Mount) -> dict[str, Any]:

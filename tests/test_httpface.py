@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from agentd import protocol
 from agentd.config import SecretConfig
 from agentd.errors import Forbidden, NotFound, RateLimited, Unavailable
-from agentd.httpface import CLOSED, NEED_DATA, HttpConnection, Value, looks_like_http
+from agentd.httpface import (
+    CLOSED,
+    NEED_DATA,
+    HttpConnection,
+    Value,
+    error_response,
+    looks_like_http,
+)
 
 NOW = 1_800_000_000.0
 DENIED = b'{"errors":["permission denied"]}'
@@ -510,3 +517,25 @@ def test_fuzz_sniffing_picks_one_protocol_and_never_raises(data: bytes, frame: b
         while (event := server.next_event()) is not protocol.CLOSED:
             assert event is not protocol.NEED_DATA
             assert isinstance(event, protocol.Request | protocol.Rejected)
+
+
+def test_request_ready_says_when_the_next_reply_answers_a_request() -> None:
+    conn = HttpConnection(FakeReader(), clock=lambda: NOW)
+    assert not conn.request_ready
+    conn.receive_data(b"\r\nGET /agentd/v1/health HTTP/1.1\r\nHost: x\r\n")
+    assert not conn.request_ready and conn.has_partial_request
+    conn.receive_data(b"\r\nGET /agentd/v1/list HTTP/1.1\r\n")
+    assert conn.request_ready
+    first = conn.next_reply()
+    assert isinstance(first, bytes) and parse(first)[0].json() == {"ok": True}
+    assert not conn.request_ready and conn.has_partial_request
+    conn.receive_data(b"Host: x\r\n\r\n")
+    assert conn.request_ready
+    assert isinstance(conn.next_reply(), bytes)
+    assert not conn.request_ready and conn.next_reply() is NEED_DATA
+
+
+def test_error_response_is_a_whole_response_that_closes() -> None:
+    (resp,) = parse(error_response(429, "slow down"))
+    assert resp.status == 429 and resp.json() == {"errors": ["slow down"]}
+    assert resp.headers["connection"] == "close" and resp.headers["retry-after"] == "1"
