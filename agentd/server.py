@@ -33,6 +33,14 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
    bytes that arrive meanwhile), when a reply cannot be sent within ``frame_timeout`` (a
    client that does not read), or after a framing error (whose reply carries ``id`` nil).
 
+One socket, two protocols: after identifying the peer, a connection's first byte is peeked once
+(``_first_byte``): a method's capital letter hands it to ``_converse_http`` (the sans-IO core in
+httpface.py, with an ``_HttpReader`` for its peer), anything else (a v1 frame's length starts
+with 0x00 below 16 MiB) to ``_converse``, whose per-request path is unchanged. The HTTP loop
+follows the v1 loop step for step: a request's token before it is parsed (step 3a), the pid
+re-check before the replies to each read (3), the same deadlines (4); its reads take the same
+decisions as ``get`` (``_open``) and are audited alike, with ``transport`` "http".
+
 A handler catches its own errors: one bad client can never take the server down. Every decision on
 a secret is written to the audit stream. Warnings about refused peers (over a cap, flooding, pid
 reused, no identity) are logged at most once per ``WARN_INTERVAL`` per uid and kind, with the
@@ -337,7 +345,8 @@ class ServerStatistics:
 
 
 class Server:
-    """Serves the v1 protocol for one daemon. Its state lives as long as the daemon."""
+    """Serves v1 frames and HTTP on the main socket for one daemon. Its state lives as long as
+    the daemon."""
 
     def __init__(
         self,
