@@ -268,7 +268,8 @@ class HttpConnection:
 
     Error handling: ``receive_data`` and ``next_reply`` never raise on anything a client sends;
     protocol errors become a 4xx reply and ``CLOSED``. Exceptions other than ``RequestError``
-    raised by the ``Reader`` propagate (they are the shell's bugs, not the client's).
+    raised by the ``Reader`` propagate: the shell's own signals (the server's ``_PidReused``:
+    close without an answer) or its bugs, never the client's doing.
     """
 
     def __init__(
@@ -283,6 +284,7 @@ class HttpConnection:
         self._max_head = max_head_bytes
         self._buffer = bytearray()
         self._head: tuple[int, int] | None = None     # see _find_head
+        self._scanned = 0               # bytes of the buffer searched for a head's end in vain
         self._closing = False           # the last reply said Connection: close
         self._eof = False
         self._index: tuple[Mapping[str, SecretConfig], _Index] | None = None
@@ -314,8 +316,13 @@ class HttpConnection:
             buffer = self._buffer
             while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
                 del buffer[:2 if buffer[:1] == b"\r" else 1]
-            end = _HEAD_END.search(buffer, 0, self._max_head + 3)
-            if end is not None:
+                self._scanned = 0
+            # Resume where the last search stopped (less the 3 bytes an end may straddle):
+            # a head trickled a byte at a time costs linear time, not quadratic.
+            end = _HEAD_END.search(buffer, max(0, self._scanned - 3), self._max_head + 3)
+            if end is None:
+                self._scanned = len(buffer)
+            else:
                 self._head = (end.start(), end.end())
         return self._head
 
@@ -333,6 +340,7 @@ class HttpConnection:
                 return CLOSED
             return NEED_DATA
         self._head = None
+        self._scanned = 0
         head = bytes(buffer[:head_end[0]])
         del buffer[:head_end[1]]
         try:
