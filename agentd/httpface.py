@@ -66,7 +66,7 @@ import functools
 import http
 import json
 import math
-import os
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -500,6 +500,7 @@ _NO_QUERY: Final[Mapping[str, list[str]]] = {}
 _STALE_WARNINGS: Final = json.dumps([_STALE_WARNING]).encode()
 _UUID_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & (2**128 - 1)
 _UUID_V4: Final = (0x4000 << 64) | (0x8000 << 48)
+_random_bits: Final = random.Random().getrandbits     # request ids only: unique, not secret
 _STATUS_LINES: Final = {
     status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
     for status in http.HTTPStatus
@@ -595,8 +596,9 @@ def _version(text: str) -> int:
 
 
 def _request_id() -> str:
-    """A random (version 4) UUID, as ``str(uuid.uuid4())`` makes but in a fifth of the time."""
-    h = (int.from_bytes(os.urandom(16), "big") & _UUID_CLEAR | _UUID_V4).to_bytes(16, "big").hex()
+    """A random (version 4) UUID, as ``str(uuid.uuid4())`` makes, without its system call: a
+    request id names a reply in logs and must be unique, not unpredictable."""
+    h = (_random_bits(128) & _UUID_CLEAR | _UUID_V4).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
