@@ -3,7 +3,7 @@
 Theory of operation: ``record()`` is called for every decision on the main socket, the
 credentials socket, ``watch`` and admin ops. It is sync, never blocks and never raises: it only
 counts the record under its key (socket, op, decision, pid, process start time, uid, exe, unit,
-name, version, stale) in a bounded in-memory table. ``run()`` flushes the table every
+name, version, stale, transport) in a bounded in-memory table. ``run()`` flushes the table every
 ``flush_interval``: one JSON line per key with the time of the key's first record and a
 ``count``, so a process reading the same version a thousand times a second costs one line a
 second. Past ``max_pending`` distinct keys between two flushes, new keys are counted as
@@ -24,6 +24,9 @@ Lines never carry a secret value (``record()`` has no argument for one). Keys ar
     {"count":3,"decision":"allow","exe":"/usr/bin/app","name":"db","op":"get","pid":42,
      "socket":"main","stale":false,"time":"2025-01-01T00:00:00.000Z","uid":1000,
      "unit":"app.service","version":7}
+
+A decision taken for the main socket's HTTP face carries ``"transport":"http"`` as well; lines
+for v1 frames have no ``transport`` key (they are as they were before the HTTP face).
 
 Sinks: ``cfg.path`` absolute -> a JSON-lines file (created 0600 with O_NOFOLLOW, missing parent
 directories 0700), rotated by size to ``path.1`` .. ``path.<backups>``; ``"journal"`` ->
@@ -66,10 +69,10 @@ MAX_FIELD_CHARS = 256      # exe, unit and name are cut to this many characters
 COALESCED_BY_UID = frozenset({"rate_limited", "pid_reused", "no_identity"})
 FINAL_FLUSH_TIMEOUT = 5.0  # seconds a flush at shutdown may take before lines are given up
 
-# (socket, op, decision, pid, start_time, uid, exe, unit, name, version, stale); pid is None in
-# the key of a group coalesced by uid
+# (socket, op, decision, pid, start_time, uid, exe, unit, name, version, stale, transport); pid
+# is None in the key of a group coalesced by uid
 _Key = tuple[str, str, str, int | None, int | None, int, str | None, str | None, str | None,
-             int | None, bool | None]
+             int | None, bool | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -282,21 +285,23 @@ class Audit:
     def record(self, *, op: str, decision: str, pid: int, uid: int, exe: str | None = None,
                unit: str | None = None, name: str | None = None, version: int | None = None,
                stale: bool | None = None, start_time: int | None = None,
-               socket: str = "main") -> None:
+               socket: str = "main", transport: str | None = None) -> None:
         """Count one decision. Sync, never blocks, never raises.
 
         ``decision`` is e.g. "allow", "deny", "not_found", "unavailable", "error",
-        "rate_limited"; ``socket`` is "main", "credentials", or "admin".
+        "rate_limited"; ``socket`` is "main", "credentials", or "admin"; ``transport`` is
+        "http" for the main socket's HTTP face, None for v1 frames (no key in the line).
         """
         if self._sink is None:
             return
         try:
             self._records += 1
             sample: _Key = (socket, op, decision, pid, start_time, uid, _cap(exe), _cap(unit),
-                            _cap(name), version, stale)
+                            _cap(name), version, stale, transport)
             key = sample
             if decision in COALESCED_BY_UID:
-                key = (socket, op, decision, None, None, uid, None, None, None, None, None)
+                key = (socket, op, decision, None, None, uid, None, None, None, None, None,
+                       transport)
             group = self._pending.get(key)
             if group is None:
                 per_uid = self._per_uid.get(uid, 0) if decision != "allow" else 0
@@ -371,10 +376,13 @@ class Audit:
 
     @staticmethod
     def _line(group: _Group) -> str:
-        sock, op, decision, pid, _start_time, uid, exe, unit, name, version, stale = group.sample
+        (sock, op, decision, pid, _start_time, uid, exe, unit, name, version, stale,
+         via) = group.sample
         obj = {"time": _iso(group.first), "socket": sock, "op": op, "decision": decision,
                "pid": pid, "uid": uid, "unit": unit, "exe": exe, "name": name,
                "version": version, "stale": stale, "count": group.count}
+        if via is not None:
+            obj["transport"] = via
         # ensure_ascii: an exe path with odd bytes (surrogate escapes) or newlines stays one line
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 

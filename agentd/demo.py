@@ -5,9 +5,10 @@ on a free loopback port (``DevServer``), seeds an approle, a read policy and a K
 ``demo/db``, writes the role_id/secret_id files (0600) and an ``agentd.toml`` beside them
 (``write_agent_files``), and runs ``python -m agentd run -c agentd.toml`` as a child process
 (``AgentProcess``). Everything the demo shows goes through the real CLI (``agentd get``,
-``agentd list``) as separate processes, the way an operator would type it: a read, a rotation
-written to OpenBao and picked up by the agent's poll, and an outage (the OpenBao process is
-SIGSTOPped) during which the agent keeps answering from its cache.
+``agentd list``, and the ``bao`` CLI reading through agentd's HTTP face with no token) as
+separate processes, the way an operator would type it: a read, a rotation written to OpenBao
+and picked up by the agent's poll, and an outage (the OpenBao process is SIGSTOPped) during
+which the agent keeps answering from its cache.
 
 The demo never prints the password or the secret_id, and it checks that neither appears in the
 agent's log or audit file. Cleanup is a ``finally``: the agent gets SIGTERM (then SIGKILL after
@@ -301,7 +302,22 @@ def _run_demo(work: Path, bao_bin: str) -> None:
         print("$ agentd get db password")
         print(f"{'*' * 8}  ({len(served)} characters, matches what was written to OpenBao)")
 
-        _heading(6, "a legacy application's config file, rendered from a template")
+        _heading(6, "bao kv get through agentd (HTTP on the same socket, no token)")
+        env = clean_env(BAO_AGENT_ADDR=f"unix://{sock}", HOME=str(work))
+        argv = [bao_bin, "kv", "get", "-field=username", f"secret/{DEMO_KV_PATH}"]
+        try:
+            via = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20,
+                                 check=False)
+        except subprocess.TimeoutExpired:
+            raise DemoError("bao kv get through agentd did not finish in 20 s") from None
+        if via.returncode != 0 or via.stdout.strip() != "app":
+            raise DemoError(f"bao kv get through agentd failed: {_last_line(via.stderr)}")
+        print(f"$ BAO_AGENT_ADDR=unix://{sock} bao kv get -field=username "
+              f"secret/{DEMO_KV_PATH}")
+        print(via.stdout.strip())
+        print("(no token anywhere: agentd checked the caller's uid, as for agentd get)")
+
+        _heading(7, "a legacy application's config file, rendered from a template")
         rendered = app_conf.read_text(encoding="utf-8")
         if rendered != f"user = app\npassword = {password}\n":
             raise DemoError(f"{app_conf} does not hold the seeded values")
@@ -312,7 +328,7 @@ def _run_demo(work: Path, bao_bin: str) -> None:
         print(f"$ cat {app_conf}   # password masked here")
         print("user = app\npassword = ********")
 
-        _heading(7, "rotation: a new version written to OpenBao")
+        _heading(8, "rotation: a new version written to OpenBao")
         new_data = {"username": "app", "password": secrets.token_urlsafe(18)}
         new_version = bao.kv_put(DEMO_KV_PATH, new_data)
         print(f"wrote secret/{DEMO_KV_PATH} version {new_version} "
@@ -356,7 +372,7 @@ def _run_demo(work: Path, bao_bin: str) -> None:
             except FileNotFoundError:
                 return []
 
-        _heading(8, "outage: OpenBao stopped (SIGSTOP)")
+        _heading(9, "outage: OpenBao stopped (SIGSTOP)")
         audited_before_outage = len(audit_lines())
         bao.pause()
         try:
@@ -376,7 +392,7 @@ def _run_demo(work: Path, bao_bin: str) -> None:
             bao.resume()
         print("OpenBao resumed (SIGCONT)")
 
-        _heading(9, "audit trail (no values in it)")
+        _heading(10, "audit trail (no values in it)")
         agent.check_alive()
 
         # The audit stream is coalesced and flushed about once a second: wait (at most 5 s) until

@@ -44,7 +44,8 @@ _Server = TypeVar("_Server", bound="DevServer")
 START_TIMEOUT = 30.0        # seconds for ``bao server -dev`` to answer initialized and unsealed
 # Variables that would point a child at something other than the processes started here.
 SCRUBBED_ENV = (
-    "BAO_ADDR", "BAO_TOKEN", "VAULT_ADDR", "VAULT_TOKEN", "AGENTD_SOCKET",
+    "BAO_ADDR", "BAO_TOKEN", "VAULT_ADDR", "VAULT_TOKEN", "BAO_AGENT_ADDR", "VAULT_AGENT_ADDR",
+    "AGENTD_SOCKET",
     "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
 )
 

@@ -33,6 +33,14 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
    bytes that arrive meanwhile), when a reply cannot be sent within ``frame_timeout`` (a
    client that does not read), or after a framing error (whose reply carries ``id`` nil).
 
+One socket, two protocols: after identifying the peer, a connection's first byte is peeked once
+(``_first_byte``): a method's capital letter hands it to ``_converse_http`` (the sans-IO core in
+httpface.py, with an ``_HttpReader`` for its peer), anything else (a v1 frame's length starts
+with 0x00 below 16 MiB) to ``_converse``, whose per-request path is unchanged. The HTTP loop
+follows the v1 loop step for step: a request's token before it is parsed (step 3a), the pid
+re-check before the replies to each read (3), the same deadlines (4); its reads take the same
+decisions as ``get`` (``_open``) and are audited alike, with ``transport`` "http".
+
 A handler catches its own errors: one bad client can never take the server down. Every decision on
 a secret is written to the audit stream. Warnings about refused peers (over a cap, flooding, pid
 reused, no identity) are logged at most once per ``WARN_INTERVAL`` per uid and kind, with the
@@ -70,12 +78,12 @@ from typing import Any
 import msgpack
 import trio
 
-from agentd import protocol
+from agentd import httpface, protocol
 from agentd.access import ExeHasher, Grants, Peer, grants, needs_exe_sha256
 from agentd.audit import Audit
 from agentd.cache import Cache, stale_deadline
 from agentd.cell import Cell
-from agentd.config import Config
+from agentd.config import Config, SecretConfig
 from agentd.errors import (
     BadRequest,
     Forbidden,
@@ -108,6 +116,19 @@ _TOO_MANY_CONNECTIONS = protocol.ServerConnection().send_error(
     None, RateLimited("too many connections"))
 _FLOODING = protocol.ServerConnection().send_error(
     None, RateLimited("requests kept coming over this uid's rate; closing"))
+_HTTP_TOO_MANY_CONNECTIONS = httpface.error_response(429, "too many connections")
+_HTTP_FLOODING = httpface.error_response(429, "requests kept coming over this uid's rate; closing")
+
+
+def _refusal_for(sock: socket.socket) -> bytes:
+    """The "too many connections" reply in the protocol the client speaks, if its first byte
+    is already there (an HTTP client sends its request at once); v1's otherwise."""
+    try:
+        first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        first = b""
+    return _HTTP_TOO_MANY_CONNECTIONS if httpface.looks_like_http(first) else \
+        _TOO_MANY_CONNECTIONS
 
 
 def _write_now(fd: int, data: bytes) -> int | None:
@@ -324,7 +345,8 @@ class ServerStatistics:
 
 
 class Server:
-    """Serves the v1 protocol for one daemon. Its state lives as long as the daemon."""
+    """Serves v1 frames and HTTP on the main socket for one daemon. Its state lives as long as
+    the daemon."""
 
     def __init__(
         self,
@@ -420,7 +442,7 @@ class Server:
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])
             with contextlib.suppress(OSError):
-                sock.send(_TOO_MANY_CONNECTIONS, socket.MSG_DONTWAIT)
+                sock.send(_refusal_for(sock), socket.MSG_DONTWAIT)
             return None
         self._connections += 1
         self._per_uid[uid] += 1
@@ -440,7 +462,11 @@ class Server:
             if needs_exe_sha256(self.config.policies):
                 digest = await trio.to_thread.run_sync(self.exe_hasher.digest, peer)
                 peer = peer.with_exe_sha256(digest)
-            await self._converse(stream, peer)
+            speaks = await self._first_byte(conn)
+            if speaks is _HTTP:
+                await self._converse_http(stream, peer)
+            elif speaks is not None:
+                await self._converse(stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -657,11 +683,12 @@ class Server:
 
     async def _throttle(
         self, fd: int, peer: Peer, scope: trio.CancelScope, wait: _Wait, rate: float,
-        burst: float,
+        burst: float, refusal: bytes = _FLOODING,
     ) -> bool:
         """Wait, reading nothing, for a token of ``peer.uid`` (in the uid's queue); False (close)
         if the connection has been sending over the rate for ``frame_timeout`` without ever
-        catching up: it is told ``rate_limited`` (id nil) if that write does not block."""
+        catching up: it is told so (``refusal``: ``rate_limited`` with id nil, or HTTP's 429)
+        if that write does not block."""
         self.rate_limited += 1
         now = trio.current_time()
         if wait.throttled_since is None:
@@ -676,7 +703,7 @@ class Server:
                             pid=peer.pid)
         self._audit.record(op="request", decision="rate_limited", pid=peer.pid, uid=peer.uid,
                            exe=peer.exe, unit=peer.unit, start_time=peer.start_time)
-        _write_now(fd, _FLOODING)
+        _write_now(fd, refusal)
         return False
 
     # --- watch -------------------------------------------------------------------------------
@@ -810,6 +837,38 @@ class Server:
             return await self._refresh(request, peer)
         return self._dispatch_now(request, peer, allowed)
 
+    def _open(
+        self, name: str, peer: Peer, allowed: Grants, transport: str | None,
+    ) -> tuple[bytes, int, float, float | None, bool]:
+        """The decisions of a read of ``name`` (v1 ``get`` and every HTTP read): granted,
+        fetched, not revoked, within its stale deadline. Returns the cache's opened entry
+        ``(packed, version, fetched_at, expires_at, stale)``; the caller audits the outcome
+        once it has checked the field. A refusal is audited here and raised.
+
+        Raises:
+            Forbidden: undeclared or not granted (one answer: no existence oracle).
+            NotFound: revoked or deleted upstream. Unavailable: not fetched yet, or past the
+                earlier of ``fetched_at + max_stale`` and the value's own expiry (decision 5).
+        """
+        config = self._config
+        if name not in config.secrets or not allowed.may_read(name):
+            self._record(peer, "get", "deny", name=name, transport=transport)
+            raise Forbidden("not allowed to read this secret")
+        opened = self._cache.get_packed(name)
+        if opened is None:
+            if self._refresher.is_revoked(name):
+                self._record(peer, "get", "not_found", name=name, transport=transport)
+                raise NotFound("the secret was deleted or revoked upstream")
+            self._record(peer, "get", "unavailable", name=name, transport=transport)
+            raise Unavailable("the secret has not been fetched yet")
+        _packed, version, fetched_at, expires_at, stale = opened
+        if self._clock() > stale_deadline(fetched_at, expires_at, stale,
+                                          config.max_stale_for(name)):
+            self._record(peer, "get", "unavailable", name=name, version=version, stale=stale,
+                         transport=transport)
+            raise Unavailable("the secret is past its stale deadline")
+        return opened
+
     def _get(
         self,
         conn: protocol.ServerConnection,
@@ -822,27 +881,9 @@ class Server:
         args = request.args
         name = args["name"]
         field = args.get("field")
-        config = self._config
         try:
-            if name not in config.secrets or not allowed.may_read(name):
-                # The same answer whether the name exists or not: no existence oracle.
-                self._record(peer, "get", "deny", name=name)
-                raise Forbidden("not allowed to read this secret")
-            opened = self._cache.get_packed(name)
-            if opened is None:
-                if self._refresher.is_revoked(name):
-                    self._record(peer, "get", "not_found", name=name)
-                    raise NotFound("the secret was deleted or revoked upstream")
-                self._record(peer, "get", "unavailable", name=name)
-                raise Unavailable("the secret has not been fetched yet")
-            packed, version, fetched_at, expires_at, stale = opened
-            if self._clock() > stale_deadline(fetched_at, expires_at, stale,
-                                              config.max_stale_for(name)):
-                # past the earlier of fetched_at + max_stale and the value's own expiry
-                # (decision 5)
-                self._record(peer, "get", "unavailable", name=name, version=version,
-                             stale=stale)
-                raise Unavailable("the secret is past its stale deadline")
+            packed, version, fetched_at, expires_at, stale = self._open(
+                name, peer, allowed, None)
             meta = {"version": version, "fetched_at": fetched_at, "expires_at": expires_at,
                     "stale": stale}
             if field is None:
@@ -884,6 +925,7 @@ class Server:
         name: str | None = None,
         version: int | None = None,
         stale: bool | None = None,
+        transport: str | None = None,
     ) -> None:
         self.decisions[(op, decision)] += 1
         if decision == "deny":
@@ -892,8 +934,159 @@ class Server:
         self._audit.record(
             op=op, decision=decision, pid=peer.pid, uid=peer.uid, exe=peer.exe, unit=peer.unit,
             name=name, version=version, stale=stale, start_time=peer.start_time,
+            transport=transport,
         )
 
+
+    # --- HTTP face (httpface.py) --------------------------------------------------------------
+
+    async def _first_byte(self, conn: trio.socket.SocketType) -> object | None:
+        """Which protocol the client speaks, from its first byte (peeked, not consumed):
+        ``_HTTP`` or ``_V1``; None if it closed or sent nothing within ``idle_timeout``. One
+        peek per connection: the v1 request loop is untouched."""
+        with trio.move_on_after(self.config.agent.idle_timeout):
+            try:
+                first = await conn.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return None
+            if not first:
+                return None
+            return _HTTP if httpface.looks_like_http(first) else _V1
+        return None
+
+    async def _converse_http(self, stream: trio.SocketStream, peer: Peer) -> None:
+        """Serve HTTP/1.1 requests on one connection until it closes, breaks or times out.
+
+        The limits of v1 frames, applied the same way (see ``_converse`` and
+        ``_serve_connection``): a request's line and headers at most ``max_request_bytes`` and
+        complete within ``frame_timeout`` of the read that brought their first byte, the next
+        request within ``idle_timeout`` of the last; each request takes its uid's token before
+        it is parsed (``_throttle``: backpressure, and a connection that never catches up is
+        told 429 and closed); the pid is re-checked before the replies to each receive
+        (``_HttpReader.admit``), and the connection closed without an answer if it was reused.
+        Responses to pipelined requests go out in one write, at most ``MAX_BATCH`` at a time.
+        """
+        agent = self.config.agent
+        reader = _HttpReader(self, peer)
+        conn = httpface.HttpConnection(reader, max_head_bytes=agent.max_request_bytes,
+                                       clock=self._clock)
+        wait = _Wait(trio.current_time())
+        scope = trio.CancelScope()
+        while True:
+            with scope:
+                await self._serve_http(stream, conn, reader, scope, wait)
+                return
+            if not wait.waiting or trio.current_time() >= wait.deadline:
+                return      # idle_timeout, frame_timeout, or cut short outside a wait
+            scope = trio.CancelScope(deadline=wait.deadline)
+
+    async def _serve_http(
+        self,
+        stream: trio.SocketStream,
+        conn: httpface.HttpConnection,
+        reader: _HttpReader,
+        scope: trio.CancelScope,
+        wait: _Wait,
+    ) -> None:
+        """The request loop of ``_converse_http``."""
+        agent = self.config.agent
+        rate = float(agent.requests_per_second_per_uid)
+        burst = float(agent.request_burst_per_uid)
+        peer = reader.peer
+        fd = stream.socket.fileno()
+        out: list[bytes] = []
+        while True:
+            if conn.request_ready and not _budget(self._budgets, peer.uid, burst).take(
+                    rate, burst):
+                # The token comes before parsing, the pid check and any log or audit line.
+                if out and not await self._flush(stream, fd, out, scope):
+                    return
+                out = []
+                if not await self._throttle(fd, peer, scope, wait, rate, burst,
+                                            _HTTP_FLOODING):
+                    return
+                reader.checked = False
+            try:
+                reply = conn.next_reply()
+            except _PidReused:
+                return
+            if reply is not httpface.NEED_DATA and reply is not httpface.CLOSED:
+                out.append(reply)
+                wait.idle_since = wait.read_at      # that read completed a request
+                wait.frame_since = None
+                if len(out) < MAX_BATCH:
+                    continue
+                # A long pipeline: send what is ready and let other connections run.
+                if not await self._flush(stream, fd, out, scope):
+                    return
+                out = []
+                scope.deadline = math.inf
+                await trio.lowlevel.checkpoint()
+                reader.checked = False
+                continue
+            if out:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                sent = _write_now(fd, data)
+                if sent != len(data) and not await self._send_rest(stream, data, sent, scope):
+                    return
+                out = []
+            if reply is httpface.CLOSED:
+                return
+            if conn.has_partial_request:
+                if wait.frame_since is None:
+                    wait.frame_since = wait.read_at     # its first byte came in that read
+                wait.deadline = wait.frame_since + agent.frame_timeout
+            else:
+                wait.frame_since = None
+                wait.deadline = wait.idle_since + agent.idle_timeout
+            if wait.deadline < scope.deadline:
+                scope.deadline = wait.deadline
+            if wait.throttled_since is not None:
+                # Throttled: has the client caught up (nothing more waiting to be read)?
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    wait.throttled_since = None
+                except OSError:
+                    return
+                else:
+                    wait.read_at = trio.current_time()
+                    conn.receive_data(data)
+                    reader.checked = False
+                    continue
+            wait.waiting = True
+            await trio.lowlevel.wait_readable(fd)
+            wait.waiting = False
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return          # reset by the peer
+            wait.read_at = trio.current_time()
+            conn.receive_data(data)
+            reader.checked = False
+
+    def _read(
+        self, name: str, field: str | None, version: int | None, peer: Peer, allowed: Grants,
+    ) -> httpface.Value:
+        """An HTTP read of ``name``: ``_open``'s decisions and the audit lines of a v1 ``get``
+        (with ``transport`` "http"), and ``version`` (kv2's ``?version=N``) only if it is the
+        one held."""
+        packed, held, fetched_at, expires_at, stale = self._open(name, peer, allowed, "http")
+        if version is not None and version != held:
+            self._record(peer, "get", "deny", name=name, transport="http")
+            raise Forbidden("not allowed to read this secret at that version")
+        data = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        if field is not None:
+            if field not in data:
+                self._record(peer, "get", "not_found", name=name, version=held,
+                             transport="http")
+                raise NotFound("the secret has no such field")
+            data = data[field]
+        self._record(peer, "get", "allow", name=name, version=held, stale=stale,
+                     transport="http")
+        return httpface.Value(data, held, fetched_at, expires_at, stale)
 
 async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
     """Read a watch connection until the client closes it or sends anything: then end the watch
@@ -902,3 +1095,69 @@ async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         await stream.receive_some(1)
     scope.cancel()
 
+
+_HTTP = object()        # _first_byte: the client speaks HTTP/1.1
+_V1 = object()          # ... v1 frames
+
+
+class _PidReused(Exception):
+    """The peer's pid names another process now: close without an answer (``_HttpReader``)."""
+
+
+class _HttpReader:
+    """The ``httpface.Reader`` of one HTTP connection: the server's decisions for its peer.
+
+    ``checked`` is cleared by the shell after each receive; the first request after it re-checks
+    the pid (``_PidReused`` if it was reused), as the v1 loop does before its replies.
+    """
+
+    def __init__(self, server: Server, peer: Peer) -> None:
+        self._server = server
+        self.peer = peer
+        self._granted: tuple[Config, Grants] | None = None
+        self.checked = False
+
+    @property
+    def secrets(self) -> Mapping[str, SecretConfig]:
+        return self._server.config.secrets
+
+    def _grants(self) -> Grants:
+        config = self._server.config
+        if self._granted is None or self._granted[0] is not config:
+            self._granted = (config, grants(config.policies, self.peer))
+        return self._granted[1]
+
+    def admit(self) -> None:
+        """The pid re-check (the uid's token was taken by the shell before parsing)."""
+        server, peer = self._server, self.peer
+        if not self.checked:
+            if not server._same_process(peer):
+                raise _PidReused
+            self.checked = True
+        server.requests += 1
+        server.requests_by_op["http"] += 1
+
+    def may_read(self, name: str) -> bool:
+        return self._grants().may_read(name)
+
+    def get(self, name: str, field: str | None, *, version: int | None = None
+            ) -> httpface.Value:
+        return self._server._read(name, field, version, self.peer, self._grants())
+
+    def refuse(self, op: str) -> None:
+        self._server._record(self.peer, op, "deny", transport="http")
+
+    def readable(self) -> list[str]:
+        self._server._record(self.peer, "list", "allow", transport="http")
+        return self._grants().readable(self.secrets)
+
+    def health(self) -> Mapping[str, Any]:
+        return {"ok": True}
+
+    def status(self) -> Mapping[str, Any]:
+        server, peer = self._server, self.peer
+        if not self._grants().admin:
+            server._record(peer, "status", "deny", transport="http")
+            raise Forbidden("status needs a policy with admin = true")
+        server._record(peer, "status", "allow", transport="http")
+        return server._status()

@@ -14,7 +14,9 @@ Scenarios (ids for ``--scenarios``):
 
 - ``read`` (1): cached read of one KV v2 secret over a Unix socket: agentd ``get`` (msgpack
   frames) vs a ``GET /v1/secret/data/...`` through the bao agent's unix listener (HTTP/1.1,
-  keep-alive). Clients are separate processes, ``--clients`` (1, 16, 64) at a time, for
+  keep-alive); and the same ``GET`` on agentd's own socket (its HTTP face, rows "HTTP ...",
+  with the bao agent's figures beside them, its ratio to agentd's v1 get and to the bao
+  agent). Clients are separate processes, ``--clients`` (1, 16, 64) at a time, for
   ``--duration`` s each; requests/s, p50, p99 (in the client), agent CPU time per request
   (utime + stime of the agent from /proc). A raw trio echo server over a Unix socket answering
   frames of the same sizes as agentd is the Python ceiling, driven by the same client code.
@@ -535,7 +537,9 @@ class HTTPClient:
 
 
 def make_client(kind: str, path: str, timeout: float) -> FrameClient | HTTPClient:
-    return HTTPClient(path, timeout) if kind == BAO else FrameClient(path, timeout)
+    """The bao agent and agentd's HTTP face (``kind`` "http") are read with the same HTTP
+    client; agentd's v1 frames and the echo ceiling with the same frame client."""
+    return HTTPClient(path, timeout) if kind in (BAO, "http") else FrameClient(path, timeout)
 
 
 def read_once_agentd(path: str, name: str, timeout: float) -> bool:
@@ -853,8 +857,42 @@ def scenario_read(b: Bench, res: Results) -> None:
                     if f["failed"]:
                         res.add("1 read", kind, {f"failed reads, {c} clients": f["failed"]},
                                 {f"failed reads, {c} clients": {"fmt": "{:,.0f}"}})
+                    if kind == BAO:
+                        # The bao agent's read is HTTP too: beside agentd's HTTP face.
+                        res.add("1 read", kind, {f"HTTP {k}, {c} clients": v
+                                                 for k, v in f.items() if k != "failed"})
+                # agentd's HTTP face: the same GET /v1/secret/data/... as through the bao
+                # agent, keep-alive, on agentd's one socket.
+                for c in levels if kind == AGENTD and "http" in _agent_features() else ():
+                    f = load_phase("http", str(run.socket), c, a.duration, run.pid)
+                    run.check_alive()
+                    res.add("1 read", kind, {f"HTTP {k}, {c} clients": v for k, v in f.items()
+                                             if k != "failed"}, http_read_specs(c))
+                    if f["failed"]:
+                        res.add("1 read", kind, {f"HTTP failed reads, {c} clients":
+                                                 f["failed"]},
+                                {f"HTTP failed reads, {c} clients": {"fmt": "{:,.0f}"}})
             finally:
                 run.stop()
+    # agentd's HTTP face against its own v1 get and against the bao agent (medians).
+    for c in levels:
+        http = res.metrics.get(("1 read", f"HTTP req/s, {c} clients"))
+        v1 = res.metrics.get(("1 read", f"req/s, {c} clients"))
+        if not http or not v1 or not http.values[AGENTD]:
+            continue
+        ours = statistics.median(http.values[AGENTD])
+        if v1.values[AGENTD]:
+            m = res.metric("1 read", f"HTTP / v1 get, {c} clients", fmt="{:.0%}",
+                           **({"target": ">= 50%", "check": lambda v: v >= 0.5}
+                              if c == 16 else {}))
+            m.values[AGENTD].append(ours / statistics.median(v1.values[AGENTD]))
+            m.notes[BAO] = "-"
+        if v1.values[BAO]:
+            m = res.metric("1 read", f"HTTP / bao agent, {c} clients", fmt="{:.1f}x",
+                           **({"target": ">= 10x", "check": lambda v: v >= 10}
+                              if c == 16 else {}))
+            m.values[AGENTD].append(ours / statistics.median(v1.values[BAO]))
+            m.notes[BAO] = "-"
     # agentd as a fraction of the echo ceiling, per level (medians).
     for c in levels:
         echo = res.metrics.get(("1 read", f"echo ceiling req/s, {c} clients"))
@@ -865,6 +903,21 @@ def scenario_read(b: Bench, res: Results) -> None:
             m.values[AGENTD].append(statistics.median(ours.values[AGENTD])
                                     / statistics.median(echo.values[AGENTD]))
             m.notes[BAO] = "-"
+
+
+def http_read_specs(c: int) -> dict[str, dict[str, Any]]:
+    return {
+        f"HTTP req/s, {c} clients": {"fmt": "{:,.0f}"},
+        f"HTTP p50 ms, {c} clients": {"fmt": "{:.3f}"},
+        f"HTTP p99 ms, {c} clients": {"fmt": "{:.3f}"},
+        f"HTTP agent CPU µs/req, {c} clients": {"fmt": "{:,.0f}"},
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _agent_features() -> frozenset[str]:
+    """What the agentd under test offers beyond v1 frames ("http": agentd/httpface.py)."""
+    return frozenset({"http"}) if (ROOT / "agentd" / "httpface.py").exists() else frozenset()
 
 
 def _echo_up(path: str) -> bool | None:

@@ -359,4 +359,17 @@ def test_fields_are_cut_and_one_uid_has_a_bounded_number_of_lines(tmp_path: Path
             assert len(line[key]) <= audit_module.MAX_FIELD_CHARS
     assert deny[0]["exe"].startswith("/opt/ddd") and deny[0]["exe"].endswith("d/app")
     assert max(len(raw) for raw in path.read_text().splitlines()) < 1024
+
+
+def test_http_reads_carry_their_transport(tmp_path: Path) -> None:
+    audit = Audit(file_cfg(tmp_path), clock=FakeClock())
+    get(audit)
+    get(audit)
+    get(audit, transport="http")
+    audit.flush()
+    v1, http = read_lines(tmp_path / "log" / "audit.jsonl")
+    assert set(v1) == LINE_KEYS and v1["count"] == 2
+    assert set(http) == LINE_KEYS | {"transport"} and http["transport"] == "http"
+    assert {k: v for k, v in http.items() if k not in ("transport", "count")} == {
+        k: v for k, v in v1.items() if k != "count"}
     audit.close()

@@ -1,5 +1,5 @@
-"""Socket fuzz against a running agent: random frames on many connections, then a well-formed
-client is still answered and no handler failed.
+"""Socket fuzz against a running agent: random frames and random HTTP requests on many
+connections, then a well-formed client is still answered and no handler failed.
 
 (The sans-IO core has its hypothesis fuzz targets in test_protocol.py.)
 """
@@ -69,13 +69,36 @@ def random_frame(rng: random.Random) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+HTTP_PIECES = [
+    b"GET ", b"HEAD ", b"POST ", b"DELETE ", b"/v1/secret/data/", b"/agentd/v1/secret/db",
+    b"/password", b"?format=raw", b"?version=", b"1", b"/v1/sys/internal/ui/mounts/secret",
+    b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", b"Host: x\r\n", b"Content-Length: 3\r\n",
+    b"Content-Length: x\r\n", b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n",
+    b"X-Vault-Token: root\r\n", b"\r\n", b"%", b"\x00", b"\xff",
+]
+
+
+def random_http(rng: random.Random) -> bytes:
+    """An HTTP request, well-formed or not (the socket tells HTTP from v1 by the first byte)."""
+    if rng.random() < 0.3:
+        target = rng.choice([b"/v1/secret/data/", b"/agentd/v1/secret/db/username",
+                             b"/agentd/v1/list", b"/agentd/v1/status"])
+        return rng.choice([b"GET ", b"HEAD ", b"PUT "]) + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    return rng.choice([b"GET ", b"POST "]) + b"".join(
+        rng.choice(HTTP_PIECES) if rng.random() < 0.8 else os.urandom(rng.randrange(1, 16))
+        for _ in range(rng.randrange(1, 16)))
+
+
 async def fuzz_connection(path: Path, rng: random.Random) -> None:
     try:
         stream = await trio.open_unix_socket(str(path))
     except OSError:
         return
     async with stream:
-        data = b"".join(random_frame(rng) for _ in range(rng.randrange(1, 6)))
+        if rng.random() < 0.3:
+            data = b"".join(random_http(rng) for _ in range(rng.randrange(1, 6)))
+        else:
+            data = b"".join(random_frame(rng) for _ in range(rng.randrange(1, 6)))
         try:
             await stream.send_all(data)
             if rng.random() < 0.5:

@@ -121,7 +121,8 @@ async def test_connections_per_uid_are_capped(small: RunningAgent) -> None:
     assert small.agent.server.statistics().refused_connections >= 2
 
 
-plain = agent_fixture("")
+# The flood below counts on the rate of a modest budget (100 a second, bursts of 200).
+plain = agent_fixture("requests_per_second_per_uid = 100\nrequest_burst_per_uid = 200")
 
 
 async def test_admin_ops_need_an_admin_rule(plain: RunningAgent) -> None:

@@ -38,8 +38,8 @@ class AgentConfig:
     user: str | None = None                  # the agent's own user, if not root (file checks)
     max_connections: int = 1024              # open connections on the socket, all peers
     max_connections_per_uid: int = 64
-    requests_per_second_per_uid: int = 100       # token bucket refill rate, per uid
-    request_burst_per_uid: int = 200             # token bucket size, per uid
+    requests_per_second_per_uid: int = 5000      # token bucket refill rate, per uid
+    request_burst_per_uid: int = 10000           # token bucket size, per uid
     max_watchers_per_uid: int = 16               # open watch streams, per uid
     max_request_bytes: int = 65536
     idle_timeout: float = 300.0              # close a connection idle this long
