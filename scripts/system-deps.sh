@@ -4,6 +4,7 @@
 #                                  (a real systemd booted in a container from a clean Debian root)
 #   rpm                            tests/test_packages.py (rpm -qp, rpm --root)
 #   postgresql                     tests/test_leased.py (OpenBao's database secrets engine)
+#   curl                           tests/test_http_agent.py (curl --unix-socket against the HTTP face)
 # Called by `make test`, so a newcomer's `make test` and CI's `.ci/run` install the same things.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ missing=()
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
 command -v rpm >/dev/null || missing+=(rpm)
+command -v curl >/dev/null || missing+=(curl)
 if ! command -v pg_ctl >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null; then
     missing+=(postgresql)
 fi
