@@ -61,7 +61,6 @@ Messages in errors never hold a secret value.
 from __future__ import annotations
 
 import datetime
-import enum
 import functools
 import http
 import json
@@ -71,7 +70,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qs, unquote
 
 from agentd.config import SecretConfig
@@ -83,6 +82,7 @@ from agentd.errors import (
     RequestError,
     Unavailable,
 )
+from agentd.protocol import CLOSED, NEED_DATA, Closed, NeedData
 
 __all__ = [
     "CLOSED",
@@ -113,20 +113,8 @@ _STALE_WARNING: Final = ("agentd: this value is served from cache and is stale: 
                          "could not be reached to refresh it")
 
 
-class _Sentinel(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-    CLOSED = "CLOSED"
-
-    def __repr__(self) -> str:
-        return self.value
-
-
-NEED_DATA: Final = _Sentinel.NEED_DATA
-"""``next_reply()`` needs more bytes: call ``receive_data()`` first."""
-CLOSED: Final = _Sentinel.CLOSED
-"""Nothing more will be answered: send what came before and close the connection."""
-NeedData = Literal[_Sentinel.NEED_DATA]
-Closed = Literal[_Sentinel.CLOSED]
+# The v1 core's sentinels, with the same meaning here: ``next_reply()`` needs more bytes
+# (``NEED_DATA``), or nothing more will be answered (``CLOSED``: send what came before, close).
 
 
 def looks_like_http(first: bytes) -> bool:

@@ -344,6 +344,23 @@ class ServerStatistics:
                                     name="agentd_warnings_suppressed")
 
 
+
+async def _with_deadlines(
+    serve: Callable[[trio.CancelScope, _Wait], Awaitable[None]],
+) -> None:
+    """Run one connection's ``serve(scope, wait)`` under its deadlines (``_Wait``): when the
+    scope is cancelled at a deadline that is not due yet (an earlier wait's), the same wait
+    goes on in a fresh scope; at a due deadline (idle or frame timeout) the connection ends."""
+    wait = _Wait(trio.current_time())
+    scope = trio.CancelScope()
+    while True:
+        with scope:
+            await serve(scope, wait)
+            return
+        if not wait.waiting or trio.current_time() >= wait.deadline:
+            return      # idle_timeout, frame_timeout, or cut short outside a wait
+        scope = trio.CancelScope(deadline=wait.deadline)
+
 class Server:
     """Serves v1 frames and HTTP on the main socket for one daemon. Its state lives as long as
     the daemon."""
@@ -499,15 +516,8 @@ class Server:
         """
         agent = self.config.agent
         conn = protocol.ServerConnection(max_request_bytes=agent.max_request_bytes)
-        wait = _Wait(trio.current_time())
-        scope = trio.CancelScope()
-        while True:
-            with scope:
-                await self._serve_connection(stream, conn, peer, scope, wait)
-                return
-            if not wait.waiting or trio.current_time() >= wait.deadline:
-                return      # idle_timeout, frame_timeout, or cut short outside a wait
-            scope = trio.CancelScope(deadline=wait.deadline)
+        await _with_deadlines(
+            lambda scope, wait: self._serve_connection(stream, conn, peer, scope, wait))
 
     async def _serve_connection(
         self,
@@ -970,15 +980,8 @@ class Server:
         reader = _HttpReader(self, peer)
         conn = httpface.HttpConnection(reader, max_head_bytes=agent.max_request_bytes,
                                        clock=self._clock)
-        wait = _Wait(trio.current_time())
-        scope = trio.CancelScope()
-        while True:
-            with scope:
-                await self._serve_http(stream, conn, reader, scope, wait)
-                return
-            if not wait.waiting or trio.current_time() >= wait.deadline:
-                return      # idle_timeout, frame_timeout, or cut short outside a wait
-            scope = trio.CancelScope(deadline=wait.deadline)
+        await _with_deadlines(
+            lambda scope, wait: self._serve_http(stream, conn, reader, scope, wait))
 
     async def _serve_http(
         self,
