@@ -352,8 +352,13 @@ class Bench:
             lines.append("")
         if templated:
             for t in self.templates(root, names):
-                contents = "{{ secret('" + t.name + "').password }}"
-                lines += ["[[template]]", f"contents = {_q(contents)}",
+                if self.args.agentd_engine == "go":     # the bao agent's very template text
+                    contents = (f'{{{{ with secret "secret/data/{KV_PREFIX}/{t.name}" }}}}'
+                                "{{ .Data.data.password }}{{ end }}")
+                else:
+                    contents = "{{ secret('" + t.name + "').password }}"
+                engine = ['engine = "go"'] if self.args.agentd_engine == "go" else []
+                lines += ["[[template]]", *engine, f"contents = {_q(contents)}",
                           f"destination = {_q(t.destination)}", ""]
         lines += ["[[policy]]", 'name = "bench"', f"uids = [{os.getuid()}]",
                   f"allow = [{', '.join(_q(n) for n in names)}]", "admin = true", ""]
@@ -1307,6 +1312,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,16,64", help="read: concurrent client processes")
     p.add_argument("--duration", type=float, default=3.0, help="read: seconds per level (3)")
     p.add_argument("--templates", type=int, default=1000, help="templates/poll: count (1000)")
+    p.add_argument("--agentd-engine", choices=("jinja", "go"), default="jinja",
+                   help="templates: agentd's template engine (go: the bao agent's own text)")
     p.add_argument("--idle", type=float, default=30.0, help="templates: idle window, s (30)")
     p.add_argument("--poll-window", type=float, default=10.0, help="poll: CPU window, s (10)")
     p.add_argument("--render-timeout", type=float, default=120.0,
