@@ -71,7 +71,11 @@ allow = ["db"]
 """
 
 DROP_IN = """\
-# test only: a short watchdog, and SIGUSR2 wedges the main loop
+# test only: a short watchdog, SIGUSR2 wedges the main loop, and no start rate limit (the tests
+# stop, activate and restart the unit more often than systemd's default 5 starts in 10 s allow)
+[Unit]
+StartLimitIntervalSec=0
+
 [Service]
 WatchdogSec=4s
 Environment=AGENTD_TEST_STALL_ON_SIGUSR2=1
