@@ -47,6 +47,7 @@ from agentd.backoff import Backoff
 from agentd.cell import Cell
 from agentd.config import AuthConfig, UpstreamConfig
 from agentd.errors import AuthError, PermanentError, TransientError, UnsafePath, UpstreamError
+from agentd.readmodel import COUNTER, metric
 from agentd.upstream import Upstream
 
 log = logging.getLogger("agentd.auth")
@@ -250,14 +251,18 @@ LOGIN_METHODS: dict[str, Callable[[AuthConfig], LoginMethod]] = {
 
 @dataclass(frozen=True)
 class AuthStatistics:
+    """The authenticator's state; each ``metric`` field is a series (``readmodel``); the
+    state (one-hot by method) and the token's expiry and TTL are made in ``metrics``."""
+
     state: str                   # "logging_in" | "ok" | "failing"
     method: str
     expires_at: float | None     # of the current token; None: none, or never expires
-    logins: int                  # successful logins
-    renewals: int                # successful renewals
-    failures: int                # failed logins and renewals
-    last_error: str | None
-    checks: int = 0              # lookups after invalidate() that found the token still valid
+    logins: int = metric("Successful logins", COUNTER, name="agentd_auth_logins")
+    renewals: int = metric("Successful token renewals", COUNTER, name="agentd_auth_renewals")
+    failures: int = metric("Failed logins and renewals", COUNTER, name="agentd_auth_failures")
+    last_error: str | None = None
+    checks: int = metric("Token lookups after a refused request that found it still valid",
+                         COUNTER, name="agentd_auth_checks", default=0)
 
 
 class Authenticator:

@@ -41,6 +41,7 @@ from agentd.crypto import Sealer
 from agentd.errors import CryptoError, Unavailable
 from agentd.frozen import freeze
 from agentd.frozen import thaw as thaw  # re-exported: the cache hands out frozen values
+from agentd.readmodel import COUNTER, metric
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ class EntryInfo:
 
 @dataclass(frozen=True)
 class CacheStatistics:
-    entries: int
-    stale: int
-    seal_failures: int
+    entries: int = metric("Secrets held in the sealed cache", name="agentd_cache_entries")
+    stale: int = metric("Cached secrets served stale", name="agentd_cache_stale")
+    seal_failures: int = metric("Sealed entries that failed to open (never served)", COUNTER,
+                                name="agentd_cache_seal_failures")
 
 
 @dataclass

@@ -103,7 +103,7 @@ class AgentCollector:
         up = agent.upstream.statistics()
         yield _gauge("agentd_upstream_up", "1 when the last upstream request got an answer",
                      int(up.up), {"address": up.address})
-        yield _counter("agentd_upstream_requests", "Requests sent to the upstream", up.requests)
+        yield from _from_statistics("upstream", up)
         errors = CounterMetricFamily(
             "agentd_upstream_errors", "Upstream requests that failed, by kind "
             "(transient, auth, not_found, permanent)", labels=["kind"])
@@ -112,7 +112,6 @@ class AgentCollector:
         yield errors
         yield _gauge("agentd_upstream_latency_seconds",
                      "Latency of the last upstream request", (up.latency_ms_last or 0) / 1000)
-        yield _gauge("agentd_upstream_in_flight", "Upstream requests in flight", up.in_flight)
 
         auth = agent.auth.statistics()
         state = GaugeMetricFamily("agentd_auth_state", "1 for the authenticator's current state",
@@ -126,9 +125,7 @@ class AgentCollector:
                          "When the agent's token expires (unix seconds)", auth.expires_at)
             yield _gauge("agentd_auth_token_ttl_seconds", "Seconds left on the agent's token",
                          max(0.0, auth.expires_at - now))
-        yield _counter("agentd_auth_logins", "Successful logins", auth.logins)
-        yield _counter("agentd_auth_renewals", "Successful token renewals", auth.renewals)
-        yield _counter("agentd_auth_failures", "Failed logins and renewals", auth.failures)
+        yield from _from_statistics("auth", auth)
 
         if agent.config.metrics.detailed:
             yield from self._secrets(now)
@@ -157,6 +154,7 @@ class AgentCollector:
         yield from self._templates()
         # The components' typed statistics: each field declared with readmodel.metric is a series
         yield from _from_statistics("server", server)
+        yield from _from_statistics("cache", agent.cache.statistics())
         yield from _from_statistics("credentials", agent.credentials.statistics())
         yield from _from_statistics("audit", agent.audit.statistics())
         snapshot = getattr(agent, "snapshot", None)    # the on-disk cache snapshot

@@ -56,6 +56,7 @@ from agentd.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
+from agentd.readmodel import COUNTER, metric
 from agentd.transport import ReplyTooLarge, Response, Transport, TransportError
 
 log = logging.getLogger("agentd.upstream")
@@ -79,15 +80,23 @@ class SecretValue:
 
 @dataclass(frozen=True)
 class UpstreamStatistics:
+    """The upstream client's counters; each ``metric`` field is a series (``readmodel``); the
+    labelled ones (up by address, errors by kind) and the latency are made in ``metrics``."""
+
     address: str                 # the address the next request starts with
     up: bool                     # the last attempt reached a working server
-    requests: int                # request() / read_secret() calls
-    errors: int                  # calls that raised
-    last_error: str | None
-    latency_ms_last: float | None
-    in_flight: int = 0           # attempts holding a concurrency slot now
-    in_flight_peak: int = 0      # the most ever held at once (<= max_concurrency)
-    gated: int = 0               # requests failed at once by the outage gate (never sent)
+    requests: int = metric("Requests sent to the upstream", COUNTER,
+                           name="agentd_upstream_requests")
+    errors: int = 0              # calls that raised (by kind: errors_by_kind)
+    last_error: str | None = None
+    latency_ms_last: float | None = None
+    in_flight: int = metric("Upstream requests in flight", name="agentd_upstream_in_flight",
+                            default=0)
+    in_flight_peak: int = metric("The most upstream requests in flight at once (at most "
+                                 "max_concurrency)", name="agentd_upstream_in_flight_peak",
+                                 default=0)
+    gated: int = metric("Requests failed at once by the outage gate (never sent)", COUNTER,
+                        name="agentd_upstream_gated", default=0)
     errors_by_kind: Mapping[str, int] = field(default_factory=dict)   # see _error_kind
 
 
