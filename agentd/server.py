@@ -83,7 +83,7 @@ from agentd.access import ExeHasher, Grants, Peer, grants, needs_exe_sha256
 from agentd.audit import Audit
 from agentd.cache import Cache, stale_deadline
 from agentd.cell import Cell
-from agentd.config import Config, SecretConfig
+from agentd.config import AgentConfig, Config, SecretConfig
 from agentd.errors import (
     BadRequest,
     Forbidden,
@@ -156,6 +156,33 @@ class _Wait:
         self.idle_since = now       # when the last complete request came in (or the connect)
         self.frame_since: float | None = None       # first byte of the partial frame
         self.throttled_since: float | None = None   # first wait for a token, not caught up
+
+    def arm(self, partial: bool, fresh: bool, agent: AgentConfig,
+            scope: trio.CancelScope) -> None:
+        """Set the deadline of the next wait for bytes: a partial frame (or HTTP request) has
+        ``frame_timeout`` from its first byte (``fresh``: it began in the last read, after a
+        complete one), a connection with none ``idle_timeout`` from its last complete request.
+        Bytes that trickle in move neither."""
+        if partial:
+            if fresh or self.frame_since is None:
+                self.frame_since = self.read_at     # its first byte came in that read
+            self.deadline = self.frame_since + agent.frame_timeout
+        else:
+            self.frame_since = None
+            self.deadline = self.idle_since + agent.idle_timeout
+        if self.deadline < scope.deadline:
+            scope.deadline = self.deadline
+
+    def read_throttled(self, fd: int) -> bytes | None:
+        """While throttled, what the client sent meanwhile; None once nothing is waiting (it
+        caught up: no longer throttled). Raises OSError when the connection is gone."""
+        try:
+            data = os.read(fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            self.throttled_since = None
+            return None
+        self.read_at = trio.current_time()
+        return data
 
 
 class _Budget:
@@ -560,27 +587,16 @@ class Server:
                     return
                 if got:
                     wait.idle_since = trio.current_time()
-                if conn.has_partial_frame:
-                    if got or wait.frame_since is None:
-                        wait.frame_since = wait.read_at     # its first byte came in that read
-                    wait.deadline = wait.frame_since + agent.frame_timeout
-                else:
-                    wait.frame_since = None
-                    wait.deadline = wait.idle_since + agent.idle_timeout
+                wait.arm(conn.has_partial_frame, got, agent, scope)
                 got = False
-                if wait.deadline < scope.deadline:
-                    scope.deadline = wait.deadline
                 if wait.throttled_since is not None:
                     # Throttled: has the client caught up (nothing more waiting to be read)?
                     try:
-                        data = os.read(fd, RECEIVE_SIZE)
-                    except BlockingIOError:
-                        wait.throttled_since = None
+                        pending = wait.read_throttled(fd)
                     except OSError:
                         return
-                    else:
-                        wait.read_at = trio.current_time()
-                        conn.receive_data(data)
+                    if pending is not None:
+                        conn.receive_data(pending)
                         checked = False
                         continue
                 wait.waiting = True
@@ -1035,26 +1051,15 @@ class Server:
                 out = []
             if reply is httpface.CLOSED:
                 return
-            if conn.has_partial_request:
-                if wait.frame_since is None:
-                    wait.frame_since = wait.read_at     # its first byte came in that read
-                wait.deadline = wait.frame_since + agent.frame_timeout
-            else:
-                wait.frame_since = None
-                wait.deadline = wait.idle_since + agent.idle_timeout
-            if wait.deadline < scope.deadline:
-                scope.deadline = wait.deadline
+            wait.arm(conn.has_partial_request, False, agent, scope)
             if wait.throttled_since is not None:
                 # Throttled: has the client caught up (nothing more waiting to be read)?
                 try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    wait.throttled_since = None
+                    pending = wait.read_throttled(fd)
                 except OSError:
                     return
-                else:
-                    wait.read_at = trio.current_time()
-                    conn.receive_data(data)
+                if pending is not None:
+                    conn.receive_data(pending)
                     reader.checked = False
                     continue
             wait.waiting = True
