@@ -16,6 +16,7 @@ Pure (the Go parser is the standard library only): the sandboxed render worker m
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -92,21 +93,27 @@ def template_refs(
     """
     if engine.name != "go":
         return secret_refs(text)
+    names: list[str] = []
+    for function, ref_path, line in _go_paths(text, engine, template):
+        # secret "secret/data/db?version=2": the catalog pins versions (a secret's `version`)
+        name = by_path.get(ref_path.partition("?")[0])
+        if name is None:
+            raise RenderError(f"{template}:{line}: {function} {ref_path!r}: no declared "
+                              "secret has this path (declare it under [secrets.NAME])")
+        names.append(name)
+    return list(dict.fromkeys(names))
+
+
+@functools.lru_cache(maxsize=4096)
+def _go_paths(text: str, engine: Engine, template: str) -> tuple[tuple[str, str, int], ...]:
+    """(function, path, line) of each literal secret path of a Go template; parsed once per
+    text (the renderer asks at every render). Raises RenderError (GoTemplateError)."""
     from agentd import gotemplate  # deferred: the Jinja2 path never loads it
 
     parsed = gotemplate.parse(text, name=template, left_delim=engine.left_delimiter,
                               right_delim=engine.right_delimiter, env_allow=engine.env,
                               missing_key=engine.missing_key)
-    names: list[str] = []
-    for ref in parsed.secret_paths():
-        # secret "secret/data/db?version=2": the catalog pins versions (a secret's `version`)
-        path = ref.path.partition("?")[0]
-        name = by_path.get(path)
-        if name is None:
-            raise RenderError(f"{template}:{ref.line}: {ref.function} {ref.path!r}: no declared "
-                              "secret has this path (declare it under [secrets.NAME])")
-        names.append(name)
-    return list(dict.fromkeys(names))
+    return tuple((ref.function, ref.path, ref.line) for ref in parsed.secret_paths())
 
 
 def upstream_reply(kind: str, data: Mapping[str, object], *, version: int,
