@@ -60,6 +60,7 @@ Bounds: every wait has a deadline; ``--agents`` is capped at 400. Run:
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -127,40 +128,49 @@ def classify(method: bytes, target: bytes) -> str:
 
 
 class Counts:
-    """Requests per node, per kind, per second since ``t0`` (time.monotonic())."""
+    """Every request head seen, per node: its time (time.monotonic()) and kind. Windows are
+    binned from their own start, so a window's mean is its count over its exact length and
+    its 1 s bins are not cut by a global grid."""
 
     def __init__(self, nodes: int, t0: float) -> None:
         self.t0 = t0
-        self.bins: list[defaultdict[int, Counter[str]]] = [defaultdict(Counter)
-                                                           for _ in range(nodes)]
+        self.times: list[list[float]] = [[] for _ in range(nodes)]
+        self.kinds: list[list[str]] = [[] for _ in range(nodes)]
         self.refused = [0] * nodes       # connections the proxy could not pass on (node down)
 
     def add(self, node: int, kind: str) -> None:
-        self.bins[node][int(time.monotonic() - self.t0)][kind] += 1
+        self.times[node].append(time.monotonic())
+        self.kinds[node].append(kind)
+
+    def count(self, node: int, start: float, end: float,
+              kinds: Iterable[str] | None = None) -> int:
+        return sum(self.series(node, start, end, kinds))
 
     def series(self, node: int, start: float, end: float,
                kinds: Iterable[str] | None = None) -> list[int]:
-        """Counts per whole second in [start, end) (monotonic times), for ``kinds`` (all)."""
-        first = int(start - self.t0)
-        last = max(first + 1, math.ceil(end - self.t0))
+        """Counts per second from ``start`` ([start + i, start + i + 1)) up to ``end``; the
+        last bin may be shorter than a second."""
         wanted = set(kinds) if kinds is not None else None
-        out = []
-        for sec in range(first, last):
-            bin_ = self.bins[node].get(sec)
-            if bin_ is None:
-                out.append(0)
-            elif wanted is None:
-                out.append(sum(bin_.values()))
-            else:
-                out.append(sum(v for k, v in bin_.items() if k in wanted))
+        out = [0] * max(1, math.ceil(end - start))
+        times, kinds_ = self.times[node], self.kinds[node]
+        for i in range(bisect.bisect_left(times, start), bisect.bisect_left(times, end)):
+            if wanted is None or kinds_[i] in wanted:
+                out[min(len(out) - 1, int(times[i] - start))] += 1
         return out
 
     def total(self, start: float, end: float, kinds: Iterable[str] | None = None) -> list[int]:
-        per_node = [self.series(n, start, end, kinds) for n in range(len(self.bins))]
+        per_node = [self.series(n, start, end, kinds) for n in range(len(self.times))]
         return [sum(col) for col in zip(*per_node, strict=True)]
 
     def dump(self) -> list[dict[str, dict[str, int]]]:
-        return [{str(sec): dict(c) for sec, c in sorted(b.items())} for b in self.bins]
+        """Per node: second since t0 -> kind -> count."""
+        out: list[dict[str, dict[str, int]]] = []
+        for times, kinds in zip(self.times, self.kinds, strict=True):
+            bins: defaultdict[int, Counter[str]] = defaultdict(Counter)
+            for t, k in zip(times, kinds, strict=True):
+                bins[int(t - self.t0)][k] += 1
+            out.append({str(sec): dict(c) for sec, c in sorted(bins.items())})
+        return out
 
 
 class HeadScanner:
@@ -291,6 +301,18 @@ def fresh(status: dict[str, Any] | None, since: float | None = None) -> bool:
         if since is not None and (s.get("fetched_at") or 0) < since:
             return False
     return True
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def pct(values: list[float], q: float) -> float:
@@ -482,7 +504,7 @@ class Bench:
 
     def node_table(self, start: float, end: float, roles: list[str]) -> tuple[str, list[dict]]:
         rows, data = [], []
-        seconds = max(1.0, end - start)
+        seconds = max(1e-3, end - start)
         for n in range(3):
             series = self.counts.series(n, start, end)
             kv = sum(self.counts.series(n, start, end, ["kv_read"]))
@@ -553,18 +575,25 @@ class Bench:
         return due
 
     async def steady(self) -> None:
+        assert self.cluster is not None
         roles = self.roles()
+        pids = [n.proc.pid for n in self.cluster.nodes]
+        agent_pids = [a.proc.pid for a in self.agents if a.proc is not None]
+        node_cpu0 = [cpu_seconds(p) for p in pids]
+        agent_cpu0 = sum(cpu_seconds(p) for p in agent_pids)
         start = time.monotonic()
         errors0 = self.read_errors()
         await trio.sleep(self.args.steady)
         end = time.monotonic()
+        node_cpu = [cpu_seconds(p) - c for p, c in zip(pids, node_cpu0, strict=True)]
+        agent_cpu = sum(cpu_seconds(p) for p in agent_pids) - agent_cpu0
         self.check_alive()
         _, nodes = self.node_table(start, end, roles)
         means = [d["mean_rps"] for d in nodes]
         avg = statistics.mean(means)
         spread = [100 * (m - avg) / avg if avg else math.nan for m in means]
         tot = self.counts.total(start, end)
-        per_agent = sum(tot) / max(1.0, end - start) / len(self.agents)
+        per_agent = sum(tot) / (end - start) / len(self.agents)
         expected = len(self.names) / self.refresh_s
         n = len(self.agents)
         binom = 100 * math.sqrt((2 / 3) / (n / 3)) if n else math.nan
@@ -572,18 +601,27 @@ class Bench:
             ("per-node deviation from even (%)", ", ".join(f"{s:+.0f}" for s in spread)),
             ("largest deviation (%)", fmt(max(abs(s) for s in spread), 0)),
             ("expected spread from random per-host order: 1 sd (%)", fmt(binom, 0)),
-            ("agents starting at n1/n2/n3", "/".join(str(c) for c in self.first_nodes())),
+            ("agents whose current node is n1/n2/n3", "/".join(str(c) for c in self.first_nodes())),
             ("requests/s per agent (measured)", fmt(per_agent, 2)),
             ("requests/s per agent (secrets / refresh)", fmt(expected, 2)),
             ("steady 1 s bins: mean / sd / max", f"{fmt(statistics.mean(tot))} / "
              f"{fmt(statistics.pstdev(tot))} / {max(tot)}"),
+            ("node CPU, % of a core (n1/n2/n3)",
+             "/".join(fmt(100 * c / (end - start), 0) for c in node_cpu)),
+            ("node CPU per request counted there (us, n1/n2/n3)",
+             "/".join(fmt(1e6 * c / d["requests"], 0) if d["requests"] else "-"
+                      for c, d in zip(node_cpu, nodes, strict=True))),
+            ("agent CPU, % of a core per agent (incl. its reader's gets and status)",
+             fmt(100 * agent_cpu / (end - start) / len(agent_pids), 2)),
             ("local read errors", str(self.read_errors() - errors0)),
         ]
         res = self.report("2. steady state", start, end, roles, figures)
         res["spread_pct"] = spread
         res["per_agent_rps"] = per_agent
-        res["total_mean_rps"] = sum(tot) / max(1.0, end - start)
+        res["total_mean_rps"] = sum(tot) / (end - start)
         res["total_sd_rps"] = statistics.pstdev(tot)
+        res["node_cpu_s"] = node_cpu
+        res["agent_cpu_s"] = agent_cpu
         self.results["2. steady state"] = res
 
     def first_nodes(self) -> list[int]:
