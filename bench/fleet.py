@@ -97,8 +97,10 @@ POLICY = """
 path "secret/data/fleet/*" { capabilities = ["read"] }
 path "secret/metadata/fleet/*" { capabilities = ["read", "list"] }
 """
+SCENARIOS = ("cold", "snapshot", "steady", "write", "outage", "kill")
 KINDS = ("kv_read", "kv_meta", "login", "token", "sys", "other")
 MAX_AGENTS = 400
+IDLE_SAMPLE = 3.0      # seconds of the idle cluster's CPU, measured before any agent starts
 # Points agentd's host_id() at this agent's own machine-id file, then runs the CLI unchanged.
 SHIM = ("import sys, pathlib, agentd.snapshot as s; "
         "s.host_id.__defaults__ = (pathlib.Path(sys.argv[1]),); "
@@ -364,6 +366,12 @@ class Bench:
             active.kv_put(f"{KV_PREFIX}/{name}", {"password": secrets.token_hex(12)})
         versions = active.api("GET", f"secret/metadata/{KV_PREFIX}/s00")
         assert versions["data"]["current_version"] == 1
+        # the nodes' own CPU with no agent (raft heartbeats, autopilot): subtracted later
+        pids = [n.proc.pid for n in self.cluster.nodes]
+        before = [cpu_seconds(p) for p in pids]
+        time.sleep(IDLE_SAMPLE)
+        self.node_idle = [(cpu_seconds(p) - b) / IDLE_SAMPLE for p, b in zip(pids, before,
+                                                                              strict=True)]
 
     def write_configs(self, refresh: str) -> None:
         addresses = ", ".join(json.dumps(p.address) for p in self.proxies)
@@ -556,6 +564,8 @@ class Bench:
             ("  of which due (snapshot age + refresh)", str(self.due_reads) if snapshots
              else f"{len(self.agents) * len(self.names)} (nothing cached)"),
             ("logins (total; peak per s)", f"{sum(logins)}; {max(logins, default=0)}"),
+            ("agents whose current node is n1/n2/n3", "/".join(str(c) for c in
+                                                              self.first_nodes())),
             ("local read errors", str(self.read_errors() - errors0)),
         ]
         self.results[label] = self.report(label, start, end, roles, figures)
@@ -592,8 +602,8 @@ class Bench:
         means = [d["mean_rps"] for d in nodes]
         avg = statistics.mean(means)
         spread = [100 * (m - avg) / avg if avg else math.nan for m in means]
-        tot = self.counts.total(start, end)
-        per_agent = sum(tot) / (end - start) / len(self.agents)
+        tot = self.counts.total(start, end)[:max(1, int(end - start))]   # whole seconds
+        per_agent = sum(tot) / len(tot) / len(self.agents)
         expected = len(self.names) / self.refresh_s
         n = len(self.agents)
         binom = 100 * math.sqrt((2 / 3) / (n / 3)) if n else math.nan
@@ -608,9 +618,15 @@ class Bench:
              f"{fmt(statistics.pstdev(tot))} / {max(tot)}"),
             ("node CPU, % of a core (n1/n2/n3)",
              "/".join(fmt(100 * c / (end - start), 0) for c in node_cpu)),
-            ("node CPU per request counted there (us, n1/n2/n3)",
-             "/".join(fmt(1e6 * c / d["requests"], 0) if d["requests"] else "-"
-                      for c, d in zip(node_cpu, nodes, strict=True))),
+            ("idle cluster's CPU, % of a core (n1/n2/n3)",
+             "/".join(fmt(100 * c, 0) for c in self.node_idle)),
+            ("node CPU above idle per request counted there (us, n1/n2/n3)",
+             "/".join(fmt(1e6 * (c - i * (end - start)) / d["requests"], 0)
+                      if d["requests"] else "-"
+                      for c, i, d in zip(node_cpu, self.node_idle, nodes, strict=True))),
+            ("cluster CPU above idle per request (us, all nodes)",
+             fmt(1e6 * (sum(node_cpu) - sum(self.node_idle) * (end - start))
+                 / max(1, sum(d["requests"] for d in nodes)), 0)),
             ("agent CPU, % of a core per agent (incl. its reader's gets and status)",
              fmt(100 * agent_cpu / (end - start) / len(agent_pids), 2)),
             ("local read errors", str(self.read_errors() - errors0)),
@@ -618,7 +634,7 @@ class Bench:
         res = self.report("2. steady state", start, end, roles, figures)
         res["spread_pct"] = spread
         res["per_agent_rps"] = per_agent
-        res["total_mean_rps"] = sum(tot) / (end - start)
+        res["total_mean_rps"] = sum(tot) / len(tot)
         res["total_sd_rps"] = statistics.pstdev(tot)
         res["node_cpu_s"] = node_cpu
         res["agent_cpu_s"] = agent_cpu
@@ -727,6 +743,9 @@ class Bench:
             ("SIGCONT -> every agent fresh (s)", fmt(freshed - resumed if freshed else None)),
             ("target: refresh + outage gate cap (s)",
              fmt(self.refresh_s * 1.1 + self.gate_max, 0)),
+            ("recovery 1 s bins, first 10 s", " ".join(str(x) for x in rec[:10])),
+            ("agents whose current node is n1/n2/n3 afterwards",
+             "/".join(str(c) for c in self.first_nodes())),
             ("logins after the outage (total; peak per s)", f"{sum(logins)}; "
              f"{max(logins, default=0)}"),
             ("refresh errors (agents' upstream errors)",
@@ -803,33 +822,49 @@ class Bench:
 
     async def scenarios(self) -> None:
         args = self.args
+        selected = set(args.scenarios.split(","))
         log(f"1a. cold start of {len(self.agents)} agents, no snapshots")
         async with trio.open_nursery() as mon:
             await self.cold_start(mon, "1a. cold start, no snapshots", snapshots=False)
             await trio.sleep(2.5)                  # snapshots are written within 1 s
             self.due_reads = self.due_in_window(args.snapshot_window,
                                                 parse_seconds(args.cold_refresh))
+            if "snapshot" not in selected:
+                await self.later(selected)
             mon.cancel_scope.cancel()
+        if "snapshot" not in selected:
+            return
         await trio.to_thread.run_sync(self.stop_all)
         log("1b. cold start with snapshots")
         async with trio.open_nursery() as mon:
             await self.cold_start(mon, "1b. cold start with snapshots", snapshots=True)
-            log(f"reloading every agent with refresh {args.refresh}")
-            self.write_configs(args.refresh)
-            for agent in self.agents:
-                assert agent.proc is not None
-                os.kill(agent.proc.pid, signal.SIGHUP)
-            await trio.sleep(self.refresh_s * 1.2 + 1)
+            await self.later(selected)
+            mon.cancel_scope.cancel()
+
+    async def later(self, selected: set[str]) -> None:
+        """Scenarios 2, 5, 3, 4 (those selected) on the running fleet, reloaded at --refresh."""
+        args = self.args
+        if not selected & {"steady", "write", "outage", "kill"}:
+            return
+        log(f"reloading every agent with refresh {args.refresh}")
+        self.write_configs(args.refresh)
+        for agent in self.agents:
+            assert agent.proc is not None
+            os.kill(agent.proc.pid, signal.SIGHUP)
+        await trio.sleep(self.refresh_s * 1.2 + 1)
+        if "steady" in selected:
             log(f"2. steady state for {args.steady:g} s")
             self.steady_window = (time.monotonic(), time.monotonic() + args.steady)
             await self.steady()
+        if "write" in selected:
             log("5. KV writes")
             await self.writes()
+        if "outage" in selected:
             log("3. outage")
             await self.outage()
+        if "kill" in selected:
             log("4. leader kill")
             await self.leader_kill()
-            mon.cancel_scope.cancel()
 
 
 async def sleep_until_mono(when: float) -> None:
@@ -899,11 +934,17 @@ def main() -> int:
                         help="each reader's pause between gets, s (0.5)")
     parser.add_argument("--sample", type=float, default=1.0,
                         help="each agent's status sampled every this many s (1)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="which to run, in the fixed order (all); 'cold' always runs: "
+                        "it starts the fleet")
     parser.add_argument("--shared-machine-id", action="store_true",
                         help="run every agent with this machine's /etc/machine-id")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}: choose from {','.join(SCENARIOS)}")
     if not 1 <= args.agents <= MAX_AGENTS:
         parser.error(f"--agents must be 1..{MAX_AGENTS}")
     work = Path(tempfile.mkdtemp(prefix="agentd-fleet-"))
