@@ -522,11 +522,14 @@ class Bench:
                  "kv_reads": kv, "logins": logins}
             data.append(d)
             rows.append([d["node"], d["role"], fmt(d["mean_rps"]), str(d["peak_rps"]),
-                         str(kv), str(logins)])
+                         str(kv), str(logins), str(sum(series) - kv - logins)])
         tot = self.counts.total(start, end)
+        kv_all = sum(d["kv_reads"] for d in data)
+        logins_all = sum(d["logins"] for d in data)
         rows.append(["all", "", fmt(sum(tot) / seconds), str(max(tot, default=0)),
-                     str(sum(d["kv_reads"] for d in data)), str(sum(d["logins"] for d in data))])
-        header = ["node", "role", "req/s mean", "req/s peak (1 s)", "KV reads", "logins"]
+                     str(kv_all), str(logins_all), str(sum(tot) - kv_all - logins_all)])
+        header = ["node", "role", "req/s mean", "req/s peak (1 s)", "KV reads", "logins",
+                  "other"]
         return table(header, rows), data
 
     def report(self, title: str, start: float, end: float, roles: list[str],
@@ -820,9 +823,149 @@ class Bench:
                     await trio.to_thread.run_sync(self.stop_all)
                 outer.cancel_scope.cancel()
 
+    # -- the same fleet of `bao agent`s (scenarios 1a, 2, 3) ----------------------------------
+
+    def bao_spawn(self, refresh: str) -> list[tuple[subprocess.Popen[bytes], Path]]:
+        """N ``bao agent``s: approle auto_auth, one template per secret, re-rendered every
+        ``refresh`` (``static_secret_render_interval``); agent i talks to node i mod 3 (it
+        takes one address: a fleet puts a load balancer or DNS name there)."""
+        from agentd.devserver import bao_binary
+        out = []
+        for i in range(self.args.agents):
+            root = self.work / f"b{i:03d}"
+            root.mkdir(mode=0o700)
+            (root / "out").mkdir(mode=0o700)
+            for name, value in (("role_id", self.role[0]), ("secret_id", self.role[1])):
+                (root / name).write_text(value + "\n")
+                (root / name).chmod(0o600)
+            hcl = [
+                f"vault {{\n  address = {json.dumps(self.proxies[i % 3].address)}\n}}",
+                "auto_auth {\n  method \"approle\" {\n    config = {\n"
+                f"      role_id_file_path = {json.dumps(str(root / 'role_id'))}\n"
+                f"      secret_id_file_path = {json.dumps(str(root / 'secret_id'))}\n"
+                "      remove_secret_id_file_after_reading = false\n    }\n  }\n}",
+                'log_level = "warn"',
+                f"template_config {{\n  static_secret_render_interval = {json.dumps(refresh)}"
+                "\n}",
+            ]
+            for name in self.names:
+                contents = (f'{{{{ with secret "secret/data/{KV_PREFIX}/{name}" }}}}'
+                            "{{ .Data.data.password }}{{ end }}")
+                hcl.append(f"template {{\n  contents = {json.dumps(contents)}\n"
+                           f"  destination = {json.dumps(str(root / 'out' / name))}\n}}")
+            (root / "agent.hcl").write_text("\n\n".join(hcl) + "\n")
+            with open(root / "bao-agent.log", "wb") as log_file:
+                proc = subprocess.Popen(
+                    [bao_binary(), "agent", f"-config={root / 'agent.hcl'}"],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=clean_env(), start_new_session=True)
+            out.append((proc, root))
+        return out
+
+    async def bao_fleet(self) -> None:
+        args = self.args
+        label = "bao agent"
+        log(f"{label}: cold start of {args.agents} bao agents")
+        roles = self.roles()
+        start = time.monotonic()
+        fleet = await trio.to_thread.run_sync(self.bao_spawn, args.refresh)
+        try:
+            def rendered(root: Path) -> bool:
+                return all((root / "out" / n).exists() for n in self.names)
+
+            deadline = start + 60 + 1.5 * args.agents
+            done_at = None
+            while time.monotonic() < deadline:
+                if all(rendered(r) for _, r in fleet):
+                    done_at = time.monotonic()
+                    break
+                dead = [r.name for p, r in fleet if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"bao agents exited: {dead[:5]}")
+                await trio.sleep(0.2)
+            end = max(time.monotonic(), start + 5)
+            await sleep_until_mono(end)
+            logins = self.counts.total(start, end, ["login"])
+            self.results[f"{label} 1a"] = self.report(
+                f"{label}: 1a. cold start", start, end, roles,
+                [("spawn -> every template rendered (s)",
+                  fmt(done_at - start if done_at else None)),
+                 ("logins (total; peak per s)", f"{sum(logins)}; {max(logins, default=0)}")])
+            await trio.sleep(self.refresh_s * 1.2 + 1)
+            # steady
+            start = time.monotonic()
+            await trio.sleep(args.steady)
+            end = time.monotonic()
+            tot = self.counts.total(start, end)[:max(1, int(end - start))]
+            _, nodes = self.node_table(start, end, roles)
+            means = [d["mean_rps"] for d in nodes]
+            kinds: Counter[str] = Counter()
+            for k in KINDS:
+                kinds[k] = sum(self.counts.total(start, end, [k]))
+            steady_mean = sum(tot) / len(tot)
+            res = self.report(f"{label}: 2. steady state", start, end, roles, [
+                ("requests/s per agent", fmt(steady_mean / args.agents, 2)),
+                ("per-node deviation from even (%)", ", ".join(
+                    f"{100 * (m - statistics.mean(means)) / statistics.mean(means):+.0f}"
+                    for m in means)),
+                ("of which KV reads / mount lookups (sys) / other",
+                 f"{kinds['kv_read']} / {kinds['sys']} / "
+                 f"{sum(kinds.values()) - kinds['kv_read'] - kinds['sys']}"),
+                ("steady 1 s bins: mean / sd / max", f"{fmt(steady_mean)} / "
+                 f"{fmt(statistics.pstdev(tot))} / {max(tot)}")])
+            res["total_mean_rps"] = steady_mean
+            self.results[f"{label} 2"] = res
+            if "outage" not in args.scenarios.split(","):
+                return
+            # outage
+            assert self.cluster is not None
+            log(f"{label}: SIGSTOP all three nodes for {args.outage:g} s")
+            stopped = time.monotonic()
+            try:
+                for node in self.cluster.nodes:
+                    node.pause()
+                await trio.sleep(args.outage)
+            finally:
+                for node in self.cluster.nodes:
+                    node.resume()
+            resumed = time.monotonic()
+            end = resumed + max(3 * self.refresh_s, 20.0)
+            await sleep_until_mono(end)
+            during = sum(self.counts.total(stopped, resumed))
+            rec = self.counts.total(resumed, end)
+            w = max(1, round(self.refresh_s))
+            moving = max(sum(rec[i:i + w]) / w for i in range(max(1, len(rec) - w + 1)))
+            logins = self.counts.total(resumed, end, ["login"])
+            res = self.report(f"{label}: 3. whole cluster unreachable, then back", resumed, end,
+                              roles, [
+                ("outage (s)", fmt(args.outage, 0)),
+                ("requests sent during the outage (all agents)", str(during)),
+                ("  per agent per minute", fmt(during / args.agents / (args.outage / 60))),
+                ("recovery peak / steady mean (1 s bins)", fmt(max(rec) / steady_mean, 2)),
+                (f"recovery peak ({w} s moving mean) / steady mean",
+                 fmt(moving / steady_mean, 2)),
+                ("recovery 1 s bins, first 10 s", " ".join(str(x) for x in rec[:10])),
+                ("logins after the outage (total; peak per s)",
+                 f"{sum(logins)}; {max(logins, default=0)}")])
+            res["peak_ratio"] = max(rec) / steady_mean
+            res["moving_ratio"] = moving / steady_mean
+            self.results[f"{label} 3"] = res
+        finally:
+            for proc, _ in fleet:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc, _ in fleet:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
     async def scenarios(self) -> None:
         args = self.args
         selected = set(args.scenarios.split(","))
+        if args.bao:
+            await self.bao_fleet()
         log(f"1a. cold start of {len(self.agents)} agents, no snapshots")
         async with trio.open_nursery() as mon:
             await self.cold_start(mon, "1a. cold start, no snapshots", snapshots=False)
@@ -937,6 +1080,8 @@ def main() -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="which to run, in the fixed order (all); 'cold' always runs: "
                         "it starts the fleet")
+    parser.add_argument("--bao", action="store_true",
+                        help="first run the same fleet of `bao agent`s (1a, 2, 3)")
     parser.add_argument("--shared-machine-id", action="store_true",
                         help="run every agent with this machine's /etc/machine-id")
     parser.add_argument("--json", type=Path, help="also write every figure here")
