@@ -914,6 +914,7 @@ class Bench:
                 ("steady 1 s bins: mean / sd / max", f"{fmt(steady_mean)} / "
                  f"{fmt(statistics.pstdev(tot))} / {max(tot)}")])
             res["total_mean_rps"] = steady_mean
+            res["peak_1s"] = max(tot)
             self.results[f"{label} 2"] = res
             if "outage" not in args.scenarios.split(","):
                 return
@@ -1058,6 +1059,14 @@ def summary(bench: Bench) -> list[list[str]]:
             kill["recovered_s"] is not None)
     errors = bench.read_errors()
     row("zero local read errors throughout", str(errors), errors == 0)
+    bao_steady, bao_out = r.get("bao agent 2"), r.get("bao agent 3")
+    if bao_steady:
+        row("(comparison) bao agent, same fleet: steady 1 s peak / steady mean",
+            fmt(bao_steady["peak_1s"] / bao_steady["total_mean_rps"], 2), None)
+    if bao_out:
+        row("(comparison) bao agent, same fleet: recovery peak / steady mean",
+            f"{bao_out['peak_ratio']:.2f}x (moving mean over one refresh: "
+            f"{bao_out['moving_ratio']:.2f}x)", None)
     return rows
 
 
