@@ -701,10 +701,17 @@ class Bench:
         up_errors0 = self.sum_status(lambda s: s["upstream"]["errors"])
         log(f"outage: SIGSTOP all three nodes for {self.args.outage:g} s")
         stopped = time.monotonic()
+        first_error = None
         try:
             for node in self.cluster.nodes:
                 node.pause()
-            await trio.sleep(self.args.outage)
+            # the first refresh error: a request has failed on every address, the gate closes
+            while time.monotonic() < stopped + self.args.outage:
+                if first_error is None and (
+                        self.sum_status(lambda s: s["upstream"]["errors"]) > up_errors0):
+                    first_error = time.monotonic()
+                await trio.sleep(min(0.5, max(0.0, stopped + self.args.outage
+                                              - time.monotonic())))
         finally:
             for node in self.cluster.nodes:
                 node.resume()
@@ -735,6 +742,8 @@ class Bench:
             ("outage (s)", fmt(self.args.outage, 0)),
             ("requests sent during the outage (all agents)", str(during)),
             ("  per agent per minute", fmt(during / len(self.agents) / (self.args.outage / 60))),
+            ("outage -> first refresh error seen, any agent (s)",
+             fmt(first_error - stopped if first_error else None)),
             ("steady mean req/s (scenario 2)", fmt(steady_mean)),
             ("recovery peak req/s (1 s bin)", str(peak)),
             ("recovery peak / steady mean", fmt(peak / steady_mean, 2)),
@@ -761,6 +770,7 @@ class Bench:
         res["moving_ratio"] = moving / steady_mean
         res["fresh_s"] = freshed - resumed if freshed else None
         res["during"] = during
+        res["first_error_s"] = first_error - stopped if first_error else None
         res["resumed_wall"] = resumed_wall
         self.results["3. outage"] = res
 
@@ -785,7 +795,7 @@ class Bench:
         end = max(time.monotonic(), killed + 3 * self.refresh_s)
         await sleep_until_mono(end)
         figures = [
-            ("kill -> new active node (s)", fmt(leader_at - killed if leader_at else None)),
+            ("kill -> a node answers active (s)", fmt(leader_at - killed if leader_at else None)),
             ("kill -> every agent refreshed every secret (s)",
              fmt(recovered - killed if recovered else None)),
             ("refresh errors (agents' upstream errors)",
