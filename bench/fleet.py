@@ -1138,6 +1138,9 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "results": bench.results,
+                                         "read_errors_total": bench.read_errors(),
+                                         "read_error_samples": [e for a in bench.agents
+                                                                for e in a.read_errors][:20],
                                          "counts": bench.counts.dump()}, indent=1,
                                         default=str))
     if args.keep:
