@@ -9,7 +9,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
-.PHONY: install test test-fast lint demo bench bench-socket clean distclean
+.PHONY: install test test-fast lint demo bench bench-socket bench-fleet clean distclean
 .PHONY: deb rpm package-test system-deps
 
 # The stamp is remade whenever pyproject.toml changes. pip itself is not upgraded: the venv's own
@@ -46,6 +46,11 @@ bench: $(STAMP)
 
 bench-socket: $(STAMP)
 	$(PYTHON) bench/socket_bench.py $(BENCH_ARGS)
+
+# 100 agentd processes against a real 3-node raft OpenBao cluster, 5 scenarios (issue 18; about
+# 7 minutes on 2 idle cores; not in `make test`). Smaller: BENCH_ARGS='--agents 10 --outage 20'.
+bench-fleet: $(STAMP)
+	$(PYTHON) bench/fleet.py $(BENCH_ARGS)
 
 # Packages (packaging/build.sh, nfpm): agentd's wheels for python 3.10-3.13 under /opt/agentd, the
 # virtualenv built at install with the target's python. `make deb` is one package for Debian 12/13

@@ -75,3 +75,26 @@ def test_http_bench_prints_cpu_per_request_for_each_client(tmp_path: Path) -> No
     assert set(rows) == {"agentd", "httpx", "h11"}
     for cells in rows.values():
         assert NUMBER.match(cells[1]) and NUMBER.match(cells[2]), cells
+
+
+def test_fleet_bench_two_agents_cold_start_and_steady(tmp_path: Path) -> None:
+    """bench/fleet.py at N=2 (cold start and steady state only, about 25 s): the raft cluster,
+    the counting proxies and the agents come up, the per-node table has a row per node, and
+    nothing is left behind. The figures are not asserted."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fleet.py"), "--agents", "2", "--scenarios",
+         "cold,steady", "--refresh", "2s", "--steady", "2", "--snapshot-window", "2"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "### 1a. cold start, no snapshots" in out and "### 2. steady state" in out
+    rows = {c[0]: c for c in map(_cells, [line for line in out.splitlines()
+                                          if line.startswith("|")])}
+    for node in ("n1", "n2", "n3", "all"):
+        assert NUMBER.match(rows[node][2]), rows[node]
+    assert NUMBER.match(rows["requests/s per agent (measured)"][1])
+    assert rows["zero local read errors throughout"][2] in ("met", "MISSED")
+    assert not list(tmp_path.glob("agentd-fleet-*"))
