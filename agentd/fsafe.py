@@ -98,6 +98,8 @@ def open_dir(
                 parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd, shown = parent, shown.parent
+                if not pending:     # it is the last directory now: held to the last's rule
+                    _check_dir(os.fstat(fd), str(shown), owner_set, last=not above)
                 continue
             try:
                 child = os.open(name, _DIR_FLAGS, dir_fd=fd)

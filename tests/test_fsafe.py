@@ -231,3 +231,12 @@ kind = "kv2"
 path = "secret/data/db"
 """)
     assert config_mod.load(main).files == (main,)
+
+
+def test_a_dotdot_that_ends_in_a_sticky_directory_is_held_to_the_last_rule(root: Path) -> None:
+    sticky = root / "tmp"
+    (sticky / "x").mkdir(parents=True)
+    sticky.chmod(0o1777)
+    with pytest.raises(UnsafePath, match="writable by others"):
+        os.close(fsafe.open_dir(f"{sticky}/x/.."))
+    os.close(fsafe.open_dir(f"{sticky}/x/..", above=True))
