@@ -173,13 +173,25 @@ class _Wait:
         if self.deadline < scope.deadline:
             scope.deadline = self.deadline
 
-    def read_throttled(self, fd: int) -> bytes | None:
-        """While throttled, what the client sent meanwhile; None once nothing is waiting (it
-        caught up: no longer throttled). Raises OSError when the connection is gone."""
+    async def receive(self, fd: int) -> bytes | None:
+        """The connection's next bytes (b"": EOF), or None when a wakeup brought none (look
+        again). While throttled, what the client sent meanwhile is taken at once if there is
+        any; nothing waiting means it caught up (no longer throttled), and it is waited for as
+        usual. Raises OSError when the connection is gone (reset by the peer)."""
+        if self.throttled_since is not None:
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                self.throttled_since = None
+            else:
+                self.read_at = trio.current_time()
+                return data
+        self.waiting = True
+        await trio.lowlevel.wait_readable(fd)
+        self.waiting = False
         try:
             data = os.read(fd, RECEIVE_SIZE)
         except BlockingIOError:
-            self.throttled_since = None
             return None
         self.read_at = trio.current_time()
         return data
@@ -589,28 +601,13 @@ class Server:
                     wait.idle_since = trio.current_time()
                 wait.arm(conn.has_partial_frame, got, agent, scope)
                 got = False
-                if wait.throttled_since is not None:
-                    # Throttled: has the client caught up (nothing more waiting to be read)?
-                    try:
-                        pending = wait.read_throttled(fd)
-                    except OSError:
-                        return
-                    if pending is not None:
-                        conn.receive_data(pending)
-                        checked = False
-                        continue
-                wait.waiting = True
-                await trio.lowlevel.wait_readable(fd)
-                wait.waiting = False
                 try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
+                    received = await wait.receive(fd)
                 except OSError:
                     return              # reset by the peer
-                wait.read_at = trio.current_time()
-                conn.receive_data(data)
-                checked = False
+                if received is not None:
+                    conn.receive_data(received)
+                    checked = False
                 continue
             got = True
             if not checked:
@@ -1052,28 +1049,13 @@ class Server:
             if reply is httpface.CLOSED:
                 return
             wait.arm(conn.has_partial_request, False, agent, scope)
-            if wait.throttled_since is not None:
-                # Throttled: has the client caught up (nothing more waiting to be read)?
-                try:
-                    pending = wait.read_throttled(fd)
-                except OSError:
-                    return
-                if pending is not None:
-                    conn.receive_data(pending)
-                    reader.checked = False
-                    continue
-            wait.waiting = True
-            await trio.lowlevel.wait_readable(fd)
-            wait.waiting = False
             try:
-                data = os.read(fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                continue
+                received = await wait.receive(fd)
             except OSError:
                 return          # reset by the peer
-            wait.read_at = trio.current_time()
-            conn.receive_data(data)
-            reader.checked = False
+            if received is not None:
+                conn.receive_data(received)
+                reader.checked = False
 
     def _read(
         self, name: str, field: str | None, version: int | None, peer: Peer, allowed: Grants,
