@@ -9,12 +9,15 @@ with the connection itself (no socket, EOF, garbage, timeout) as ``ClientError``
 ``watch(names)`` sends the request and checks its reply at once (so ``Forbidden`` is raised by
 the call), then returns an iterator of ``Event``; the connection is given over to that stream.
 
-Connecting retries while the agent's listen queue is full: an AF_UNIX ``connect()`` then fails
-at once with ``EAGAIN`` (a connect storm by another process can cause it). Both clients try again
-after a short, growing, jittered pause (5 ms doubling to 50 ms) for at most
-``CONNECT_RETRY_SECONDS`` in all (and never past ``Client.connect``'s ``timeout``), logging each
-retry at debug level on the ``agentd.client`` logger, then raise ``ClientError``. Every other
-connect error is raised at once.
+Connecting waits in the kernel while the agent's listen queue is full (a burst, or a connect
+storm by another process). A non-blocking AF_UNIX ``connect()`` would fail at once with
+``EAGAIN``, and retrying it races the storm for each place the agent frees, a race a loop in C
+wins; a blocking one sleeps on the listener's queue of waiting connectors, which the kernel
+wakes one at a time as the agent accepts (decision 13). So both clients connect blocking, the
+wait bounded by ``SO_SNDTIMEO`` to ``CONNECT_WAIT_SECONDS`` (and never past ``Client.connect``'s
+``timeout``); a queue that stays full that long is ``ClientError``. ``AsyncClient`` first tries
+a non-blocking connect and only when the queue is full waits in a worker thread, not
+cancellable but bounded by the same limit. Every other connect error is raised at once.
 
 ``resolve_socket_path()`` implements the CLI's rule for finding the socket.
 """
@@ -24,10 +27,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import socket
+import struct
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -54,9 +56,8 @@ __all__ = [
 
 DEFAULT_SOCKET: Final = "/run/agentd/agentd.sock"
 RECEIVE_SIZE: Final = 65536
-CONNECT_RETRY_SECONDS: Final = 2.0     # retrying a full listen queue, at most this long
-_FIRST_DELAY: Final = 0.005
-_MAX_DELAY: Final = 0.05
+_TIMEVAL: Final = struct.Struct("@ll")   # struct timeval
+CONNECT_WAIT_SECONDS: Final = 2.0      # waiting for a place in a full listen queue, at most
 
 log = logging.getLogger("agentd.client")
 
@@ -65,20 +66,31 @@ def _queue_full(exc: OSError) -> bool:
     return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-def _retry_delay(attempt: int, left: float) -> float | None:
-    """The pause before connect attempt ``attempt + 1`` (``left`` seconds of the retry budget
-    remain), or None: give up."""
-    if left <= 0:
-        return None
-    delay = min(_MAX_DELAY, _FIRST_DELAY * 2.0 ** min(attempt - 1, 16))
-    return min(left, delay * (0.5 + random.random() / 2))
+def _connect_waiting(where: str, wait: float) -> socket.socket:
+    """A socket connected to ``where`` by a blocking ``connect()`` that waits up to ``wait``
+    seconds in the kernel for a place in a full listen queue (decision 13). The socket is left
+    blocking; the caller sets its own timeout.
 
-
-def _full_error(where: str, attempts: int, waited: float, exc: OSError) -> ClientError:
-    error = ClientError(f"cannot connect to agentd at {where}: its connection queue stayed full "
-                        f"({attempts} attempts over {waited:.1f} s)")
-    error.__cause__ = exc
-    return error
+    Raises:
+        ClientError: the queue stayed full for ``wait`` seconds, or any other connect error.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        whole = max(0.001, wait)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        _TIMEVAL.pack(int(whole), int(whole % 1 * 1_000_000)))
+        sock.connect(where)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+    except OSError as exc:
+        sock.close()
+        if _queue_full(exc):
+            raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
+                              f"stayed full for {whole:.1f} s") from exc
+        raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def resolve_socket_path(
@@ -169,29 +181,9 @@ class Client:
             ClientError: the socket is missing, refuses the connection or does not answer.
         """
         where = os.fspath(path)
-        start = time.monotonic()
-        budget = min(CONNECT_RETRY_SECONDS, timeout)
-        attempts = 0
-        while True:
-            attempts += 1
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout)
-                sock.connect(where)
-            except OSError as exc:
-                sock.close()
-                if not _queue_full(exc):
-                    raise ClientError(
-                        f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
-                waited = time.monotonic() - start
-                delay = _retry_delay(attempts, budget - waited)
-                if delay is None:
-                    raise _full_error(where, attempts, waited, exc) from exc
-                log.debug("agentd's connection queue is full; retrying in %.3f s", delay,
-                          extra={"attempt": attempts})
-                time.sleep(delay)
-                continue
-            return cls(sock, where)
+        sock = _connect_waiting(where, min(CONNECT_WAIT_SECONDS, timeout))
+        sock.settimeout(timeout)
+        return cls(sock, where)
 
     def __enter__(self) -> Client:
         return self
@@ -455,24 +447,16 @@ async def open_client(path: str | os.PathLike[str]) -> AsyncClient:
         ClientError: the socket is missing or refuses the connection.
     """
     where = os.fspath(path)
-    start = trio.current_time()
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            stream = await _open_unix_stream(where)
-        except OSError as exc:
-            if not _queue_full(exc):
-                raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
-            waited = trio.current_time() - start
-            delay = _retry_delay(attempts, CONNECT_RETRY_SECONDS - waited)
-            if delay is None:
-                raise _full_error(where, attempts, waited, exc) from exc
-            log.debug("agentd's connection queue is full; retrying in %.3f s", delay,
-                      extra={"attempt": attempts})
-            await trio.sleep(delay)
-            continue
-        return AsyncClient(stream, where)
+    try:
+        stream = await _open_unix_stream(where)
+    except OSError as exc:
+        if not _queue_full(exc):
+            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+        log.debug("agentd's connection queue is full; waiting for a place")
+        sock = await trio.to_thread.run_sync(_connect_waiting, where, CONNECT_WAIT_SECONDS)
+        sock.setblocking(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return AsyncClient(stream, where)
 
 
 async def _open_unix_stream(where: str) -> trio.SocketStream:

@@ -236,11 +236,15 @@ class Agent:
                     listener = activated[0]
                     for extra in activated[1:]:
                         extra.close()
+                    # systemd listened with its own Backlog=; while agentd accepts, the queue
+                    # is the configured one (decision 13), and a deep one again at exit
+                    listener.listen(config.agent.listen_backlog)
                 else:
                     listener = open_listener(
                         config.agent.socket,
                         mode=config.agent.socket_mode,
                         group=config.agent.socket_group,
+                        backlog=config.agent.listen_backlog,
                     )
                 await nursery.start(self.server.serve, listener)
                 if config.agent.credentials_socket is not None:
@@ -266,6 +270,11 @@ class Agent:
                     await self.auth.revoke()
                 await self.upstream.aclose()
             if listener is not None:
+                if activated:
+                    # systemd keeps this socket across the restart: let clients queue deep
+                    # while nobody accepts (they are not competing with a storm then)
+                    with contextlib.suppress(OSError):
+                        listener.listen(socket.SOMAXCONN)
                 listener.close()
                 if not activated:
                     _unlink_socket(config.agent.socket)

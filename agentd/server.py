@@ -5,7 +5,7 @@ Theory of operation: ``serve`` accepts connections on an already-listening AF_UN
 
 1. is admitted by the accept loop (``serve_listener``), which accepts until the backlog is empty
    and, from ``SO_PEERCRED`` alone, closes a connection over the global or per-uid connection
-   cap, or over its uid's connect rate (a bucket of its own, with the request rate and burst),
+   cap, or over its uid's connect rate (``connects_per_second_per_uid``, ``connect_burst_per_uid``),
    at once (a ``rate_limited`` reply with id nil, written without waiting); an admitted one
    then takes the peer's full identity once (``SO_PEERCRED`` + /proc, see access.py);
 2. feeds received bytes to a ``protocol.ServerConnection`` and handles its events in order, so
@@ -102,7 +102,7 @@ log = logging.getLogger("agentd.server")
 
 RECEIVE_SIZE = 65536
 MAX_BATCH = 64          # replies to pipelined requests sent before other connections get a turn
-LISTEN_BACKLOG = 4096   # connections queued by the kernel (capped by net.core.somaxconn)
+LISTEN_BACKLOG = 256    # connections queued by the kernel: [agent] listen_backlog's default
 ACCEPT_BATCH = 64       # connections accepted in one turn before other tasks run
 # accept() errors that mean "out of a resource": pause accepting, do not end the server
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -425,7 +425,7 @@ class Server:
         self._per_uid: Counter[int] = Counter()
         self._watchers: Counter[int] = Counter()
         self._budgets: dict[int, _Budget] = {}
-        self._connect_budgets: dict[int, _Budget] = {}   # connects, same rate and burst
+        self._connect_budgets: dict[int, _Budget] = {}   # new connections, per uid
         self._warnings = _Warnings()
         self.refused_connections = 0
         self.requests = 0
@@ -486,8 +486,8 @@ class Server:
                                 error=str(exc))
             return None
         agent = self.config.agent
-        rate = float(agent.requests_per_second_per_uid)
-        burst = float(agent.request_burst_per_uid)
+        rate = float(agent.connects_per_second_per_uid)
+        burst = float(agent.connect_burst_per_uid)
         if (
             self._connections >= agent.max_connections
             or self._per_uid[uid] >= agent.max_connections_per_uid

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
+import platform
 import socket
 import threading
 import time
@@ -236,6 +236,47 @@ async def test_a_connection_over_the_cap_is_closed_at_accept_without_identity_wo
     assert capped.agent.server.statistics().refused_connections == 1
 
 
+connect_limited = agent_with("connects_per_second_per_uid = 1\nconnect_burst_per_uid = 3")
+
+
+async def test_new_connections_draw_from_their_own_bucket_not_the_request_budget(
+    connect_limited: RunningAgent,
+) -> None:
+    """A uid's connects over ``connect_burst_per_uid`` are refused at accept, while the same
+    uid's requests on a connection it has go on at the (much larger) request rate."""
+    path = str(connect_limited.socket)
+
+    def connect_five_then_ping() -> dict[str, Any]:
+        held, refused = [], 0
+        for _ in range(5):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(20)
+            sock.connect(path)
+            sock.sendall(frame({"v": 1, "id": 1, "op": "ping"}))
+            reply = read_reply(sock)
+            if reply.get("id") is None and code(reply) == "rate_limited":
+                refused += 1
+                sock.close()
+            else:
+                held.append(sock)
+        answered = 0
+        for i in range(50):
+            held[0].sendall(frame({"v": 1, "id": 10 + i, "op": "ping"}))
+            answered += read_reply(held[0]) == {"id": 10 + i, "ok": True}
+        for sock in held:
+            sock.close()
+        return {"held": len(held), "refused": refused, "answered": answered}
+
+    with trio.fail_after(30):
+        result = await run_as(NOBODY, NOBODY, connect_five_then_ping)
+    assert result["ok"], result
+    # the bucket holds 3 and refills one a second: the 4th and 5th connects come too soon
+    # (a refill in between lets at most one more in)
+    assert result["value"]["held"] in (3, 4)
+    assert result["value"]["refused"] == 5 - result["value"]["held"]
+    assert result["value"]["answered"] == 50
+
+
 stormed = agent_with("")
 
 
@@ -327,35 +368,30 @@ def reached(listener: socket.socket, send: Callable[[bytes], object]) -> bool:
     return found
 
 
-class _Retries(logging.Handler):
-    """Counts the client's retry log records and wakes a waiter at the first."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-        self.first = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "retrying" in record.getMessage():
-            self.count += 1
-            self.first.set()
+CONNECT_SYSCALL = {"x86_64": 42, "aarch64": 203}.get(platform.machine())
 
 
-@pytest.fixture
-def retries() -> AsyncIterator[_Retries]:
-    handler = _Retries()
-    logger = logging.getLogger("agentd.client")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler  # type: ignore[misc]
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+def blocked_in_connect() -> bool:
+    """True if a thread of this process is asleep in ``connect()`` (waiting in the kernel for a
+    place in a full listen queue), from /proc/self/task/*/syscall."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
+            if fields and fields[0] == str(CONNECT_SYSCALL):
+                return True
+    return False
 
 
-async def test_the_blocking_client_retries_a_full_listen_queue(
-    tmp_path: Path, retries: _Retries
+needs_syscall_number = pytest.mark.skipif(CONNECT_SYSCALL is None,
+                                          reason="connect's syscall number on this machine")
+
+
+@needs_syscall_number
+async def test_the_blocking_client_waits_in_the_kernel_for_a_place_in_a_full_queue(
+    tmp_path: Path,
 ) -> None:
+    """A connect to a full queue sleeps in ``connect()`` (the kernel wakes one waiter per
+    accept, in order) instead of retrying EAGAIN, a race a storm wins (decision 13)."""
     path = tmp_path / "full.sock"
     listener, queued = full_listener(path)
     try:
@@ -365,21 +401,21 @@ async def test_the_blocking_client_retries_a_full_listen_queue(
 
                 async def connect() -> None:
                     connected.append(await trio.to_thread.run_sync(
-                        partial(Client.connect, path, timeout=10)))
+                        partial(Client.connect, path, timeout=20)))
 
                 nursery.start_soon(connect)
-                # Once it has been refused (EAGAIN) and is retrying, free a place in the queue.
-                assert await trio.to_thread.run_sync(retries.first.wait, 20)
-                listener.accept()[0].close()
-        assert retries.count >= 1 and len(connected) == 1
+                while not blocked_in_connect():
+                    await trio.sleep(0.001)
+                assert not connected
+                listener.accept()[0].close()        # one place: the waiter gets it
         with connected[0]:
             assert reached(listener, connected[0]._sock.sendall)     # really connected
-        # A queue that stays full: a bounded number of attempts, then ClientError.
+        # A queue that stays full: the wait is bounded, then ClientError.
         listener2, queued2 = full_listener(tmp_path / "full2.sock")
         try:
             with pytest.raises(ClientError, match="connection queue stayed full"):
                 await trio.to_thread.run_sync(partial(Client.connect, tmp_path / "full2.sock",
-                                                      timeout=10))
+                                                      timeout=0.2))
         finally:
             for sock in [listener2, *queued2]:
                 sock.close()
@@ -388,8 +424,9 @@ async def test_the_blocking_client_retries_a_full_listen_queue(
             sock.close()
 
 
-async def test_the_async_client_retries_a_full_listen_queue(
-    tmp_path: Path, retries: _Retries
+@needs_syscall_number
+async def test_the_async_client_waits_in_the_kernel_for_a_place_in_a_full_queue(
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "full.sock"
     listener, queued = full_listener(path)
@@ -402,10 +439,10 @@ async def test_the_async_client_retries_a_full_listen_queue(
                     connected.append(await open_client(path))
 
                 nursery.start_soon(connect)
-                while not retries.first.is_set():
+                while not blocked_in_connect():
                     await trio.sleep(0.001)
+                assert not connected
                 listener.accept()[0].close()
-            assert retries.count >= 1 and len(connected) == 1
             fd = connected[0]._stream.socket.fileno()
             assert reached(listener, lambda data: os.write(fd, data))
             await connected[0].aclose()

@@ -1,0 +1,135 @@
+"""The listen queue is ``[agent] listen_backlog`` deep while agentd accepts (decision 13), on a
+socket it bound and on one systemd passed, and deep again once agentd exits from an activated
+socket (systemd keeps it; clients queue through the restart).
+
+Measured the way a client meets it: with the agent stopped (SIGSTOP), nobody accepts, and a
+non-blocking ``connect()`` fails with ``EAGAIN`` once the queue is full. Linux lets an AF_UNIX
+queue take ``backlog + 1`` connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agentfixture import Seeded, socket_dir, write_config
+from tests.openbao import DevServer
+from tests.support import wait_until
+
+MOST = 5000       # connects tried before giving up on finding the queue's end
+
+
+def queue_room(path: Path) -> int:
+    """How many connections ``path``'s listen queue takes before ``EAGAIN`` (all closed)."""
+    held = []
+    try:
+        for _ in range(MOST):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                sock.close()
+                return len(held)
+            held.append(sock)
+        return len(held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def pings(path: Path) -> bool:
+    from agentd.client import Client
+    from agentd.errors import ClientError
+    try:
+        with Client.connect(path, timeout=2) as client:
+            client.ping()
+        return True
+    except ClientError:
+        return False
+
+
+@contextlib.contextmanager
+def agent_process(cfg: Path, *, listener: socket.socket | None = None
+                  ) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m agentd run``; with ``listener``, passed as systemd would (fd 3)."""
+    env = dict(os.environ)
+    pass_fds: tuple[int, ...] = ()
+    argv = [sys.executable, "-m", "agentd", "run", "-c", str(cfg)]
+    if listener is not None:
+        fd = listener.fileno()
+        pass_fds = (fd,)
+        env["LISTEN_FDS"] = "1"
+        # the socket as fd 3 and LISTEN_PID the agent's own pid: a launcher sets both and execs
+        launch = (f"import os, sys; os.dup2({fd}, 3); os.close({fd}); "
+                  "os.environ['LISTEN_PID'] = str(os.getpid()); "
+                  "os.execv(sys.argv[1], sys.argv[1:])")
+        argv = [sys.executable, "-c", launch, *argv]
+    log = (cfg.parent / "agent.log").open("wb")
+    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, stdout=log, stderr=log)
+    log.close()
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def config(tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+           sock: Path, extra: str) -> Path:
+    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock, agent_extra=extra)
+    cfg.chmod(0o600)
+    return cfg
+
+
+@pytest.mark.parametrize("backlog", [8, None])
+def test_the_listen_queue_is_as_deep_as_configured(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+    backlog: int | None,
+) -> None:
+    sock = socket_dir() / "agentd.sock"
+    extra = "" if backlog is None else f"listen_backlog = {backlog}"
+    with agent_process(config(tmp_path, bao, approle_files, seeded, sock, extra)) as proc:
+        wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+        proc.send_signal(signal.SIGSTOP)
+        room = queue_room(sock)
+        proc.send_signal(signal.SIGCONT)
+    assert room in ((backlog or 256), (backlog or 256) + 1)
+
+
+def test_an_activated_socket_gets_the_configured_queue_and_a_deep_one_after_exit(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+) -> None:
+    sock = socket_dir() / "agentd.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen(4096)                  # systemd's default Backlog=
+    try:
+        cfg = config(tmp_path, bao, approle_files, seeded, sock, "listen_backlog = 16")
+        with agent_process(cfg, listener=listener) as proc:
+            wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+            proc.send_signal(signal.SIGSTOP)
+            while_serving = queue_room(sock)
+            proc.send_signal(signal.SIGCONT)
+        assert proc.returncode == 0
+        after_exit = queue_room(sock)          # nobody accepts: the queue fills to its depth
+        assert while_serving in (16, 17)
+        assert after_exit > 256
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            sock.unlink()
