@@ -120,15 +120,22 @@ _HTTP_TOO_MANY_CONNECTIONS = httpface.error_response(429, "too many connections"
 _HTTP_FLOODING = httpface.error_response(429, "requests kept coming over this uid's rate; closing")
 
 
-def _refusal_for(sock: socket.socket) -> bytes:
-    """The "too many connections" reply in the protocol the client speaks, if its first byte
-    is already there (an HTTP client sends its request at once); v1's otherwise."""
+def _refuse(sock: socket.socket) -> None:
+    """Send the "too many connections" reply, without waiting, in the protocol the client
+    speaks if its first byte is already there (an HTTP client sends its request at once), v1's
+    otherwise; nothing to a client that has already hung up (most of a connect storm)."""
     try:
         first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        first = None                # connected, nothing sent yet
     except OSError:
-        first = b""
-    return _HTTP_TOO_MANY_CONNECTIONS if httpface.looks_like_http(first) else \
-        _TOO_MANY_CONNECTIONS
+        return
+    if first == b"":
+        return                      # EOF: nobody to tell
+    reply = _HTTP_TOO_MANY_CONNECTIONS if first is not None and httpface.looks_like_http(first) \
+        else _TOO_MANY_CONNECTIONS
+    with contextlib.suppress(OSError):
+        sock.send(reply, socket.MSG_DONTWAIT)
 
 
 def _write_now(fd: int, data: bytes) -> int | None:
@@ -497,8 +504,7 @@ class Server:
             self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])
-            with contextlib.suppress(OSError):
-                sock.send(_refusal_for(sock), socket.MSG_DONTWAIT)
+            _refuse(sock)
             return None
         self._connections += 1
         self._per_uid[uid] += 1

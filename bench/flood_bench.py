@@ -2,13 +2,19 @@
 
 Starts ``bao server -dev`` and ``python -m agentd run`` (default limits, audit on, to a file) in a
 private temp directory, then, for each phase, root reads ``db`` at ``--rate`` reads per second
-(under its own per-uid budget), alternating a kept connection and a fresh connection per read,
-with ``agentd.client.Client``, and records each read's latency or failure:
+(under its own per-uid budget), taking turns between a kept connection and a fresh connection
+per read with ``agentd.client.Client`` (which waits in the kernel for a place in a full listen
+queue, decision 13), and a fresh connection made the way Go's ``net.Dial`` and curl make it
+(one non-blocking ``connect``, no retry: ``EAGAIN`` is a failure), and records each read's
+latency or failure:
 
 1. ``baseline``: nothing else runs;
 2. ``request flood``: nobody (uid 65534, no grants) holds 64 connections and keeps sending pings
    on them without reading an answer, reconnecting whenever the agent closes one;
-3. ``connect storm``: ``--storm-procs`` processes of nobody connect and close in a loop.
+3. ``CPU burn``: ``--storm-procs`` processes of nobody spin without touching the socket: the
+   floor the next phase cannot go below, because on a host with as many busy processes as
+   cores every process waits for a CPU, whatever the agent does;
+4. ``connect storm``: ``--storm-procs`` processes of nobody connect and close in a loop.
 
 Each phase lasts ``--duration`` seconds (bounded; attackers are killed at its end). Prints a
 markdown table: per phase and connection kind, reads, failures, p50 and p99 in ms. Target (issue
@@ -110,6 +116,11 @@ def request_flood(path: str) -> Callable[[float], None]:
     return run
 
 
+def burn_cpu(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        pass
+
+
 def connect_storm(path: str) -> Callable[[float], None]:
     def run(deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -121,10 +132,42 @@ def connect_storm(path: str) -> Callable[[float], None]:
 
 # --- the measured reader (root) -------------------------------------------------------------
 
+NO_WAIT = "fresh, no wait (Go, curl)"
+KINDS = ("kept", "fresh", NO_WAIT)
+GET = _frame({"v": 1, "id": 1, "op": "get", "name": SECRET})
+
+
+def _get_without_waiting(path: str) -> None:
+    """One ``get`` on a connection made as Go and curl make it: a non-blocking ``connect()``,
+    where a full queue (``EAGAIN``) is an error; then the request and its reply, blocking."""
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.setblocking(False)
+        sock.connect(path)
+        sock.settimeout(10.0)
+        sock.sendall(GET)
+        head = b""
+        while len(head) < 4:
+            chunk = sock.recv(4 - len(head))
+            if not chunk:
+                raise ConnectionError("closed before the reply")
+            head += chunk
+        (size,) = struct.unpack(">I", head)
+        body = b""
+        while len(body) < size:
+            chunk = sock.recv(size - len(body))
+            if not chunk:
+                raise ConnectionError("closed in the reply")
+            body += chunk
+        if not msgpack.unpackb(body).get("ok"):
+            raise ConnectionError("the reply is an error")
+    finally:
+        sock.close()
+
 
 def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[float], int]]:
     """Reads by root for ``duration`` s at ``rate``/s: kind -> (latencies in ms, failures)."""
-    out: dict[str, tuple[list[float], int]] = {"kept": ([], 0), "fresh": ([], 0)}
+    out: dict[str, tuple[list[float], int]] = {kind: ([], 0) for kind in KINDS}
     kept: Client | None = None
     start = time.monotonic()
     for n in range(MAX_READS):
@@ -134,13 +177,15 @@ def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[flo
             break
         if due > now:
             time.sleep(due - now)
-        kind = "kept" if n % 2 else "fresh"
+        kind = KINDS[n % len(KINDS)]
         latencies, failures = out[kind]
         t0 = time.perf_counter()
         try:
             if kind == "fresh":
                 with Client.connect(path, timeout=10.0) as client:
                     client.get(SECRET)
+            elif kind == NO_WAIT:
+                _get_without_waiting(path)
             else:
                 if kept is None:
                     kept = Client.connect(path, timeout=10.0)
@@ -180,7 +225,7 @@ def phase(path: str, name: str, attackers: list[Callable[[float], None]], durati
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase (5)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (10)")
     parser.add_argument("--rate", type=float, default=50.0, help="root's reads per second (50)")
     parser.add_argument("--storm-procs", type=int, default=2, help="connect storm processes (2)")
     args = parser.parse_args(argv)
@@ -229,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.sleep(1.0)                      # root's bucket refills between phases
         rows += phase(path, f"request flood ({FLOOD_CONNECTIONS} connections)",
                       [request_flood(path)], args.duration, args.rate)
+        time.sleep(1.0)
+        rows += phase(path, f"CPU burn ({args.storm_procs} processes, no socket)",
+                      [burn_cpu] * args.storm_procs, args.duration, args.rate)
         time.sleep(1.0)
         rows += phase(path, f"connect storm ({args.storm_procs} processes)",
                       [connect_storm(path)] * args.storm_procs, args.duration, args.rate)

@@ -459,15 +459,18 @@ async def test_a_dead_peer_gets_no_http_answer(agent: RunningAgent) -> None:
 
 
 def test_over_the_cap_refusal_speaks_the_client_s_protocol() -> None:
-    """A connection refused at accept is told so in HTTP when its request is already there."""
-    from agentd.server import _refusal_for
+    """A connection refused at accept is told so in HTTP when its request is already there, in
+    v1 otherwise."""
+    from agentd.server import _refuse
 
     for sent, http in ((b"GET / HTTP/1.1\r\n", True), (b"\x00\x00\x00\x05", False), (b"", False)):
         a, b = socket.socketpair(socket.AF_UNIX)
         with a, b:
             if sent:
                 a.sendall(sent)
-            reply = _refusal_for(b)
+            _refuse(b)
+            reply = a.recv(4096, socket.MSG_DONTWAIT)
             assert reply.startswith(b"HTTP/1.1 429 ") is http
             assert (b"Connection: close" in reply) is http
+            assert (b"rate_limited" in reply) is not http
             assert b.recv(64, socket.MSG_DONTWAIT) == sent if sent else True    # peeked only
