@@ -6,9 +6,11 @@ over the session's OpenBao and the ``seeded`` fixture (conftest.py), run by ``ru
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -67,9 +69,24 @@ async def call(sock: Path, op: str, **args: Any) -> dict[str, Any]:
     return await trio.to_thread.run_sync(blocking)
 
 
+_SOCKET_ROOT: list[Path] = []
+
+
+def _remove_socket_root(owner: int) -> None:
+    if os.getpid() == owner:            # not in a forked child that exits normally
+        for root in _SOCKET_ROOT:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def socket_dir() -> Path:
-    """A directory other uids can traverse (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="agentd-sock-"))
+    """A directory other uids can traverse (pytest's tmp dirs are 0700), short enough for a
+    socket path, under one per-run directory removed when the run ends."""
+    if not _SOCKET_ROOT:
+        root = Path(tempfile.mkdtemp(prefix="agentd-socks-"))
+        root.chmod(0o755)
+        _SOCKET_ROOT.append(root)
+        atexit.register(_remove_socket_root, os.getpid())
+    path = Path(tempfile.mkdtemp(dir=_SOCKET_ROOT[0]))
     path.chmod(0o755)
     return path
 
