@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 from types import MappingProxyType
 
 import msgpack
 import pytest
 
 from agentd import jsonnum
+from agentd.cache import Cache
+from agentd.crypto import KEY_BYTES, Sealer
 from agentd.gotemplate.values import JsonNumber, to_go
+from agentd.snapshot import FILE_NAME, FORMAT, Snapshot
+
+FIXTURES = Path(__file__).parent / "fixtures" / "snapshot"
+# Written by agentd before this change (format 1: Python floats), from this upstream reply:
+# {"thousand": 1e3, "trailing": 1.50, "tenth": 0.10, "hundred": 1E+2, "negzero": -0.0,
+#  "pi": 3.141592653589793238462643, "port": 5432, "ratio": 0.25, "name": "x"} (kv2 version 3)
+OLD_NUMBERS = FIXTURES / "format1-numbers.snapshot"
+FIXTURE_KEY = b"k" * KEY_BYTES
 
 BIG = "123456789012345678901234567890"
 REPLY = (b'{"thousand": 1e3, "trailing": 1.50, "tenth": 0.10, "hundred": 1E+2, "negzero": -0.0,'
@@ -82,3 +94,55 @@ def test_dumps_writes_each_number_as_the_upstream_wrote_it() -> None:
     assert jsonnum.dumps({"s": "h\u00e9 \"q\" <"}) == '{"s":"h\u00e9 \\"q\\" <"}'
     with pytest.raises(ValueError):
         jsonnum.dumps({"x": math.nan})
+
+
+def test_the_cache_keeps_texts_sealed_and_hands_v1_the_plain_form() -> None:
+    cache = Cache()
+    assert cache.put("n", jsonnum.loads(REPLY), version=1)
+    got = cache.get("n")
+    assert got is not None
+    assert jsonnum.literal_text(got.data["thousand"]) == "1e3"
+    assert jsonnum.literal_text(got.data["nested"]["k"]) == "0.10"
+    assert got.data["big"] == int(BIG)
+    opened = cache.get_packed("n")
+    assert opened is not None
+    assert msgpack.unpackb(opened[0], raw=False, ext_hook=jsonnum.plain_ext_hook) == PLAIN
+    exact = cache.get_packed("n", exact=True)
+    assert exact is not None and jsonnum.holds_text(exact[0])
+    # the same value again is no new version; the same number with other text is
+    assert not cache.put("n", jsonnum.loads(REPLY), version=None)
+    other = jsonnum.loads(REPLY.replace(b"1e3", b"1000.0"))
+    assert other == PLAIN and cache.put("n", other, version=None)
+
+
+async def test_the_snapshot_keeps_texts(tmp_path: Path) -> None:
+    cache = Cache()
+    cache.put("n", jsonnum.loads(REPLY), version=7)
+    writer = Snapshot(tmp_path / FILE_NAME, Sealer(FIXTURE_KEY), host="h")
+    assert await writer.flush(cache)
+    restored = Cache()
+    reader = Snapshot(tmp_path / FILE_NAME, Sealer(FIXTURE_KEY), host="h")
+    assert reader.load_into(restored) == ["n"]
+    got = restored.get("n")
+    assert got is not None and got.version == 7 and got.stale
+    assert {k: jsonnum.literal_text(got.data[k]) or str(got.data[k]) for k in TEXTS} == TEXTS
+    opened = restored.get_packed("n")
+    assert opened is not None
+    assert msgpack.unpackb(opened[0], raw=False, ext_hook=jsonnum.plain_ext_hook) == PLAIN
+    assert FORMAT == 2
+
+
+def test_a_format_1_snapshot_with_python_floats_still_loads(tmp_path: Path) -> None:
+    shutil.copy(OLD_NUMBERS, tmp_path / FILE_NAME)
+    reader = Snapshot(tmp_path / FILE_NAME, Sealer(FIXTURE_KEY), host="fixture-host")
+    cache = Cache()
+    assert reader.load_into(cache) == ["nums"]
+    got = cache.get("nums")
+    assert got is not None and got.version == 3
+    # the texts were lost before they were written: the values come back as they were
+    assert dict(got.data) == {"thousand": 1000.0, "trailing": 1.5, "tenth": 0.1,
+                              "hundred": 100.0, "negzero": -0.0, "pi": 3.141592653589793,
+                              "port": 5432, "ratio": 0.25, "name": "x"}
+    assert all(jsonnum.literal_text(v) is None for v in got.data.values())
+    opened = cache.get_packed("nums")
+    assert opened is not None and not jsonnum.holds_text(opened[0])
