@@ -11,14 +11,17 @@ import math
 import shutil
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import msgpack
 import pytest
+import trio
 
 from agentd import jsonnum
 from agentd.cache import Cache
 from agentd.crypto import KEY_BYTES, Sealer
 from agentd.gotemplate.values import JsonNumber, to_go
+from agentd.render.pool import RenderWorker
 from agentd.snapshot import FILE_NAME, FORMAT, Snapshot
 
 FIXTURES = Path(__file__).parent / "fixtures" / "snapshot"
@@ -146,3 +149,30 @@ def test_a_format_1_snapshot_with_python_floats_still_loads(tmp_path: Path) -> N
     assert all(jsonnum.literal_text(v) is None for v in got.data.values())
     opened = cache.get_packed("nums")
     assert opened is not None and not jsonnum.holds_text(opened[0])
+
+
+async def test_the_worker_gives_go_the_text_and_jinja_the_python_number() -> None:
+    cache = Cache()
+    cache.put("n", jsonnum.loads(REPLY), version=1)
+    got = cache.get("n")
+    assert got is not None
+    data: dict[str, Any] = {"n": got.data}
+    reply = {"kv/n": {"data": got.data}}
+    go = {"name": "t", "left": "{{", "right": "}}", "missing_key": "error", "env_allow": []}
+    worker = RenderWorker()
+    try:
+        with trio.fail_after(30):
+            jinja = await worker.render(
+                "{% set d = secret('n') %}{{ d.thousand }} {{ d.trailing }} {{ d.negzero }} "
+                "{{ d.minus_zero }} {{ d.big }} {{ d.huge }} {{ d.thousand is float }} "
+                "{{ d | tojson }}", data)
+            gotext = await worker.render(
+                '{{ with secret "kv/n" }}{{ .Data.thousand }} {{ .Data.trailing }} '
+                "{{ .Data.negzero }} {{ .Data.minus_zero }} {{ .Data.big }} {{ .Data.huge }} "
+                '{{ printf "%T" .Data.thousand }} {{ toJSON .Data.nested }}{{ end }}',
+                reply, go=go)
+    finally:
+        await worker.aclose()
+    expected_json = json.dumps(PLAIN, sort_keys=True)
+    assert jinja.decode() == (f"1000.0 1.5 -0.0 0 {BIG} inf True " + expected_json)
+    assert gotext.decode() == f'1e3 1.50 -0.0 -0 {BIG} 1e400 json.Number {{"k":0.10}}'
