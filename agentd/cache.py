@@ -2,13 +2,13 @@
 
 Theory of operation: each entry holds its value as an AES-256-GCM blob (``crypto.Sealer``, by
 default under a per-process random key) of the msgpack-packed data (``jsonnum.packb``: a number
-that keeps its JSON text, ``1e3``, is an extension type, decision 13), with ``msgpack([name,
+that keeps its JSON text, ``1e-7``, is an extension type, decision 13), with ``msgpack([name,
 version])`` as associated data, so a blob only opens under the name and version it was stored
 with. Beside the blob the entry keeps metadata (version, fetched_at, expires_at, stale,
 stale_since) and a keyed fingerprint of the packed data; ``info()`` and ``names()`` never open a
 seal, ``get()`` opens it and hands out a deep read-only copy, numbers with their text
 (``jsonnum.LiteralFloat``); ``get_packed()`` hands out the packed bytes, by default in v1
-``get``'s plain form (``1e3`` as the float ``1000.0``).
+``get``'s plain form (``1e-7`` as the float ``1e-07``).
 
 Versions: for KV v2 the upstream's version decides (newer replaces, same refreshes, older is a
 lagging standby and is ignored). For kinds without one (``version=None``: kv1, leased) the cache
@@ -238,8 +238,8 @@ class Cache:
         on that hot path); None if absent or its seal fails (the entry is dropped). ``packed``
         is plaintext: drop it once used.
 
-        ``packed`` is v1 ``get``'s plain form (``jsonnum.plain_packed``: ``1e3`` as the float
-        ``1000.0``; only a value holding such a number is unpacked and packed again), or with
+        ``packed`` is v1 ``get``'s plain form (``jsonnum.plain_packed``: ``1e-7`` as the float
+        ``1e-07``; only a value holding such a number is unpacked and packed again), or with
         ``exact`` as stored (``jsonnum.unpackb`` reads each number with its text).
         """
         entry = self._entries.get(name)

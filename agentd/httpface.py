@@ -129,7 +129,7 @@ class Value:
     """One answer of ``Reader.get``. ``data`` is plaintext (the whole map, or the field's value
     when a field was asked for): drop it once the reply is built. ``repr()`` never shows it.
     ``texts``: ``data`` holds a number with the upstream's JSON text (``jsonnum``), which the
-    reply writes as that text (``1e3``), as OpenBao answers it (decision 13)."""
+    reply writes as that text (``1e-7``), as OpenBao answers it (decision 13)."""
 
     data: Any
     version: int

@@ -1,18 +1,21 @@
 """JSON numbers that keep their text from the upstream to a Go template (decision 13).
 
-Theory of operation: OpenBao keeps a number of a secret as the text it was written with (Go's
-json.Number), and the OpenBao Agent's templates print that text: ``1e3``, ``1.50``, ``-0.0``.
-Python's ``json`` makes ``1000.0`` of ``1e3``. So the upstream's replies are decoded with
-:func:`loads`, which gives a plain ``int`` or ``float`` wherever that value gives the text back
-as a Go template prints it (``5432``, ``0.25``, ``1.5e+300``: nearly every number), and for the
-others a :class:`LiteralFloat` or :class:`LiteralInt`: a ``float`` (``int``) with the number's
-text in ``.text``. Code that only reads numbers sees a float or an int and needs no change.
+Theory of operation: the OpenBao Agent decodes the upstream's replies with Go's json.Number, so
+its templates print each number's text as the reply has it. Python's ``json`` keeps the value
+only, and its ``repr`` is not always that text: ``-0`` (OpenBao's answer for a number written
+as ``-0.0``) becomes ``0``, ``1e-7`` becomes ``1e-07``, ``0.00001`` becomes ``1e-05``; from
+an upstream that answered a number as written, ``1e3`` and ``1.50`` would be ``1000.0``, ``1.5``.
+So the upstream's replies are decoded with :func:`loads`, which gives a plain ``int`` or
+``float`` wherever that value gives the text back as a Go template prints it (``5432``,
+``0.25``, ``1.5e+300``: nearly every number), and for the others a :class:`LiteralFloat` or
+:class:`LiteralInt`: a ``float`` (``int``) with the number's text in ``.text``. Code that only
+reads numbers sees a float or an int and needs no change.
 
 In msgpack (the cache's sealed entries, the snapshot, the render worker's requests) such a
 number, and an integer beyond msgpack's 64 bits, is the extension type :data:`EXT_JSON_NUMBER`
 whose payload is the number's JSON text (ASCII). :func:`packb` writes it; :func:`unpackb` reads
 it back exactly (the same ``LiteralFloat``, or the big ``int``), :func:`unpackb_plain` as the
-plain number (``1000.0``: what Jinja2 templates and v1 ``get`` clients see). A value packed
+plain number (``1e-07``: what Jinja2 templates and v1 ``get`` clients see). A value packed
 before this existed holds plain floats only and unpacks as before.
 
 Pure (the standard library and msgpack): the sandboxed render worker imports it.
@@ -185,7 +188,7 @@ def unpackb_texts(packed: bytes) -> tuple[Any, bool]:
 
 
 def unpackb_plain(packed: bytes) -> Any:
-    """``packed`` back with plain numbers: ``1e3`` is ``1000.0``, a big integer an ``int``."""
+    """``packed`` back with plain numbers: ``1e-7`` is ``1e-07``, a big integer an ``int``."""
     return msgpack.unpackb(packed, raw=False, strict_map_key=False, ext_hook=plain_ext_hook)
 
 
@@ -216,7 +219,7 @@ def plain_packed(packed: bytes) -> bytes:
 
 def dumps(value: Any, *, default: Callable[[Any], Any] | None = None,
           ensure_ascii: bool = False) -> str:
-    """Compact JSON of ``value`` with each kept number as its text (``1e3``), keys in their
+    """Compact JSON of ``value`` with each kept number as its text (``1e-7``), keys in their
     order: what OpenBao itself answers for the same data. NaN and infinities are refused.
 
     Raises:

@@ -1071,7 +1071,7 @@ class Server:
         if version is not None and version != held:
             self._record(peer, "get", "deny", name=name, transport="http")
             raise Forbidden("not allowed to read this secret at that version")
-        # numbers with the upstream's text: the HTTP face answers 1e3 as OpenBao does
+        # numbers with the upstream's text: the HTTP face answers 1e-7 as OpenBao does
         data, texts = jsonnum.unpackb_texts(packed)
         if field is not None:
             if field not in data:

@@ -108,7 +108,7 @@ class Kinds:
         return None if token is None else self._fingerprinter.fingerprint(token.encode())
 
     def fingerprint(self, data: Mapping[str, Any]) -> bytes:
-        # the cache's packing: a number's kept text (1e3 vs 1000.0) is part of the value
+        # the cache's packing: a number's kept text (-0 vs 0) is part of the value
         return self._fingerprinter.fingerprint(jsonnum.packb(data))
 
     async def check(self, secret: SecretConfig, data: Mapping[str, Any]) -> None:

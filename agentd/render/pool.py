@@ -105,7 +105,7 @@ class RenderWorker:
         Raises:
             RenderError: the template failed, or the worker timed out (it is then replaced).
         """
-        # packed apart: the worker reads a number kept as text (1e3) the way the template's
+        # packed apart: the worker reads a number kept as text (1e-7) the way the template's
         # engine does (decision 13)
         request: dict[str, Any] = {"template": text, "secrets": jsonnum.packb(dict(data)),
                                    "max_bytes": self.max_bytes}

@@ -10,8 +10,8 @@ the bytes or an error message scrubbed of secret values. It runs under ``RLIMIT_
 (``WORKER_MEMORY``), stops producing output past the request's limit and is made non-dumpable
 like the agent, since it sees plaintext. The parent side is ``agentd.render.pool.RenderWorker``.
 
-A number that keeps its JSON text (``1e3``, decision 13) reaches a Go template as its
-json.Number (``1e3``) and a Jinja2 template as the plain Python number (``1000.0``).
+A number that keeps its JSON text (``1e-7``, decision 13) reaches a Go template as its
+json.Number (``1e-7``) and a Jinja2 template as the plain Python number (``1e-07``).
 
 Import closure: msgpack, Jinja2 (inside ``worker_main``), the standard library and the pure
 ``agentd.errors``, ``agentd.frozen``, ``agentd.hardening`` and ``agentd.jsonnum``; never trio,
