@@ -74,12 +74,16 @@ def number(text: str) -> Any:
     else a LiteralInt or LiteralFloat holding it.
 
     Raises:
-        ValueError: ``text`` is no number (``int()``'s digit limit included).
+        ValueError: ``text`` is no number (``int()``'s digit limit included); the message
+            never holds the text (a secret's).
     """
-    if "." in text or "e" in text or "E" in text:
-        value = float(text)
-        return value if go_text(value) == text else LiteralFloat(text)
-    integer = int(text)
+    try:
+        if "." in text or "e" in text or "E" in text:
+            value = float(text)
+            return value if go_text(value) == text else LiteralFloat(text)
+        integer = int(text)
+    except ValueError:
+        raise ValueError("not a JSON number") from None
     return integer if str(integer) == text else LiteralInt(text)
 
 

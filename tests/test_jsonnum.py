@@ -72,6 +72,14 @@ def test_plain_numbers_are_exactly_what_go_prints_of_them() -> None:
         assert jsonnum.literal_text(jsonnum.number(text)) == text
 
 
+def test_a_bad_number_text_is_not_in_the_error() -> None:
+    bad = msgpack.packb(msgpack.ExtType(jsonnum.EXT_JSON_NUMBER, b"s3cr3t"))
+    for unpack in (jsonnum.unpackb, jsonnum.unpackb_plain):
+        with pytest.raises(ValueError) as info:
+            unpack(bad)
+        assert "s3cr3t" not in str(info.value)
+
+
 def test_packing_round_trips_exactly_and_plainly() -> None:
     data = jsonnum.loads(REPLY)
     packed = jsonnum.packb(MappingProxyType(data))
