@@ -1,11 +1,14 @@
 """The sealed secret store: versions, staleness, single-flight fetches (decisions 5 and 6).
 
 Theory of operation: each entry holds its value as an AES-256-GCM blob (``crypto.Sealer``, by
-default under a per-process random key) of the msgpack-packed data, with ``msgpack([name,
+default under a per-process random key) of the msgpack-packed data (``jsonnum.packb``: a number
+that keeps its JSON text, ``1e-7``, is an extension type, decision 14), with ``msgpack([name,
 version])`` as associated data, so a blob only opens under the name and version it was stored
 with. Beside the blob the entry keeps metadata (version, fetched_at, expires_at, stale,
 stale_since) and a keyed fingerprint of the packed data; ``info()`` and ``names()`` never open a
-seal, ``get()`` opens it and hands out a deep read-only copy.
+seal, ``get()`` opens it and hands out a deep read-only copy, numbers with their text
+(``jsonnum.LiteralFloat``); ``get_packed()`` hands out the packed bytes, by default in v1
+``get``'s plain form (``1e-7`` as the float ``1e-07``).
 
 Versions: for KV v2 the upstream's version decides (newer replaces, same refreshes, older is a
 lagging standby and is ignored). For kinds without one (``version=None``: kv1, leased) the cache
@@ -36,6 +39,7 @@ from typing import Any, TypeVar
 import msgpack
 import trio
 
+from agentd import jsonnum
 from agentd.cell import Cell
 from agentd.crypto import Sealer
 from agentd.errors import CryptoError, Unavailable
@@ -121,6 +125,7 @@ class _Entry:
     expires_at: float | None
     stale: bool = False
     stale_since: float | None = None
+    texts: bool = False         # holds a number as its JSON text (its plain form differs)
 
 
 class _Flight:
@@ -133,13 +138,6 @@ class _Flight:
         self.result: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
-
-
-def _plain(obj: Any) -> Any:
-    """msgpack ``default``: pack read-only mappings (MappingProxyType, frozen data) as maps."""
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise TypeError(f"cannot pack a value of type {type(obj).__name__}")
 
 
 def _associated_data(name: str, version: int) -> bytes:
@@ -186,7 +184,7 @@ class Cache:
             TypeError: ``data`` holds something msgpack cannot pack.
         """
         when = self._clock() if fetched_at is None else fetched_at
-        packed: bytes = msgpack.packb(data, default=_plain)
+        packed = jsonnum.packb(data)
         fingerprint = self._sealer.fingerprint(packed)
         old = self._entries.get(name)
         if old is not None:
@@ -208,7 +206,8 @@ class Cache:
         elif version is None:
             version = 1
         blob = self._sealer.seal(packed, _associated_data(name, version))
-        self._entries[name] = _Entry(blob, fingerprint, version, when, expires_at)
+        self._entries[name] = _Entry(blob, fingerprint, version, when, expires_at,
+                                     texts=jsonnum.holds_text(packed))
         self._announce(name, version)
         self.updates.set(None)
         return True
@@ -222,22 +221,26 @@ class Cache:
 
     def get(self, name: str) -> CachedSecret | None:
         """Open the entry for ``name``; None if absent or its seal fails (the entry is dropped)."""
-        opened = self.get_packed(name)
+        opened = self.get_packed(name, exact=True)
         if opened is None:
             return None
         packed, version, fetched_at, expires_at, stale = opened
-        data = freeze(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+        data = freeze(jsonnum.unpackb(packed))
         return CachedSecret(name=name, data=data, version=version, fetched_at=fetched_at,
                             expires_at=expires_at, stale=stale)
 
     def get_packed(
-        self, name: str
+        self, name: str, *, exact: bool = False
     ) -> tuple[bytes, int, float, float | None, bool] | None:
         """Open the entry for ``name``: ``(packed, version, fetched_at, expires_at, stale)``
         where ``packed`` is the msgpack bytes of its data (a map), for a caller that sends the
         value on as msgpack (the server's ``get``: no unpack, copy and repack, and a plain tuple
         on that hot path); None if absent or its seal fails (the entry is dropped). ``packed``
         is plaintext: drop it once used.
+
+        ``packed`` is v1 ``get``'s plain form (``jsonnum.plain_packed``: ``1e-7`` as the float
+        ``1e-07``; only a value holding such a number is unpacked and packed again), or with
+        ``exact`` as stored (``jsonnum.unpackb`` reads each number with its text).
         """
         entry = self._entries.get(name)
         if entry is None:
@@ -250,6 +253,8 @@ class Cache:
                 del self._entries[name]
             log.error("dropped cached %s: %s", name, exc)
             return None
+        if entry.texts and not exact:
+            packed = jsonnum.plain_packed(packed)
         return packed, entry.version, entry.fetched_at, entry.expires_at, entry.stale
 
     def info(self, name: str) -> EntryInfo | None:
@@ -355,6 +360,7 @@ class Cache:
                 blob, self._sealer.fingerprint(packed), record.version, record.fetched_at,
                 record.expires_at, stale=True,
                 stale_since=record.stale_since if record.stale_since is not None else now,
+                texts=jsonnum.holds_text(packed),
             )
             restored.append(record.name)
             self._announce(record.name, record.version)

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qs, unquote
 
+from agentd import jsonnum
 from agentd.config import SecretConfig
 from agentd.errors import (
     BadRequest,
@@ -126,13 +127,16 @@ def looks_like_http(first: bytes) -> bool:
 @dataclass(frozen=True)
 class Value:
     """One answer of ``Reader.get``. ``data`` is plaintext (the whole map, or the field's value
-    when a field was asked for): drop it once the reply is built. ``repr()`` never shows it."""
+    when a field was asked for): drop it once the reply is built. ``repr()`` never shows it.
+    ``texts``: ``data`` holds a number with the upstream's JSON text (``jsonnum``), which the
+    reply writes as that text (``1e-7``), as OpenBao answers it (decision 14)."""
 
     data: Any
     version: int
     fetched_at: float
     expires_at: float | None
     stale: bool
+    texts: bool = False
 
     def __repr__(self) -> str:
         return f"Value(version={self.version}, stale={self.stale})"
@@ -426,7 +430,8 @@ class HttpConnection:
         else:
             left = 0.0 if value.expires_at is None else value.expires_at - self._clock()
             data, duration = value.data, max(0, math.floor(left))
-        return _Reply(200, _envelope(data, duration, value.stale), stale=value.stale)
+        return _Reply(200, _envelope(data, duration, value.stale, texts=value.texts),
+                      stale=value.stale)
 
     def _mounts(self, request: _Request, path: str) -> _Reply:
         """``GET /v1/sys/internal/ui/mounts/<path>``: the kv mount of a readable secret."""
@@ -449,7 +454,8 @@ class HttpConnection:
         if fmt == "raw":
             if not sep:
                 raise BadRequest("format=raw needs a field: /agentd/v1/secret/<name>/<field>")
-            return _Reply(200, _raw(value.data), content_type=b"application/octet-stream",
+            return _Reply(200, _raw(value.data, texts=value.texts),
+                          content_type=b"application/octet-stream",
                           stale=value.stale)
         if fmt != "json":
             raise BadRequest("format must be json or raw")
@@ -458,7 +464,7 @@ class HttpConnection:
             result["field"] = field
         result.update(data=value.data, version=value.version, fetched_at=value.fetched_at,
                       expires_at=value.expires_at, stale=value.stale)
-        return _Reply(200, _json(result), stale=value.stale)
+        return _Reply(200, _json(result, texts=value.texts), stale=value.stale)
 
     def _native_list(self, request: _Request) -> _Reply:
         return _Reply(200, _json({"names": self._reader.readable()}))
@@ -590,13 +596,13 @@ def _request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _envelope(data: Any, lease_duration: int, stale: bool) -> bytes:
+def _envelope(data: Any, lease_duration: int, stale: bool, *, texts: bool = False) -> bytes:
     """OpenBao's response envelope, field for field and in its order (what ``_json`` makes of
     the same dict, with only ``data`` encoded per reply: the envelope is a hot path)."""
     return b"".join((
         b'{"request_id":"', _request_id().encode(),
         b'","lease_id":"","renewable":false,"lease_duration":%d,"data":' % lease_duration,
-        _json(data),
+        _json(data, texts=texts),
         b',"wrap_info":null,"warnings":', _STALE_WARNINGS if stale else b"null",
         b',"auth":null}',
     ))
@@ -667,7 +673,11 @@ def _error(status: int, message: str) -> _Reply:
     return _Reply(status, _json({"errors": [message]}))
 
 
-def _json(obj: Any) -> bytes:
+def _json(obj: Any, *, texts: bool = False) -> bytes:
+    """Compact JSON; with ``texts`` (``obj`` holds numbers with their JSON text) each such
+    number is written as its text (``jsonnum.dumps``, the slower path taken only then)."""
+    if texts:
+        return jsonnum.dumps(obj, default=_plain).encode()
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=_plain).encode()
 
 
@@ -682,13 +692,13 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
-def _raw(value: Any) -> bytes:
+def _raw(value: Any, *, texts: bool = False) -> bytes:
     """A field's bare bytes: strings as UTF-8, bytes as they are, anything else as JSON."""
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, bytes):
         return value
-    return _json(value)
+    return _json(value, texts=texts)
 
 
 @functools.lru_cache(maxsize=256)

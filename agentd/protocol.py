@@ -45,6 +45,7 @@ from typing import Any, Final, Literal, NoReturn
 
 import msgpack
 
+from agentd import jsonnum
 from agentd.errors import (
     ERROR_CODES,
     BadRequest,
@@ -233,7 +234,9 @@ def _map_header_size(entries: int) -> int:
 def _decode_map(body: bytes, *, strict_map_key: bool) -> dict[str, Any] | None:
     """The msgpack map in ``body`` (one object, nothing after it, string keys), or None."""
     try:
-        value = msgpack.unpackb(body, raw=False, strict_map_key=strict_map_key, use_list=True)
+        # ext type 1: an integer beyond msgpack's 64 bits, as its JSON text (protocol.md)
+        value = msgpack.unpackb(body, raw=False, strict_map_key=strict_map_key, use_list=True,
+                                ext_hook=jsonnum.plain_ext_hook)
     except Exception:  # hostile input: ExtraData, ValueError, UnicodeDecodeError, RecursionError..
         return None
     if type(value) is not dict:

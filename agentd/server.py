@@ -78,7 +78,7 @@ from typing import Any
 import msgpack
 import trio
 
-from agentd import httpface, protocol
+from agentd import httpface, jsonnum, protocol
 from agentd.access import ExeHasher, Grants, Peer, grants, needs_exe_sha256
 from agentd.audit import Audit
 from agentd.cache import Cache, stale_deadline
@@ -867,12 +867,15 @@ class Server:
         return self._dispatch_now(request, peer, allowed)
 
     def _open(
-        self, name: str, peer: Peer, allowed: Grants, transport: str | None,
+        self, name: str, peer: Peer, allowed: Grants, transport: str | None, *,
+        exact: bool = False,
     ) -> tuple[bytes, int, float, float | None, bool]:
         """The decisions of a read of ``name`` (v1 ``get`` and every HTTP read): granted,
         fetched, not revoked, within its stale deadline. Returns the cache's opened entry
-        ``(packed, version, fetched_at, expires_at, stale)``; the caller audits the outcome
-        once it has checked the field. A refusal is audited here and raised.
+        ``(packed, version, fetched_at, expires_at, stale)`` (``packed`` in v1's plain form,
+        or with ``exact`` as stored, numbers with their JSON text: ``Cache.get_packed``); the
+        caller audits the outcome once it has checked the field. A refusal is audited here
+        and raised.
 
         Raises:
             Forbidden: undeclared or not granted (one answer: no existence oracle).
@@ -883,7 +886,7 @@ class Server:
         if name not in config.secrets or not allowed.may_read(name):
             self._record(peer, "get", "deny", name=name, transport=transport)
             raise Forbidden("not allowed to read this secret")
-        opened = self._cache.get_packed(name)
+        opened = self._cache.get_packed(name, exact=exact)
         if opened is None:
             if self._refresher.is_revoked(name):
                 self._record(peer, "get", "not_found", name=name, transport=transport)
@@ -1069,11 +1072,13 @@ class Server:
         """An HTTP read of ``name``: ``_open``'s decisions and the audit lines of a v1 ``get``
         (with ``transport`` "http"), and ``version`` (kv2's ``?version=N``) only if it is the
         one held."""
-        packed, held, fetched_at, expires_at, stale = self._open(name, peer, allowed, "http")
+        packed, held, fetched_at, expires_at, stale = self._open(name, peer, allowed, "http",
+                                                                exact=True)
         if version is not None and version != held:
             self._record(peer, "get", "deny", name=name, transport="http")
             raise Forbidden("not allowed to read this secret at that version")
-        data = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        # numbers with the upstream's text: the HTTP face answers 1e-7 as OpenBao does
+        data, texts = jsonnum.unpackb_texts(packed)
         if field is not None:
             if field not in data:
                 self._record(peer, "get", "not_found", name=name, version=held,
@@ -1082,7 +1087,7 @@ class Server:
             data = data[field]
         self._record(peer, "get", "allow", name=name, version=held, stale=stale,
                      transport="http")
-        return httpface.Value(data, held, fetched_at, expires_at, stale)
+        return httpface.Value(data, held, fetched_at, expires_at, stale, texts=texts)
 
 async def _wait_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
     """Read a watch connection until the client closes it or sends anything: then end the watch

@@ -80,7 +80,11 @@ from agentd.render.files import replace_file
 log = logging.getLogger("agentd.snapshot")
 
 MAGIC = b"AGENTD-SNAPSHOT-1\n"
-FORMAT = 1
+# 2: an entry's value may hold msgpack extension type 1, a number with its JSON text
+# (``jsonnum``, decision 14), which an agent that writes format 1 would serve as garbage: it
+# moves a format 2 file aside instead. Format 1 (plain numbers) still loads.
+FORMAT = 2
+READ_FORMATS = (1, 2)
 FILE_NAME = "cache.snapshot"
 GENERATION_SUFFIX = ".generation"
 WRITE_DELAY = 1.0          # a new value is on disk within this long
@@ -309,7 +313,7 @@ class Snapshot:
             raise ValueError("not an agentd snapshot")
         plain = self._sealer.open(raw[len(MAGIC):], self._outer_ad)
         body = msgpack.unpackb(plain, raw=False, strict_map_key=True)
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
+        if not isinstance(body, dict) or body.get("format") not in READ_FORMATS:
             raise ValueError("unknown snapshot format")
         generation = body.get("generation", 0)      # absent: written before generations
         if not isinstance(generation, int) or generation < 0:

@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from agentd import fsafe
+from agentd import fsafe, jsonnum
 from agentd.backoff import Backoff
 from agentd.config import UpstreamConfig
 from agentd.errors import (
@@ -161,10 +161,11 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _decode_body(response: Response) -> Any:
-    """The JSON body, {} when empty; raises ValueError when it is not JSON."""
+    """The JSON body, {} when empty; raises ValueError when it is not JSON. A number keeps
+    its text where Python's value would lose it (``1e-7``: decision 14, ``jsonnum``)."""
     if response.status_code == 204 or not response.content:
         return {}
-    return jsonlib.loads(response.content)
+    return jsonnum.loads(response.content)
 
 
 def _transport_error(exc: TransportError, method: str, path: str, address: str) -> _Failover:

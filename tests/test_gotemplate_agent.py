@@ -13,9 +13,11 @@ from pathlib import Path
 
 import trio
 
-from tests.agentfixture import running_agent, seed, socket_dir, write_config
+from tests.agentfixture import call, running_agent, seed, socket_dir, write_config
 from tests.openbao import DevServer
 from tests.support import until
+from tests.test_gotemplate_oracle import CORPUS, NUMBERS, _raw, run_agent
+from tests.test_http_agent import http_get
 
 
 def read(path: Path) -> str | None:
@@ -90,3 +92,74 @@ contents = '{body}'
             error = ra.agent.status()["templates"][str(strict)]["last_error"]
             assert "nope" in error and seeded.markers["db"] not in error
             assert not strict.exists()
+
+
+def _data_text(body: bytes) -> bytes:
+    """The bytes of ``data.data`` in a kv2 reply (an object of numbers: no braces in strings)."""
+    start = body.index(b'"data":{"data":') + len(b'"data":{"data":')
+    depth = 0
+    for end in range(start, len(body)):
+        depth += {ord("{"): 1, ord("}"): -1}.get(body[end], 0)
+        if depth == 0:
+            return body[start:end + 1]
+    raise AssertionError("no data.data object")
+
+
+async def test_numbers_reach_each_consumer_as_it_expects_them(
+    bao: DevServer, approle_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Decision 14, through the whole pipeline (upstream reply, sealed cache, render worker):
+    a Go template renders the numbers of a secret byte for byte as the real OpenBao Agent
+    renders the same template; the HTTP face answers them with OpenBao's own text; Jinja2 and
+    v1 ``get`` get Python's numbers."""
+    seeded = seed(bao)
+    p = seeded.prefix
+    path = f"secret/data/{p}/numbers"
+    _raw(bao, "POST", path, NUMBERS)        # raw JSON: the numbers' text as written
+    upstream = _raw(bao, "GET", path)
+    plain = json.loads(upstream)["data"]["data"]
+    text = (CORPUS / "93-json-number-texts.tmpl").read_text().replace(
+        "secret/data/gotmpl/numbers", path)
+    assert path in text
+    source = tmp_path / "numbers.tmpl"
+    source.write_text(text)
+    with trio.fail_after(120):
+        proc, theirs = await trio.to_thread.run_sync(
+            run_agent, bao, tmp_path / "openbao-agent", [source])
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    go_dest, jinja_dest = out / "numbers.conf", out / "numbers.jinja.conf"
+    fields = ("thousand", "small", "tiny", "minus_zero", "negzero", "big")
+    jinja = " ".join(f"{{{{ secret('numbers').{f} }}}}" for f in fields)
+    extra = f"""
+[secrets.numbers]
+kind = "kv2"
+path = "{path}"
+
+[[template]]
+destination = "{go_dest}"
+engine = "go"
+source = "{source}"
+
+[[template]]
+destination = "{jinja_dest}"
+contents = "{jinja}"
+"""
+    sock = socket_dir() / "a.sock"
+    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock, extra=extra)
+    with trio.fail_after(60):
+        async with running_agent(cfg):
+            await until(lambda: read(go_dest) is not None and read(jinja_dest) is not None)
+            assert go_dest.read_bytes() == theirs[source.name]
+            assert jinja_dest.read_text() == " ".join(str(plain[f]) for f in fields)
+            got = await call(sock, "get", name="numbers")
+            assert got["data"] == plain
+            assert all(type(got["data"][k]) is type(v) for k, v in plain.items())
+            status, _, body = await http_get(sock, f"/v1/{path}")
+            assert status == 200
+            assert _data_text(body) == _data_text(upstream)
+    # what the pipeline had to keep (Python's repr differs): -0, 1e-7, 0.00001
+    theirs_text = theirs[source.name].decode()
+    assert " -0 " in theirs_text and " 1e-7 " in theirs_text and " 0.00001 " in theirs_text

@@ -48,6 +48,18 @@ APP = r"""{"data": {
   "mixed": "Hello World foo-bar", "my-key": "dash", "d\u00e4t\u00e4": "unicode key",
   "zws": "a\u200bb\u00a0c\u00ad", "control": "tab\tnl\ncr\rbell\u0007 \u2028"
 }}"""
+# Numbers written with text Python would not give back (decision 14). OpenBao itself stores a
+# written number as Go's float64 and answers it in Go's JSON (1e3 -> 1000, 1.50 -> 1.5, a big
+# integer -> 1.2345678901234568e+29); what still differs from Python's repr is what the agent
+# must keep: -0 (of -0.0 and -0), 1e-7 (Python: 1e-07), 0.00001 (Python: 1e-05). 1e400 is
+# refused by OpenBao (400).
+NUMBERS = r"""{"data": {
+  "thousand": 1e3, "trailing": 1.50, "tenth": 0.10, "hundred": 1E+2, "negzero": -0.0,
+  "pi": 3.141592653589793238462643, "big": 123456789012345678901234567890,
+  "negbig": -123456789012345678901234567890, "minus_zero": -0, "one": 1.0, "small": 1e-7,
+  "tiny": 0.00001, "micro": 0.000123, "negsmall": -2.5e-8, "e20": 1e20, "e21": 1e21,
+  "port": 5432, "ratio": 0.25, "list": [1e3, 0.10, 2, -0.0, 1e-7], "nested": {"x": 1.50}
+}}"""
 DB_V1 = r"""{"data": {"host": "old.internal", "user": "app"}}"""
 DB_V2 = r"""{"data": {"host": "db.internal", "user": "app"}}"""
 LEGACY = r"""{"key": "v1value", "count": 7, "tags": ["x", "y"], "m": {"k": "v"}}"""
@@ -75,6 +87,7 @@ def _seed(server: DevServer) -> None:
     _raw(server, "POST", "kv1/gotmpl/legacy", LEGACY)
     _raw(server, "POST", "kv1/gotmpl/other", OTHER)
     _raw(server, "POST", "secret/data/gotmpl/keys", KEYS)
+    _raw(server, "POST", "secret/data/gotmpl/numbers", NUMBERS)
     try:
         _raw(server, "POST", "sys/mounts/gotmpl-pki", '{"type": "pki"}')
     except urllib.error.HTTPError as exc:

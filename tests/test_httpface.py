@@ -15,7 +15,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentd import protocol
+from agentd import jsonnum, protocol
 from agentd.config import SecretConfig
 from agentd.errors import Forbidden, NotFound, RateLimited, Unavailable
 from agentd.httpface import (
@@ -181,6 +181,25 @@ def test_kv2_read_has_openbao_envelope_field_for_field() -> None:
     assert meta["custom_metadata"] is None and meta["deletion_time"] == ""
     assert meta["destroyed"] is False and meta["version"] == 4
     assert "x-agentd-stale" not in resp.headers
+
+
+def test_numbers_are_answered_with_the_upstreams_text() -> None:
+    """Decision 14: a number read as 1e3 is answered as 1e3, as OpenBao answers it."""
+    data = jsonnum.loads(b'{"a": 1e3, "b": 0.10, "c": -0, "d": 2, "e": "1e3", "big": '
+                         b'123456789012345678901234567890}')
+    reader = FakeReader()
+    value = Value(data, 4, NOW - 10, None, False, texts=True)
+    old, VALUES["db"] = VALUES["db"], value
+    try:
+        bao = get("/v1/secret/data/app/db", reader=reader)
+        native = get("/agentd/v1/secret/db", reader=reader)
+    finally:
+        VALUES["db"] = old
+    texts = (b'{"a":1e3,"b":0.10,"c":-0,"d":2,"e":"1e3",'
+             b'"big":123456789012345678901234567890}')
+    assert b'"data":{"data":' + texts + b',"metadata":' in bao.body
+    assert b'"data":' + texts + b',"version":4' in native.body
+    assert bao.json()["data"]["data"]["a"] == 1000.0
 
 
 def test_kv1_read_is_stale_with_warning_and_header() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentd import errors, protocol
+from agentd import errors, jsonnum, protocol
 from agentd.protocol import (
     CLOSED,
     NEED_DATA,
@@ -470,6 +470,21 @@ def test_client_ids_increase_from_one() -> None:
 def test_client_request_shape() -> None:
     _, data = ClientConnection().send_request("get", name="db", field="f")
     assert decode(data) == {"v": 1, "id": 1, "op": "get", "name": "db", "field": "f"}
+
+
+def test_an_integer_beyond_64_bits_reaches_the_client_as_an_int() -> None:
+    """The cache's v1 form sends it as msgpack ext type 1 with its digits (protocol.md)."""
+    big = 2**70
+    packed = jsonnum.plain_packed(jsonnum.packb({"big": big, "f": jsonnum.number("1e3")}))
+    server = ServerConnection()
+    server.receive_data(frame(req("get", 5, name="db")))
+    request = server.next_event()
+    reply = server.send_result(request.id, {"stale": False}, packed={"data": packed})
+    client = ClientConnection()
+    client.receive_data(reply)
+    event = client.next_event()
+    assert event.result["data"] == {"big": big, "f": 1000.0}
+    assert type(event.result["data"]["f"]) is float
 
 
 def test_client_refuses_reserved_argument_names() -> None:

@@ -36,7 +36,8 @@ def test_the_worker_child_imports_msgpack_jinja2_and_pure_agentd_modules_only() 
     assert {"msgpack", "jinja2.sandbox"} <= modules     # (the worker itself runs as __main__)
     assert _heavy(modules) == []
     assert sorted(m for m in modules if m.startswith("agentd")) == [
-        "agentd", "agentd.errors", "agentd.frozen", "agentd.hardening", "agentd.render"]
+        "agentd", "agentd.errors", "agentd.frozen", "agentd.hardening", "agentd.jsonnum",
+        "agentd.render"]
 
 
 def test_the_file_routines_import_neither_trio_nor_the_config() -> None:

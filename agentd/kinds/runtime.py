@@ -38,10 +38,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import trio
 
-from agentd.cache import Cache, thaw
+from agentd import jsonnum
+from agentd.cache import Cache
 from agentd.config import SecretConfig
 from agentd.crypto import Sealer
 from agentd.errors import CheckFailed, UpstreamError
@@ -108,8 +108,8 @@ class Kinds:
         return None if token is None else self._fingerprinter.fingerprint(token.encode())
 
     def fingerprint(self, data: Mapping[str, Any]) -> bytes:
-        packed: bytes = msgpack.packb(thaw(data))
-        return self._fingerprinter.fingerprint(packed)
+        # the cache's packing: a number's kept text (-0 vs 0) is part of the value
+        return self._fingerprinter.fingerprint(jsonnum.packb(data))
 
     async def check(self, secret: SecretConfig, data: Mapping[str, Any]) -> None:
         try:

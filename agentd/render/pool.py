@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import trio
 
+from agentd import jsonnum
 from agentd.errors import RenderError
 from agentd.render.commands import _close_pipes
 from agentd.render.worker import _frame
@@ -104,7 +105,9 @@ class RenderWorker:
         Raises:
             RenderError: the template failed, or the worker timed out (it is then replaced).
         """
-        request: dict[str, Any] = {"template": text, "secrets": dict(data),
+        # packed apart: the worker reads a number kept as text (1e-7) the way the template's
+        # engine does (decision 14)
+        request: dict[str, Any] = {"template": text, "secrets": jsonnum.packb(dict(data)),
                                    "max_bytes": self.max_bytes}
         if go is not None:
             request["go"] = dict(go)

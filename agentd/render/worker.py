@@ -1,18 +1,21 @@
 """The sandboxed render worker: a child process that renders one template at a time.
 
 Theory of operation (decision 8): render happens here (``python -m agentd.render.worker``),
-never on the trio thread and never in a thread: Jinja2's ``SandboxedEnvironment`` bounds
-neither time nor memory (``'x' * 10**8`` renders), and a thread cannot be killed. The worker
-gets one request at a time over stdin (4-byte length + msgpack map: the template text, the data
-of the secrets it names, the output limit), renders with ``StrictUndefined`` and
-``keep_trailing_newline`` (byte-exact output) and answers on stdout with the bytes or an error
-message scrubbed of secret values. It runs under ``RLIMIT_AS`` (``WORKER_MEMORY``), stops
-producing output past the request's limit and is made non-dumpable like the agent, since it
-sees plaintext. The parent side is ``agentd.render.pool.RenderWorker``.
+never on the trio thread and never in a thread: Jinja2's ``SandboxedEnvironment`` bounds neither
+time nor memory (``'x' * 10**8`` renders), and a thread cannot be killed. The worker gets one
+request at a time over stdin (4-byte length + msgpack map: the template text, the data of the
+secrets it names packed on its own by ``jsonnum.packb``, the output limit), renders with
+``StrictUndefined`` and ``keep_trailing_newline`` (byte-exact output) and answers on stdout with
+the bytes or an error message scrubbed of secret values. It runs under ``RLIMIT_AS``
+(``WORKER_MEMORY``), stops producing output past the request's limit and is made non-dumpable
+like the agent, since it sees plaintext. The parent side is ``agentd.render.pool.RenderWorker``.
+
+A number that keeps its JSON text (``1e-7``, decision 14) reaches a Go template as its
+json.Number (``1e-7``) and a Jinja2 template as the plain Python number (``1e-07``).
 
 Import closure: msgpack, Jinja2 (inside ``worker_main``), the standard library and the pure
-``agentd.errors``, ``agentd.frozen`` and ``agentd.hardening``; never trio, the config, the cache
-or ``cryptography`` (``tests/test_render_package.py`` holds this).
+``agentd.errors``, ``agentd.frozen``, ``agentd.hardening`` and ``agentd.jsonnum``; never trio,
+the config, the cache or ``cryptography`` (``tests/test_render_package.py`` holds this).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from agentd import jsonnum
 from agentd.errors import RenderError
 from agentd.frozen import freeze, thaw
 from agentd.hardening import harden_process
@@ -75,7 +79,21 @@ def _scrub(message: str, data: Mapping[str, Any]) -> str:
     return message[:MAX_ERROR]
 
 
-def _render_go(cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
+def _secrets(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's secrets as its engine reads numbers: Go each number kept as text as a
+    json.Number of that text (``gotemplate.JsonNumber``), Jinja2 the plain number."""
+    packed: bytes = request["secrets"]
+    if "go" in request:
+        from agentd.gotemplate.values import JsonNumber
+
+        go: dict[str, Any] = jsonnum.unpackb_with(packed, JsonNumber)
+        return go
+    plain: dict[str, Any] = jsonnum.unpackb_plain(packed)
+    return plain
+
+
+def _render_go(cache: dict[Any, Any], request: Mapping[str, Any],
+               replies: Mapping[str, Any]) -> bytes:
     """consul-template's Go dialect (``agentd.gotemplate``, standard library only): the same
     output cap, and the engine's own step budget bounds the time a template can spin."""
     from agentd import gotemplate
@@ -92,7 +110,6 @@ def _render_go(cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
             text, name=options["name"], left_delim=options["left"],
             right_delim=options["right"], env_allow=options["env_allow"],
             missing_key=options["missing_key"])
-    replies: Mapping[str, Any] = request["secrets"]
 
     def lookup(path: str, kv_args: Mapping[str, str]) -> Any:
         # k=v arguments (a pki/issue write) are the declared secret's params: the agent
@@ -106,10 +123,10 @@ def _render_go(cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
     return out
 
 
-def _render_in_worker(env: Any, cache: dict[Any, Any], request: Mapping[str, Any]) -> bytes:
+def _render_in_worker(env: Any, cache: dict[Any, Any], request: Mapping[str, Any],
+                      data: Mapping[str, Any]) -> bytes:
     if "go" in request:
-        return _render_go(cache, request)
-    data: Mapping[str, Any] = request["secrets"]
+        return _render_go(cache, request, data)
     frozen = {name: freeze(value) for name, value in data.items()}
 
     def secret(name: str) -> Any:
@@ -170,14 +187,16 @@ def worker_main() -> None:
             return
         (n,) = struct.unpack(">I", head)
         request = msgpack.unpackb(stdin.read(n), raw=False)
+        data: dict[str, Any] = {}
         try:
+            data = _secrets(request)
             reply: dict[str, Any] = {"ok": True,
-                                     "output": _render_in_worker(env, compiled, request)}
+                                     "output": _render_in_worker(env, compiled, request, data)}
         except MemoryError:
             reply = {"ok": False, "error": "out of memory while rendering"}
         except Exception as exc:  # any template error becomes a message
             name = type(exc).__name__
-            reply = {"ok": False, "error": f"{name}: {_scrub(str(exc), request['secrets'])}"}
+            reply = {"ok": False, "error": f"{name}: {_scrub(str(exc), data)}"}
         stdout.write(_frame(reply))
         stdout.flush()
 
