@@ -69,6 +69,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -160,8 +161,9 @@ class Peer:
         the credentials came from (another uid or gid, a zombie, the pidfd's process dead), the
         peer carries only pid, uid and gid, and ``still_same_process()`` is always False.
         """
-        gone = cls(pid=pid, uid=uid, gid=gid, groups=frozenset({gid}), user=_user_name(uid),
-                   group=_group_name(gid), proc=proc, pidfd=pidfd)
+        user, group = _user_name(uid), _group_name(gid)
+        gone = cls(pid=pid, uid=uid, gid=gid, groups=frozenset({gid}), user=user, group=group,
+                   proc=proc, pidfd=pidfd)
         try:
             dirfd = os.open(proc / str(pid), _DIR_FLAGS)
         except OSError:
@@ -186,8 +188,8 @@ class Peer:
             gid=gid,
             groups=frozenset(seen.groups) | {gid},
             start_time=seen.start_time,
-            user=_user_name(uid),
-            group=_group_name(gid),
+            user=user,
+            group=group,
             exe=exe,
             exe_deleted=deleted,
             exe_id=seen.exe_id,
@@ -678,18 +680,37 @@ def needs_exe_sha256(policies: Iterable[PolicyConfig]) -> bool:
     return any(rule.exe_sha256 for rule in policies)
 
 
-def _user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+class _Names:
+    """A name service lookup remembered for ``NAME_TTL`` seconds: every accepted connection
+    names its uid and gid (for logs and the audit; policies match numbers), and an NSS lookup
+    (files, or sssd/LDAP) per connection was the largest cost of a connect storm's admitted
+    connections. Bounded to ``NAME_CACHE_SIZE`` ids."""
+
+    def __init__(self, lookup: Callable[[int], str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._lookup = lookup
+        self._clock = clock
+        self._known: dict[int, tuple[str | None, float]] = {}
+
+    def __call__(self, number: int) -> str | None:
+        now = self._clock()
+        known = self._known.get(number)
+        if known is not None and known[1] > now:
+            return known[0]
+        try:
+            name: str | None = self._lookup(number)
+        except KeyError:
+            name = None
+        if len(self._known) >= NAME_CACHE_SIZE:
+            self._known.clear()
+        self._known[number] = (name, now + NAME_TTL)
+        return name
 
 
-def _group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return None
+NAME_TTL = 60.0
+NAME_CACHE_SIZE = 4096
+_user_name = _Names(lambda uid: pwd.getpwuid(uid).pw_name)
+_group_name = _Names(lambda gid: grp.getgrgid(gid).gr_name)
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,22 @@ def test_may_read_matches_exactly_what_fnmatchcase_matches() -> None:
             expected = any(fnmatch.fnmatchcase(name, p) for p in patterns[:count])
             assert g.may_read(name) is expected, (patterns[:count], name)
     assert Grants(patterns=("db",)) == Grants(patterns=("db",))
+
+
+def test_names_are_looked_up_once_a_minute_not_per_connection() -> None:
+    from agentd.access import NAME_TTL, _Names
+
+    asked: list[int] = []
+    now = [1000.0]
+
+    def lookup(number: int) -> str:
+        asked.append(number)
+        if number == 7:
+            raise KeyError(number)
+        return f"name{number}"
+
+    names = _Names(lookup, clock=lambda: now[0])
+    assert [names(0), names(0), names(7), names(7)] == ["name0", "name0", None, None]
+    assert asked == [0, 7]                      # unknown ids are remembered too
+    now[0] += NAME_TTL + 1
+    assert names(0) == "name0" and asked == [0, 7, 0]
