@@ -356,6 +356,32 @@ def test_keep_alive_and_pipelining_answer_in_order() -> None:
     assert [r.body for r in parse(out)] == [b"app", b"hunter2", DENIED, b"app"]
 
 
+
+def test_a_repeated_head_is_answered_anew_and_a_changed_one_reparsed() -> None:
+    """The connection remembers its last head and target: the same bytes again are decided
+    and audited again, and a head that differs in its method, target or a header is parsed
+    afresh."""
+    reader = FakeReader()
+    conn = HttpConnection(reader, clock=lambda: NOW)
+    kv = b"GET /v1/secret/data/app/db HTTP/1.1\r\nHost: x\r\n\r\n"
+    replies = []
+    for data, head in [(kv, False), (kv, False), (kv.replace(b"GET", b"HEAD"), True),
+                       (kv.replace(b"app/db", b"other"), False),
+                       (kv.replace(b"Host: x", b"Host: x\r\nConnection: close"), False)]:
+        conn.receive_data(data)
+        reply = conn.next_reply()
+        assert isinstance(reply, bytes)
+        (resp,) = parse(reply, head=head)
+        replies.append(resp)
+    assert conn.next_reply() is CLOSED
+    assert [r.status for r in replies] == [200, 200, 200, 403, 200]
+    first, second = replies[0].json(), replies[1].json()
+    assert first["data"] == second["data"] and first["request_id"] != second["request_id"]
+    assert replies[2].body == b"" and "connection" not in replies[2].headers
+    assert replies[4].headers["connection"] == "close"
+    assert reader.audit == [("get", "allow", "db")] * 3 + [("get", "deny", "other"),
+                                                           ("get", "allow", "db")]
+
 def test_requests_split_anywhere() -> None:
     data = b"GET /agentd/v1/secret/db/user?format=raw HTTP/1.1\r\nHost: x\r\n\r\n" * 3
     conn = HttpConnection(FakeReader())
