@@ -280,6 +280,7 @@ class HttpConnection:
         # the connection, like the buffer it came from.
         self._last_head: tuple[bytes, _Head] | None = None
         self._last_target: tuple[bytes, _Request] | None = None
+        self._last_path: tuple[Mapping[str, SecretConfig], str, tuple[str, ...]] | None = None
 
     @property
     def has_partial_request(self) -> bool:
@@ -306,6 +307,8 @@ class HttpConnection:
         None until it is complete. Empty lines before a request are dropped (RFC 9112)."""
         if self._head is None:
             buffer = self._buffer
+            if not buffer:
+                return None
             while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
                 del buffer[:2 if buffer[:1] == b"\r" else 1]
                 self._scanned = 0
@@ -408,14 +411,20 @@ class HttpConnection:
 
     def _bao_read(self, request: _Request, path: str) -> _Reply:
         """``GET /v1/<path>``: a declared kv2, kv1 or leased secret, in OpenBao's envelope."""
-        names = self._catalog().paths.get(path.strip("/"))
+        reader = self._reader
+        secrets = reader.secrets
+        last = self._last_path
+        if last is not None and last[0] is secrets and last[1] == path:
+            names = last[2]
+        else:
+            names = self._catalog().paths.get(path.strip("/"), ())
+            self._last_path = (secrets, path, names)
         if not names:
             return self._deny()
-        reader = self._reader
         # Several names may share a path: the first this peer may read answers.
         name = names[0] if len(names) == 1 else next(
             (n for n in names if reader.may_read(n)), names[0])
-        secret = reader.secrets[name]
+        secret = secrets[name]
         version: int | None = None
         wanted = request.query.get("version")
         if secret.kind == "kv2" and wanted is not None:

@@ -382,6 +382,21 @@ def test_a_repeated_head_is_answered_anew_and_a_changed_one_reparsed() -> None:
     assert reader.audit == [("get", "allow", "db")] * 3 + [("get", "deny", "other"),
                                                            ("get", "allow", "db")]
 
+
+def test_a_reload_is_seen_by_the_next_request_on_a_kept_connection() -> None:
+    """A path looked up once is looked up again in the catalog of a reload (another object)."""
+    reader = FakeReader()
+    conn = HttpConnection(reader, clock=lambda: NOW)
+    kv = b"GET /v1/secret/data/app/db HTTP/1.1\r\nHost: x\r\n\r\n"
+    statuses = []
+    for secrets in (SECRETS, {k: v for k, v in SECRETS.items() if k != "db"}, SECRETS):
+        reader.secrets = secrets
+        conn.receive_data(kv)
+        reply = conn.next_reply()
+        assert isinstance(reply, bytes)
+        statuses.append(parse(reply)[0].status)
+    assert statuses == [200, 403, 200]
+
 def test_requests_split_anywhere() -> None:
     data = b"GET /agentd/v1/secret/db/user?format=raw HTTP/1.1\r\nHost: x\r\n\r\n" * 3
     conn = HttpConnection(FakeReader())
