@@ -46,6 +46,13 @@ obs-fold, no bare CR, one Host for HTTP/1.1, one Content-Length value; anything 
 h11 served here first and cost about 100 µs of CPU a request, five times a v1 ``get``; the
 only headers that matter are Host, Content-Length, Transfer-Encoding and Connection.
 
+Per request, a keep-alive client of this face (``bao``, consul-template, an SDK) sends the same
+head again and again: a connection keeps its last head, target and ``/v1/`` path with what they
+parsed or looked up to (for the catalog in force), and the bytes of a kv2 answer's metadata are
+cached by version and fetch time. Nothing that holds a secret value is kept: each reply's
+``data`` is encoded from the value the ``Reader`` opened for it, then dropped (DESIGN.md,
+decision 6); the decisions, the audit line and the pid re-check are made for every request.
+
 Refusals: a path no declared secret has, a secret the peer may not read, and every method but GET
 and HEAD all get ``403 {"errors":["permission denied"]}`` (no existence oracle). A request with
 a body (any ``Content-Length`` above 0 or any ``Transfer-Encoding``) is answered (403 for a
