@@ -46,6 +46,14 @@ obs-fold, no bare CR, one Host for HTTP/1.1, one Content-Length value; anything 
 h11 served here first and cost about 100 µs of CPU a request, five times a v1 ``get``; the
 only headers that matter are Host, Content-Length, Transfer-Encoding and Connection.
 
+Per request, a keep-alive client of this face (``bao``, consul-template, an SDK) sends the same
+head again and again: a connection keeps its last head (by its length and keyed hash, so no
+token a client sends is kept), target and ``/v1/`` path with what they parsed or looked up to
+(for the catalog in force), and the bytes of a kv2 answer's metadata are
+cached by version and fetch time. Nothing that holds a secret value is kept: each reply's
+``data`` is encoded from the value the ``Reader`` opened for it, then dropped (DESIGN.md,
+decision 6); the decisions, the audit line and the pid re-check are made for every request.
+
 Refusals: a path no declared secret has, a secret the peer may not read, and every method but GET
 and HEAD all get ``403 {"errors":["permission denied"]}`` (no existence oracle). A request with
 a body (any ``Content-Length`` above 0 or any ``Transfer-Encoding``) is answered (403 for a
@@ -70,7 +78,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote
 
 from agentd import jsonnum
@@ -247,8 +255,7 @@ class _Request:
     query: Mapping[str, list[str]]
 
 
-@dataclass(frozen=True)
-class _Reply:
+class _Reply(NamedTuple):          # a tuple: made once per request, cheaper than a dataclass
     status: int
     body: bytes
     content_type: bytes = b"application/json"
@@ -280,6 +287,14 @@ class HttpConnection:
         self._closing = False           # the last reply said Connection: close
         self._eof = False
         self._index: tuple[Mapping[str, SecretConfig], _Index] | None = None
+        # The last request's head and what it parsed to: a keep-alive client sends the same
+        # head again and again (parsing is a pure function of its bytes). Held no longer than
+        # the connection, like the buffer it came from.
+        # the last head by its length and (keyed, per-process) hash, not its bytes: a head can
+        # carry a client's X-Vault-Token, which agentd has no reason to keep
+        self._last_head: tuple[tuple[int, int], _Head] | None = None
+        self._last_target: tuple[bytes, _Request] | None = None
+        self._last_path: tuple[Mapping[str, SecretConfig], str, tuple[str, ...]] | None = None
 
     @property
     def has_partial_request(self) -> bool:
@@ -306,6 +321,8 @@ class HttpConnection:
         None until it is complete. Empty lines before a request are dropped (RFC 9112)."""
         if self._head is None:
             buffer = self._buffer
+            if not buffer:
+                return None
             while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
                 del buffer[:2 if buffer[:1] == b"\r" else 1]
                 self._scanned = 0
@@ -335,10 +352,15 @@ class HttpConnection:
         self._scanned = 0
         head = bytes(buffer[:head_end[0]])
         del buffer[:head_end[1]]
+        seen = (len(head), hash(head))
+        last = self._last_head
+        if last is not None and last[0] == seen:
+            return self._answer(last[1])
         try:
             request = _parse_head(head)
         except _BadHead as exc:
             return self._fail(exc.status, exc.message)
+        self._last_head = (seen, request)
         return self._answer(request)
 
     # --- framing ---------------------------------------------------------------------------
@@ -355,10 +377,15 @@ class HttpConnection:
             return self._send(_Reply(403, _DENIED), method, close=close or head.has_body)
         if head.has_body:
             return self._send(_error(413, "request bodies are not accepted"), method, close=True)
-        try:
-            request = _parse_target(method, head.target)
-        except ValueError:
-            return self._send(_error(400, "malformed request target"), method, close=close)
+        last = self._last_target
+        if last is not None and last[0] == head.target and last[1].method == method:
+            request = last[1]
+        else:
+            try:
+                request = _parse_target(method, head.target)
+            except ValueError:
+                return self._send(_error(400, "malformed request target"), method, close=close)
+            self._last_target = (head.target, request)
         try:
             reply = self._route(request)
         except RequestError as exc:
@@ -399,13 +426,20 @@ class HttpConnection:
 
     def _bao_read(self, request: _Request, path: str) -> _Reply:
         """``GET /v1/<path>``: a declared kv2, kv1 or leased secret, in OpenBao's envelope."""
-        names = self._catalog().paths.get(path.strip("/"))
+        reader = self._reader
+        secrets = reader.secrets
+        last = self._last_path
+        if last is not None and last[0] is secrets and last[1] == path:
+            names = last[2]
+        else:
+            names = self._catalog().paths.get(path.strip("/"), ())
+            self._last_path = (secrets, path, names)
         if not names:
             return self._deny()
-        reader = self._reader
         # Several names may share a path: the first this peer may read answers.
-        name = next((n for n in names if reader.may_read(n)), names[0])
-        secret = reader.secrets[name]
+        name = names[0] if len(names) == 1 else next(
+            (n for n in names if reader.may_read(n)), names[0])
+        secret = secrets[name]
         version: int | None = None
         wanted = request.query.get("version")
         if secret.kind == "kv2" and wanted is not None:
@@ -414,24 +448,16 @@ class HttpConnection:
                 version = None          # OpenBao's "latest": what agentd holds
         value = reader.get(name, None, version=version)
         if secret.kind == "kv2":
-            data: Any = {
-                "data": value.data,
-                "metadata": {
-                    "created_time": _rfc3339(value.fetched_at),
-                    "custom_metadata": None,
-                    "deletion_time": "",
-                    "destroyed": False,
-                    "version": value.version,
-                },
-            }
+            # {"data": <value>, "metadata": {...}}, the metadata's bytes cached by version
+            data = b"".join((b'{"data":', _json(value.data, texts=value.texts), b',"metadata":',
+                             _kv2_metadata(value.version, value.fetched_at), b"}"))
             duration = 0
         elif secret.kind == "kv1":
-            data, duration = value.data, int(secret.refresh)
+            data, duration = _json(value.data, texts=value.texts), int(secret.refresh)
         else:
             left = 0.0 if value.expires_at is None else value.expires_at - self._clock()
-            data, duration = value.data, max(0, math.floor(left))
-        return _Reply(200, _envelope(data, duration, value.stale, texts=value.texts),
-                      stale=value.stale)
+            data, duration = _json(value.data, texts=value.texts), max(0, math.floor(left))
+        return _Reply(200, _envelope(data, duration, value.stale), stale=value.stale)
 
     def _mounts(self, request: _Request, path: str) -> _Reply:
         """``GET /v1/sys/internal/ui/mounts/<path>``: the kv mount of a readable secret."""
@@ -441,7 +467,7 @@ class HttpConnection:
             if (path == mount.path or path.startswith(mount.path + "/")) and any(
                 reader.may_read(name) for name in mount.names
             ):
-                return _Reply(200, _envelope(_mount_info(mount), 0, False))
+                return _Reply(200, _envelope(_json(_mount_info(mount)), 0, False))
         return self._deny()
 
     def _native_secret(self, request: _Request, rest: str) -> _Reply:
@@ -596,16 +622,30 @@ def _request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _envelope(data: Any, lease_duration: int, stale: bool, *, texts: bool = False) -> bytes:
-    """OpenBao's response envelope, field for field and in its order (what ``_json`` makes of
-    the same dict, with only ``data`` encoded per reply: the envelope is a hot path)."""
+def _envelope(data: bytes, lease_duration: int, stale: bool) -> bytes:
+    """OpenBao's response envelope around ``data`` (already JSON), field for field and in its
+    order: what ``_json`` makes of the same dict, with only ``data`` encoded per reply (the
+    envelope is a hot path)."""
     return b"".join((
         b'{"request_id":"', _request_id().encode(),
         b'","lease_id":"","renewable":false,"lease_duration":%d,"data":' % lease_duration,
-        _json(data, texts=texts),
+        data,
         b',"wrap_info":null,"warnings":', _STALE_WARNINGS if stale else b"null",
         b',"auth":null}',
     ))
+
+
+@functools.lru_cache(maxsize=256)
+def _kv2_metadata(version: int, fetched_at: float) -> bytes:
+    """kv2's ``data.metadata`` as JSON, as ``_json`` encodes it (cached: it holds nothing
+    secret and changes only with the version a secret is read at)."""
+    return _json({
+        "created_time": _rfc3339(fetched_at),
+        "custom_metadata": None,
+        "deletion_time": "",
+        "destroyed": False,
+        "version": version,
+    })
 
 
 def _mount_info(mount: _Mount) -> dict[str, Any]:
@@ -678,7 +718,9 @@ def _json(obj: Any, *, texts: bool = False) -> bytes:
     number is written as its text (``jsonnum.dumps``, the slower path taken only then)."""
     if texts:
         return jsonnum.dumps(obj, default=_plain).encode()
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=_plain).encode()
+    if _encode_c is not None:
+        return "".join(_encode_c(obj, 0)).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _plain(obj: Any) -> Any:
@@ -690,6 +732,18 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, tuple | list | set | frozenset):
         return list(obj)
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_plain)
+"""What ``json.dumps(obj, separators=..., ensure_ascii=False, default=_plain)`` does, without
+making a new encoder for each reply."""
+# ``_ENCODER.encode`` still makes its C encoder anew on every call (half the cost of encoding a
+# secret's few fields); CPython's, made once with the same settings (``check_circular`` off:
+# values come from msgpack and JSON, which hold no cycles). None without the C accelerator.
+_make_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encode_c: Final[Callable[[Any, int], Any] | None] = None if _make_c_encoder is None else \
+    _make_c_encoder(None, _plain, json.encoder.encode_basestring, None, ":", ",", False, False,
+                    True)
 
 
 def _raw(value: Any, *, texts: bool = False) -> bytes:

@@ -375,6 +375,83 @@ def test_keep_alive_and_pipelining_answer_in_order() -> None:
     assert [r.body for r in parse(out)] == [b"app", b"hunter2", DENIED, b"app"]
 
 
+
+def test_a_repeated_head_is_answered_anew_and_a_changed_one_reparsed() -> None:
+    """The connection remembers its last head and target: the same bytes again are decided
+    and audited again, and a head that differs in its method, target or a header is parsed
+    afresh."""
+    reader = FakeReader()
+    conn = HttpConnection(reader, clock=lambda: NOW)
+    kv = b"GET /v1/secret/data/app/db HTTP/1.1\r\nHost: x\r\n\r\n"
+    replies = []
+    for data, head in [(kv, False), (kv, False), (kv.replace(b"GET", b"HEAD"), True),
+                       (kv.replace(b"app/db", b"other"), False),
+                       (kv.replace(b"Host: x", b"Host: x\r\nConnection: close"), False)]:
+        conn.receive_data(data)
+        reply = conn.next_reply()
+        assert isinstance(reply, bytes)
+        (resp,) = parse(reply, head=head)
+        replies.append(resp)
+    assert conn.next_reply() is CLOSED
+    assert [r.status for r in replies] == [200, 200, 200, 403, 200]
+    first, second = replies[0].json(), replies[1].json()
+    assert first["data"] == second["data"] and first["request_id"] != second["request_id"]
+    assert replies[2].body == b"" and "connection" not in replies[2].headers
+    assert replies[4].headers["connection"] == "close"
+    assert reader.audit == [("get", "allow", "db")] * 3 + [("get", "deny", "other"),
+                                                           ("get", "allow", "db")]
+
+
+def test_a_connection_keeps_no_token_a_client_sent() -> None:
+    """What a connection remembers of its last head holds none of its bytes: no X-Vault-Token
+    stays in agentd's memory after the request is answered."""
+    marker = b"hvs.MARKER" + uuid.uuid4().hex.encode()
+    conn = HttpConnection(FakeReader(), clock=lambda: NOW)
+    kv = b"GET /v1/secret/data/app/db HTTP/1.1\r\nHost: x\r\nX-Vault-Token: " + marker + b"\r\n\r\n"
+    for _ in range(2):
+        conn.receive_data(kv)
+        assert isinstance(conn.next_reply(), bytes)
+    seen: set[int] = set()
+    found = []
+
+    def walk(obj: object, depth: int) -> None:
+        if id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            found.extend([obj] if marker in bytes(obj) else [])
+        elif isinstance(obj, str):
+            found.extend([obj] if marker.decode() in obj else [])
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(k, depth + 1)
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for item in obj:
+                walk(item, depth + 1)
+        elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+            for name in [*getattr(obj, "__dict__", {}), *getattr(obj, "__slots__", ())]:
+                walk(getattr(obj, name, None), depth + 1)
+
+    walk(conn, 0)
+    assert len(seen) > 10           # the walk reached the connection's state
+    assert not found
+
+
+def test_a_reload_is_seen_by_the_next_request_on_a_kept_connection() -> None:
+    """A path looked up once is looked up again in the catalog of a reload (another object)."""
+    reader = FakeReader()
+    conn = HttpConnection(reader, clock=lambda: NOW)
+    kv = b"GET /v1/secret/data/app/db HTTP/1.1\r\nHost: x\r\n\r\n"
+    statuses = []
+    for secrets in (SECRETS, {k: v for k, v in SECRETS.items() if k != "db"}, SECRETS):
+        reader.secrets = secrets
+        conn.receive_data(kv)
+        reply = conn.next_reply()
+        assert isinstance(reply, bytes)
+        statuses.append(parse(reply)[0].status)
+    assert statuses == [200, 403, 200]
+
 def test_requests_split_anywhere() -> None:
     data = b"GET /agentd/v1/secret/db/user?format=raw HTTP/1.1\r\nHost: x\r\n\r\n" * 3
     conn = HttpConnection(FakeReader())
