@@ -236,9 +236,8 @@ class Agent:
                     listener = activated[0]
                     for extra in activated[1:]:
                         extra.close()
-                    # systemd listened with its own Backlog=; while agentd accepts, the queue
-                    # is the configured one (decision 13), and a deep one again at exit
-                    listener.listen(config.agent.listen_backlog)
+                    # systemd listened with its own Backlog=; while agentd accepts, the server
+                    # sizes the queue (decision 13), and it is made deep again at exit
                 else:
                     listener = open_listener(
                         config.agent.socket,

@@ -102,7 +102,13 @@ log = logging.getLogger("agentd.server")
 
 RECEIVE_SIZE = 65536
 MAX_BATCH = 64          # replies to pipelined requests sent before other connections get a turn
-LISTEN_BACKLOG = 256    # connections queued by the kernel: [agent] listen_backlog's default
+LISTEN_BACKLOG = 1024   # connections queued by the kernel: [agent] listen_backlog's default
+# A connect storm (decision 13): this many refused connects within one second (a burst of
+# legitimate clients is accepted, not refused, and never comes near it) shorten the listen
+# queue to STORM_BACKLOG, until STORM_HOLD seconds after the last such second.
+STORM_REFUSALS = 1000
+STORM_BACKLOG = 64
+STORM_HOLD = 10.0
 ACCEPT_BATCH = 64       # connections accepted in one turn before other tasks run
 # accept() errors that mean "out of a resource": pause accepting, do not end the server
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -324,6 +330,7 @@ async def serve_listener(
     handle: Handler | None,
     *,
     admit: Callable[[socket.socket], Handler | None] | None = None,
+    after_turn: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listener`` until cancelled, one ``handle(conn)`` task per connection.
@@ -332,7 +339,8 @@ async def serve_listener(
     at a time, so a connect storm cannot keep the backlog full and make other clients' connects
     fail. ``admit(sock)``, if given, is called on each new socket before any task exists for
     it: it returns the handler to run, or None to have the socket closed at once (a connection
-    over a cap costs one accept, one ``getsockopt`` and one close). This is why this is not
+    over a cap costs one accept, one ``getsockopt`` and one close); ``after_turn()``, if given,
+    is called after each turn (the server sizes its queue there). This is why this is not
     ``trio.serve_listeners``: its loop accepts one connection per iteration, with a checkpoint
     each, and starts a task for every connection before anything can refuse it.
 
@@ -366,6 +374,29 @@ async def serve_listener(
                     sock.close()
                     continue
                 nursery.start_soon(handler, trio.socket.from_stdlib_socket(sock))
+            if after_turn is not None:
+                after_turn()
+
+
+class _Storm:
+    """Tells a connect storm from a burst by the refusals it causes: ``STORM_REFUSALS`` within
+    one second start one, which lasts until ``hold`` seconds after the last such second."""
+
+    def __init__(self, hold: float = STORM_HOLD) -> None:
+        self.hold = hold
+        self._window = -math.inf
+        self._count = 0
+        self._until = -math.inf
+
+    def refused(self, now: float) -> None:
+        if now - self._window >= 1.0:
+            self._window, self._count = now, 0
+        self._count += 1
+        if self._count >= STORM_REFUSALS:
+            self._until = now + self.hold
+
+    def raging(self, now: float) -> bool:
+        return now < self._until
 
 
 @dataclass(frozen=True)
@@ -388,6 +419,10 @@ class ServerStatistics:
                             COUNTER, name="agentd_peer_no_identity")
     warnings_suppressed: int = metric("Refusal warnings not logged (coalesced per uid)", COUNTER,
                                     name="agentd_warnings_suppressed")
+    connect_storms: int = metric("Connect storms seen (the listen queue was shortened)",
+                                 COUNTER, name="agentd_connect_storms")
+    listen_backlog: int = metric("The main socket's listen queue length now",
+                                 name="agentd_listen_backlog")
 
 
 
@@ -435,6 +470,9 @@ class Server:
         self._connect_budgets: dict[int, _Budget] = {}   # new connections, per uid
         self._warnings = _Warnings()
         self.refused_connections = 0
+        self.storm = _Storm()
+        self.connect_storms = 0
+        self._backlog = 0           # the listen queue length set last (0: not yet)
         self.requests = 0
         self.requests_by_op: Counter[str] = Counter()            # for metrics
         self.decisions: Counter[tuple[str, str]] = Counter()     # (op, decision), for metrics
@@ -469,6 +507,8 @@ class Server:
             pid_reused=self.pid_reused,
             no_identity=self.no_identity,
             warnings_suppressed=self._warnings.suppressed,
+            connect_storms=self.connect_storms,
+            listen_backlog=self._backlog,
         )
 
     async def serve(
@@ -477,8 +517,28 @@ class Server:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept connections on ``listener`` until cancelled. Does not close ``listener``."""
-        await serve_listener(listener, None, admit=self._admit, task_status=task_status)
+        """Accept connections on ``listener`` until cancelled. Does not close ``listener``.
+
+        Its listen queue is ``listen_backlog`` long (as the config is after a reload), and
+        ``STORM_BACKLOG`` during a connect storm (decision 13)."""
+        self._size_queue(listener)
+        await serve_listener(listener, None, admit=self._admit,
+                             after_turn=functools.partial(self._size_queue, listener),
+                             task_status=task_status)
+
+    def _size_queue(self, listener: socket.socket) -> None:
+        deep = self.config.agent.listen_backlog
+        raging = self.storm.raging(trio.current_time())
+        wanted = min(STORM_BACKLOG, deep) if raging else deep
+        if wanted == self._backlog:
+            return
+        if raging and self._backlog:
+            self.connect_storms += 1
+            log.warning("connect storm: listen queue shortened", extra={"backlog": wanted})
+        elif self._backlog:
+            log.info("connect storm over: listen queue restored", extra={"backlog": wanted})
+        listener.listen(wanted)
+        self._backlog = wanted
 
     def _admit(self, sock: socket.socket) -> Handler | None:
         """Admit a new connection or refuse it at once, from ``SO_PEERCRED`` alone (no /proc):
@@ -501,6 +561,7 @@ class Server:
             or not _budget(self._connect_budgets, uid, burst).take(rate, burst)
         ):
             self.refused_connections += 1
+            self.storm.refused(trio.current_time())
             self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])

@@ -108,7 +108,7 @@ def test_the_listen_queue_is_as_deep_as_configured(
         proc.send_signal(signal.SIGSTOP)
         room = queue_room(sock)
         proc.send_signal(signal.SIGCONT)
-    assert room in ((backlog or 256), (backlog or 256) + 1)
+    assert room in ((backlog or 1024), (backlog or 1024) + 1)
 
 
 def test_an_activated_socket_gets_the_configured_queue_and_a_deep_one_after_exit(
@@ -128,7 +128,7 @@ def test_an_activated_socket_gets_the_configured_queue_and_a_deep_one_after_exit
         assert proc.returncode == 0
         after_exit = queue_room(sock)          # nobody accepts: the queue fills to its depth
         assert while_serving in (16, 17)
-        assert after_exit > 256
+        assert after_exit > 1024
     finally:
         listener.close()
         with contextlib.suppress(OSError):

@@ -27,6 +27,7 @@ import agentd.daemon
 from agentd.access import Peer
 from agentd.client import AsyncClient, Client, open_client
 from agentd.errors import ClientError
+from agentd.server import STORM_BACKLOG, STORM_REFUSALS
 from tests.agentfixture import (
     NOBODY,
     RunningAgent,
@@ -38,6 +39,8 @@ from tests.agentfixture import (
 )
 from tests.openbao import DevServer
 from tests.peers import run_as
+from tests.support import until
+from tests.test_backlog import queue_room
 from tests.test_limits import code, frame, read_reply
 
 PING = frame({"v": 1, "id": 1, "op": "ping"})
@@ -275,6 +278,51 @@ async def test_new_connections_draw_from_their_own_bucket_not_the_request_budget
     assert result["value"]["held"] in (3, 4)
     assert result["value"]["refused"] == 5 - result["value"]["held"]
     assert result["value"]["answered"] == 50
+
+
+def quick_storm_end(agent: agentd.daemon.Agent) -> None:
+    agent.server.storm.hold = 3.0
+
+
+storm_sized = agent_with("listen_backlog = 300", configure=quick_storm_end)
+
+
+async def test_a_connect_storm_shortens_the_listen_queue_until_it_is_over(
+    storm_sized: RunningAgent,
+) -> None:
+    """Refusals at a storm's rate cut the queue to STORM_BACKLOG places; the first turn after
+    the storm is over restores ``listen_backlog``. Measured with the agent's loop held (this
+    test's code runs on it, and nothing in between awaits): nobody accepts, and a non-blocking
+    connect fails with EAGAIN once the queue is full (AF_UNIX takes backlog + 1)."""
+    path = str(storm_sized.socket)
+    server = storm_sized.agent.server
+    assert server.statistics().listen_backlog == 300
+
+    def storm() -> int:
+        connected = 0
+        for _ in range(20_000):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.connect(path)
+                connected += 1
+            sock.close()
+        return connected
+
+    with trio.fail_after(120):
+        result = await run_as(NOBODY, NOBODY, storm)
+        assert result["ok"], result
+        await until(lambda: server.statistics().connect_storms == 1, "a storm seen")
+        during = queue_room(storm_sized.socket)         # no checkpoint: nothing accepts
+        assert server.statistics().listen_backlog == STORM_BACKLOG
+        await trio.sleep(server.storm.hold + 0.5)       # the storm is over...
+        await trio.to_thread.run_sync(_ping, path)      # ...and a connection makes a turn
+        after = queue_room(storm_sized.socket)
+    assert during in (STORM_BACKLOG, STORM_BACKLOG + 1)
+    assert after in (300, 301)
+    assert server.statistics().listen_backlog == 300
+    assert server.statistics().connect_storms == 1
+    assert server.statistics().refused_connections >= STORM_REFUSALS
 
 
 stormed = agent_with("")
