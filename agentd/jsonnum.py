@@ -101,15 +101,40 @@ def _constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
 
+MAX_DEPTH = 100     # arrays and objects within each other, at most
+
+
 def loads(text: str | bytes) -> Any:
     """``json.loads`` keeping each number's text where its Python value would lose it.
 
-    NaN and Infinity are refused, as Go's decoder refuses them.
+    NaN and Infinity are refused, as Go's decoder refuses them, and so are documents nested
+    more than ``MAX_DEPTH`` deep: OpenBao stores up to 10,000 levels, Python's decoder stops
+    near 1,000 with a RecursionError, and every recursive step after it (msgpack, JSON for the
+    HTTP face, a template) near there too, so whoever can write a secret could otherwise stop
+    the agent or each reader of that secret.
 
     Raises:
-        ValueError: ``text`` is not JSON.
+        ValueError: ``text`` is not JSON, or is nested deeper than ``MAX_DEPTH``.
     """
-    return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    try:
+        value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    """Raises ValueError if ``value`` nests lists and dicts deeper than ``MAX_DEPTH``."""
+    level: list[Any] = [value]
+    for _ in range(MAX_DEPTH):
+        level = [child for item in level
+                 for child in (item.values() if isinstance(item, dict) else
+                               item if isinstance(item, list) else ())
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return
+    raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
 
 
 def literal_text(value: Any) -> str | None:

@@ -161,7 +161,8 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _decode_body(response: Response) -> Any:
-    """The JSON body, {} when empty; raises ValueError when it is not JSON. A number keeps
+    """The JSON body, {} when empty; raises ValueError when it is not JSON (or nested more
+    than ``jsonnum.MAX_DEPTH`` deep). A number keeps
     its text where Python's value would lose it (``1e-7``: decision 14, ``jsonnum``)."""
     if response.status_code == 204 or not response.content:
         return {}

@@ -21,6 +21,7 @@ from agentd import jsonnum
 from agentd.cache import Cache
 from agentd.crypto import KEY_BYTES, Sealer
 from agentd.gotemplate.values import JsonNumber, to_go
+from agentd.jsonnum import MAX_DEPTH
 from agentd.render.pool import RenderWorker
 from agentd.snapshot import FILE_NAME, FORMAT, Snapshot
 
@@ -184,3 +185,13 @@ async def test_the_worker_gives_go_the_text_and_jinja_the_python_number() -> Non
     expected_json = json.dumps(PLAIN, sort_keys=True)
     assert jinja.decode() == (f"1000.0 1.5 -0.0 0 {BIG} inf True " + expected_json)
     assert gotext.decode() == f'1e3 1.50 -0.0 -0 {BIG} 1e400 json.Number {{"k":0.10}}'
+
+
+@pytest.mark.parametrize("depth", [1, MAX_DEPTH, MAX_DEPTH + 1, 3000])
+def test_documents_nested_deeper_than_the_limit_are_not_json(depth: int) -> None:
+    text = '{"a": ' * (depth - 1) + "[1]" + "}" * (depth - 1)
+    if depth <= MAX_DEPTH:
+        assert jsonnum.loads(text) is not None
+    else:
+        with pytest.raises(ValueError, match="nested deeper"):
+            jsonnum.loads(text)
