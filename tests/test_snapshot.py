@@ -5,6 +5,7 @@ Real files in tmp_path, a real tmpfs for the full disk where this machine lets u
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import uuid
@@ -246,6 +247,30 @@ def test_host_id_reads_machine_id_with_a_fallback(tmp_path: Path) -> None:
     assert host_id(machine_id) == HOST
     fallback = host_id(tmp_path / "missing")
     assert fallback.startswith("host-") and fallback == host_id(tmp_path / "missing")
+
+
+def test_host_id_override_comes_before_the_environment_and_the_machine_id(
+        tmp_path: Path) -> None:
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text(HOST + "\n")
+    env = {"AGENTD_HOST_ID": "from-env"}
+    assert host_id(machine_id, override="web-042", environ=env) == "web-042"
+    assert host_id(machine_id, environ=env) == "from-env"
+    assert host_id(machine_id, environ={"AGENTD_HOST_ID": " "}) == HOST
+    assert host_id(machine_id, environ={}) == HOST
+
+
+async def test_config_host_id_is_the_identity_the_snapshot_is_bound_to(tmp_path: Path) -> None:
+    def with_host(host: str) -> Snapshot:
+        config = make_config(tmp_path)
+        config = dataclasses.replace(config, agent=dataclasses.replace(config.agent,
+                                                                         host_id=host))
+        return Snapshot.from_config(config)
+
+    cache, _ = filled_cache()
+    assert await with_host("web-042").write(cache)
+    assert sorted(with_host("web-042").load_into(Cache())) == ["api", "db"]
+    assert with_host("web-043").load_into(Cache()) == []
 
 
 def test_address_order_is_spread_per_host_and_stable() -> None:
