@@ -29,7 +29,8 @@ takes its first step where its kind's restored state puts it (``Kinds.restored_d
 ``refresh`` after its ``fetched_at``; a step already due waits a random phase within
 ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst. ``restore`` takes the
 snapshot's states back at start; a value whose restored state vouches for it (a certificate
-within its validity) is served as current, not stale, until its step.
+within its validity, a KV value younger than its ``refresh``) is served as current, not stale,
+until its step.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -212,8 +213,12 @@ class Refresher:
         current (not stale) until that step. ``revoked`` were revoked on evidence before the
         restart: they answer ``not_found`` until the upstream gives them a value again."""
         self.mark_restored(names)
-        for name in self.kinds.restore_states(states, self._config.secrets):
-            if self.kinds.restored_current(self._config.secrets[name]):
+        self.kinds.restore_states(states, self._config.secrets)
+        for name in names:
+            secret = self._config.secrets.get(name)
+            info = self._cache.info(name)
+            if secret is not None and info is not None and self.kinds.restored_current(
+                    secret, fetched_at=info.fetched_at):
                 self._cache.mark_current(name)
         for name in revoked:
             state = self.states.get(name)
@@ -252,7 +257,13 @@ class Refresher:
 
     async def _fetch(self, secret: SecretConfig) -> int:
         state = self.states[secret.name]
-        token = await self._auth.wait_for_token()
+        with trio.move_on_after(self._config.upstream.timeout) as waited:
+            token = await self._auth.wait_for_token()
+        if waited.cancelled_caught:
+            # Due, and no token to ask with (a restart with the upstream down: the restored
+            # token cannot be checked): a value served as current stops being so.
+            self._cache.mark_stale(secret.name, since=self._clock())
+            token = await self._auth.wait_for_token()
         state.last_attempt = self._clock()
         try:
             value = await self.kinds.fetch(
