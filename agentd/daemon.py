@@ -219,6 +219,7 @@ class Agent:
                 self.refresher.restore(restored, self.snapshot.restored_states,
                                        self.snapshot.restored_revoked)
                 await nursery.start(self.snapshot.run, self.cache)
+                await nursery.start(self.upstream.run)    # health probes of down addresses
                 nursery.start_soon(self.auth.run)
                 await nursery.start(self.refresher.run)
                 await nursery.start(metrics.run, self)      # [metrics] listen / textfile

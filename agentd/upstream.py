@@ -1,14 +1,25 @@
 """OpenBao/Vault HTTP client: the API calls, failover and error mapping (``transport.py`` below it).
 
 Theory of operation: ``Upstream.request()`` sends one API call (``path`` without ``/v1/``) through
-a ``transport.Transport`` (h11 on trio, keep-alive connections per address). The configured
-addresses are tried in a per-host order (``order_seed``, the host id: see ``spread_addresses``),
-starting at the last one that answered (sticky); a connection-level failure (connect error,
-timeout, reset, protocol error), a 5xx (which includes a sealed node's 503), a standby code (472,
-473) or a redirect fails the *same* request over to the next address, each address at most once
-per request. Anything else is the answer: 4xx are never failed over. Every attempt holds one slot
-of a ``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight than
-that.
+a ``transport.Transport`` (h11 on trio, keep-alive connections per address). Each request tries
+the configured addresses in its own stable order: rendezvous (highest random weight) hashing of
+the host id (``order_seed``) and the request's path (``spread_addresses``), so a fleet's reads
+spread evenly over every node, secret by secret rather than host by host, and each secret of a
+host keeps going to the same node. Addresses marked down come last in every order. A
+connection-level failure (connect error, timeout, reset, protocol error), a 5xx (which includes
+a sealed node's 503), a standby code (472, 473) or a redirect marks the address down and fails
+the *same* request over to the next address, each address at most once per request. Anything
+else is the answer (4xx are never failed over) and marks its address up. Every attempt holds one
+slot of a ``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight
+than that.
+
+Health (``run()``, a service the daemon starts): an address marked down is probed with
+``GET sys/health?standbyok=true&perfstandbyok=true`` (unauthenticated; 200 from an active node
+or a standby, 5xx when sealed), each address on its own full-jitter backoff (``backoff_min`` ..
+``backoff_max``), and not while the outage gate is closed (the gate's probe does that job). A
+200 marks it up, and the requests whose order puts it first return to it: after a failover, the
+fleet's spread comes back by itself. Without ``run()`` a down address comes back only when a
+request that reached it last gets an answer.
 
 Failures are translated here, once, into agentd's tree (``_transport_error`` and
 ``_status_error``): transport errors, 5xx, 429 (with its Retry-After), 472/473 -> TransientError;
@@ -32,6 +43,7 @@ header, so there is no proxy support at all. ``aclose()`` closes the connection 
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json as jsonlib
 import logging
 import math
@@ -62,6 +74,8 @@ from agentd.transport import ReplyTooLarge, Response, Transport, TransportError
 log = logging.getLogger("agentd.upstream")
 
 MAX_ERROR_TEXT = 300          # characters of the upstream's "errors" kept in a message
+HEALTH_PATH = "sys/health?standbyok=true&perfstandbyok=true"   # 200: active or standby
+MAX_ORDERS = 4096             # per-path address orders kept (the catalog's paths, and a few)
 STANDBY_STATUSES = frozenset({472, 473})
 _NOT_JSON: Any = object()      # marker: the body was not JSON
 
@@ -83,7 +97,7 @@ class UpstreamStatistics:
     """The upstream client's counters; each ``metric`` field is a series (``readmodel``); the
     labelled ones (up by address, errors by kind) and the latency are made in ``metrics``."""
 
-    address: str                 # the address the next request starts with
+    address: str                 # the first address up in this host's own order
     up: bool                     # the last attempt reached a working server
     requests: int = metric("Requests sent to the upstream", COUNTER,
                            name="agentd_upstream_requests")
@@ -97,6 +111,9 @@ class UpstreamStatistics:
                                  default=0)
     gated: int = metric("Requests failed at once by the outage gate (never sent)", COUNTER,
                         name="agentd_upstream_gated", default=0)
+    down: tuple[str, ...] = ()   # addresses marked down (tried last; probed by run())
+    health_probes: int = metric("sys/health probes sent to addresses marked down", COUNTER,
+                                name="agentd_upstream_health_probes", default=0)
     errors_by_kind: Mapping[str, int] = field(default_factory=dict)   # see _error_kind
 
 
@@ -115,14 +132,28 @@ class _Failover(TransientError):
     """A TransientError after which the same request may go to the next address."""
 
 
-def spread_addresses(addresses: tuple[str, ...], seed: str | None) -> tuple[str, ...]:
-    """``addresses`` in a per-host order (decision 9): shuffled by ``seed`` (the host id), so a
-    fleet does not start at, nor fail over to, the same node in step. None keeps the order."""
+def spread_addresses(addresses: tuple[str, ...], seed: str | None,
+                     key: str = "") -> tuple[str, ...]:
+    """``addresses`` in the order of rendezvous hashing on ``seed`` (the host id) and ``key``
+    (a request's path; decision 9): each address's weight is a hash of the three, highest
+    first. So a fleet spreads evenly over the nodes, fails over to different nodes, and adding or
+    removing a node moves only the keys that had it first. None keeps the configured order."""
     if seed is None or len(addresses) < 2:
         return addresses
-    order = list(addresses)
-    random.Random(f"agentd-addresses:{seed}").shuffle(order)
-    return tuple(order)
+
+    def weight(address: str) -> bytes:
+        return hashlib.sha256(f"agentd-addresses\0{seed}\0{key}\0{address}".encode()).digest()
+
+    return tuple(sorted(addresses, key=weight, reverse=True))
+
+
+@dataclass
+class _Down:
+    """An address marked down: when its next health probe is due, on its own backoff."""
+
+    backoff: Backoff
+    next_probe: float            # trio clock
+    probing: bool = False
 
 
 def _no_token() -> str | None:
@@ -274,10 +305,14 @@ class Upstream:
         if not cfg.addresses:
             raise ValueError("upstream needs at least one address")
         self._cfg = cfg
-        self._addresses = spread_addresses(
-            tuple(a.rstrip("/") for a in cfg.addresses), order_seed
-        )
-        self._current = 0
+        self._seed = order_seed
+        self._addresses = tuple(a.rstrip("/") for a in cfg.addresses)
+        self._host_order = spread_addresses(self._addresses, order_seed)
+        self._orders: dict[str, tuple[str, ...]] = {}
+        self._down: dict[str, _Down] = {}
+        self._health_rng = random.Random(f"agentd-health:{order_seed}")
+        self._health_wake = trio.Event()
+        self._health_probes = 0
         self.token_source: Callable[[], str | None] = _no_token
         self._gate: Backoff | None = None
         if outage_gate:
@@ -360,10 +395,30 @@ class Upstream:
         """Close the connection pool. Idempotent."""
         await self._transport.aclose()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe the addresses marked down until cancelled (see "Health" above); a probe that
+        gets a 200 marks its address up. Never raises for an upstream failure."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._health_wake = trio.Event()
+                due = min((d.next_probe for d in self._down.values() if not d.probing),
+                          default=math.inf)
+                with trio.move_on_at(due):
+                    await self._health_wake.wait()
+                now = trio.current_time()
+                for address, down in list(self._down.items()):
+                    if not down.probing and down.next_probe <= now:
+                        down.probing = True
+                        nursery.start_soon(self._probe, address, down)
+
     def statistics(self) -> UpstreamStatistics:
+        first = [a for a in self._host_order if a not in self._down]
         return UpstreamStatistics(
-            address=self._addresses[self._current],
+            address=(first or self._host_order)[0],
             up=self._up,
+            down=tuple(a for a in self._host_order if a in self._down),
+            health_probes=self._health_probes,
             requests=self._requests,
             errors=self._errors,
             errors_by_kind=dict(self._errors_by_kind),
@@ -375,6 +430,54 @@ class Upstream:
         )
 
     # --- internals --------------------------------------------------------------------------
+
+    def _order(self, path: str) -> list[str]:
+        """The addresses for a request to ``path``: its rendezvous order, those up first."""
+        key = path.split("?", 1)[0].strip("/")
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) >= MAX_ORDERS:
+                self._orders.clear()
+            order = self._orders[key] = spread_addresses(self._addresses, self._seed, key)
+        if not self._down:
+            return list(order)
+        return ([a for a in order if a not in self._down]
+                + [a for a in order if a in self._down])
+
+    def _mark_down(self, address: str, exc: UpstreamError) -> None:
+        if address in self._down:
+            return
+        backoff = Backoff(self._cfg.backoff_min, self._cfg.backoff_max, rng=self._health_rng)
+        self._down[address] = _Down(backoff, trio.current_time() + backoff.next_delay())
+        self._health_wake.set()
+        log.warning("upstream address marked down; its requests go to the others until it "
+                    "answers again", extra={"address": address, "error": str(exc)})
+
+    def _mark_up(self, address: str) -> None:
+        if self._down.pop(address, None) is not None:
+            self._health_wake.set()
+            log.info("upstream address answers again; its requests return to it",
+                     extra={"address": address})
+
+    async def _probe(self, address: str, down: _Down) -> None:
+        """One health probe of a down address (skipped while the outage gate is closed)."""
+        healthy = False
+        try:
+            if self._gate is None or not self._gate.failures:
+                self._health_probes += 1
+                async with self._limiter:
+                    response = await self._transport.request(
+                        address, "GET", f"/v1/{HEALTH_PATH}", [], None)
+                healthy = response.status_code == 200
+        except (TransportError, ValueError):
+            pass
+        finally:
+            down.probing = False
+        if healthy:
+            self._mark_up(address)
+        elif self._down.get(address) is down:
+            down.next_probe = trio.current_time() + down.backoff.next_delay()
+            self._health_wake.set()
 
     def _count_error(self, exc: UpstreamError) -> None:
         self._errors += 1
@@ -401,7 +504,7 @@ class Upstream:
     async def _exchange(
         self, method: str, path: str, json: Any, token: str | None, authenticated: bool
     ) -> tuple[Response, Any]:
-        """Send to each address in turn (sticky start) until one gives a non-failover answer."""
+        """Send to each address in the request's order until one gives a non-failover answer."""
         headers: list[tuple[str, str]] = []
         if authenticated:
             value = token if token is not None else self.token_source()
@@ -445,25 +548,20 @@ class Upstream:
     async def _try_addresses(
         self, method: str, path: str, json: Any, headers: list[tuple[str, str]]
     ) -> tuple[Response, Any]:
-        count = len(self._addresses)
-        start = self._current
         last: _Failover | None = None
-        for step in range(count):
-            index = (start + step) % count
-            address = self._addresses[index]
+        for address in self._order(path):
             try:
                 response, body = await self._attempt(address, method, path, json, headers)
             except _Failover as exc:
                 self._up = False
                 last = exc
+                self._mark_down(address, exc)
                 log.warning(
                     "upstream attempt failed",
                     extra={"address": address, "method": method, "path": path, "error": str(exc)},
                 )
                 continue
-            if index != self._current:
-                log.info("upstream failover", extra={"address": address})
-                self._current = index
+            self._mark_up(address)
             self._up = True
             return response, body
         assert last is not None
