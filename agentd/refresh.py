@@ -32,6 +32,15 @@ snapshot's states back at start; a value whose restored state vouches for it (a 
 within its validity, a KV value younger than its ``refresh``) is served as current, not stale,
 until its step.
 
+After an outage (decision 9) the fleet must not come back in step. Each poll tells the upstream
+how far it may be spread after a recovery (``spread_recovery``): one ``refresh``, or less when the
+value would otherwise pass its ``max_stale`` or expiry (half the time left), and nothing for a
+secret with no value to serve, which is fetched first. A poll held over the outage then goes out
+at a random phase within that window after the recovery; one whose request was in flight and
+completed with the recovery (all of them at once) takes its next step at a fresh random phase,
+``uniform(0, refresh)``, instead of ``refresh`` +-10%, so the phases the outage lined up are
+spread again. Either way every secret is polled once within a ``refresh`` of the recovery.
+
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
 """
@@ -49,7 +58,7 @@ import trio
 
 from agentd.auth import Authenticator
 from agentd.backoff import Backoff, jittered
-from agentd.cache import Cache
+from agentd.cache import Cache, stale_deadline
 from agentd.config import Config, SecretConfig
 from agentd.errors import (
     AuthError,
@@ -60,7 +69,7 @@ from agentd.errors import (
     UpstreamNotFound,
 )
 from agentd.kinds import Kinds
-from agentd.upstream import Upstream
+from agentd.upstream import Upstream, spread_recovery
 
 log = logging.getLogger("agentd.refresh")
 
@@ -318,8 +327,10 @@ class Refresher:
             state.next_attempt = wake_slot(trio.current_time() + first)
             await trio.sleep_until(state.next_attempt)
         while True:
+            recoveries = self._upstream.recoveries
             try:
-                await self.refresh(secret.name)
+                with spread_recovery(self._recovery_spread(secret), self._rng) as hold:
+                    await self.refresh(secret.name)
             except TransientError as exc:
                 delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
                 self._failed(state, exc, delay)
@@ -350,9 +361,24 @@ class Refresher:
                 self._failed(state, exc, delay)
             else:
                 backoff.reset()
-                delay = self.kinds.next_delay(secret, jittered(secret.refresh, rng=self._rng))
+                default = jittered(secret.refresh, rng=self._rng)
+                if not hold.held and self._upstream.recoveries != recoveries:
+                    # answered with the recovery, with everything else held over it: a new phase
+                    default = self._rng.uniform(0.0, secret.refresh)
+                delay = self.kinds.next_delay(secret, default)
             state.next_attempt = wake_slot(trio.current_time() + delay)
             await trio.sleep_until(state.next_attempt)
+
+    def _recovery_spread(self, secret: SecretConfig) -> float:
+        """How far this secret's poll may be spread after an upstream recovery: one
+        ``refresh``, at most half the time its value may still be served, 0 with nothing to
+        serve (fetched first)."""
+        info = self._cache.info(secret.name)
+        if info is None:
+            return 0.0
+        deadline = stale_deadline(info.fetched_at, info.expires_at, True,
+                                  self._config.max_stale_for(secret.name))
+        return max(0.0, min(secret.refresh, (deadline - self._clock()) / 2))
 
     def _to_confirm(self, state: SecretState, exc: UpstreamNotFound) -> bool:
         """True when ``exc`` is a plain 404 on a value being served that no earlier request

@@ -36,12 +36,23 @@ and when it ends a single request goes out as the probe (others keep failing fas
 probe that gets any answer from a node closes the gate. So however many secrets a host has, an
 outage costs the upstream about one request per window from it, not one per secret.
 
+Recovery ramp (decision 9): a failure streak starts at the first failed attempt and ends at the
+next answer; one that lasted at least ``backoff_min`` ends in a *recovery*
+(``statistics().recoveries``). Requests that were held over it (they entered before the recovery
+and had not yet sent their attempt: queued for a slot, or failing over from a hung address)
+would all go out the moment the upstream answers again. A caller that says how far such a
+request may be spread (``spread_recovery``: the refresher, per secret) has it wait a random
+phase within that window first, after the recovery, without holding a slot; the ``Hold`` it gets
+back says whether it was held. Requests without a window (logins, renewals, admin refreshes)
+and those entered after the recovery are never held.
+
 The client ignores the environment: a host's ``HTTP_PROXY`` must never see the ``X-Vault-Token``
 header, so there is no proxy support at all. ``aclose()`` closes the connection pool.
 """
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import hashlib
 import json as jsonlib
@@ -51,7 +62,8 @@ import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +124,10 @@ class UpstreamStatistics:
     gated: int = metric("Requests failed at once by the outage gate (never sent)", COUNTER,
                         name="agentd_upstream_gated", default=0)
     down: tuple[str, ...] = ()   # addresses marked down (tried last; probed by run())
+    recoveries: int = metric("Failure streaks (of at least backoff_min) that ended in an answer",
+                             COUNTER, name="agentd_upstream_recoveries", default=0)
+    held: int = metric("Requests held over an outage that waited a random phase after the "
+                       "recovery", COUNTER, name="agentd_upstream_recovery_held", default=0)
     health_probes: int = metric("sys/health probes sent to addresses marked down", COUNTER,
                                 name="agentd_upstream_health_probes", default=0)
     errors_by_kind: Mapping[str, int] = field(default_factory=dict)   # see _error_kind
@@ -145,6 +161,30 @@ def spread_addresses(addresses: tuple[str, ...], seed: str | None,
         return hashlib.sha256(f"agentd-addresses\0{seed}\0{key}\0{address}".encode()).digest()
 
     return tuple(sorted(addresses, key=weight, reverse=True))
+
+
+@dataclass
+class Hold:
+    """How far a caller lets its request be spread after a recovery (``spread_recovery``)."""
+
+    spread: float                # seconds; 0: never held (urgent)
+    rng: random.Random = field(repr=False)
+    held: bool = False           # the request waited a phase after a recovery
+
+
+_HOLD: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("agentd_hold", default=None)
+
+
+@contextmanager
+def spread_recovery(spread: float, rng: random.Random) -> Iterator[Hold]:
+    """Within this block, a request of this task that is held over an outage waits a random
+    phase in ``[0, spread)`` after the recovery before it is sent (the recovery ramp above)."""
+    hold = Hold(spread=max(0.0, spread), rng=rng)
+    token = _HOLD.set(hold)
+    try:
+        yield hold
+    finally:
+        _HOLD.reset(token)
 
 
 @dataclass
@@ -313,6 +353,10 @@ class Upstream:
         self._health_rng = random.Random(f"agentd-health:{order_seed}")
         self._health_wake = trio.Event()
         self._health_probes = 0
+        self._streak_since: float | None = None   # trio clock: first failure with no answer since
+        self._recovered_at = -math.inf
+        self._recoveries = 0
+        self._held = 0
         self.token_source: Callable[[], str | None] = _no_token
         self._gate: Backoff | None = None
         if outage_gate:
@@ -358,8 +402,10 @@ class Upstream:
         counts as this call's error: a kind's reply format (``kinds.kv``).
         """
         self._requests += 1
+        entered = trio.current_time()
         try:
-            response, body = await self._exchange(method, path, json, token, authenticated)
+            response, body = await self._exchange(method, path, json, token, authenticated,
+                                                  entered)
             if check is not None:
                 check(response.status_code, body)
             return self._result(method, path, response, body)
@@ -412,6 +458,11 @@ class Upstream:
                         down.probing = True
                         nursery.start_soon(self._probe, address, down)
 
+    @property
+    def recoveries(self) -> int:
+        """Failure streaks that ended in a recovery so far (cheap; see the recovery ramp)."""
+        return self._recoveries
+
     def statistics(self) -> UpstreamStatistics:
         first = [a for a in self._host_order if a not in self._down]
         return UpstreamStatistics(
@@ -419,6 +470,8 @@ class Upstream:
             up=self._up,
             down=tuple(a for a in self._host_order if a in self._down),
             health_probes=self._health_probes,
+            recoveries=self._recoveries,
+            held=self._held,
             requests=self._requests,
             errors=self._errors,
             errors_by_kind=dict(self._errors_by_kind),
@@ -502,7 +555,8 @@ class Upstream:
         return body
 
     async def _exchange(
-        self, method: str, path: str, json: Any, token: str | None, authenticated: bool
+        self, method: str, path: str, json: Any, token: str | None, authenticated: bool,
+        entered: float,
     ) -> tuple[Response, Any]:
         """Send to each address in the request's order until one gives a non-failover answer."""
         headers: list[tuple[str, str]] = []
@@ -512,7 +566,7 @@ class Upstream:
                 headers.append(("X-Vault-Token", value))
         probe = self._pass_gate(method, path)
         try:
-            response, body = await self._try_addresses(method, path, json, headers)
+            response, body = await self._try_addresses(method, path, json, headers, entered)
         except _Failover as exc:
             if self._gate is not None:
                 delay = self._gate.next_delay(at_least=exc.retry_after or 0.0)
@@ -546,15 +600,18 @@ class Upstream:
         return True
 
     async def _try_addresses(
-        self, method: str, path: str, json: Any, headers: list[tuple[str, str]]
+        self, method: str, path: str, json: Any, headers: list[tuple[str, str]], entered: float
     ) -> tuple[Response, Any]:
         last: _Failover | None = None
         for address in self._order(path):
             try:
-                response, body = await self._attempt(address, method, path, json, headers)
+                response, body = await self._attempt(address, method, path, json, headers,
+                                                     entered)
             except _Failover as exc:
                 self._up = False
                 last = exc
+                if self._streak_since is None:
+                    self._streak_since = trio.current_time()
                 self._mark_down(address, exc)
                 log.warning(
                     "upstream attempt failed",
@@ -563,19 +620,54 @@ class Upstream:
                 continue
             self._mark_up(address)
             self._up = True
+            self._answered()
             return response, body
         assert last is not None
         raise last
 
+    def _answered(self) -> None:
+        """An answer: the failure streak, if any, ends; a long one is a recovery."""
+        if self._streak_since is None:
+            return
+        now = trio.current_time()
+        if now - self._streak_since >= self._cfg.backoff_min:
+            self._recovered_at = now
+            self._recoveries += 1
+            log.info("upstream answers again after a failure streak; requests held over it "
+                     "are spread", extra={"streak_s": round(now - self._streak_since, 2)})
+        self._streak_since = None
+
+    def _phase(self, entered: float) -> float | None:
+        """When a request that entered at ``entered`` may be sent, if it was held over a
+        recovery and its caller gave it a window (``spread_recovery``); else None."""
+        hold = _HOLD.get()
+        if hold is None or hold.held or hold.spread <= 0 or entered >= self._recovered_at:
+            return None
+        hold.held = True
+        self._held += 1
+        return self._recovered_at + hold.rng.uniform(0.0, hold.spread)
+
+    async def _acquire(self, entered: float) -> None:
+        """Take a slot; a request held over a recovery gives it back and waits its phase."""
+        while True:
+            await self._limiter.acquire()
+            until = self._phase(entered)
+            if until is None or until <= trio.current_time():
+                return
+            self._limiter.release()
+            await trio.sleep_until(until)
+
     async def _attempt(
-        self, address: str, method: str, path: str, json: Any, headers: list[tuple[str, str]]
+        self, address: str, method: str, path: str, json: Any, headers: list[tuple[str, str]],
+        entered: float,
     ) -> tuple[Response, Any]:
         target = f"/v1/{path.lstrip('/')}"
         body = None
         if json is not None:
             body = jsonlib.dumps(json, separators=(",", ":"), allow_nan=False).encode()
             headers = [*headers, ("Content-Type", "application/json")]
-        async with self._limiter:
+        await self._acquire(entered)
+        try:
             self._in_flight += 1
             self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
             started = time.perf_counter()
@@ -590,6 +682,8 @@ class Upstream:
             finally:
                 self._in_flight -= 1
             self._latency_ms = (time.perf_counter() - started) * 1000.0
+        finally:
+            self._limiter.release()
         try:
             body = _decode_body(response)
         except ValueError:
