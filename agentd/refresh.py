@@ -39,7 +39,11 @@ secret with no value to serve, which is fetched first. A poll held over the outa
 at a random phase within that window after the recovery; one whose request was in flight and
 completed with the recovery (all of them at once) takes its next step at a fresh random phase,
 ``uniform(0, refresh)``, instead of ``refresh`` +-10%, so the phases the outage lined up are
-spread again. Either way every secret is polled once within a ``refresh`` of the recovery.
+spread again. A secret sleeping in its backoff after a transient failure (or failing just after
+the recovery, while the cluster settles) is woken by the recovery and polled at its own random
+phase within that window too, instead of at the end of a backoff that may have grown to
+``backoff_max``. So every secret is polled about once within a ``refresh`` of the recovery, at a
+random phase, and is fresh again by then.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -334,6 +338,9 @@ class Refresher:
             except TransientError as exc:
                 delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
                 self._failed(state, exc, delay)
+                await self._sleep_or_recovery(
+                    secret, state, wake_slot(trio.current_time() + delay), recoveries)
+                continue
             except UpstreamNotFound as exc:
                 if self._to_confirm(state, exc):
                     delay = self._rng.uniform(NOT_FOUND_CONFIRM, 2 * NOT_FOUND_CONFIRM)
@@ -368,6 +375,19 @@ class Refresher:
                 delay = self.kinds.next_delay(secret, default)
             state.next_attempt = wake_slot(trio.current_time() + delay)
             await trio.sleep_until(state.next_attempt)
+
+    async def _sleep_or_recovery(self, secret: SecretConfig, state: SecretState,
+                                 until: float, seen: int) -> None:
+        """Sleep until ``until`` (a backoff after a transient failure), unless the
+        upstream recovers (its ``seen``-th recovery, counted before the failed request): then
+        the next attempt is at a random phase within this secret's spread after the recovery,
+        the backoff it replaces notwithstanding."""
+        state.next_attempt = until
+        with trio.move_on_at(until):
+            _, recovered_at = await self._upstream.recovered.wait_changed(seen)
+            phase = recovered_at + self._rng.uniform(0.0, self._recovery_spread(secret))
+            until = state.next_attempt = wake_slot(max(trio.current_time(), phase))
+        await trio.sleep_until(until)
 
     def _recovery_spread(self, secret: SecretConfig) -> float:
         """How far this secret's poll may be spread after an upstream recovery: one

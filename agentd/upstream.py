@@ -44,7 +44,8 @@ would all go out the moment the upstream answers again. A caller that says how f
 request may be spread (``spread_recovery``: the refresher, per secret) has it wait a random
 phase within that window first, after the recovery, without holding a slot; the ``Hold`` it gets
 back says whether it was held. Requests without a window (logins, renewals, admin refreshes)
-and those entered after the recovery are never held.
+and those entered after the recovery are never held. ``recovered`` (a cell of the last
+recovery's time) lets callers sleeping in their own backoff wake up for it.
 
 The client ignores the environment: a host's ``HTTP_PROXY`` must never see the ``X-Vault-Token``
 header, so there is no proxy support at all. ``aclose()`` closes the connection pool.
@@ -71,6 +72,7 @@ import trio
 
 from agentd import fsafe
 from agentd.backoff import Backoff
+from agentd.cell import Cell
 from agentd.config import UpstreamConfig
 from agentd.errors import (
     AuthError,
@@ -354,8 +356,8 @@ class Upstream:
         self._health_wake = trio.Event()
         self._health_probes = 0
         self._streak_since: float | None = None   # trio clock: first failure with no answer since
-        self._recovered_at = -math.inf
-        self._recoveries = 0
+        # trio time of the last recovery; its generation counts them (see the recovery ramp)
+        self.recovered: Cell[float] = Cell(-math.inf)
         self._held = 0
         self.token_source: Callable[[], str | None] = _no_token
         self._gate: Backoff | None = None
@@ -461,7 +463,7 @@ class Upstream:
     @property
     def recoveries(self) -> int:
         """Failure streaks that ended in a recovery so far (cheap; see the recovery ramp)."""
-        return self._recoveries
+        return self.recovered.generation
 
     def statistics(self) -> UpstreamStatistics:
         first = [a for a in self._host_order if a not in self._down]
@@ -470,7 +472,7 @@ class Upstream:
             up=self._up,
             down=tuple(a for a in self._host_order if a in self._down),
             health_probes=self._health_probes,
-            recoveries=self._recoveries,
+            recoveries=self.recovered.generation,
             held=self._held,
             requests=self._requests,
             errors=self._errors,
@@ -631,8 +633,7 @@ class Upstream:
             return
         now = trio.current_time()
         if now - self._streak_since >= self._cfg.backoff_min:
-            self._recovered_at = now
-            self._recoveries += 1
+            self.recovered.set(now)
             log.info("upstream answers again after a failure streak; requests held over it "
                      "are spread", extra={"streak_s": round(now - self._streak_since, 2)})
         self._streak_since = None
@@ -641,11 +642,12 @@ class Upstream:
         """When a request that entered at ``entered`` may be sent, if it was held over a
         recovery and its caller gave it a window (``spread_recovery``); else None."""
         hold = _HOLD.get()
-        if hold is None or hold.held or hold.spread <= 0 or entered >= self._recovered_at:
+        recovered_at = self.recovered.value
+        if hold is None or hold.held or hold.spread <= 0 or entered >= recovered_at:
             return None
         hold.held = True
         self._held += 1
-        return self._recovered_at + hold.rng.uniform(0.0, hold.spread)
+        return recovered_at + hold.rng.uniform(0.0, hold.spread)
 
     async def _acquire(self, entered: float) -> None:
         """Take a slot; a request held over a recovery gives it back and waits its phase."""
