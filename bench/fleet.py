@@ -592,11 +592,14 @@ class Bench:
         per_agent = sum(tot) / len(tot) / len(self.agents)
         expected = len(self.names) / self.refresh_s
         n = len(self.agents)
-        binom = 100 * math.sqrt((2 / 3) / (n / 3)) if n else math.nan
+        # agentd orders the addresses per host and path (rendezvous): the units spread over
+        # the three nodes are the agents' secrets, not the agents
+        units = n * len(self.names)
+        binom = 100 * math.sqrt((2 / 3) / (units / 3)) if units else math.nan
         figures = [
             ("per-node deviation from even (%)", ", ".join(f"{s:+.0f}" for s in spread)),
             ("largest deviation (%)", fmt(max(abs(s) for s in spread), 0)),
-            ("expected spread from random per-host order: 1 sd (%)", fmt(binom, 0)),
+            ("expected spread from the per-host-and-secret order: 1 sd (%)", fmt(binom, 1)),
             ("agents whose current node is n1/n2/n3", "/".join(str(c) for c in self.first_nodes())),
             ("requests/s per agent (measured)", fmt(per_agent, 2)),
             ("requests/s per agent (secrets / refresh)", fmt(expected, 2)),
@@ -627,7 +630,8 @@ class Bench:
         self.results["2. steady state"] = res
 
     def first_nodes(self) -> list[int]:
-        """How many agents' status names each node's proxy as their current address."""
+        """How many agents' status names each node's proxy as their current address (the first
+        address up in the agent's own order; its requests for each path have their own order)."""
         by_addr = Counter((a.status or {}).get("upstream", {}).get("address") for a in self.agents)
         return [by_addr.get(p.address, 0) for p in self.proxies]
 
@@ -741,6 +745,9 @@ class Bench:
             ("recovery 1 s bins, first 10 s", " ".join(str(x) for x in rec[:10])),
             ("agents whose current node is n1/n2/n3 afterwards",
              "/".join(str(c) for c in self.first_nodes())),
+            ("agents with an address still marked down at the end",
+             str(sum(1 for a in self.agents
+                     if (a.status or {}).get("upstream", {}).get("down")))),
             ("logins after the outage (total; peak per s)", f"{sum(logins)}; "
              f"{max(logins, default=0)}"),
             ("refresh errors (agents' upstream errors)",
