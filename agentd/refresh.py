@@ -338,8 +338,9 @@ class Refresher:
             except TransientError as exc:
                 delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
                 self._failed(state, exc, delay)
-                await self._sleep_or_recovery(
-                    secret, state, wake_slot(trio.current_time() + delay), recoveries)
+                now = trio.current_time()
+                await self._sleep_or_recovery(secret, state, wake_slot(now + delay), recoveries,
+                                              not_before=now + (exc.retry_after or 0.0))
                 continue
             except UpstreamNotFound as exc:
                 if self._to_confirm(state, exc):
@@ -377,16 +378,17 @@ class Refresher:
             await trio.sleep_until(state.next_attempt)
 
     async def _sleep_or_recovery(self, secret: SecretConfig, state: SecretState,
-                                 until: float, seen: int) -> None:
+                                 until: float, seen: int, *, not_before: float) -> None:
         """Sleep until ``until`` (a backoff after a transient failure), unless the
         upstream recovers (its ``seen``-th recovery, counted before the failed request): then
         the next attempt is at a random phase within this secret's spread after the recovery,
-        the backoff it replaces notwithstanding."""
+        the backoff it replaces notwithstanding, but never before ``not_before`` (the
+        upstream's Retry-After)."""
         state.next_attempt = until
         with trio.move_on_at(until):
             _, recovered_at = await self._upstream.recovered.wait_changed(seen)
             phase = recovered_at + self._rng.uniform(0.0, self._recovery_spread(secret))
-            until = state.next_attempt = wake_slot(max(trio.current_time(), phase))
+            until = state.next_attempt = wake_slot(max(trio.current_time(), phase, not_before))
         await trio.sleep_until(until)
 
     def _recovery_spread(self, secret: SecretConfig) -> float:

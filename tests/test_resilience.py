@@ -761,6 +761,55 @@ async def test_polls_held_over_a_hung_upstream_are_spread_after_it_answers(
     assert len(reads) <= len(names) + 4, sorted(reads)
 
 
+@pytest.mark.slow
+async def test_secrets_in_backoff_are_polled_at_their_phases_after_a_recovery(
+    bao: DevServer, approle_files: tuple[Path, Path], idle_jump_clock: trio.testing.MockClock
+) -> None:
+    """After two minutes of refused connections every secret sleeps in a backoff grown towards
+    60 s; when the upstream answers again (the gate's probe), each is woken and polled at its
+    own phase within its refresh: every secret once in the refresh after the recovery, and
+    not all in its first instant. Counted at the proxy, in virtual time."""
+    names = [f"b{i:02d}" for i in range(12)]
+    seeded = new_seeded()
+    for name in names:
+        bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
+    refresh = 4.0
+    proxy = FaultProxy(bao.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        cfg = _with_approle(UpstreamConfig(addresses=(proxy.address,), timeout=2.0),
+                            approle_files)
+        up = Upstream(cfg, outage_gate=True)
+        auth = Authenticator(cfg, up)
+        cache = Cache()
+        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
+                                               path=f"secret/data/{seeded.prefix}/{n}",
+                                               refresh=refresh) for n in names})
+        refresher = Refresher(config, up, auth, cache, rng=random.Random(3))
+        await nursery.start(auth.run)
+        await nursery.start(refresher.run)
+        with trio.fail_after(600):
+            await refresher.wait_all_fetched()
+            proxy.mode = "reset"
+            await trio.sleep(120)
+            assert all(refresher.states[n].failures >= 3 for n in names)
+            proxy.mode = "pass"
+            while up.recoveries == 0:
+                await trio.sleep(0.5)
+            recovered_at = up.recovered.value
+            await trio.sleep(2 * refresh)
+        nursery.cancel_scope.cancel()
+    await up.aclose()
+    reads = [(t - recovered_at, line) for t, mode, line in proxy.requests
+             if mode == "pass" and line.startswith("GET /v1/secret/data/")
+             and recovered_at <= t < recovered_at + refresh]
+    # every secret once within one refresh of the recovery (the probe that made it included),
+    # not at the end of its own backoff (up to 60 s)
+    assert {line.rsplit("/", 1)[1] for _, line in reads} == set(names)
+    early = sum(1 for t, _ in reads if t < refresh / 16)
+    assert early <= len(reads) // 3, sorted(reads)
+
+
 def test_recovery_spread_is_one_refresh_unless_the_value_is_near_its_bounds() -> None:
     """How far a poll may be spread after a recovery: its refresh; half of what is left before
     max_stale or expiry; nothing for a value past its bounds or no value (fetched first)."""
