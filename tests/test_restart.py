@@ -370,11 +370,6 @@ renew_at = 0.1
         await nursery.start(proxy.run)
         path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
         async with running_agent(path) as second:
-            # restored current (younger than its refresh) until its first poll fails
-            with trio.fail_after(10):
-                for name in ("deleted", "gone"):
-                    while not (await call(second.socket, "get", name=name))["stale"]:
-                        await trio.sleep(0.1)
             with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
                 while True:
                     reply = await call(second.socket, "get", name="pg")
