@@ -42,7 +42,8 @@ next answer; one that lasted at least ``backoff_min`` ends in a *recovery*
 and had not yet sent their attempt: queued for a slot, or failing over from a hung address)
 would all go out the moment the upstream answers again. A caller that says how far such a
 request may be spread (``spread_recovery``: the refresher, per secret) has it wait a random
-phase within that window first, after the recovery, without holding a slot; the ``Hold`` it gets
+phase within that window first, from the moment it would have gone (at or after the recovery),
+without holding a slot; the ``Hold`` it gets
 back says whether it was held. Requests without a window (logins, renewals, admin refreshes)
 and those entered after the recovery are never held. ``recovered`` (a cell of the last
 recovery's time) lets callers sleeping in their own backoff wake up for it.
@@ -640,14 +641,19 @@ class Upstream:
 
     def _phase(self, entered: float) -> float | None:
         """When a request that entered at ``entered`` may be sent, if it was held over a
-        recovery and its caller gave it a window (``spread_recovery``); else None."""
+        recovery and its caller gave it a window (``spread_recovery``); else None.
+
+        The phase is drawn from the moment the request would go, not from the recovery: a
+        request held in a hung attempt that times out seconds after the recovery (its
+        connection still waiting on a resumed server's backlog) is spread like the ones queued
+        at the recovery, rather than going out with every other such request at once."""
         hold = _HOLD.get()
         recovered_at = self.recovered.value
         if hold is None or hold.held or hold.spread <= 0 or entered >= recovered_at:
             return None
         hold.held = True
         self._held += 1
-        return recovered_at + hold.rng.uniform(0.0, hold.spread)
+        return trio.current_time() + hold.rng.uniform(0.0, hold.spread)
 
     async def _acquire(self, entered: float) -> None:
         """Take a slot; a request held over a recovery gives it back and waits its phase."""
