@@ -16,7 +16,8 @@ than that.
 Health (``run()``, a service the daemon starts): an address marked down is probed with
 ``GET sys/health?standbyok=true&perfstandbyok=true`` (unauthenticated; 200 from an active node
 or a standby, 5xx when sealed), each address on its own full-jitter backoff (``backoff_min`` ..
-``backoff_max``), and not while the outage gate is closed (the gate's probe does that job). A
+``backoff_max``), and not while every address is down or the outage gate is closed (then the
+requests themselves find out; an answer after every address was down clears every mark). A
 200 marks it up, and the requests whose order puts it first return to it: after a failover, the
 fleet's spread comes back by itself. Without ``run()`` a down address comes back only when a
 request that reached it last gets an answer.
@@ -510,16 +511,28 @@ class Upstream:
                     "answers again", extra={"address": address, "error": str(exc)})
 
     def _mark_up(self, address: str) -> None:
-        if self._down.pop(address, None) is not None:
-            self._health_wake.set()
+        if address not in self._down:
+            return
+        if len(self._down) == len(self._addresses):
+            # every address was down: the outage was the cluster's, and it is over. Every
+            # request goes back to its own first address (one still failing is marked again)
+            # rather than all to the one that answered first.
+            self._down.clear()
+            log.info("upstream answers again; every address back in its order",
+                     extra={"address": address})
+        else:
+            del self._down[address]
             log.info("upstream address answers again; its requests return to it",
                      extra={"address": address})
+        self._health_wake.set()
 
     async def _probe(self, address: str, down: _Down) -> None:
-        """One health probe of a down address (skipped while the outage gate is closed)."""
+        """One health probe of a down address; skipped while every address is down or the
+        outage gate is closed (requests themselves find out when the cluster is back)."""
         healthy = False
         try:
-            if self._gate is None or not self._gate.failures:
+            if len(self._down) < len(self._addresses) and (
+                    self._gate is None or not self._gate.failures):
                 self._health_probes += 1
                 async with self._limiter:
                     response = await self._transport.request(
