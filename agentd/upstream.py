@@ -38,7 +38,8 @@ probe that gets any answer from a node closes the gate. So however many secrets 
 outage costs the upstream about one request per window from it, not one per secret.
 
 Recovery ramp (decision 9): a failure streak starts at the first failed attempt and ends at the
-next answer; one that lasted at least ``backoff_min`` ends in a *recovery*
+next answer; one that lasted at least ``backoff_min``, or closed the outage gate, ends in a
+*recovery*
 (``statistics().recoveries``). Requests that were held over it (they entered before the recovery
 and had not yet sent their attempt: queued for a slot, or failing over from a hung address)
 would all go out the moment the upstream answers again. A caller that says how far such a
@@ -642,11 +643,13 @@ class Upstream:
         raise last
 
     def _answered(self) -> None:
-        """An answer: the failure streak, if any, ends; a long one is a recovery."""
+        """An answer: the failure streak, if any, ends; one that lasted ``backoff_min`` or closed
+        the outage gate is a recovery."""
         if self._streak_since is None:
             return
         now = trio.current_time()
-        if now - self._streak_since >= self._cfg.backoff_min:
+        gate_closed = self._gate is not None and self._gate.failures > 0
+        if now - self._streak_since >= self._cfg.backoff_min or gate_closed:
             self.recovered.set(now)
             log.info("upstream answers again after a failure streak; requests held over it "
                      "are spread", extra={"streak_s": round(now - self._streak_since, 2)})
