@@ -71,7 +71,7 @@ class Agent:
         self.reload_failures = 0
         self.started_at = time.time()
         self.ready = trio.Event()
-        self.host_id = host_id()
+        self.host_id = host_id(override=config.agent.host_id)
         # per-host address order and schedule phases (decision 9)
         self.upstream = Upstream(config.upstream, order_seed=self.host_id, outage_gate=True)
         self.auth = Authenticator(config.upstream, self.upstream)
@@ -219,6 +219,7 @@ class Agent:
                 self.refresher.restore(restored, self.snapshot.restored_states,
                                        self.snapshot.restored_revoked)
                 await nursery.start(self.snapshot.run, self.cache)
+                await nursery.start(self.upstream.run)    # health probes of down addresses
                 nursery.start_soon(self.auth.run)
                 await nursery.start(self.refresher.run)
                 await nursery.start(metrics.run, self)      # [metrics] listen / textfile

@@ -45,7 +45,7 @@ START_TIMEOUT = 30.0        # seconds for ``bao server -dev`` to answer initiali
 # Variables that would point a child at something other than the processes started here.
 SCRUBBED_ENV = (
     "BAO_ADDR", "BAO_TOKEN", "VAULT_ADDR", "VAULT_TOKEN", "BAO_AGENT_ADDR", "VAULT_AGENT_ADDR",
-    "AGENTD_SOCKET",
+    "AGENTD_SOCKET", "AGENTD_HOST_ID",
     "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
 )
 

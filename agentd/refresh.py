@@ -29,7 +29,21 @@ takes its first step where its kind's restored state puts it (``Kinds.restored_d
 ``refresh`` after its ``fetched_at``; a step already due waits a random phase within
 ``RESTORED_SPREAD`` (or its ``refresh``), so a restart makes no burst. ``restore`` takes the
 snapshot's states back at start; a value whose restored state vouches for it (a certificate
-within its validity) is served as current, not stale, until its step.
+within its validity, a KV value younger than its ``refresh``) is served as current, not stale,
+until its step.
+
+After an outage (decision 9) the fleet must not come back in step. Each poll tells the upstream
+how far it may be spread after a recovery (``spread_recovery``): one ``refresh``, or less when the
+value would otherwise pass its ``max_stale`` or expiry (half the time left), and nothing for a
+secret with no value to serve, which is fetched first. A poll held over the outage then goes out
+at a random phase within that window after the recovery; one whose request was in flight and
+completed with the recovery (all of them at once) takes its next step at a fresh random phase,
+``uniform(0, refresh)``, instead of ``refresh`` +-10%, so the phases the outage lined up are
+spread again. A secret sleeping in its backoff after a transient failure (or failing just after
+the recovery, while the cluster settles) is woken by the recovery and polled at its own random
+phase within that window too, instead of at the end of a backoff that may have grown to
+``backoff_max``. So every secret is polled about once within a ``refresh`` of the recovery, at a
+random phase, and is fresh again by then.
 
 ``wait_all_fetched()`` returns once every secret has a value (the readiness condition of
 decision 10; the daemon bounds it by ``ready_timeout``).
@@ -48,7 +62,7 @@ import trio
 
 from agentd.auth import Authenticator
 from agentd.backoff import Backoff, jittered
-from agentd.cache import Cache
+from agentd.cache import Cache, stale_deadline
 from agentd.config import Config, SecretConfig
 from agentd.errors import (
     AuthError,
@@ -59,7 +73,7 @@ from agentd.errors import (
     UpstreamNotFound,
 )
 from agentd.kinds import Kinds
-from agentd.upstream import Upstream
+from agentd.upstream import Upstream, spread_recovery
 
 log = logging.getLogger("agentd.refresh")
 
@@ -212,8 +226,12 @@ class Refresher:
         current (not stale) until that step. ``revoked`` were revoked on evidence before the
         restart: they answer ``not_found`` until the upstream gives them a value again."""
         self.mark_restored(names)
-        for name in self.kinds.restore_states(states, self._config.secrets):
-            if self.kinds.restored_current(self._config.secrets[name]):
+        self.kinds.restore_states(states, self._config.secrets)
+        for name in names:
+            secret = self._config.secrets.get(name)
+            info = self._cache.info(name)
+            if secret is not None and info is not None and self.kinds.restored_current(
+                    secret, fetched_at=info.fetched_at):
                 self._cache.mark_current(name)
         for name in revoked:
             state = self.states.get(name)
@@ -252,7 +270,13 @@ class Refresher:
 
     async def _fetch(self, secret: SecretConfig) -> int:
         state = self.states[secret.name]
-        token = await self._auth.wait_for_token()
+        with trio.move_on_after(self._config.upstream.timeout) as waited:
+            token = await self._auth.wait_for_token()
+        if waited.cancelled_caught:
+            # Due, and no token to ask with (a restart with the upstream down: the restored
+            # token cannot be checked): a value served as current stops being so.
+            self._cache.mark_stale(secret.name, since=self._clock())
+            token = await self._auth.wait_for_token()
         state.last_attempt = self._clock()
         try:
             value = await self.kinds.fetch(
@@ -307,11 +331,17 @@ class Refresher:
             state.next_attempt = wake_slot(trio.current_time() + first)
             await trio.sleep_until(state.next_attempt)
         while True:
+            recoveries = self._upstream.recoveries
             try:
-                await self.refresh(secret.name)
+                with spread_recovery(self._recovery_spread(secret), self._rng) as hold:
+                    await self.refresh(secret.name)
             except TransientError as exc:
                 delay = backoff.next_delay(at_least=exc.retry_after or 0.0)
                 self._failed(state, exc, delay)
+                now = trio.current_time()
+                await self._sleep_or_recovery(secret, state, wake_slot(now + delay), recoveries,
+                                              not_before=now + (exc.retry_after or 0.0))
+                continue
             except UpstreamNotFound as exc:
                 if self._to_confirm(state, exc):
                     delay = self._rng.uniform(NOT_FOUND_CONFIRM, 2 * NOT_FOUND_CONFIRM)
@@ -339,9 +369,38 @@ class Refresher:
                 self._failed(state, exc, delay)
             else:
                 backoff.reset()
-                delay = self.kinds.next_delay(secret, jittered(secret.refresh, rng=self._rng))
+                default = jittered(secret.refresh, rng=self._rng)
+                if not hold.held and self._upstream.recoveries != recoveries:
+                    # answered with the recovery, with everything else held over it: a new phase
+                    default = self._rng.uniform(0.0, secret.refresh)
+                delay = self.kinds.next_delay(secret, default)
             state.next_attempt = wake_slot(trio.current_time() + delay)
             await trio.sleep_until(state.next_attempt)
+
+    async def _sleep_or_recovery(self, secret: SecretConfig, state: SecretState,
+                                 until: float, seen: int, *, not_before: float) -> None:
+        """Sleep until ``until`` (a backoff after a transient failure), unless the
+        upstream recovers (its ``seen``-th recovery, counted before the failed request): then
+        the next attempt is at a random phase within this secret's spread after the recovery,
+        the backoff it replaces notwithstanding, but never before ``not_before`` (the
+        upstream's Retry-After)."""
+        state.next_attempt = until
+        with trio.move_on_at(until):
+            _, recovered_at = await self._upstream.recovered.wait_changed(seen)
+            phase = recovered_at + self._rng.uniform(0.0, self._recovery_spread(secret))
+            until = state.next_attempt = wake_slot(max(trio.current_time(), phase, not_before))
+        await trio.sleep_until(until)
+
+    def _recovery_spread(self, secret: SecretConfig) -> float:
+        """How far this secret's poll may be spread after an upstream recovery: one
+        ``refresh``, at most half the time its value may still be served, 0 with nothing to
+        serve (fetched first)."""
+        info = self._cache.info(secret.name)
+        if info is None:
+            return 0.0
+        deadline = stale_deadline(info.fetched_at, info.expires_at, True,
+                                  self._config.max_stale_for(secret.name))
+        return max(0.0, min(secret.refresh, (deadline - self._clock()) / 2))
 
     def _to_confirm(self, state: SecretState, exc: UpstreamNotFound) -> bool:
         """True when ``exc`` is a plain 404 on a value being served that no earlier request

@@ -92,8 +92,24 @@ METADATA_DELAY = 60.0      # a refresh that only moved fetched_at, within this l
 MACHINE_ID = Path("/etc/machine-id")
 
 
-def host_id(path: Path = MACHINE_ID) -> str:
-    """This host's identity: ``/etc/machine-id``, else a digest of the host name."""
+HOST_ID_ENV = "AGENTD_HOST_ID"
+
+
+def host_id(path: Path = MACHINE_ID, *, override: str | None = None,
+            environ: Mapping[str, str] | None = None) -> str:
+    """This host's identity, the seed of every per-host spread (decision 9): ``override`` (the
+    config's ``[agent] host_id``), else ``$AGENTD_HOST_ID`` when set and not empty, else
+    ``/etc/machine-id``, else a digest of the host name.
+
+    The override is for hosts that share a machine id (a golden image that ships one, containers
+    that see the host's): without it they would all take the same address order and the same
+    schedule phases.
+    """
+    if override:
+        return override
+    from_env = (os.environ if environ is None else environ).get(HOST_ID_ENV, "").strip()
+    if from_env:
+        return from_env
     try:
         value = path.read_text().strip()
     except OSError:
@@ -204,8 +220,9 @@ class Snapshot:
         except CryptoError as exc:
             log.error("snapshot disabled: no usable key", extra={"error": str(exc)})
             sealer = None
-        return cls(path, sealer, host=host_id() if host is None else host,
-                   generation_path=generation)
+        if host is None:
+            host = host_id(override=config.agent.host_id)
+        return cls(path, sealer, host=host, generation_path=generation)
 
     @property
     def enabled(self) -> bool:

@@ -1,14 +1,26 @@
 """OpenBao/Vault HTTP client: the API calls, failover and error mapping (``transport.py`` below it).
 
 Theory of operation: ``Upstream.request()`` sends one API call (``path`` without ``/v1/``) through
-a ``transport.Transport`` (h11 on trio, keep-alive connections per address). The configured
-addresses are tried in a per-host order (``order_seed``, the host id: see ``spread_addresses``),
-starting at the last one that answered (sticky); a connection-level failure (connect error,
-timeout, reset, protocol error), a 5xx (which includes a sealed node's 503), a standby code (472,
-473) or a redirect fails the *same* request over to the next address, each address at most once
-per request. Anything else is the answer: 4xx are never failed over. Every attempt holds one slot
-of a ``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight than
-that.
+a ``transport.Transport`` (h11 on trio, keep-alive connections per address). Each request tries
+the configured addresses in its own stable order: rendezvous (highest random weight) hashing of
+the host id (``order_seed``) and the request's path (``spread_addresses``), so a fleet's reads
+spread evenly over every node, secret by secret rather than host by host, and each secret of a
+host keeps going to the same node. Addresses marked down come last in every order. A
+connection-level failure (connect error, timeout, reset, protocol error), a 5xx (which includes
+a sealed node's 503), a standby code (472, 473) or a redirect marks the address down and fails
+the *same* request over to the next address, each address at most once per request. Anything
+else is the answer (4xx are never failed over) and marks its address up. Every attempt holds one
+slot of a ``trio.CapacityLimiter(max_concurrency)``, so a host never has more requests in flight
+than that.
+
+Health (``run()``, a service the daemon starts): an address marked down is probed with
+``GET sys/health?standbyok=true&perfstandbyok=true`` (unauthenticated; 200 from an active node
+or a standby, 5xx when sealed), each address on its own full-jitter backoff (``backoff_min`` ..
+``backoff_max``), and not while every address is down or the outage gate is closed (then the
+requests themselves find out; an answer after every address was down clears every mark). A
+200 marks it up, and the requests whose order puts it first return to it: after a failover, the
+fleet's spread comes back by itself. Without ``run()`` a down address comes back only when a
+request that reached it last gets an answer.
 
 Failures are translated here, once, into agentd's tree (``_transport_error`` and
 ``_status_error``): transport errors, 5xx, 429 (with its Retry-After), 472/473 -> TransientError;
@@ -25,13 +37,28 @@ and when it ends a single request goes out as the probe (others keep failing fas
 probe that gets any answer from a node closes the gate. So however many secrets a host has, an
 outage costs the upstream about one request per window from it, not one per secret.
 
+Recovery ramp (decision 9): a failure streak starts at the first failed attempt and ends at the
+next answer; one that lasted at least ``backoff_min``, or closed the outage gate, ends in a
+*recovery*
+(``statistics().recoveries``). Requests that were held over it (they entered before the recovery
+and had not yet sent their attempt: queued for a slot, or failing over from a hung address)
+would all go out the moment the upstream answers again. A caller that says how far such a
+request may be spread (``spread_recovery``: the refresher, per secret) has it wait a random
+phase within that window first, from the moment it would have gone (at or after the recovery),
+without holding a slot; the ``Hold`` it gets
+back says whether it was held. Requests without a window (logins, renewals, admin refreshes)
+and those entered after the recovery are never held. ``recovered`` (a cell of the last
+recovery's time) lets callers sleeping in their own backoff wake up for it.
+
 The client ignores the environment: a host's ``HTTP_PROXY`` must never see the ``X-Vault-Token``
 header, so there is no proxy support at all. ``aclose()`` closes the connection pool.
 """
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
+import hashlib
 import json as jsonlib
 import logging
 import math
@@ -39,7 +66,8 @@ import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +75,7 @@ import trio
 
 from agentd import fsafe, jsonnum
 from agentd.backoff import Backoff
+from agentd.cell import Cell
 from agentd.config import UpstreamConfig
 from agentd.errors import (
     AuthError,
@@ -62,6 +91,8 @@ from agentd.transport import ReplyTooLarge, Response, Transport, TransportError
 log = logging.getLogger("agentd.upstream")
 
 MAX_ERROR_TEXT = 300          # characters of the upstream's "errors" kept in a message
+HEALTH_PATH = "sys/health?standbyok=true&perfstandbyok=true"   # 200: active or standby
+MAX_ORDERS = 4096             # per-path address orders kept (the catalog's paths, and a few)
 STANDBY_STATUSES = frozenset({472, 473})
 _NOT_JSON: Any = object()      # marker: the body was not JSON
 
@@ -83,7 +114,7 @@ class UpstreamStatistics:
     """The upstream client's counters; each ``metric`` field is a series (``readmodel``); the
     labelled ones (up by address, errors by kind) and the latency are made in ``metrics``."""
 
-    address: str                 # the address the next request starts with
+    address: str                 # the first address up in this host's own order
     up: bool                     # the last attempt reached a working server
     requests: int = metric("Requests sent to the upstream", COUNTER,
                            name="agentd_upstream_requests")
@@ -97,6 +128,13 @@ class UpstreamStatistics:
                                  default=0)
     gated: int = metric("Requests failed at once by the outage gate (never sent)", COUNTER,
                         name="agentd_upstream_gated", default=0)
+    down: tuple[str, ...] = ()   # addresses marked down (tried last; probed by run())
+    recoveries: int = metric("Failure streaks (of at least backoff_min) that ended in an answer",
+                             COUNTER, name="agentd_upstream_recoveries", default=0)
+    held: int = metric("Requests held over an outage that waited a random phase after the "
+                       "recovery", COUNTER, name="agentd_upstream_recovery_held", default=0)
+    health_probes: int = metric("sys/health probes sent to addresses marked down", COUNTER,
+                                name="agentd_upstream_health_probes", default=0)
     errors_by_kind: Mapping[str, int] = field(default_factory=dict)   # see _error_kind
 
 
@@ -115,14 +153,52 @@ class _Failover(TransientError):
     """A TransientError after which the same request may go to the next address."""
 
 
-def spread_addresses(addresses: tuple[str, ...], seed: str | None) -> tuple[str, ...]:
-    """``addresses`` in a per-host order (decision 9): shuffled by ``seed`` (the host id), so a
-    fleet does not start at, nor fail over to, the same node in step. None keeps the order."""
+def spread_addresses(addresses: tuple[str, ...], seed: str | None,
+                     key: str = "") -> tuple[str, ...]:
+    """``addresses`` in the order of rendezvous hashing on ``seed`` (the host id) and ``key``
+    (a request's path; decision 9): each address's weight is a hash of the three, highest
+    first. So a fleet spreads evenly over the nodes, fails over to different nodes, and adding or
+    removing a node moves only the keys that had it first. None keeps the configured order."""
     if seed is None or len(addresses) < 2:
         return addresses
-    order = list(addresses)
-    random.Random(f"agentd-addresses:{seed}").shuffle(order)
-    return tuple(order)
+
+    def weight(address: str) -> bytes:
+        return hashlib.sha256(f"agentd-addresses\0{seed}\0{key}\0{address}".encode()).digest()
+
+    return tuple(sorted(addresses, key=weight, reverse=True))
+
+
+@dataclass
+class Hold:
+    """How far a caller lets its request be spread after a recovery (``spread_recovery``)."""
+
+    spread: float                # seconds; 0: never held (urgent)
+    rng: random.Random = field(repr=False)
+    held: bool = False           # the request waited a phase after a recovery
+
+
+_HOLD: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("agentd_hold", default=None)
+
+
+@contextmanager
+def spread_recovery(spread: float, rng: random.Random) -> Iterator[Hold]:
+    """Within this block, a request of this task that is held over an outage waits a random
+    phase in ``[0, spread)`` after the recovery before it is sent (the recovery ramp above)."""
+    hold = Hold(spread=max(0.0, spread), rng=rng)
+    token = _HOLD.set(hold)
+    try:
+        yield hold
+    finally:
+        _HOLD.reset(token)
+
+
+@dataclass
+class _Down:
+    """An address marked down: when its next health probe is due, on its own backoff."""
+
+    backoff: Backoff
+    next_probe: float            # trio clock
+    probing: bool = False
 
 
 def _no_token() -> str | None:
@@ -276,10 +352,18 @@ class Upstream:
         if not cfg.addresses:
             raise ValueError("upstream needs at least one address")
         self._cfg = cfg
-        self._addresses = spread_addresses(
-            tuple(a.rstrip("/") for a in cfg.addresses), order_seed
-        )
-        self._current = 0
+        self._seed = order_seed
+        self._addresses = tuple(a.rstrip("/") for a in cfg.addresses)
+        self._host_order = spread_addresses(self._addresses, order_seed)
+        self._orders: dict[str, tuple[str, ...]] = {}
+        self._down: dict[str, _Down] = {}
+        self._health_rng = random.Random(f"agentd-health:{order_seed}")
+        self._health_wake = trio.Event()
+        self._health_probes = 0
+        self._streak_since: float | None = None   # trio clock: first failure with no answer since
+        # trio time of the last recovery; its generation counts them (see the recovery ramp)
+        self.recovered: Cell[float] = Cell(-math.inf)
+        self._held = 0
         self.token_source: Callable[[], str | None] = _no_token
         self._gate: Backoff | None = None
         if outage_gate:
@@ -325,8 +409,10 @@ class Upstream:
         counts as this call's error: a kind's reply format (``kinds.kv``).
         """
         self._requests += 1
+        entered = trio.current_time()
         try:
-            response, body = await self._exchange(method, path, json, token, authenticated)
+            response, body = await self._exchange(method, path, json, token, authenticated,
+                                                  entered)
             if check is not None:
                 check(response.status_code, body)
             return self._result(method, path, response, body)
@@ -362,10 +448,37 @@ class Upstream:
         """Close the connection pool. Idempotent."""
         await self._transport.aclose()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe the addresses marked down until cancelled (see "Health" above); a probe that
+        gets a 200 marks its address up. Never raises for an upstream failure."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._health_wake = trio.Event()
+                due = min((d.next_probe for d in self._down.values() if not d.probing),
+                          default=math.inf)
+                with trio.move_on_at(due):
+                    await self._health_wake.wait()
+                now = trio.current_time()
+                for address, down in list(self._down.items()):
+                    if not down.probing and down.next_probe <= now:
+                        down.probing = True
+                        nursery.start_soon(self._probe, address, down)
+
+    @property
+    def recoveries(self) -> int:
+        """Failure streaks that ended in a recovery so far (cheap; see the recovery ramp)."""
+        return self.recovered.generation
+
     def statistics(self) -> UpstreamStatistics:
+        first = [a for a in self._host_order if a not in self._down]
         return UpstreamStatistics(
-            address=self._addresses[self._current],
+            address=(first or self._host_order)[0],
             up=self._up,
+            down=tuple(a for a in self._host_order if a in self._down),
+            health_probes=self._health_probes,
+            recoveries=self.recovered.generation,
+            held=self._held,
             requests=self._requests,
             errors=self._errors,
             errors_by_kind=dict(self._errors_by_kind),
@@ -377,6 +490,66 @@ class Upstream:
         )
 
     # --- internals --------------------------------------------------------------------------
+
+    def _order(self, path: str) -> list[str]:
+        """The addresses for a request to ``path``: its rendezvous order, those up first."""
+        key = path.split("?", 1)[0].strip("/")
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) >= MAX_ORDERS:
+                self._orders.clear()
+            order = self._orders[key] = spread_addresses(self._addresses, self._seed, key)
+        if not self._down:
+            return list(order)
+        return ([a for a in order if a not in self._down]
+                + [a for a in order if a in self._down])
+
+    def _mark_down(self, address: str, exc: UpstreamError) -> None:
+        if address in self._down:
+            return
+        backoff = Backoff(self._cfg.backoff_min, self._cfg.backoff_max, rng=self._health_rng)
+        self._down[address] = _Down(backoff, trio.current_time() + backoff.next_delay())
+        self._health_wake.set()
+        log.warning("upstream address marked down; its requests go to the others until it "
+                    "answers again", extra={"address": address, "error": str(exc)})
+
+    def _mark_up(self, address: str) -> None:
+        if address not in self._down:
+            return
+        if len(self._down) == len(self._addresses):
+            # every address was down: the outage was the cluster's, and it is over. Every
+            # request goes back to its own first address (one still failing is marked again)
+            # rather than all to the one that answered first.
+            self._down.clear()
+            log.info("upstream answers again; every address back in its order",
+                     extra={"address": address})
+        else:
+            del self._down[address]
+            log.info("upstream address answers again; its requests return to it",
+                     extra={"address": address})
+        self._health_wake.set()
+
+    async def _probe(self, address: str, down: _Down) -> None:
+        """One health probe of a down address; skipped while every address is down or the
+        outage gate is closed (requests themselves find out when the cluster is back)."""
+        healthy = False
+        try:
+            if len(self._down) < len(self._addresses) and (
+                    self._gate is None or not self._gate.failures):
+                self._health_probes += 1
+                async with self._limiter:
+                    response = await self._transport.request(
+                        address, "GET", f"/v1/{HEALTH_PATH}", [], None)
+                healthy = response.status_code == 200
+        except (TransportError, ValueError):
+            pass
+        finally:
+            down.probing = False
+        if healthy:
+            self._mark_up(address)
+        elif self._down.get(address) is down:
+            down.next_probe = trio.current_time() + down.backoff.next_delay()
+            self._health_wake.set()
 
     def _count_error(self, exc: UpstreamError) -> None:
         self._errors += 1
@@ -401,9 +574,10 @@ class Upstream:
         return body
 
     async def _exchange(
-        self, method: str, path: str, json: Any, token: str | None, authenticated: bool
+        self, method: str, path: str, json: Any, token: str | None, authenticated: bool,
+        entered: float,
     ) -> tuple[Response, Any]:
-        """Send to each address in turn (sticky start) until one gives a non-failover answer."""
+        """Send to each address in the request's order until one gives a non-failover answer."""
         headers: list[tuple[str, str]] = []
         if authenticated:
             value = token if token is not None else self.token_source()
@@ -411,7 +585,7 @@ class Upstream:
                 headers.append(("X-Vault-Token", value))
         probe = self._pass_gate(method, path)
         try:
-            response, body = await self._try_addresses(method, path, json, headers)
+            response, body = await self._try_addresses(method, path, json, headers, entered)
         except _Failover as exc:
             if self._gate is not None:
                 delay = self._gate.next_delay(at_least=exc.retry_after or 0.0)
@@ -445,41 +619,81 @@ class Upstream:
         return True
 
     async def _try_addresses(
-        self, method: str, path: str, json: Any, headers: list[tuple[str, str]]
+        self, method: str, path: str, json: Any, headers: list[tuple[str, str]], entered: float
     ) -> tuple[Response, Any]:
-        count = len(self._addresses)
-        start = self._current
         last: _Failover | None = None
-        for step in range(count):
-            index = (start + step) % count
-            address = self._addresses[index]
+        for address in self._order(path):
             try:
-                response, body = await self._attempt(address, method, path, json, headers)
+                response, body = await self._attempt(address, method, path, json, headers,
+                                                     entered)
             except _Failover as exc:
                 self._up = False
                 last = exc
+                if self._streak_since is None:
+                    self._streak_since = trio.current_time()
+                self._mark_down(address, exc)
                 log.warning(
                     "upstream attempt failed",
                     extra={"address": address, "method": method, "path": path, "error": str(exc)},
                 )
                 continue
-            if index != self._current:
-                log.info("upstream failover", extra={"address": address})
-                self._current = index
+            self._mark_up(address)
             self._up = True
+            self._answered()
             return response, body
         assert last is not None
         raise last
 
+    def _answered(self) -> None:
+        """An answer: the failure streak, if any, ends; one that lasted ``backoff_min`` or closed
+        the outage gate is a recovery."""
+        if self._streak_since is None:
+            return
+        now = trio.current_time()
+        gate_closed = self._gate is not None and self._gate.failures > 0
+        if now - self._streak_since >= self._cfg.backoff_min or gate_closed:
+            self.recovered.set(now)
+            log.info("upstream answers again after a failure streak; requests held over it "
+                     "are spread", extra={"streak_s": round(now - self._streak_since, 2)})
+        self._streak_since = None
+
+    def _phase(self, entered: float) -> float | None:
+        """When a request that entered at ``entered`` may be sent, if it was held over a
+        recovery and its caller gave it a window (``spread_recovery``); else None.
+
+        The phase is drawn from the moment the request would go, not from the recovery: a
+        request held in a hung attempt that times out seconds after the recovery (its
+        connection still waiting on a resumed server's backlog) is spread like the ones queued
+        at the recovery, rather than going out with every other such request at once."""
+        hold = _HOLD.get()
+        recovered_at = self.recovered.value
+        if hold is None or hold.held or hold.spread <= 0 or entered >= recovered_at:
+            return None
+        hold.held = True
+        self._held += 1
+        return trio.current_time() + hold.rng.uniform(0.0, hold.spread)
+
+    async def _acquire(self, entered: float) -> None:
+        """Take a slot; a request held over a recovery gives it back and waits its phase."""
+        while True:
+            await self._limiter.acquire()
+            until = self._phase(entered)
+            if until is None or until <= trio.current_time():
+                return
+            self._limiter.release()
+            await trio.sleep_until(until)
+
     async def _attempt(
-        self, address: str, method: str, path: str, json: Any, headers: list[tuple[str, str]]
+        self, address: str, method: str, path: str, json: Any, headers: list[tuple[str, str]],
+        entered: float,
     ) -> tuple[Response, Any]:
         target = f"/v1/{path.lstrip('/')}"
         body = None
         if json is not None:
             body = jsonlib.dumps(json, separators=(",", ":"), allow_nan=False).encode()
             headers = [*headers, ("Content-Type", "application/json")]
-        async with self._limiter:
+        await self._acquire(entered)
+        try:
             self._in_flight += 1
             self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
             started = time.perf_counter()
@@ -494,6 +708,8 @@ class Upstream:
             finally:
                 self._in_flight -= 1
             self._latency_ms = (time.perf_counter() - started) * 1000.0
+        finally:
+            self._limiter.release()
         try:
             body = _decode_body(response)
         except ValueError:

@@ -19,14 +19,10 @@ What runs (all on loopback, all children stopped in a ``finally``):
   reads are served by the standby itself (``disable_standby_reads`` is false by default).
   Admin traffic of the bench (health checks, ``kv put``) goes to the nodes directly, uncounted;
 - ``--agents`` (100) ``python -m agentd run`` processes, each with its own directory, state dir
-  (snapshot and key), socket, audit file, and machine id. agentd has no override for the machine
-  id (``agentd/snapshot.py host_id()`` reads ``/etc/machine-id``; neither a config key nor an
-  environment variable changes it, and the host name is only its fallback), so every agent on one
-  machine would get the same address order and the same schedule seeds. The bench therefore starts
-  each agent through a two-line shim that points ``host_id``'s default path at the agent's own
-  ``machine-id`` file (random 32 hex digits) and then calls ``agentd.cli.main`` exactly as
-  ``python -m agentd`` does. ``--shared-machine-id`` runs them without the shim, all with this
-  machine's id (what happens when a golden image ships one ``/etc/machine-id``);
+  (snapshot and key), socket, audit file, and host id: ``[agent] host_id`` in its config (random
+  32 hex digits, as a machine id would be), the seed of its address order and schedule phases.
+  ``--shared-machine-id`` leaves the key out, so every agent takes this machine's
+  ``/etc/machine-id`` (what happens when a golden image ships one ``/etc/machine-id``);
 - per agent, a reader on its socket (``agentd.client.AsyncClient``): one ``get`` every
   ``--read-interval`` s (the secrets in turn) and one ``status`` every ``--sample`` s. A ``get``
   that fails once the agent has served once is a *local read error* (a stale value is not an
@@ -101,10 +97,6 @@ SCENARIOS = ("cold", "snapshot", "steady", "write", "outage", "kill")
 KINDS = ("kv_read", "kv_meta", "login", "token", "sys", "other")
 MAX_AGENTS = 400
 IDLE_SAMPLE = 3.0      # seconds of the idle cluster's CPU, measured before any agent starts
-# Points agentd's host_id() at this agent's own machine-id file, then runs the CLI unchanged.
-SHIM = ("import sys, pathlib, agentd.snapshot as s; "
-        "s.host_id.__defaults__ = (pathlib.Path(sys.argv[1]),); "
-        "from agentd.cli import main; raise SystemExit(main(sys.argv[2:]))")
 
 
 def log(message: str) -> None:
@@ -265,7 +257,6 @@ class CountingProxy:
 class FleetAgent:
     index: int
     files: AgentFiles
-    machine_id: Path
     socket: Path
     proc: AgentProcess | None = None
     spawned_at: float = 0.0          # monotonic
@@ -276,21 +267,6 @@ class FleetAgent:
     status_at: float = 0.0
     status_failures: int = 0
     read_errors_counted: bool = True  # False while the bench stops the agent on purpose
-
-
-class ShimAgentProcess(AgentProcess):
-    """``AgentProcess`` started through ``SHIM`` with its own machine id (see the module doc)."""
-
-    def __init__(self, config: Path, log_path: Path, machine_id: Path | None) -> None:
-        self.log = log_path
-        argv = [sys.executable, "-m", "agentd", "run", "-c", str(config)]
-        if machine_id is not None:
-            argv = [sys.executable, "-c", SHIM, str(machine_id), "run", "-c", str(config)]
-        with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=clean_env(), start_new_session=True, cwd=str(ROOT),
-            )
 
 
 def fresh(status: dict[str, Any] | None, since: float | None = None) -> bool:
@@ -395,11 +371,11 @@ class Bench:
                                     f"addresses = [{addresses}]")
                 text = text.replace(f"socket = {json.dumps(str(files.socket))}",
                                     f"socket = {json.dumps(str(sock))}")
-                text = text.replace('ready_timeout = "10s"', 'ready_timeout = "60s"')
+                host = "" if self.args.shared_machine_id else (
+                    f"\nhost_id = {json.dumps(secrets.token_hex(16))}")
+                text = text.replace('ready_timeout = "10s"', 'ready_timeout = "60s"' + host)
                 files.config.write_text(text)
-                machine_id = root / "machine-id"
-                machine_id.write_text(secrets.token_hex(16) + "\n")
-                self.agents.append(FleetAgent(i, files, machine_id, sock))
+                self.agents.append(FleetAgent(i, files, sock))
 
     def spawn_all(self) -> float:
         started = time.monotonic()
@@ -408,9 +384,7 @@ class Bench:
             agent.status = None
             agent.read_errors_counted = True
             agent.spawned_at = time.monotonic()
-            agent.proc = ShimAgentProcess(
-                agent.files.config, agent.files.log,
-                None if self.args.shared_machine_id else agent.machine_id)
+            agent.proc = AgentProcess(agent.files.config, agent.files.log)
         return started
 
     def stop_all(self) -> None:
@@ -618,11 +592,14 @@ class Bench:
         per_agent = sum(tot) / len(tot) / len(self.agents)
         expected = len(self.names) / self.refresh_s
         n = len(self.agents)
-        binom = 100 * math.sqrt((2 / 3) / (n / 3)) if n else math.nan
+        # agentd orders the addresses per host and path (rendezvous): the units spread over
+        # the three nodes are the agents' secrets, not the agents
+        units = n * len(self.names)
+        binom = 100 * math.sqrt((2 / 3) / (units / 3)) if units else math.nan
         figures = [
             ("per-node deviation from even (%)", ", ".join(f"{s:+.0f}" for s in spread)),
             ("largest deviation (%)", fmt(max(abs(s) for s in spread), 0)),
-            ("expected spread from random per-host order: 1 sd (%)", fmt(binom, 0)),
+            ("expected spread from the per-host-and-secret order: 1 sd (%)", fmt(binom, 1)),
             ("agents whose current node is n1/n2/n3", "/".join(str(c) for c in self.first_nodes())),
             ("requests/s per agent (measured)", fmt(per_agent, 2)),
             ("requests/s per agent (secrets / refresh)", fmt(expected, 2)),
@@ -653,7 +630,8 @@ class Bench:
         self.results["2. steady state"] = res
 
     def first_nodes(self) -> list[int]:
-        """How many agents' status names each node's proxy as their current address."""
+        """How many agents' status names each node's proxy as their current address (the first
+        address up in the agent's own order; its requests for each path have their own order)."""
         by_addr = Counter((a.status or {}).get("upstream", {}).get("address") for a in self.agents)
         return [by_addr.get(p.address, 0) for p in self.proxies]
 
@@ -767,6 +745,9 @@ class Bench:
             ("recovery 1 s bins, first 10 s", " ".join(str(x) for x in rec[:10])),
             ("agents whose current node is n1/n2/n3 afterwards",
              "/".join(str(c) for c in self.first_nodes())),
+            ("agents with an address still marked down at the end",
+             str(sum(1 for a in self.agents
+                     if (a.status or {}).get("upstream", {}).get("down")))),
             ("logins after the outage (total; peak per s)", f"{sum(logins)}; "
              f"{max(logins, default=0)}"),
             ("refresh errors (agents' upstream errors)",

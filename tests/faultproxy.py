@@ -17,18 +17,23 @@ it also breaks connections a client keeps alive:
 - ``reset``: read the first chunk of the request, then close with SO_LINGER 0 (the peer sees RST);
 - ``delay``: forward, but hold each chunk from the server for ``delay`` seconds.
 
-Counters: ``connections`` (accepted so far), ``active`` and ``peak_active`` (open at once).
+Counters: ``connections`` (accepted so far), ``active`` and ``peak_active`` (open at once), and
+``requests``: every HTTP/1.1 request head a client sent, as ``(trio time, mode, "METHOD target")``
+(found by its request line at the start of a chunk or after a blank line: fine for the small
+requests agentd sends, not a parser).
 Cleanup: cancelling ``run()`` closes the listener and every connection.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 
 import trio
 
 MODES = ("pass", "blackhole", "reset", "delay")
+REQUEST_LINE = re.compile(rb"(?:\A|\r\n\r\n)([A-Z]+) (\S+) HTTP/1\.1\r\n")
 
 
 class FaultProxy:
@@ -40,6 +45,12 @@ class FaultProxy:
         self.connections = 0
         self.active = 0
         self.peak_active = 0
+        self.requests: list[tuple[float, str, str]] = []
+
+    def _saw(self, data: bytes) -> None:
+        for m in REQUEST_LINE.finditer(data):
+            self.requests.append((trio.current_time(), self.mode,
+                                  f"{m.group(1).decode()} {m.group(2).decode()}"))
 
     @property
     def address(self) -> str:
@@ -68,11 +79,11 @@ class FaultProxy:
 
     async def _serve(self, client: trio.SocketStream, mode: str) -> None:
         if mode == "blackhole":
-            while await client.receive_some(65536):
-                pass
+            while data := await client.receive_some(65536):
+                self._saw(data)
             await trio.sleep_forever()
         if mode == "reset":
-            await client.receive_some(65536)
+            self._saw(await client.receive_some(65536))
             _linger_zero(client)
             return
         server = await trio.open_tcp_stream(*self.target)
@@ -86,6 +97,7 @@ class FaultProxy:
         """Client -> server. A mode change also hits connections that are already open."""
         try:
             while data := await client.receive_some(65536):
+                self._saw(data)
                 if self.mode == "reset":
                     _linger_zero(client)
                     break

@@ -35,6 +35,9 @@ BAD: dict[str, list[tuple[str, int, str]]] = {
     "bad-mode.toml": [
         ("", 3, "agent.socket_mode: invalid mode '0668': expected a mode like \"0640\""),
     ],
+    "bad-host-id.toml": [
+        ("", 3, "agent.host_id: must be 1 to 128 printable ASCII characters without spaces"),
+    ],
     "bad-secret-name.toml": [
         ("", 10, "secrets.DB: invalid secret name 'DB': must match [a-z0-9][a-z0-9_-]{0,62}"),
     ],
@@ -416,6 +419,7 @@ EVERY_KEY: list[tuple[str, str, object]] = [
     ("[agent]", 'ready_timeout = "5s"', 5.0),
     ("[agent]", 'credentials_socket = "/run/c.sock"', Path("/run/c.sock")),
     ("[agent]", 'user = "root"', "root"),
+    ("[agent]", 'host_id = "web-042"', "web-042"),
     ("[agent]", "max_connections = 10", 10),
     ("[agent]", "max_connections_per_uid = 5", 5),
     ("[agent]", "requests_per_second_per_uid = 7", 7),

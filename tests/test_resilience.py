@@ -254,7 +254,7 @@ async def test_restart_during_outage_serves_every_secret_from_the_snapshot(
     seeded = new_seeded()
     prepare(own_bao, role, seeded)
     # a long ready_timeout: becoming ready must not depend on it
-    path = agent_config(tmp_path, own_bao, role_files(tmp_path, role), seeded)
+    path = agent_config(tmp_path, own_bao, role_files(tmp_path, role), seeded, refresh="1h")
     path.write_text(path.read_text().replace('ready_timeout = "10s"', 'ready_timeout = "1h"'))
     async with running_agent(path) as running, client(running) as c:
         fetched = {name: await c.get(name) for name in FIELDS}
@@ -268,7 +268,8 @@ async def test_restart_during_outage_serves_every_secret_from_the_snapshot(
             assert running.agent.snapshot.statistics().loaded == 3
             for name in FIELDS:
                 reply = await c.get(name)
-                assert reply["stale"] is True
+                # younger than its refresh (1 h): as current as without the restart
+                assert reply["stale"] is False
                 assert_value(reply, seeded, name)
                 # fetched_at survives the restart
                 assert reply["fetched_at"] == fetched[name]["fetched_at"]
@@ -525,7 +526,10 @@ async def test_first_address_black_hole_second_real(
                     reply = await c.get(name)
                     assert reply["stale"] is False
                     assert_value(reply, seeded, name)
-                assert running.agent.upstream.statistics().address == bao.address
+                # each secret goes to its own node first (host id and path): the black hole
+                # is tried only by those that prefer it, then marked down and tried last
+                stats = running.agent.upstream.statistics()
+                assert stats.address not in stats.down
         nursery.cancel_scope.cancel()
 
 
@@ -697,6 +701,135 @@ def _config(upstream: UpstreamConfig, secrets: dict[str, SecretConfig]) -> Confi
 
 
 
+@pytest.mark.slow
+async def test_polls_held_over_a_hung_upstream_are_spread_after_it_answers(
+    own_bao: DevServer, tmp_path: Path, idle_jump_clock: trio.testing.MockClock
+) -> None:
+    """The recovery ramp (decision 9): the server is SIGSTOPped long enough for one request to
+    time out (a failure streak) while most polls queue behind the hung ones; after SIGCONT the
+    polls that were held over the outage go out at random phases within their refresh, not
+    all in the instant the server answers. Counted at a proxy, in the test's (virtual) time."""
+    own_bao.put_policy("agentd-read", READ_ALL_SECRETS)
+    files = role_files(tmp_path, own_bao.approle("agentd", policies=["agentd-read"],
+                                                 token_ttl="1h"))
+    names = [f"s{i:02d}" for i in range(24)]
+    seeded = new_seeded()
+    for name in names:
+        own_bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
+    refresh = 4.0
+    proxy = FaultProxy(own_bao.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        cfg = _with_approle(UpstreamConfig(addresses=(proxy.address,), timeout=3.0,
+                                           max_concurrency=2), files)
+        up = Upstream(cfg, outage_gate=True)
+        auth = Authenticator(cfg, up)
+        cache = Cache()
+        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
+                                               path=f"secret/data/{seeded.prefix}/{n}",
+                                               refresh=refresh) for n in names})
+        refresher = Refresher(config, up, auth, cache, rng=random.Random(5))
+        await nursery.start(auth.run)
+        await nursery.start(refresher.run)
+        try:
+            with trio.fail_after(120):
+                await refresher.wait_all_fetched()
+                own_bao.pause()
+                # every secret comes due (within 1.1 refresh); the first two requests time out
+                # (3 s: the streak), the next two hang in their place, the rest queue behind
+                await trio.sleep(2 * refresh)
+                own_bao.resume()
+                resumed = trio.current_time()
+                await trio.sleep(2 * refresh)
+        finally:
+            own_bao.resume()
+        nursery.cancel_scope.cancel()
+    await up.aclose()
+    stats = up.statistics()
+    assert stats.recoveries == 1
+    assert stats.held >= 8                       # most polls were held over the outage
+    reads = [t - resumed for t, _, line in proxy.requests
+             if line.startswith("GET /v1/secret/data/") and resumed <= t < resumed + refresh]
+    assert len(reads) >= stats.held
+    # spread over the refresh after the recovery, not all in its first instant: without the
+    # ramp every held poll goes out the moment the server answers (20 of 24 here)
+    early = sum(1 for t in reads if t < refresh / 16)
+    assert early <= len(reads) // 4, sorted(reads)
+    assert len({int(t) for t in reads}) >= 3     # several distinct seconds
+    # and about once per secret: a poll that completed with the recovery takes a new phase
+    # within its refresh instead of following its held-over neighbours a refresh later
+    assert len(reads) <= len(names) + 4, sorted(reads)
+
+
+@pytest.mark.slow
+async def test_secrets_in_backoff_are_polled_at_their_phases_after_a_recovery(
+    bao: DevServer, approle_files: tuple[Path, Path], idle_jump_clock: trio.testing.MockClock
+) -> None:
+    """After two minutes of refused connections every secret sleeps in a backoff grown towards
+    60 s; when the upstream answers again (the gate's probe), each is woken and polled at its
+    own phase within its refresh: every secret once in the refresh after the recovery, and
+    not all in its first instant. Counted at the proxy, in virtual time."""
+    names = [f"b{i:02d}" for i in range(12)]
+    seeded = new_seeded()
+    for name in names:
+        bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
+    refresh = 4.0
+    proxy = FaultProxy(bao.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        cfg = _with_approle(UpstreamConfig(addresses=(proxy.address,), timeout=2.0),
+                            approle_files)
+        up = Upstream(cfg, outage_gate=True)
+        auth = Authenticator(cfg, up)
+        cache = Cache()
+        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
+                                               path=f"secret/data/{seeded.prefix}/{n}",
+                                               refresh=refresh) for n in names})
+        refresher = Refresher(config, up, auth, cache, rng=random.Random(3))
+        await nursery.start(auth.run)
+        await nursery.start(refresher.run)
+        with trio.fail_after(600):
+            await refresher.wait_all_fetched()
+            proxy.mode = "reset"
+            await trio.sleep(120)
+            assert all(refresher.states[n].failures >= 3 for n in names)
+            proxy.mode = "pass"
+            while up.recoveries == 0:
+                await trio.sleep(0.5)
+            recovered_at = up.recovered.value
+            await trio.sleep(2 * refresh)
+        nursery.cancel_scope.cancel()
+    await up.aclose()
+    reads = [(t - recovered_at, line) for t, mode, line in proxy.requests
+             if mode == "pass" and line.startswith("GET /v1/secret/data/")
+             and recovered_at <= t < recovered_at + refresh]
+    # every secret once within one refresh of the recovery (the probe that made it included),
+    # not at the end of its own backoff (up to 60 s)
+    assert {line.rsplit("/", 1)[1] for _, line in reads} == set(names)
+    early = sum(1 for t, _ in reads if t < refresh / 16)
+    assert early <= len(reads) // 3, sorted(reads)
+
+
+def test_recovery_spread_is_one_refresh_unless_the_value_is_near_its_bounds() -> None:
+    """How far a poll may be spread after a recovery: its refresh; half of what is left before
+    max_stale or expiry; nothing for a value past its bounds or no value (fetched first)."""
+    now = 10_000.0
+    cache = Cache(clock=lambda: now)
+    cfg = UpstreamConfig(addresses=("http://127.0.0.1:1",))
+    secrets = {n: SecretConfig(name=n, kind="kv2", path=f"secret/data/{n}", refresh=60.0,
+                               max_stale=600.0)
+               for n in ("fresh", "near", "past", "lease", "none")}
+    config = _config(cfg, secrets)
+    cache.put("fresh", {"k": "v"}, version=1, fetched_at=now - 10)
+    cache.put("near", {"k": "v"}, version=1, fetched_at=now - 560)      # 40 s of max_stale
+    cache.put("past", {"k": "v"}, version=1, fetched_at=now - 700)
+    cache.put("lease", {"k": "v"}, version=1, fetched_at=now - 10, expires_at=now + 30)
+    refresher = Refresher(config, Upstream(cfg), None, cache,  # type: ignore[arg-type]
+                          clock=lambda: now)
+    spread = {n: refresher._recovery_spread(secrets[n]) for n in secrets}
+    assert spread == {"fresh": 60.0, "near": 20.0, "past": 0.0, "lease": 15.0, "none": 0.0}
+
+
 # --- templates through outages and restarts ---------------------------------------------------
 
 
@@ -766,7 +899,9 @@ async def test_restart_during_outage_renders_templates_from_the_snapshot(
         async with running_agent(path) as running, client(running) as c:
             await until(lambda: dest.exists() and dest.read_text() == rendered(seeded),
                         "the rendered file", interval=0.1)
-            assert (await c.get("db"))["stale"] is True
+            # current while younger than its refresh (1 s); stale once its poll is due and
+            # cannot be made (no token: the upstream is down)
+            await wait_stale(c, "db", True)
             status = await c.status()
             assert status["auth"]["logins"] == 0          # the upstream is down
     assert_no_marker(running, seeded)

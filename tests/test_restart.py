@@ -438,6 +438,11 @@ refresh = "1s"
         await nursery.start(proxy.run)
         path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
         async with running_agent(path) as second:
+            # restored current (younger than its refresh) until its first poll fails
+            with trio.fail_after(10):
+                for name in ("deleted", "gone"):
+                    while not (await call(second.socket, "get", name=name))["stale"]:
+                        await trio.sleep(0.1)
             with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
                 while True:
                     for name in ("deleted", "gone"):
@@ -509,4 +514,39 @@ refresh = "1s"
                         continue
                     assert reply["data"]["value"] == "back"
                     break
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restored_kv_value_younger_than_its_refresh_is_served_current(
+    audited: tuple[DevServer, Path], tmp_path: Path
+) -> None:
+    """A fleet restart is not a staleness alarm: a KV value restored from the snapshot is as
+    current as it would have been without the restart until its first poll, even with the
+    upstream unreachable meanwhile (its first poll is an hour away)."""
+    bao, _ = audited
+    bao.kv_put("restart/young", {"value": "y"})
+    approle = approle_with_policy(bao, tmp_path,
+                                  'path "secret/data/restart/*" { capabilities = ["read"] }\n')
+    secrets = """
+[secrets.young]
+kind = "kv2"
+path = "secret/data/restart/young"
+refresh = "1h"
+"""
+    async with running_agent(write_config(tmp_path, bao, approle, secrets)) as first:
+        await call(first.socket, "get", name="young")
+    proxy = FaultProxy(bao.port)
+    proxy.mode = "reset"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
+        async with running_agent(path) as second:
+            with trio.move_on_after(WINDOW):
+                while True:
+                    reply = await call(second.socket, "get", name="young")
+                    assert reply["data"] == {"value": "y"}
+                    assert reply["stale"] is False
+                    status = (await call(second.socket, "status"))["secrets"]["young"]
+                    assert status["stale"] is False and status["from_snapshot"] is True
+                    await trio.sleep(0.2)
         nursery.cancel_scope.cancel()

@@ -125,7 +125,7 @@ def test_a_restored_certificate_is_reissued_at_its_own_point(issued_ago: float,
         assert 2400 - 180 - 600 <= delay <= 2400 + 180 - 600
     else:           # already due: this host's phase
         assert delay == 7.0
-    assert k.restored_current(WEB) is current
+    assert k.restored_current(WEB, fetched_at=NOW - issued_ago) is current
     # without a state (a snapshot from before issue 16): as before, at the phase
     assert kinds().restored_delay(WEB, fetched_at=NOW, default=300.0, spread=7.0) == 7.0
 
@@ -134,7 +134,9 @@ def test_a_restored_kv_secret_is_polled_one_refresh_after_it_was_fetched() -> No
     k = kinds()
     assert k.restored_delay(DB, fetched_at=NOW - 10, default=300.0, spread=7.0) == 290.0
     assert k.restored_delay(DB, fetched_at=NOW - 1000, default=300.0, spread=7.0) == 7.0
-    assert not k.restored_current(DB)
+    # current while younger than its refresh, as without the restart; stale once older
+    assert k.restored_current(DB, fetched_at=NOW - 10)
+    assert not k.restored_current(DB, fetched_at=NOW - 301)
 
 
 def test_a_restored_lease_is_renewed_at_its_renewal_point() -> None:

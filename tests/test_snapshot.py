@@ -5,9 +5,12 @@ Real files in tmp_path, a real tmpfs for the full disk where this machine lets u
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import subprocess
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import msgpack
@@ -248,6 +251,30 @@ def test_host_id_reads_machine_id_with_a_fallback(tmp_path: Path) -> None:
     assert fallback.startswith("host-") and fallback == host_id(tmp_path / "missing")
 
 
+def test_host_id_override_comes_before_the_environment_and_the_machine_id(
+        tmp_path: Path) -> None:
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text(HOST + "\n")
+    env = {"AGENTD_HOST_ID": "from-env"}
+    assert host_id(machine_id, override="web-042", environ=env) == "web-042"
+    assert host_id(machine_id, environ=env) == "from-env"
+    assert host_id(machine_id, environ={"AGENTD_HOST_ID": " "}) == HOST
+    assert host_id(machine_id, environ={}) == HOST
+
+
+async def test_config_host_id_is_the_identity_the_snapshot_is_bound_to(tmp_path: Path) -> None:
+    def with_host(host: str) -> Snapshot:
+        config = make_config(tmp_path)
+        config = dataclasses.replace(config, agent=dataclasses.replace(config.agent,
+                                                                         host_id=host))
+        return Snapshot.from_config(config)
+
+    cache, _ = filled_cache()
+    assert await with_host("web-042").write(cache)
+    assert sorted(with_host("web-042").load_into(Cache())) == ["api", "db"]
+    assert with_host("web-043").load_into(Cache()) == []
+
+
 def test_address_order_is_spread_per_host_and_stable() -> None:
     addresses = tuple(f"http://bao-{i}:8200" for i in range(5))
     assert spread_addresses(addresses, None) == addresses
@@ -255,6 +282,25 @@ def test_address_order_is_spread_per_host_and_stable() -> None:
     assert all(sorted(o) == sorted(addresses) for o in orders)
     assert len({o[0] for o in orders}) == 5          # every node is somebody's first
     assert spread_addresses(addresses, "host-7") == spread_addresses(addresses, "host-7")
+
+
+def test_address_order_per_host_and_path_spreads_a_small_fleet_evenly() -> None:
+    """Rendezvous hashing on (host id, path): 50 hosts with 20 secrets each put every node's
+    share of first choices within 20% of even, where 50 per-host choices alone would miss it
+    about half the time (a node's share of 50 hosts has a standard deviation of 20%)."""
+    addresses = ("http://bao-1:8200", "http://bao-2:8200", "http://bao-3:8200")
+    hosts = [uuid.UUID(int=random.Random(i).getrandbits(128)).hex for i in range(50)]
+    firsts = Counter(spread_addresses(addresses, host, f"secret/data/fleet/s{n:02d}")[0]
+                     for host in hosts for n in range(20))
+    assert set(firsts) == set(addresses)
+    assert all(abs(count / (1000 / 3) - 1) <= 0.2 for count in firsts.values())
+    # removing a node moves only the keys that had it first (rendezvous)
+    for host in hosts[:10]:
+        for n in range(20):
+            key = f"secret/data/fleet/s{n:02d}"
+            full = spread_addresses(addresses, host, key)
+            assert spread_addresses(addresses[:2], host, key) == tuple(
+                a for a in full if a != addresses[2])
 
 
 def test_stale_deadline_is_the_earlier_of_max_stale_and_expiry() -> None:

@@ -64,6 +64,7 @@ _AGENT: conv.Converters = {
     "state_dir": conv.abs_path,
     "log_level": conv.choice(LOG_LEVELS),
     "ready_timeout": conv.positive_duration,
+    "host_id": conv.host_id,
     "credentials_socket": conv.abs_path,
     "user": conv.user_name,
     "max_connections": conv.integer(1),

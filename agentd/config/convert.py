@@ -244,6 +244,14 @@ def listen(value: object) -> tuple[str, int]:
     return host, int(port)
 
 
+def host_id(value: object) -> str:
+    """A host identity (``[agent] host_id``): printable ASCII without spaces, at most 128."""
+    text = nonempty(value)
+    if len(text) > 128 or not all("!" <= c <= "~" for c in text):
+        raise Invalid("must be 1 to 128 printable ASCII characters without spaces")
+    return text
+
+
 def credential_name(value: object) -> str:
     text = nonempty(value)
     if "/" in text:

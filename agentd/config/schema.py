@@ -34,6 +34,7 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/agentd")
     log_level: str = "info"                  # debug | info | warning | error
     ready_timeout: float = 30.0              # seconds
+    host_id: str | None = None               # None: $AGENTD_HOST_ID, else /etc/machine-id
     credentials_socket: Path | None = None
     user: str | None = None                  # the agent's own user, if not root (file checks)
     max_connections: int = 1024              # open connections on the socket, all peers

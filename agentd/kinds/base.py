@@ -138,10 +138,11 @@ class Kind(ABC, Generic[S]):
         """
         return max(fetched_at + default - rt.now(), spread)
 
-    def restored_current(self, secret: SecretConfig, state: S, now: float) -> bool:
-        """True when ``state`` (restored) shows the value needs nothing from the upstream
-        before its next step, so it is served as current, not stale (default: a restored
-        value is stale until refreshed, decision 6)."""
+    def restored_current(self, secret: SecretConfig, state: S, now: float, *,
+                         fetched_at: float) -> bool:
+        """True when ``state`` (restored) and ``fetched_at`` show the value needs nothing from
+        the upstream before its next step, so it is served as current, not stale (default: a
+        restored value is stale until refreshed, decision 6)."""
         return False
 
     def status(self, secret: SecretConfig, state: S) -> dict[str, Any]:

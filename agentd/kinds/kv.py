@@ -75,6 +75,13 @@ class KV1(Kind[KindState]):
                 await rt.check(secret, value.data)     # only a value not yet live
         return value
 
+    def restored_current(self, secret: SecretConfig, state: KindState, now: float, *,
+                         fetched_at: float) -> bool:
+        """Younger than its ``refresh``: as current as it would be had the agent not restarted
+        (its first poll is at ``fetched_at`` + ``refresh``, decision 12). Older, it is stale
+        until that poll: the value has not been checked for longer than the host asked for."""
+        return now < fetched_at + secret.refresh
+
     def schedule(self, secret: SecretConfig) -> str:
         return f"poll every {human_duration(secret.refresh)} (+-10%)"
 

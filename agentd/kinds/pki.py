@@ -104,7 +104,8 @@ class Pki(Kind[PkiState]):
             return spread
         return max(self.next_delay(rt, secret, state, default), spread)
 
-    def restored_current(self, secret: SecretConfig, state: PkiState, now: float) -> bool:
+    def restored_current(self, secret: SecretConfig, state: PkiState, now: float, *,
+                         fetched_at: float) -> bool:
         """Valid and not yet at its re-issue point (one past it is stale until re-issued)."""
         if state.not_after is None or state.issued_at is None:
             return False

@@ -217,9 +217,11 @@ class Kinds:
                                             fetched_at=fetched_at, default=default,
                                             spread=spread)
 
-    def restored_current(self, secret: SecretConfig) -> bool:
-        """True when ``secret``'s restored state vouches for its value until the next step."""
-        return _kind(secret).restored_current(secret, self._state(secret), self._clock())
+    def restored_current(self, secret: SecretConfig, *, fetched_at: float) -> bool:
+        """True when ``secret``'s restored state (and ``fetched_at``) vouch for its value until
+        the next step."""
+        return _kind(secret).restored_current(secret, self._state(secret), self._clock(),
+                                              fetched_at=fetched_at)
 
     # --- leases -------------------------------------------------------------------------------
 
