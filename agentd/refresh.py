@@ -286,13 +286,20 @@ class Refresher:
             self._auth.invalidate(token)
             raise
         first = self._cache.info(secret.name) is None
-        changed = self._cache.put(
-            secret.name,
-            value.data,
-            version=value.version,
-            fetched_at=self._clock(),
-            expires_at=value.expires_at,
-        )
+        try:
+            changed = self._cache.put(
+                secret.name,
+                value.data,
+                version=value.version,
+                fetched_at=self._clock(),
+                expires_at=value.expires_at,
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A value the cache cannot pack is this secret's error, not the agent's end
+            # (jsonnum keeps what the upstream sends within bounds; this is the net under it).
+            # The exception's text may quote the value: only its type is kept.
+            raise PermanentError(f"{secret.path}: the upstream's value cannot be stored "
+                                 f"({type(exc).__name__})") from None
         info = self._cache.info(secret.name)
         assert info is not None
         if changed:

@@ -65,3 +65,35 @@ async def test_a_secret_nested_too_deep_is_an_error_not_a_stopped_agent(
     assert seeded.markers["deep"] not in deep_agent.log.getvalue()
     assert seeded.markers["deep"] not in str(status)
     assert refresher.states["deep"].last_error
+
+
+async def test_a_value_the_cache_cannot_hold_is_that_secret_s_error(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The net under jsonnum's bounds: whatever ``Cache.put`` refuses (here: made to refuse
+    ``other``'s value, quoting it as msgpack's errors do) fails that secret's refresh, with
+    nothing of the value in its error, while the agent goes on serving the rest."""
+    from agentd.cache import Cache
+
+    put = Cache.put
+
+    def refusing_put(self: Cache, name: str, data: object, **kwargs: object) -> bool:
+        if name == "other":
+            raise TypeError(f"can not serialize {data!r}")
+        return put(self, name, data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Cache, "put", refusing_put)
+    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock")
+    cfg.write_text(cfg.read_text().replace('ready_timeout = "10s"', 'ready_timeout = "2s"'))
+    async with running_agent(cfg) as running:
+        refresher = running.agent.refresher
+        with trio.fail_after(60):
+            await until(lambda: refresher.states["other"].failures >= 2, "other's refreshes fail")
+            async with AsyncClient.connect(running.socket) as client:
+                reply = await client.get("db")
+                assert reply["data"]["password"] == seeded.markers["db"]
+        error = refresher.states["other"].last_error
+        assert error and "TypeError" in error
+        assert seeded.markers["other"] not in error
+        assert seeded.markers["other"] not in running.log.getvalue()
