@@ -377,8 +377,11 @@ class Refresher:
             else:
                 backoff.reset()
                 default = jittered(secret.refresh, rng=self._rng)
-                if not hold.held and self._upstream.recoveries != recoveries:
-                    # answered with the recovery, with everything else held over it: a new phase
+                if hold.failed_over or (not hold.held
+                                        and self._upstream.recoveries != recoveries):
+                    # answered with the recovery, with everything else held over it, or after
+                    # a failover (a hung node's timeout ends every host's attempt at once):
+                    # a new phase
                     default = self._rng.uniform(0.0, secret.refresh)
                 delay = self.kinds.next_delay(secret, default)
             state.next_attempt = wake_slot(trio.current_time() + delay)

@@ -175,6 +175,9 @@ class Hold:
     spread: float                # seconds; 0: never held (urgent)
     rng: random.Random = field(repr=False)
     held: bool = False           # the request waited a phase after a recovery
+    # the answer came after a failover: its time is the fleet's (a node's timeout), not the
+    # caller's, so the caller's next step takes a new phase (decision 9)
+    failed_over: bool = False
 
 
 _HOLD: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("agentd_hold", default=None)
@@ -640,6 +643,8 @@ class Upstream:
             self._mark_up(address)
             self._up = True
             self._answered()
+            if last is not None and (hold := _HOLD.get()) is not None:
+                hold.failed_over = True
             return response, body
         assert last is not None
         raise last

@@ -35,7 +35,7 @@ from agentd.config import (
 from agentd.errors import NotFound, TransientError, Unavailable
 from agentd.refresh import Refresher
 from agentd.snapshot import FILE_NAME
-from agentd.upstream import Upstream
+from agentd.upstream import Upstream, spread_addresses
 from tests.agentfixture import RunningAgent, Seeded, running_agent, socket_dir, write_config
 from tests.conftest import READ_ALL_SECRETS
 from tests.faultproxy import FaultProxy
@@ -808,6 +808,58 @@ async def test_secrets_in_backoff_are_polled_at_their_phases_after_a_recovery(
     assert {line.rsplit("/", 1)[1] for _, line in reads} == set(names)
     early = sum(1 for t, _ in reads if t < refresh / 16)
     assert early <= len(reads) // 3, sorted(reads)
+
+
+@pytest.mark.slow
+async def test_a_poll_answered_after_a_failover_takes_a_new_phase(
+    bao: DevServer, approle_files: tuple[Path, Path], idle_jump_clock: trio.testing.MockClock
+) -> None:
+    """A node that hangs ends every host's attempt on it at its timeout, all at once; the
+    answers from the next node then come together too. A poll answered after a failover takes
+    a new phase in [0, refresh) for its next poll instead of ``refresh`` (+-10%) after that
+    shared instant, so the fleet does not keep the hung node's rhythm (the periodic spikes of
+    bench/fleet.py's recovery). Counted at the real node's proxy, in virtual time."""
+    names = [f"f{i:02d}" for i in range(24)]
+    seeded = new_seeded()
+    for name in names:
+        bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
+    refresh = 8.0
+    hung, real = FaultProxy(bao.port), FaultProxy(bao.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hung.run)
+        await nursery.start(real.run)
+        cfg = _with_approle(UpstreamConfig(addresses=(hung.address, real.address),
+                                           timeout=1.0), approle_files)
+        up = Upstream(cfg, order_seed="host-a")
+        auth = Authenticator(cfg, up)
+        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
+                                               path=f"secret/data/{seeded.prefix}/{n}",
+                                               refresh=refresh) for n in names})
+        refresher = Refresher(config, up, auth, Cache(), rng=random.Random(7))
+        await nursery.start(auth.run)
+        await nursery.start(refresher.run)
+        with trio.fail_after(300):
+            await refresher.wait_all_fetched()
+            hung.mode = "blackhole"
+            started = trio.current_time()
+            await trio.sleep(3 * refresh)
+        nursery.cancel_scope.cancel()
+    await up.aclose()
+    # the secrets whose order put the hung node first: their first poll after it hung failed
+    # over to the real node, and the poll after that came ...
+    both = (hung.address, real.address)
+    first = {n for n in names
+             if spread_addresses(both, "host-a", f"secret/data/{seeded.prefix}/{n}")[0]
+             == hung.address}
+    assert len(first) >= 4
+    gaps = []
+    for name in first:
+        times = sorted(t for t, _, line in real.requests
+                       if line.endswith(f"/{name}") and t >= started)
+        assert len(times) >= 2, name
+        gaps.append(times[1] - times[0])
+    # ... at a new phase: without it every gap is within refresh +-10% (0.9 .. 1.1 refresh)
+    assert sum(1 for gap in gaps if gap < 0.85 * refresh) >= len(gaps) // 3, sorted(gaps)
 
 
 def test_recovery_spread_is_one_refresh_unless_the_value_is_near_its_bounds() -> None:
