@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -71,26 +72,40 @@ def _connect_waiting(where: str, wait: float) -> socket.socket:
     seconds in the kernel for a place in a full listen queue (decision 13). The socket is left
     blocking; the caller sets its own timeout.
 
+    A signal whose handler returns ends the wait early, and Python then reports the AF_UNIX
+    connect as done without it being so: ``getpeername()`` tells, and the wait goes on for
+    what is left of ``wait``.
+
     Raises:
         ClientError: the queue stayed full for ``wait`` seconds, or any other connect error.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        whole = max(0.001, wait)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        _TIMEVAL.pack(int(whole), int(whole % 1 * 1_000_000)))
-        sock.connect(where)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
-    except OSError as exc:
-        sock.close()
-        if _queue_full(exc):
-            raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
-                              f"stayed full for {whole:.1f} s") from exc
-        raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    whole = max(0.001, wait)
+    deadline = time.monotonic() + whole
+    while True:
+        left = max(0.001, deadline - time.monotonic())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            _TIMEVAL.pack(int(left), int(left % 1 * 1_000_000)))
+            sock.connect(where)
+            try:
+                sock.getpeername()
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN or time.monotonic() >= deadline:
+                    raise
+                sock.close()
+                continue                # interrupted by a signal: wait again
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+        except OSError as exc:
+            sock.close()
+            if _queue_full(exc) or exc.errno == errno.ENOTCONN:
+                raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
+                                  f"stayed full for {whole:.1f} s") from exc
+            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 def resolve_socket_path(

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import threading
 import time
@@ -577,3 +578,34 @@ async def test_a_frame_trickled_a_byte_at_a_time_is_closed(trickled: RunningAgen
     value = result["value"]
     assert value["eof"] and value["replies"] == []      # closed, never answered
     assert value["sent"] < len(PING)                    # before the frame was complete
+
+
+def test_a_signal_during_the_wait_for_a_place_does_not_end_it(tmp_path: Path) -> None:
+    """A signal whose handler returns interrupts the blocking connect (EINTR), after which
+    Python reports an AF_UNIX connect as done although it is not: the client must wait on, and
+    hand back a socket that is really connected once a place is free."""
+    path = tmp_path / "full.sock"
+    listener, queued = full_listener(path)
+    interrupts = threading.Semaphore(0)
+    old = signal.signal(signal.SIGALRM, lambda *_: interrupts.release())
+
+    def free_a_place() -> None:
+        for _ in range(3):                      # the wait was interrupted three times
+            interrupts.acquire()
+        listener.accept()[0].close()
+
+    freer = threading.Thread(target=free_a_place, daemon=True)
+    freer.start()
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    try:
+        with Client.connect(path, timeout=20) as client:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert reached(listener, client._sock.sendall)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for _ in range(3):
+            interrupts.release()                # never leave the thread waiting
+        freer.join(10)
+        for sock in [listener, *queued]:
+            sock.close()
