@@ -473,6 +473,7 @@ class Server:
         self.storm = _Storm()
         self.connect_storms = 0
         self._backlog = 0           # the listen queue length set last (0: not yet)
+        self._storming = False
         self.requests = 0
         self.requests_by_op: Counter[str] = Counter()            # for metrics
         self.decisions: Counter[tuple[str, str]] = Counter()     # (op, decision), for metrics
@@ -530,15 +531,16 @@ class Server:
         deep = self.config.agent.listen_backlog
         raging = self.storm.raging(trio.current_time())
         wanted = min(STORM_BACKLOG, deep) if raging else deep
-        if wanted == self._backlog:
-            return
-        if raging and self._backlog:
-            self.connect_storms += 1
-            log.warning("connect storm: listen queue shortened", extra={"backlog": wanted})
-        elif self._backlog:
-            log.info("connect storm over: listen queue restored", extra={"backlog": wanted})
-        listener.listen(wanted)
-        self._backlog = wanted
+        if raging != self._storming:
+            self._storming = raging
+            if raging:
+                self.connect_storms += 1
+                log.warning("connect storm: listen queue shortened", extra={"backlog": wanted})
+            else:
+                log.info("connect storm over: listen queue restored", extra={"backlog": wanted})
+        if wanted != self._backlog:         # a storm's start or end, or a reload
+            listener.listen(wanted)
+            self._backlog = wanted
 
     def _admit(self, sock: socket.socket) -> Handler | None:
         """Admit a new connection or refuse it at once, from ``SO_PEERCRED`` alone (no /proc):

@@ -326,6 +326,21 @@ async def test_a_connect_storm_shortens_the_listen_queue_until_it_is_over(
     assert server.statistics().refused_connections >= STORM_REFUSALS
 
 
+async def test_a_reload_resizes_the_listen_queue_at_the_next_turn(
+    storm_sized: RunningAgent,
+) -> None:
+    server = storm_sized.agent.server
+    text = storm_sized.config_path.read_text()
+    storm_sized.config_path.write_text(text.replace("listen_backlog = 300", "listen_backlog = 40"))
+    assert storm_sized.agent.reload() is True
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(_ping, str(storm_sized.socket))     # a turn
+        room = queue_room(storm_sized.socket)                              # nothing accepts
+    assert room in (40, 41)
+    assert server.statistics().listen_backlog == 40
+    assert server.statistics().connect_storms == 0
+
+
 stormed = agent_with("")
 
 
