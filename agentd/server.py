@@ -379,11 +379,13 @@ async def serve_listener(
 
 
 class _Storm:
-    """Tells a connect storm from a burst by the refusals it causes: ``STORM_REFUSALS`` within
-    one second start one, which lasts until ``hold`` seconds after the last such second."""
+    """Tells a connect storm from a burst by the refusals it causes: ``threshold``
+    (``STORM_REFUSALS``) within one second start one, which lasts until ``hold`` seconds after
+    the last such second."""
 
-    def __init__(self, hold: float = STORM_HOLD) -> None:
+    def __init__(self, hold: float = STORM_HOLD, threshold: int = STORM_REFUSALS) -> None:
         self.hold = hold
+        self.threshold = threshold
         self._window = -math.inf
         self._count = 0
         self._until = -math.inf
@@ -392,7 +394,7 @@ class _Storm:
         if now - self._window >= 1.0:
             self._window, self._count = now, 0
         self._count += 1
-        if self._count >= STORM_REFUSALS:
+        if self._count >= self.threshold:
             self._until = now + self.hold
 
     def raging(self, now: float) -> bool:
