@@ -27,23 +27,28 @@ from tests.support import wait_until
 MOST = 5000       # connects tried before giving up on finding the queue's end
 
 
+def fill_queue(path: Path, most: int) -> tuple[list[socket.socket], bool]:
+    """Non-blocking connects to ``path`` until ``EAGAIN`` or ``most`` of them: the connected
+    sockets (the caller closes them), and whether the queue filled."""
+    held = []
+    for _ in range(most):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            sock.close()
+            return held, True
+        held.append(sock)
+    return held, False
+
+
 def queue_room(path: Path) -> int:
     """How many connections ``path``'s listen queue takes before ``EAGAIN`` (all closed)."""
-    held = []
-    try:
-        for _ in range(MOST):
-            sock = socket.socket(socket.AF_UNIX)
-            sock.setblocking(False)
-            try:
-                sock.connect(str(path))
-            except BlockingIOError:
-                sock.close()
-                return len(held)
-            held.append(sock)
-        return len(held)
-    finally:
-        for sock in held:
-            sock.close()
+    held, _ = fill_queue(path, MOST)
+    for sock in held:
+        sock.close()
+    return len(held)
 
 
 def pings(path: Path) -> bool:

@@ -41,7 +41,7 @@ from tests.agentfixture import (
 from tests.openbao import DevServer
 from tests.peers import run_as
 from tests.support import until
-from tests.test_backlog import queue_room
+from tests.test_backlog import fill_queue, queue_room
 from tests.test_limits import code, frame, read_reply
 
 PING = frame({"v": 1, "id": 1, "op": "ping"})
@@ -413,17 +413,9 @@ def full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(1)
-    queued = []
-    for _ in range(16):
-        sock = socket.socket(socket.AF_UNIX)
-        sock.setblocking(False)
-        try:
-            sock.connect(str(path))
-        except BlockingIOError:
-            sock.close()
-            return listener, queued
-        queued.append(sock)
-    raise AssertionError("the listen queue never filled")
+    queued, filled = fill_queue(path, 16)
+    assert filled, "the listen queue never filled"
+    return listener, queued
 
 
 def reached(listener: socket.socket, send: Callable[[bytes], object]) -> bool:

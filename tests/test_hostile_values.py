@@ -22,6 +22,15 @@ from tests.support import until
 DEPTH = 3000
 
 
+def quick_ready_config(tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path],
+                       seeded: Seeded, extra: str = "") -> Path:
+    """write_config whose ready wait is short: a secret here never arrives."""
+    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
+                       extra=extra)
+    cfg.write_text(cfg.read_text().replace('ready_timeout = "10s"', 'ready_timeout = "2s"'))
+    return cfg
+
+
 def put_raw(bao: DevServer, path: str, body: bytes) -> None:
     req = urllib.request.Request(f"{bao.address}/v1/secret/data/{path}", data=body,
                                  method="POST")
@@ -41,10 +50,7 @@ async def deep_agent(
             b'{"data": {"marker": "' + marker.encode() + b'", "x": ' + nested + b"}}")
     extra = (f'\n[secrets.deep]\nkind = "kv2"\npath = "secret/data/{seeded.prefix}/deep"\n'
              'refresh = "1s"\n')
-    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock",
-                       extra=extra)
-    # ready does not wait long for a secret that never arrives
-    cfg.write_text(cfg.read_text().replace('ready_timeout = "10s"', 'ready_timeout = "2s"'))
+    cfg = quick_ready_config(tmp_path, bao, approle_files, seeded, extra)
     async with running_agent(cfg) as ra:
         yield ra
 
@@ -84,8 +90,7 @@ async def test_a_value_the_cache_cannot_hold_is_that_secret_s_error(
         return put(self, name, data, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Cache, "put", refusing_put)
-    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=socket_dir() / "agentd.sock")
-    cfg.write_text(cfg.read_text().replace('ready_timeout = "10s"', 'ready_timeout = "2s"'))
+    cfg = quick_ready_config(tmp_path, bao, approle_files, seeded)
     async with running_agent(cfg) as running:
         refresher = running.agent.refresher
         with trio.fail_after(60):
