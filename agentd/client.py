@@ -19,12 +19,17 @@ wait bounded by ``SO_SNDTIMEO`` to ``CONNECT_WAIT_SECONDS`` (and never past ``Cl
 a non-blocking connect and only when the queue is full waits in a worker thread, not
 cancellable but bounded by the same limit. Every other connect error is raised at once.
 
+Both connect through the process's private socket when the agent keeps one beside the main
+socket (``<socket>.d/uid-<euid>``, then ``gid-<gid>`` for its groups; ``agentd.private``): a
+queue no other uid can fill. The path given stays the main socket's (messages name it).
+
 ``resolve_socket_path()`` implements the CLI's rule for finding the socket.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -59,6 +64,10 @@ DEFAULT_SOCKET: Final = "/run/agentd/agentd.sock"
 RECEIVE_SIZE: Final = 65536
 _TIMEVAL: Final = struct.Struct("@ll")   # struct timeval
 CONNECT_WAIT_SECONDS: Final = 2.0      # waiting for a place in a full listen queue, at most
+MAX_GROUP_TRIES: Final = 16          # group sockets tried before the main socket, at most
+# A private socket that is not this process's (or was left by an agent that is gone): next.
+_NOT_MINE: Final = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ECONNREFUSED,
+                              errno.ENOTDIR})
 
 log = logging.getLogger("agentd.client")
 
@@ -67,27 +76,35 @@ def _queue_full(exc: OSError) -> bool:
     return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-def _connect_waiting(where: str, wait: float) -> socket.socket:
-    """A socket connected to ``where`` by a blocking ``connect()`` that waits up to ``wait``
-    seconds in the kernel for a place in a full listen queue (decision 13). The socket is left
-    blocking; the caller sets its own timeout.
+def private_paths(where: str) -> list[str]:
+    """The private sockets (decision 13) beside the main socket ``where`` that may be this
+    process's: its effective uid's, then its groups' (at most ``MAX_GROUP_TRIES``). Empty if
+    the agent keeps none there."""
+    base = f"{where}.d"
+    if not os.path.isdir(base):
+        return []
+    groups = list(dict.fromkeys([os.getegid(), *os.getgroups()]))[:MAX_GROUP_TRIES]
+    return [f"{base}/uid-{os.geteuid()}", *(f"{base}/gid-{gid}" for gid in groups)]
+
+
+def _connect_one(path: str, deadline: float) -> socket.socket:
+    """A socket connected to ``path`` by a blocking ``connect()`` that waits until
+    ``deadline`` (``time.monotonic()``) in the kernel for a place in a full listen queue. The
+    socket is left blocking; the caller sets its own timeout.
 
     A signal whose handler returns ends the wait early, and Python then reports the AF_UNIX
-    connect as done without it being so: ``getpeername()`` tells, and the wait goes on for
-    what is left of ``wait``.
+    connect as done without it being so: ``getpeername()`` tells, and the wait goes on.
 
     Raises:
-        ClientError: the queue stayed full for ``wait`` seconds, or any other connect error.
+        OSError: the connect failed; ``EAGAIN`` or ``ENOTCONN``: the queue stayed full.
     """
-    whole = max(0.001, wait)
-    deadline = time.monotonic() + whole
     while True:
         left = max(0.001, deadline - time.monotonic())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                             _TIMEVAL.pack(int(left), int(left % 1 * 1_000_000)))
-            sock.connect(where)
+            sock.connect(path)
             try:
                 sock.getpeername()
             except OSError as exc:
@@ -96,16 +113,33 @@ def _connect_waiting(where: str, wait: float) -> socket.socket:
                 sock.close()
                 continue                # interrupted by a signal: wait again
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
-        except OSError as exc:
-            sock.close()
-            if _queue_full(exc) or exc.errno == errno.ENOTCONN:
-                raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
-                                  f"stayed full for {whole:.1f} s") from exc
-            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
         except BaseException:
             sock.close()
             raise
         return sock
+
+
+def _connect_waiting(where: str, wait: float, *, private: bool = True) -> socket.socket:
+    """A socket connected to the agent whose main socket is ``where``: through this process's
+    private socket if the agent keeps one (``private_paths``), else the main one, waiting up to
+    ``wait`` seconds in the kernel for a place in a full listen queue (decision 13).
+
+    Raises:
+        ClientError: the queue stayed full for ``wait`` seconds, or any other connect error.
+    """
+    whole = max(0.001, wait)
+    deadline = time.monotonic() + whole
+    for path in [*(private_paths(where) if private else ()), where]:
+        try:
+            return _connect_one(path, deadline)
+        except OSError as exc:
+            if path != where and exc.errno in _NOT_MINE:
+                continue                # not this process's socket (or a stale one)
+            if _queue_full(exc) or exc.errno == errno.ENOTCONN:
+                raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
+                                  f"stayed full for {whole:.1f} s") from exc
+            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+    raise AssertionError("unreachable: the main socket's outcome is returned or raised")
 
 
 def resolve_socket_path(
@@ -188,15 +222,17 @@ class Client:
         self._broken: str | None = None
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], *, timeout: float = 10.0) -> Client:
-        """Connect to the agent listening at ``path``; ``timeout`` (seconds) applies to the
-        connect and to each reply.
+    def connect(cls, path: str | os.PathLike[str], *, timeout: float = 10.0,
+                private: bool = True) -> Client:
+        """Connect to the agent listening at ``path`` (through this process's private socket
+        beside it, if there is one, unless ``private`` is false); ``timeout`` (seconds) applies
+        to the connect and to each reply.
 
         Raises:
             ClientError: the socket is missing, refuses the connection or does not answer.
         """
         where = os.fspath(path)
-        sock = _connect_waiting(where, min(CONNECT_WAIT_SECONDS, timeout))
+        sock = _connect_waiting(where, min(CONNECT_WAIT_SECONDS, timeout), private=private)
         sock.settimeout(timeout)
         return cls(sock, where)
 
@@ -331,13 +367,15 @@ class AsyncClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, path: str | os.PathLike[str]) -> AsyncIterator[AsyncClient]:
-        """Connect for the duration of an ``async with`` block; closed on exit.
+    async def connect(cls, path: str | os.PathLike[str], *, private: bool = True
+                      ) -> AsyncIterator[AsyncClient]:
+        """Connect for the duration of an ``async with`` block; closed on exit. ``private``: as
+        for ``open_client``.
 
         Raises:
             ClientError: the socket is missing or refuses the connection.
         """
-        client = await open_client(path)
+        client = await open_client(path, private=private)
         async with client:
             yield client
 
@@ -454,24 +492,31 @@ class _EventStream:
         return event
 
 
-async def open_client(path: str | os.PathLike[str]) -> AsyncClient:
-    """Connect to the agent at ``path``; the caller closes it with ``aclose()`` (or uses it in
-    ``async with``). Bound the wait with ``trio.fail_after()``.
+async def open_client(path: str | os.PathLike[str], *, private: bool = True) -> AsyncClient:
+    """Connect to the agent at ``path`` (through this process's private socket beside it, if
+    there is one, unless ``private`` is false); the caller closes it with ``aclose()`` (or uses
+    it in ``async with``). Bound the wait with ``trio.fail_after()``.
 
     Raises:
         ClientError: the socket is missing or refuses the connection.
     """
     where = os.fspath(path)
-    try:
-        stream = await _open_unix_stream(where)
-    except OSError as exc:
-        if not _queue_full(exc):
-            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
-        log.debug("agentd's connection queue is full; waiting for a place")
-        sock = await trio.to_thread.run_sync(_connect_waiting, where, CONNECT_WAIT_SECONDS)
-        sock.setblocking(False)
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    return AsyncClient(stream, where)
+    for candidate in [*(private_paths(where) if private else ()), where]:
+        try:
+            stream = await _open_unix_stream(candidate)
+        except OSError as exc:
+            if candidate != where and exc.errno in _NOT_MINE:
+                continue
+            if not _queue_full(exc):
+                raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}"
+                                  ) from exc
+            log.debug("agentd's connection queue is full; waiting for a place")
+            sock = await trio.to_thread.run_sync(functools.partial(
+                _connect_waiting, candidate, CONNECT_WAIT_SECONDS, private=False))
+            sock.setblocking(False)
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return AsyncClient(stream, where)
+    raise AssertionError("unreachable: the main socket's outcome is returned or raised")
 
 
 async def _open_unix_stream(where: str) -> trio.SocketStream:

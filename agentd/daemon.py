@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from agentd import __version__, fsafe, logs, metrics, systemd, watch
+from agentd import __version__, fsafe, logs, metrics, private, systemd, watch
 from agentd import config as config_mod
 from agentd.access import EXE_PATHS
 from agentd.audit import Audit
@@ -84,6 +84,7 @@ class Agent:
         self.snapshot.states_source = self.refresher.kinds.export_states
         self.snapshot.revoked_source = self.refresher.revoked_names
         self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
+        self.private = private.PrivateSockets(self.server, config.agent.socket)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
         self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
 
@@ -161,9 +162,9 @@ class Agent:
             if getattr(new, section) != getattr(old, section):
                 log.warning("reload: changes to [%s] need a restart; not applied", section)
         if (new.agent.socket, new.agent.socket_mode, new.agent.socket_group,
-                new.agent.credentials_socket) != (
+                new.agent.credentials_socket, new.agent.private_sockets) != (
             old.agent.socket, old.agent.socket_mode, old.agent.socket_group,
-            old.agent.credentials_socket,
+            old.agent.credentials_socket, old.agent.private_sockets,
         ):
             log.warning("reload: changes to the socket need a restart; not applied")
         new = dataclasses.replace(
@@ -176,6 +177,7 @@ class Agent:
                 socket_mode=old.agent.socket_mode,
                 socket_group=old.agent.socket_group,
                 credentials_socket=old.agent.credentials_socket,
+                private_sockets=old.agent.private_sockets,
             ),
         )
         self.config = new
@@ -247,6 +249,7 @@ class Agent:
                         backlog=config.agent.listen_backlog,
                     )
                 await nursery.start(self.server.serve, listener)
+                await nursery.start(self.private.run)   # a queue per uid and group named
                 if config.agent.credentials_socket is not None:
                     creds_listener = open_credentials_listener(config.agent.credentials_socket)
                     await nursery.start(self.credentials.serve, creds_listener)
@@ -298,6 +301,8 @@ def preflight(config: Config, *, activated: bool) -> None:
     places: list[tuple[str, Path]] = [("agent.state_dir", config.agent.state_dir)]
     if not activated:
         places.append(("agent.socket", config.agent.socket.parent))
+    elif config.agent.private_sockets:      # agentd makes <socket>.d there itself
+        places.append(("agent.private_sockets", config.agent.socket.parent))
     if config.agent.credentials_socket is not None:
         places.append(("agent.credentials_socket", config.agent.credentials_socket.parent))
     problems: list[str] = []
@@ -320,6 +325,16 @@ def preflight(config: Config, *, activated: bool) -> None:
         if not stat.S_ISSOCK(st.st_mode):
             problems.append(f"{key}: {path} exists and is not a socket: remove it or choose "
                             "another path")
+    if config.agent.private_sockets:
+        where = private.directory(config.agent.socket)
+        try:
+            st = os.lstat(where)
+        except OSError:
+            pass
+        else:
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                problems.append(f"agent.private_sockets: {where} exists and is not a directory "
+                                "of agentd's own: remove it, or set private_sockets = false")
     if problems:
         raise ConfigError(problems)
 

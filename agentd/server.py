@@ -110,6 +110,10 @@ STORM_REFUSALS = 1000
 STORM_BACKLOG = 64
 STORM_HOLD = 10.0
 ACCEPT_BATCH = 64       # connections accepted in one turn before other tasks run
+# During a storm the main socket takes turns of STORM_BATCH accepts: other tasks (a private
+# socket's accept, a connection's reply; decision 13) wait for a short turn of refusals, not
+# a long one.
+STORM_BATCH = 16
 # accept() errors that mean "out of a resource": pause accepting, do not end the server
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_PAUSE = 0.1      # seconds accepting pauses after one of those
@@ -330,7 +334,7 @@ async def serve_listener(
     handle: Handler | None,
     *,
     admit: Callable[[socket.socket], Handler | None] | None = None,
-    after_turn: Callable[[], None] | None = None,
+    after_turn: Callable[[], int | None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listener`` until cancelled, one ``handle(conn)`` task per connection.
@@ -340,7 +344,8 @@ async def serve_listener(
     fail. ``admit(sock)``, if given, is called on each new socket before any task exists for
     it: it returns the handler to run, or None to have the socket closed at once (a connection
     over a cap costs one accept, one ``getsockopt`` and one close); ``after_turn()``, if given,
-    is called after each turn (the server sizes its queue there). This is why this is not
+    is called after each turn (the server sizes its queue there) and may return a smaller
+    batch for the next turn (``STORM_BATCH`` during a storm). This is why this is not
     ``trio.serve_listeners``: its loop accepts one connection per iteration, with a checkpoint
     each, and starts a task for every connection before anything can refuse it.
 
@@ -352,11 +357,12 @@ async def serve_listener(
     if (handle is None) == (admit is None):
         raise TypeError("serve_listener takes one of handle and admit")
     listener.setblocking(False)
+    batch = None
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
             await trio.lowlevel.wait_readable(listener)
-            for _ in range(ACCEPT_BATCH):
+            for _ in range(batch or ACCEPT_BATCH):
                 try:
                     sock, _ = listener.accept()
                 except BlockingIOError:
@@ -375,7 +381,7 @@ async def serve_listener(
                     continue
                 nursery.start_soon(handler, trio.socket.from_stdlib_socket(sock))
             if after_turn is not None:
-                after_turn()
+                batch = after_turn()
 
 
 class _Storm:
@@ -425,6 +431,8 @@ class ServerStatistics:
                                  COUNTER, name="agentd_connect_storms")
     listen_backlog: int = metric("The main socket's listen queue length now",
                                  name="agentd_listen_backlog")
+    private_sockets: int = metric("Private sockets listening (one per uid or group named)",
+                                  name="agentd_private_sockets")
 
 
 
@@ -475,6 +483,7 @@ class Server:
         self.storm = _Storm()
         self.connect_storms = 0
         self._backlog = 0           # the listen queue length set last (0: not yet)
+        self.private_sockets = 0    # set by agentd.private
         self._storming = False
         self.requests = 0
         self.requests_by_op: Counter[str] = Counter()            # for metrics
@@ -512,24 +521,41 @@ class Server:
             warnings_suppressed=self._warnings.suppressed,
             connect_storms=self.connect_storms,
             listen_backlog=self._backlog,
+            private_sockets=self.private_sockets,
         )
+
+    @property
+    def reload_generation(self) -> int:
+        return self._reloads.generation
+
+    async def wait_reload(self, seen: int) -> tuple[int, Config]:
+        """Wait for a config newer than generation ``seen``; return (generation, config)."""
+        generation, _ = await self._reloads.wait_changed(seen)
+        return generation, self._config
 
     async def serve(
         self,
         listener: socket.socket,
         *,
+        shared: bool = True,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections on ``listener`` until cancelled. Does not close ``listener``.
 
-        Its listen queue is ``listen_backlog`` long (as the config is after a reload), and
-        ``STORM_BACKLOG`` during a connect storm (decision 13)."""
+        The main socket (``shared``) has its listen queue sized here: ``listen_backlog`` long
+        (as the config is after a reload), and ``STORM_BACKLOG`` during a connect storm. A
+        private socket (``agentd.private``, decision 13) is sized by its owner: only its own
+        uid or group can fill it."""
+        if not shared:
+            await serve_listener(listener, None, admit=self._admit, task_status=task_status)
+            return
         self._size_queue(listener)
         await serve_listener(listener, None, admit=self._admit,
                              after_turn=functools.partial(self._size_queue, listener),
                              task_status=task_status)
 
-    def _size_queue(self, listener: socket.socket) -> None:
+    def _size_queue(self, listener: socket.socket) -> int | None:
+        """Size the main socket's queue for now; during a storm, return its next turn's batch."""
         deep = self.config.agent.listen_backlog
         raging = self.storm.raging(trio.current_time())
         wanted = min(STORM_BACKLOG, deep) if raging else deep
@@ -543,6 +569,7 @@ class Server:
         if wanted != self._backlog:         # a storm's start or end, or a reload
             listener.listen(wanted)
             self._backlog = wanted
+        return STORM_BATCH if raging else None
 
     def _admit(self, sock: socket.socket) -> Handler | None:
         """Admit a new connection or refuse it at once, from ``SO_PEERCRED`` alone (no /proc):

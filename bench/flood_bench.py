@@ -3,10 +3,12 @@
 Starts ``bao server -dev`` and ``python -m agentd run`` (default limits, audit on, to a file) in a
 private temp directory, then, for each phase, root reads ``db`` at ``--rate`` reads per second
 (under its own per-uid budget), taking turns between a kept connection and a fresh connection
-per read with ``agentd.client.Client`` (which waits in the kernel for a place in a full listen
-queue, decision 13), and a fresh connection made the way Go's ``net.Dial`` and curl make it
-(one non-blocking ``connect``, no retry: ``EAGAIN`` is a failure), and records each read's
-latency or failure:
+per read with ``agentd.client.Client`` (which connects through root's private socket,
+``<socket>.d/uid-0``, and would wait in the kernel for a place in a full listen queue, decision
+13), and a fresh connection made the way Go's ``net.Dial`` and curl make it (one non-blocking
+``connect``, no retry: ``EAGAIN`` is a failure), once to the main socket and once to root's
+private socket (where such a client is pointed to be out of other uids' reach), and records
+each read's latency or failure:
 
 1. ``baseline``: nothing else runs;
 2. ``request flood``: nobody (uid 65534, no grants) holds 64 connections and keeps sending pings
@@ -132,8 +134,10 @@ def connect_storm(path: str) -> Callable[[float], None]:
 
 # --- the measured reader (root) -------------------------------------------------------------
 
-NO_WAIT = "fresh, no wait (Go, curl)"
-KINDS = ("kept", "fresh", NO_WAIT)
+FRESH_MAIN = "fresh, main socket"
+NO_WAIT = "fresh, no wait (Go, curl), main socket"
+NO_WAIT_PRIVATE = "fresh, no wait (Go, curl), private socket"
+KINDS = ("kept", "fresh", FRESH_MAIN, NO_WAIT, NO_WAIT_PRIVATE)
 GET = _frame({"v": 1, "id": 1, "op": "get", "name": SECRET})
 
 
@@ -181,11 +185,13 @@ def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[flo
         latencies, failures = out[kind]
         t0 = time.perf_counter()
         try:
-            if kind == "fresh":
-                with Client.connect(path, timeout=10.0) as client:
+            if kind in ("fresh", FRESH_MAIN):
+                with Client.connect(path, timeout=10.0, private=kind == "fresh") as client:
                     client.get(SECRET)
             elif kind == NO_WAIT:
                 _get_without_waiting(path)
+            elif kind == NO_WAIT_PRIVATE:
+                _get_without_waiting(f"{path}.d/uid-0")
             else:
                 if kept is None:
                     kept = Client.connect(path, timeout=10.0)
@@ -270,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return None
 
         wait_for("agentd serving", ready, timeout=30.0, interval=0.2, alive=agent.check_alive)
+        with Client.connect(path, timeout=2.0) as probe:
+            through = probe._sock.getpeername()
+        if through != f"{path}.d/uid-0":
+            raise RuntimeError(f"root's client connected through {through}, not its private "
+                               "socket")
         rows = phase(path, "baseline", [], args.duration, args.rate)
         time.sleep(1.0)                      # root's bucket refills between phases
         rows += phase(path, f"request flood ({FLOOD_CONNECTIONS} connections)",

@@ -1,4 +1,5 @@
-"""Run a client as another uid: fork, drop to (uid, gid) with no supplementary groups, call.
+"""Run a client as another uid: fork, drop to (uid, gid) with no supplementary groups (unless
+given), call.
 
 The child never touches trio: it uses the blocking ``agentd.client.Client``, sends back a JSON
 result through a pipe and leaves with ``os._exit``. The parent reads the pipe in a worker thread so
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -18,10 +19,11 @@ import trio
 from agentd.errors import RequestError
 
 
-def _child(uid: int, gid: int, call: Callable[[], Any], write_fd: int) -> None:
+def _child(uid: int, gid: int, call: Callable[[], Any], write_fd: int,
+           groups: Sequence[int] = ()) -> None:
     result: dict[str, Any]
     try:
-        os.setgroups([])
+        os.setgroups(list(groups))
         os.setgid(gid)
         os.setuid(uid)
         try:
@@ -36,14 +38,15 @@ def _child(uid: int, gid: int, call: Callable[[], Any], write_fd: int) -> None:
         os._exit(0)
 
 
-def _fork(uid: int, gid: int, call: Callable[[], Any]) -> tuple[int, int]:
+def _fork(uid: int, gid: int, call: Callable[[], Any], groups: Sequence[int] = ()
+          ) -> tuple[int, int]:
     read_fd, write_fd = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
         pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(uid, gid, call, write_fd)
+        _child(uid, gid, call, write_fd, groups)
     os.close(write_fd)
     return pid, read_fd
 
@@ -64,3 +67,10 @@ async def run_as(uid: int, gid: int, call: Callable[[], Any]) -> dict[str, Any]:
     """
     pid, read_fd = _fork(uid, gid, call)
     return await trio.to_thread.run_sync(_collect, pid, read_fd)
+
+
+def run_as_blocking(uid: int, gid: int, call: Callable[[], Any], *,
+                    groups: Sequence[int] = ()) -> dict[str, Any]:
+    """``run_as`` for tests with no trio loop (an agent in a subprocess); ``groups`` are the
+    child's supplementary groups."""
+    return _collect(*_fork(uid, gid, call, groups))

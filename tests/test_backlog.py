@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentfixture import Seeded, socket_dir, write_config
+from tests.agentfixture import NOBODY, Seeded, socket_dir, write_config
 from tests.openbao import DevServer
+from tests.peers import run_as_blocking
 from tests.support import wait_until
 
 MOST = 5000       # connects tried before giving up on finding the queue's end
@@ -138,3 +139,114 @@ def test_an_activated_socket_gets_the_configured_queue_and_a_deep_one_after_exit
         listener.close()
         with contextlib.suppress(OSError):
             sock.unlink()
+
+
+# --- private sockets: a queue no other uid can fill (decision 13) ----------------------------
+
+OTHER = 4242          # a uid no policy names
+
+
+def _through(sock_path: Path) -> str:
+    """Where agentd's client connects for the calling uid, after a ping on that connection."""
+    from agentd.client import Client
+    with Client.connect(sock_path, timeout=5) as client:
+        client.ping()
+        return str(client._sock.getpeername())
+
+
+def test_a_full_main_queue_leaves_a_granted_uid_its_own(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+) -> None:
+    """With the main socket's queue full (what a connect storm makes it) and nobody accepting,
+    root's client still connects at once, through root's private socket, and is answered as
+    soon as the agent runs; on the main socket it would wait and fail."""
+    from agentd.client import Client
+    sock = socket_dir() / "agentd.sock"
+    with agent_process(config(tmp_path, bao, approle_files, seeded, sock,
+                              "listen_backlog = 8")) as proc:
+        wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+        assert sorted(os.listdir(f"{sock}.d")) == ["uid-0", f"uid-{NOBODY}"]
+        proc.send_signal(signal.SIGSTOP)
+        held, filled = fill_queue(sock, MOST)
+        try:
+            assert filled
+            client = Client.connect(sock, timeout=10)      # does not wait: its queue is free
+            with client:
+                assert client._sock.getpeername() == f"{sock}.d/uid-0"
+                proc.send_signal(signal.SIGCONT)
+                client.ping()
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_each_uid_gets_its_own_socket_and_others_the_main_one(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+) -> None:
+    sock = socket_dir() / "agentd.sock"
+    with agent_process(config(tmp_path, bao, approle_files, seeded, sock, "")):
+        wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+        nobody = run_as_blocking(NOBODY, NOBODY, lambda: _through(sock))
+        other = run_as_blocking(OTHER, OTHER, lambda: _through(sock))
+        root = _through(sock)
+    assert nobody == {"ok": True, "value": f"{sock}.d/uid-{NOBODY}"}
+    assert other == {"ok": True, "value": str(sock)}
+    assert root == f"{sock}.d/uid-0"
+    assert not Path(f"{sock}.d").exists()           # removed on the way out
+
+
+def test_a_reload_opens_and_closes_private_sockets(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+) -> None:
+    sock = socket_dir() / "agentd.sock"
+    cfg = config(tmp_path, bao, approle_files, seeded, sock, "")
+    with agent_process(cfg) as proc:
+        wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+        text = cfg.read_text()
+        cfg.write_text(text.replace(f"uids = [{NOBODY}]", f"uids = [{OTHER}]"))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: sorted(os.listdir(f"{sock}.d")) == ["uid-0", f"uid-{OTHER}"],
+                   timeout=30, what="the private sockets follow the policies")
+        other = run_as_blocking(OTHER, OTHER, lambda: _through(sock))
+        nobody = run_as_blocking(NOBODY, NOBODY, lambda: _through(sock))
+    assert other == {"ok": True, "value": f"{sock}.d/uid-{OTHER}"}
+    assert nobody == {"ok": True, "value": str(sock)}
+
+
+def test_private_sockets_can_be_turned_off(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+) -> None:
+    sock = socket_dir() / "agentd.sock"
+    with agent_process(config(tmp_path, bao, approle_files, seeded, sock,
+                              "private_sockets = false")):
+        wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+        assert not Path(f"{sock}.d").exists()
+        assert _through(sock) == str(sock)
+
+
+@pytest.mark.parametrize("what", ["file", "theirs"])
+def test_a_private_socket_directory_that_is_not_agentds_stops_the_start(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+    what: str,
+) -> None:
+    from agentd import config as config_mod
+    from agentd.daemon import preflight
+    from agentd.errors import ConfigError
+    sock = socket_dir() / "agentd.sock"
+    place = Path(f"{sock}.d")
+    if what == "file":
+        place.write_text("")
+    else:
+        place.mkdir()
+        os.chown(place, NOBODY, NOBODY)
+    try:
+        loaded = config_mod.load(config(tmp_path, bao, approle_files, seeded, sock, ""))
+        with pytest.raises(ConfigError) as caught:
+            preflight(loaded, activated=False)
+        assert any(p.startswith(f"agent.private_sockets: {place} exists and is not a "
+                                "directory of agentd's own") for p in caught.value.problems)
+    finally:
+        if place.is_dir():
+            place.rmdir()
+        else:
+            place.unlink()

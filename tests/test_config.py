@@ -427,6 +427,7 @@ EVERY_KEY: list[tuple[str, str, object]] = [
     ("[agent]", "connects_per_second_per_uid = 11", 11),
     ("[agent]", "connect_burst_per_uid = 13", 13),
     ("[agent]", "listen_backlog = 17", 17),
+    ("[agent]", "private_sockets = false", False),
     ("[agent]", "max_watchers_per_uid = 3", 3),
     ("[agent]", "max_request_bytes = 1000", 1000),
     ("[agent]", 'idle_timeout = "1m"', 60.0),

@@ -74,6 +74,7 @@ _AGENT: conv.Converters = {
     "connects_per_second_per_uid": conv.integer(1),
     "connect_burst_per_uid": conv.integer(1),
     "listen_backlog": conv.integer(1),
+    "private_sockets": conv.boolean,
     "max_watchers_per_uid": conv.integer(0),
     "max_request_bytes": conv.integer(64),
     "idle_timeout": conv.positive_duration,
