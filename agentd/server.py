@@ -1,13 +1,15 @@
 """The trio shell around the sans-IO protocol: listen, identify the peer, enforce limits, dispatch.
 
 Theory of operation: ``serve`` accepts connections on an already-listening AF_UNIX socket (bound by
-``open_listener`` or passed by systemd). Each connection gets its own task that
+``open_listener`` or passed by systemd; or a private socket, see private.py: one server, any
+number of listeners, the same rules on each). Each connection gets its own task that
 
 1. is admitted by the accept loop (``serve_listener``), which accepts until the backlog is empty
-   and, from ``SO_PEERCRED`` alone, closes a connection over the global or per-uid connection
-   cap, or over its uid's connect rate (``connects_per_second_per_uid``, ``connect_burst_per_uid``),
-   at once (a ``rate_limited`` reply with id nil, written without waiting); an admitted one
-   then takes the peer's full identity once (``SO_PEERCRED`` + /proc, see access.py);
+   (16 at a time during a connect storm) and, from ``SO_PEERCRED`` alone, closes a connection
+   over the global or per-uid connection cap, or over its uid's connect rate
+   (``connects_per_second_per_uid``, ``connect_burst_per_uid``), at once (a ``rate_limited``
+   reply with id nil, written without waiting, except during a storm); an admitted one then
+   takes the peer's full identity once (``SO_PEERCRED`` + /proc, see access.py);
 2. feeds received bytes to a ``protocol.ServerConnection`` and handles its events in order, so
    pipelined requests are answered in order; the replies to the frames one read brought go out
    in one write (at most ``MAX_BATCH`` before other connections get a turn);
@@ -59,6 +61,7 @@ the value's msgpack bytes, as the cache's seal opens them, into the reply.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import functools
@@ -130,7 +133,7 @@ _HTTP_TOO_MANY_CONNECTIONS = httpface.error_response(429, "too many connections"
 _HTTP_FLOODING = httpface.error_response(429, "requests kept coming over this uid's rate; closing")
 
 
-def _refuse(sock: socket.socket) -> None:
+def _refuse(sock: _socket.socket) -> None:
     """Send the "too many connections" reply, without waiting, in the protocol the client
     speaks if its first byte is already there (an HTTP client sends its request at once), v1's
     otherwise; nothing to a client that has already hung up (most of a connect storm)."""
@@ -333,7 +336,7 @@ async def serve_listener(
     listener: socket.socket,
     handle: Handler | None,
     *,
-    admit: Callable[[socket.socket], Handler | None] | None = None,
+    admit: Callable[[_socket.socket], Handler | None] | None = None,
     after_turn: Callable[[], int | None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -357,6 +360,7 @@ async def serve_listener(
     if (handle is None) == (admit is None):
         raise TypeError("serve_listener takes one of handle and admit")
     listener.setblocking(False)
+    family, kind = listener.family, listener.type
     batch = None
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -364,7 +368,10 @@ async def serve_listener(
             await trio.lowlevel.wait_readable(listener)
             for _ in range(batch or ACCEPT_BATCH):
                 try:
-                    sock, _ = listener.accept()
+                    # the C-level accept and socket: a storm's refusals cost half as much
+                    # without socket.socket's Python layer (only admitted ones get it)
+                    fd, _ = listener._accept()  # type: ignore[attr-defined]
+                    sock = _socket.socket(family, kind, 0, fd)
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -379,7 +386,8 @@ async def serve_listener(
                 if handler is None:
                     sock.close()
                     continue
-                nursery.start_soon(handler, trio.socket.from_stdlib_socket(sock))
+                conn = socket.socket(family, kind, 0, fileno=sock.detach())
+                nursery.start_soon(handler, trio.socket.from_stdlib_socket(conn))
             if after_turn is not None:
                 batch = after_turn()
 
@@ -571,10 +579,11 @@ class Server:
             self._backlog = wanted
         return STORM_BATCH if raging else None
 
-    def _admit(self, sock: socket.socket) -> Handler | None:
+    def _admit(self, sock: _socket.socket) -> Handler | None:
         """Admit a new connection or refuse it at once, from ``SO_PEERCRED`` alone (no /proc):
         over a connection cap, it gets ``rate_limited`` (id nil) if the write does not block
-        and is closed. Counts the admitted connection; its handler uncounts it."""
+        and no connect storm is on, and is closed. Counts the admitted connection; its handler
+        uncounts it."""
         try:
             pid, uid, _gid = _UCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
@@ -596,7 +605,8 @@ class Server:
             self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])
-            _refuse(sock)
+            if not self._storming:      # in a storm, a reply is work for nobody's benefit
+                _refuse(sock)
             return None
         self._connections += 1
         self._per_uid[uid] += 1

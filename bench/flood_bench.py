@@ -138,6 +138,7 @@ FRESH_MAIN = "fresh, main socket"
 NO_WAIT = "fresh, no wait (Go, curl), main socket"
 NO_WAIT_PRIVATE = "fresh, no wait (Go, curl), private socket"
 KINDS = ("kept", "fresh", FRESH_MAIN, NO_WAIT, NO_WAIT_PRIVATE)
+PHASES = ("baseline", "flood", "burn", "storm")
 GET = _frame({"v": 1, "id": 1, "op": "get", "name": SECRET})
 
 
@@ -169,9 +170,10 @@ def _get_without_waiting(path: str) -> None:
         sock.close()
 
 
-def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[float], int]]:
+def measure(path: str, duration: float, rate: float, kinds: Sequence[str] = KINDS
+            ) -> dict[str, tuple[list[float], int]]:
     """Reads by root for ``duration`` s at ``rate``/s: kind -> (latencies in ms, failures)."""
-    out: dict[str, tuple[list[float], int]] = {kind: ([], 0) for kind in KINDS}
+    out: dict[str, tuple[list[float], int]] = {kind: ([], 0) for kind in kinds}
     kept: Client | None = None
     start = time.monotonic()
     for n in range(MAX_READS):
@@ -181,7 +183,7 @@ def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[flo
             break
         if due > now:
             time.sleep(due - now)
-        kind = KINDS[n % len(KINDS)]
+        kind = kinds[n % len(kinds)]
         latencies, failures = out[kind]
         t0 = time.perf_counter()
         try:
@@ -208,12 +210,13 @@ def measure(path: str, duration: float, rate: float) -> dict[str, tuple[list[flo
 
 
 def phase(path: str, name: str, attackers: list[Callable[[float], None]], duration: float,
-          rate: float) -> list[list[str]]:
+          rate: float, *, private: bool = True) -> list[list[str]]:
     pids = [_as_nobody(body, time.monotonic() + duration + 1.0) for body in attackers]
     try:
         if pids:
             time.sleep(0.5)                  # let the flood get going
-        results = measure(path, duration, rate)
+        results = measure(path, duration, rate,
+                          KINDS if private else ("kept", FRESH_MAIN, NO_WAIT))
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -234,7 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (10)")
     parser.add_argument("--rate", type=float, default=50.0, help="root's reads per second (50)")
     parser.add_argument("--storm-procs", type=int, default=2, help="connect storm processes (2)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"which phases, in order ({','.join(PHASES)})")
+    parser.add_argument("--no-private", action="store_true",
+                        help="run the agent with private_sockets = false (decision 13)")
     args = parser.parse_args(argv)
+    phases = args.phases.split(",")
+    if not phases or set(phases) - set(PHASES):
+        parser.error(f"--phases takes some of {','.join(PHASES)}")
     if os.geteuid() != 0:
         print("run as root: the attackers run as nobody", file=sys.stderr)
         return 1
@@ -262,8 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             d.chmod(0o755)                   # nobody must reach the socket
         path = str(sock_dir / "agentd.sock")
         text = files.config.read_text(encoding="utf-8")
-        files.config.write_text(text.replace(f'socket = "{files.socket}"',
-                                             f'socket = "{path}"'), encoding="utf-8")
+        text = text.replace(f'socket = "{files.socket}"', f'socket = "{path}"')
+        if args.no_private:
+            text = text.replace("[agent]\n", "[agent]\nprivate_sockets = false\n", 1)
+        files.config.write_text(text, encoding="utf-8")
         files.state_dir.mkdir(mode=0o700)
         agent = AgentProcess(files.config, files.log)
 
@@ -278,25 +290,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_for("agentd serving", ready, timeout=30.0, interval=0.2, alive=agent.check_alive)
         with Client.connect(path, timeout=2.0) as probe:
             through = probe._sock.getpeername()
-        if through != f"{path}.d/uid-0":
-            raise RuntimeError(f"root's client connected through {through}, not its private "
-                               "socket")
-        rows = phase(path, "baseline", [], args.duration, args.rate)
-        time.sleep(1.0)                      # root's bucket refills between phases
-        rows += phase(path, f"request flood ({FLOOD_CONNECTIONS} connections)",
-                      [request_flood(path)], args.duration, args.rate)
-        time.sleep(1.0)
-        rows += phase(path, f"CPU burn ({args.storm_procs} processes, no socket)",
-                      [burn_cpu] * args.storm_procs, args.duration, args.rate)
-        time.sleep(1.0)
-        rows += phase(path, f"connect storm ({args.storm_procs} processes)",
-                      [connect_storm(path)] * args.storm_procs, args.duration, args.rate)
+        expected = path if args.no_private else f"{path}.d/uid-0"
+        if through != expected:
+            raise RuntimeError(f"root's client connected through {through}, not {expected}")
+        attackers: dict[str, tuple[str, list[Callable[[float], None]]]] = {
+            "baseline": ("baseline", []),
+            "flood": (f"request flood ({FLOOD_CONNECTIONS} connections)",
+                      [request_flood(path)]),
+            "burn": (f"CPU burn ({args.storm_procs} processes, no socket)",
+                     [burn_cpu] * args.storm_procs),
+            "storm": (f"connect storm ({args.storm_procs} processes)",
+                      [connect_storm(path)] * args.storm_procs),
+        }
+        rows: list[list[str]] = []
+        for n, name in enumerate(phases):
+            if n:
+                time.sleep(1.0)              # root's bucket refills between phases
+            title, bodies = attackers[name]
+            rows += phase(path, title, bodies, args.duration, args.rate,
+                          private=not args.no_private)
         agent.check_alive()
 
         print(f"\nagentd flood benchmark: agentd from {Path(agentd.__file__).parent}, "
               f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
               f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
-              f"{args.duration:g} s per phase\n")
+              f"{args.duration:g} s per phase"
+              f"{'; private_sockets = false' if args.no_private else ''}\n")
         header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms",
                   "max ms"]
         print("| " + " | ".join(header) + " |")

@@ -250,3 +250,27 @@ def test_a_private_socket_directory_that_is_not_agentds_stops_the_start(
             place.rmdir()
         else:
             place.unlink()
+
+
+def test_a_group_named_without_uids_gets_a_socket_its_members_use(
+    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded,
+) -> None:
+    from agentd.client import Client
+    group = OTHER + 1
+    sock = socket_dir() / "agentd.sock"
+    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
+                       extra=f'[[policy]]\nname = "members"\ngids = [{group}]\nallow = ["db"]\n')
+    cfg.chmod(0o600)
+
+    def read_db() -> tuple[str, str]:
+        with Client.connect(sock, timeout=5) as client:
+            value = client.get("db", "password")["data"]
+            return str(client._sock.getpeername()), value
+
+    with agent_process(cfg):
+        wait_until(lambda: pings(sock), timeout=30, what="agentd serving")
+        assert f"gid-{group}" in os.listdir(f"{sock}.d")
+        member = run_as_blocking(OTHER, OTHER, read_db, groups=[group])
+        outsider = run_as_blocking(OTHER, OTHER, lambda: _through(sock))
+    assert member == {"ok": True, "value": [f"{sock}.d/gid-{group}", seeded.markers["db"]]}
+    assert outsider == {"ok": True, "value": str(sock)}

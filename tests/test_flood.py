@@ -330,6 +330,20 @@ async def test_a_connect_storm_shortens_the_listen_queue_until_it_is_over(
             sock.close()
         return connected
 
+    def refused_reply() -> dict[str, Any]:
+        """Five connects in a row (accepted in order): the bucket refills 1 a second, so the
+        last one is refused; what it gets."""
+        socks = []
+        for _ in range(5):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)          # blocking: waits while the queue drains
+            sock.settimeout(20)
+            socks.append(sock)
+        replies, eof = read_until_eof(socks[-1], 1)
+        for sock in socks:
+            sock.close()
+        return {"replies": replies, "eof": eof}
+
     with trio.fail_after(120):
         result = await run_as(NOBODY, NOBODY, storm)
         assert result["ok"], result
@@ -338,6 +352,9 @@ async def test_a_connect_storm_shortens_the_listen_queue_until_it_is_over(
         await settled(lambda: server.statistics().refused_connections)
         during = queue_room(storm_sized.socket)         # no checkpoint: nothing accepts
         assert server.statistics().listen_backlog == STORM_BACKLOG
+        # nobody's connect bucket is (nearly) empty: refused, and in a storm with no reply
+        refused = await run_as(NOBODY, NOBODY, refused_reply)
+        assert refused == {"ok": True, "value": {"replies": [], "eof": True}}
         await trio.sleep(server.storm.hold + 0.5)       # the storm is over...
         # ...and a connection makes a turn (on the main socket, not root's private one)
         await trio.to_thread.run_sync(partial(_ping, path, private=False))
