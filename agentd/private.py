@@ -156,10 +156,6 @@ class PrivateSockets:
         self._backlog = 0
         self._refused: set[Queue] = set()      # logged once each, until a reload
 
-    @property
-    def queues(self) -> list[Queue]:
-        return sorted(self._open)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Open the sockets the config calls for, follow reloads, and remove them all when

@@ -20,7 +20,12 @@ each read's latency or failure:
 
 Each phase lasts ``--duration`` seconds (bounded; attackers are killed at its end). Prints a
 markdown table: per phase and connection kind, reads, failures, p50 and p99 in ms. Target (issue
-13): p99 under 10 ms and no failure during the floods.
+13): p99 under 10 ms and no failure during the floods. ``--phases storm,burn`` runs some
+phases only; ``--no-private`` runs the agent with ``private_sockets = false`` (root's clients
+then share the main socket's queue with the storm); ``--cgroups`` puts the agent, the reader and
+the attackers in sibling CPU cgroups of equal weight, as systemd places agentd.service, a
+client's service and a local user's session: without it all three share one cgroup, the worst
+case for CPU, where two attackers get two thirds of the machine.
 
 Run it as root: ``.venv/bin/python bench/flood_bench.py``. To measure another tree (say, the code
 before the fix), put its ``agentd`` first: ``cd /tmp && PYTHONPATH=/path/to/old .venv/bin/python
@@ -74,10 +79,49 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 # --- attackers: forked children as nobody, each bounded by a deadline -----------------------
 
 
-def _as_nobody(body: Callable[[float], None], deadline: float) -> int:
+class CpuGroups:
+    """Sibling CPU cgroups of equal weight for the agent, the reader and the attackers
+    (``--cgroups``): where systemd puts them on a real host (agentd.service, the client's own
+    service, and a local user's session in user.slice), each a cgroup whose share of a busy
+    CPU does not grow with its number of processes. Uses cgroup v2's ``cpu`` controller at
+    /sys/fs/cgroup, else v1's /sys/fs/cgroup/cpu."""
+
+    def __init__(self) -> None:
+        unified = Path("/sys/fs/cgroup")
+        controllers = unified / "cgroup.controllers"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            self.root = unified
+            (unified / "cgroup.subtree_control").write_text("+cpu")
+        elif Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
+            self.root = Path("/sys/fs/cgroup/cpu")
+        else:
+            raise RuntimeError("--cgroups: no CPU cgroup controller on this machine")
+        self.base = self.root / f"agentd-bench-{os.getpid()}"
+        self.base.mkdir()
+        if self.root == unified:
+            (self.base / "cgroup.subtree_control").write_text("+cpu")
+        for name in ("agent", "client", "attack"):
+            (self.base / name).mkdir()
+
+    def place(self, name: str, pid: int) -> None:
+        (self.base / name / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        """Move this process back and remove the groups (call once the others have exited)."""
+        with contextlib.suppress(OSError):
+            (self.root / "cgroup.procs").write_text(str(os.getpid()))
+        for name in ("agent", "client", "attack", ""):
+            with contextlib.suppress(OSError):
+                (self.base / name).rmdir()
+
+
+def _as_nobody(body: Callable[[float], None], deadline: float,
+               groups: CpuGroups | None = None) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            if groups is not None:
+                groups.place("attack", os.getpid())
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
@@ -210,8 +254,9 @@ def measure(path: str, duration: float, rate: float, kinds: Sequence[str] = KIND
 
 
 def phase(path: str, name: str, attackers: list[Callable[[float], None]], duration: float,
-          rate: float, *, private: bool = True) -> list[list[str]]:
-    pids = [_as_nobody(body, time.monotonic() + duration + 1.0) for body in attackers]
+          rate: float, *, private: bool = True, groups: CpuGroups | None = None
+          ) -> list[list[str]]:
+    pids = [_as_nobody(body, time.monotonic() + duration + 1.0, groups) for body in attackers]
     try:
         if pids:
             time.sleep(0.5)                  # let the flood get going
@@ -241,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"which phases, in order ({','.join(PHASES)})")
     parser.add_argument("--no-private", action="store_true",
                         help="run the agent with private_sockets = false (decision 13)")
+    parser.add_argument("--cgroups", action="store_true",
+                        help="agent, reader and attackers in sibling CPU cgroups, as systemd "
+                             "places a service and a user session")
     args = parser.parse_args(argv)
     phases = args.phases.split(",")
     if not phases or set(phases) - set(PHASES):
@@ -256,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="agentd-flood-"))
     bao: DevServer | None = None
     agent: AgentProcess | None = None
+    groups: CpuGroups | None = None
     try:
         bao = DevServer.start(work / "bao", bao=bao_bin)
         bao.put_policy("agentd-bench", POLICY)
@@ -278,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         files.config.write_text(text, encoding="utf-8")
         files.state_dir.mkdir(mode=0o700)
         agent = AgentProcess(files.config, files.log)
+        if args.cgroups:
+            groups = CpuGroups()
+            groups.place("agent", agent.proc.pid)
+            groups.place("client", os.getpid())
 
         def ready() -> bool | None:
             try:
@@ -308,14 +361,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(1.0)              # root's bucket refills between phases
             title, bodies = attackers[name]
             rows += phase(path, title, bodies, args.duration, args.rate,
-                          private=not args.no_private)
+                          private=not args.no_private, groups=groups)
         agent.check_alive()
 
         print(f"\nagentd flood benchmark: agentd from {Path(agentd.__file__).parent}, "
               f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
               f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
               f"{args.duration:g} s per phase"
-              f"{'; private_sockets = false' if args.no_private else ''}\n")
+              f"{'; private_sockets = false' if args.no_private else ''}"
+              f"{'; agent, reader and attackers in sibling CPU cgroups' if groups else ''}\n")
         header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms",
                   "max ms"]
         print("| " + " | ".join(header) + " |")
@@ -333,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             agent.stop()
         if bao is not None:
             bao.stop()
+        if groups is not None:
+            groups.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
