@@ -284,7 +284,8 @@ def _render_command(args: argparse.Namespace) -> int:
             client = await open_client(socket_path)
             try:
                 async def fetch(name: str) -> Any:
-                    return (await client.get(name))["data"]
+                    # numbers with their upstream text, as the agent's renders see them
+                    return (await client.get(name, exact=True))["data"]
 
                 return await render.dry_run(config, fetch)
             finally:

@@ -142,6 +142,17 @@ def _connect_waiting(where: str, wait: float, *, private: bool = True) -> socket
     raise AssertionError("unreachable: the main socket's outcome is returned or raised")
 
 
+def _get_args(field: str | None, exact: bool) -> dict[str, Any]:
+    """``get``'s optional arguments, sent only when they say something (the common request
+    stays four keys: the agent's fast path)."""
+    args: dict[str, Any] = {}
+    if field is not None:
+        args["field"] = field
+    if exact:
+        args["exact"] = True
+    return args
+
+
 def resolve_socket_path(
     socket: str | None, config_path: str | None, environ: Mapping[str, str]
 ) -> str:
@@ -270,12 +281,13 @@ class Client:
         """Check that the agent answers."""
         self.call("ping")
 
-    def get(self, name: str, field: str | None = None) -> dict[str, Any]:
+    def get(self, name: str, field: str | None = None, *, exact: bool = False
+            ) -> dict[str, Any]:
         """The ``get`` result: ``data`` (or the field's value), ``version``, ``fetched_at``,
-        ``expires_at`` and ``stale``."""
-        if field is None:
-            return self.call("get", name=name)
-        return self.call("get", name=name, field=field)
+        ``expires_at`` and ``stale``. ``exact``: a number whose upstream text Python would not
+        write back (``-0``, ``1e-7``) is a ``jsonnum.LiteralFloat``/``LiteralInt`` carrying
+        that text, as templates see it."""
+        return self.call("get", name=name, **_get_args(field, exact))
 
     def list(self) -> list[str]:
         """The names this process may read, sorted."""
@@ -413,11 +425,10 @@ class AsyncClient:
         """Check that the agent answers."""
         await self.call("ping")
 
-    async def get(self, name: str, field: str | None = None) -> dict[str, Any]:
+    async def get(self, name: str, field: str | None = None, *, exact: bool = False
+                  ) -> dict[str, Any]:
         """The ``get`` result, as ``Client.get``."""
-        if field is None:
-            return await self.call("get", name=name)
-        return await self.call("get", name=name, field=field)
+        return await self.call("get", name=name, **_get_args(field, exact))
 
     async def list(self) -> list[str]:
         """The names this process may read, sorted."""

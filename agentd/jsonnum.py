@@ -183,7 +183,9 @@ def packb(value: Any) -> bytes:
     return packed
 
 
-def _exact_hook(code: int, data: bytes) -> Any:
+def exact_ext_hook(code: int, data: bytes) -> Any:
+    """msgpack ``ext_hook``: :data:`EXT_JSON_NUMBER` as the number with its text
+    (:class:`LiteralFloat`, :class:`LiteralInt`, or plain where the texts agree)."""
     if code != EXT_JSON_NUMBER:
         return msgpack.ExtType(code, data)
     return number(data.decode("ascii"))
@@ -199,7 +201,7 @@ def plain_ext_hook(code: int, data: bytes) -> Any:
 
 def unpackb(packed: bytes) -> Any:
     """``packed`` (from :func:`packb`) back, each number with its text (LiteralFloat ...)."""
-    return msgpack.unpackb(packed, raw=False, strict_map_key=False, ext_hook=_exact_hook)
+    return msgpack.unpackb(packed, raw=False, strict_map_key=False, ext_hook=exact_ext_hook)
 
 
 def unpackb_texts(packed: bytes) -> tuple[Any, bool]:
@@ -210,7 +212,7 @@ def unpackb_texts(packed: bytes) -> tuple[Any, bool]:
     def hook(code: int, data: bytes) -> Any:
         nonlocal found
         found = found or code == EXT_JSON_NUMBER
-        return _exact_hook(code, data)
+        return exact_ext_hook(code, data)
 
     value = msgpack.unpackb(packed, raw=False, strict_map_key=False, ext_hook=hook)
     return value, found

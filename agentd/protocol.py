@@ -110,6 +110,7 @@ class ArgKind(enum.Enum):
 
     NAME = "a string of 1 to 256 characters"
     NAMES = "a non-empty list of at most 256 strings of 1 to 256 characters"
+    FLAG = "true or false"
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class Arg:
 
 OPS: Final[dict[str, Mapping[str, Arg]]] = {
     "ping": {},
-    "get": {"name": Arg(ArgKind.NAME), "field": Arg(ArgKind.NAME, required=False)},
+    "get": {"name": Arg(ArgKind.NAME), "field": Arg(ArgKind.NAME, required=False),
+            "exact": Arg(ArgKind.FLAG, required=False)},
     "list": {},
     "watch": {"names": Arg(ArgKind.NAMES)},
     "status": {},
@@ -143,6 +145,8 @@ def _check_arg(kind: ArgKind, value: object) -> Any | None:
     """The validated (and frozen) value, or None if it does not fit ``kind``."""
     if kind is ArgKind.NAME:
         return value if _is_name(value) else None
+    if kind is ArgKind.FLAG:
+        return value if type(value) is bool else None
     if (
         isinstance(value, list)
         and 1 <= len(value) <= MAX_WATCH_NAMES
@@ -231,12 +235,15 @@ def _map_header_size(entries: int) -> int:
     return 1 if entries < 16 else 3 if entries < 2**16 else 5
 
 
-def _decode_map(body: bytes, *, strict_map_key: bool) -> dict[str, Any] | None:
+def _decode_map(body: bytes, *, strict_map_key: bool,
+                ext_hook: Callable[[int, bytes], Any] = jsonnum.plain_ext_hook,
+                ) -> dict[str, Any] | None:
     """The msgpack map in ``body`` (one object, nothing after it, string keys), or None."""
     try:
-        # ext type 1: an integer beyond msgpack's 64 bits, as its JSON text (protocol.md)
+        # ext type 1: a JSON number as its text (protocol.md): an integer beyond msgpack's 64
+        # bits, or with ``get``'s ``exact`` any number whose text Python would not write back
         value = msgpack.unpackb(body, raw=False, strict_map_key=strict_map_key, use_list=True,
-                                ext_hook=jsonnum.plain_ext_hook)
+                                ext_hook=ext_hook)
     except Exception:  # hostile input: ExtraData, ValueError, UnicodeDecodeError, RecursionError..
         return None
     if type(value) is not dict:
@@ -528,7 +535,9 @@ class ClientConnection:
             if len(buffer):
                 self._fail("agentd closed the connection in the middle of a reply")
             return CLOSED
-        message = _decode_map(buffer.take(length), strict_map_key=False)
+        # numbers sent as text keep it (jsonnum.LiteralFloat, LiteralInt: float and int)
+        message = _decode_map(buffer.take(length), strict_map_key=False,
+                              ext_hook=jsonnum.exact_ext_hook)
         if message is None:
             self._fail("agentd sent a reply that is not a msgpack map")
         return self._parse(message)

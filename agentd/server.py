@@ -1011,13 +1011,15 @@ class Server:
         allowed: Grants,
     ) -> bytes:
         """The reply frame to a ``get``: the value goes from the opened seal into the reply
-        as the msgpack bytes it is stored as (no unpack, copy and repack)."""
+        as the msgpack bytes it is stored as (no unpack, copy and repack). With ``exact``,
+        numbers whose upstream text Python would not write back travel as that text
+        (msgpack ext 1, decision 14), as the render worker gets them."""
         args = request.args
         name = args["name"]
         field = args.get("field")
         try:
             packed, version, fetched_at, expires_at, stale = self._open(
-                name, peer, allowed, None)
+                name, peer, allowed, None, exact=args.get("exact", False))
             meta = {"version": version, "fetched_at": fetched_at, "expires_at": expires_at,
                     "stale": stale}
             if field is None:

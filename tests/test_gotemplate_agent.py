@@ -9,10 +9,13 @@ tests/test_gotemplate_oracle.py's; this is the wiring.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import trio
 
+from agentd.client import AsyncClient
+from agentd.jsonnum import literal_text
 from tests.agentfixture import call, running_agent, seed, socket_dir, write_config
 from tests.openbao import DevServer
 from tests.support import until
@@ -160,6 +163,22 @@ contents = "{jinja}"
             status, _, body = await http_get(sock, f"/v1/{path}")
             assert status == 200
             assert _data_text(body) == _data_text(upstream)
+            # v1 get with exact: the texts (what `agentd render --dry-run` renders with)
+            async with AsyncClient.connect(sock) as client:
+                exact = (await client.get("numbers", exact=True))["data"]
+                small = await client.get("numbers", "small", exact=True)
+            assert exact == plain
+            assert (literal_text(exact["minus_zero"]), literal_text(exact["small"]),
+                    literal_text(exact["tiny"]), literal_text(small["data"])) == (
+                "-0", "1e-7", "0.00001", "1e-7")
+            assert literal_text(exact["port"]) is None and exact["port"] == 5432
+            # so the dry run renders the Go template as the agent did: nothing to change
+            dry = await trio.run_process(
+                [sys.executable, "-m", "agentd", "render", "--dry-run", "-c", str(cfg),
+                 "--socket", str(sock)], capture_stdout=True, capture_stderr=True, check=False)
+            dry_text = dry.stdout.decode()
+            assert f"unchanged {go_dest}" in dry_text, dry_text + dry.stderr.decode()
+            assert "0 file(s) would change, 0 error(s), 2 unchanged" in dry_text
     # what the pipeline had to keep (Python's repr differs): -0, 1e-7, 0.00001
     theirs_text = theirs[source.name].decode()
     assert " -0 " in theirs_text and " 1e-7 " in theirs_text and " 0.00001 " in theirs_text

@@ -310,6 +310,20 @@ def test_field_must_be_a_short_string(field: Any) -> None:
     assert "'field'" in event.error.message
 
 
+@pytest.mark.parametrize("exact", [1, 0, None, "true", b"", [True]])
+def test_exact_must_be_true_or_false(exact: Any) -> None:
+    event = still_open(frame(req("get", 9, name="db", exact=exact)))
+    assert isinstance(event.error, errors.BadRequest)
+    assert event.error.message == "get: argument 'exact' must be true or false"
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_exact_is_an_optional_flag_of_get(exact: bool) -> None:
+    request = one(frame(req("get", 9, name="db", field="n", exact=exact)))
+    assert isinstance(request, Request)
+    assert dict(request.args) == {"name": "db", "field": "n", "exact": exact}
+
+
 @pytest.mark.parametrize("name", [1, None, b"db", "", "n" * 257, {"a": "b"}])
 def test_name_must_be_a_short_string(name: Any) -> None:
     event = still_open(frame(req("refresh", 9, name=name)))
