@@ -426,10 +426,8 @@ class Bench:
 
     def wait_serving(self, run: Running, name: str = "db", timeout: float = 60.0) -> float:
         """Wait until one read of ``name`` through the agent's socket succeeds."""
-        read = read_once_agentd if run.kind == AGENTD else read_once_bao
-
         def probe() -> bool | None:
-            return True if read(str(run.socket), name, 2.0) else None
+            return True if read_once(run.kind, str(run.socket), name, 2.0) else None
 
         wait_for(f"{run.kind} serving {name!r}", probe, timeout=timeout, interval=0.05,
                  alive=run.check_alive)
@@ -606,22 +604,11 @@ def make_client(kind: str, path: str, timeout: float) -> FrameClient | HTTPClien
     return HTTPClient(path, timeout) if kind in (BAO, "http") else FrameClient(path, timeout)
 
 
-def read_once_agentd(path: str, name: str, timeout: float) -> bool:
+def read_once(kind: str, path: str, name: str, timeout: float) -> bool:
+    """One read of ``name`` on a fresh connection, as ``make_client(kind)`` reads; False on
+    any failure."""
     try:
-        client = FrameClient(path, timeout)
-    except OSError:
-        return False
-    try:
-        return client.get(name)
-    except (OSError, ValueError):
-        return False
-    finally:
-        client.close()
-
-
-def read_once_bao(path: str, name: str, timeout: float) -> bool:
-    try:
-        client = HTTPClient(path, timeout)
+        client = make_client(kind, path, timeout)
     except OSError:
         return False
     try:
@@ -985,7 +972,7 @@ def _agent_features() -> frozenset[str]:
 
 
 def _echo_up(path: str) -> bool | None:
-    return True if read_once_agentd(path, "db", 1.0) else None
+    return True if read_once(AGENTD, path, "db", 1.0) else None
 
 
 def read_specs(c: int) -> dict[str, dict[str, Any]]:

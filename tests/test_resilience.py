@@ -547,22 +547,13 @@ def idle_jump_clock() -> trio.testing.MockClock:
 async def test_backoff_bounds_upstream_requests_during_a_minute_outage(
     bao: DevServer, approle_files: tuple[Path, Path], idle_jump_clock: trio.testing.MockClock
 ) -> None:
-    seeded = new_seeded()
-    p = seeded.prefix
     names = [f"s{i}" for i in range(5)]
-    for name in names:
-        bao.kv_put(f"{p}/{name}", {"value": seeded.marker(name)})
     proxy = FaultProxy(bao.port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
-        cfg = UpstreamConfig(addresses=(proxy.address,), timeout=2.0)
-        cfg = _with_approle(cfg, approle_files)
-        up = Upstream(cfg, outage_gate=True)   # as the daemon builds it
-        auth = Authenticator(cfg, up)
-        cache = Cache()
-        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2", path=f"secret/data/{p}/{n}",
-                                               refresh=1.0) for n in names})
-        refresher = Refresher(config, up, auth, cache, rng=random.Random(7))
+        rig = _kv_refresher(bao, approle_files, names, refresh=1.0, timeout=2.0, seed=7,
+                            addresses=(proxy.address,), outage_gate=True)
+        up, auth, refresher, cache = rig.up, rig.auth, rig.refresher, rig.cache
         await nursery.start(auth.run)
         await nursery.start(refresher.run)
         with trio.fail_after(30):
@@ -584,7 +575,7 @@ async def test_backoff_bounds_upstream_requests_during_a_minute_outage(
         for name in names:
             entry = cache.get(name)
             assert entry is not None and entry.stale
-            assert entry.data["value"] == seeded.markers[name]
+            assert entry.data["value"] == rig.seeded.markers[name]
         # the gaps between attempts grew towards the cap
         attempts = sorted(set(delays))
         gaps = [b - a for a, b in itertools.pairwise(attempts)]
@@ -651,8 +642,8 @@ async def test_restored_secrets_refresh_at_spread_phases(
     for name in names:      # as if restored from the snapshot: stale old values
         cache.put(name, {"value": "old"}, version=1, fetched_at=1.0)
         cache.mark_stale(name)
-    up, auth, refresher = _kv_refresher(bao, approle_files, names, cache, refresh=300.0,
-                                        timeout=2.0, seed=11)
+    rig = _kv_refresher(bao, approle_files, names, cache, refresh=300.0, timeout=2.0, seed=11)
+    up, auth, refresher = rig.up, rig.auth, rig.refresher
     refreshed_at: dict[str, float] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(auth.run)
@@ -674,20 +665,41 @@ async def test_restored_secrets_refresh_at_spread_phases(
     assert len({round(t) for t in times}) >= 4
 
 
+@dataclasses.dataclass
+class KvRig:
+    """An Upstream, Authenticator and Refresher over approle for the KV v2 secrets in
+    ``seeded`` (``_kv_refresher``); the caller starts ``auth.run`` and ``refresher.run``."""
+
+    up: Upstream
+    auth: Authenticator
+    refresher: Refresher
+    cache: Cache
+    seeded: Seeded
+
+
 def _kv_refresher(bao: DevServer, approle_files: tuple[Path, Path], names: list[str],
-                  cache: Cache, *, refresh: float, timeout: float, seed: int
-                  ) -> tuple[Upstream, Authenticator, Refresher]:
-    """``names`` seeded as KV v2 secrets, and a Refresher for them over approle."""
+                  cache: Cache | None = None, *, refresh: float, timeout: float, seed: int,
+                  addresses: tuple[str, ...] | None = None, max_concurrency: int | None = None,
+                  **upstream_options: Any) -> KvRig:
+    """``names`` seeded as KV v2 secrets in ``bao``, and a Refresher for them over approle,
+    through ``addresses`` (default: ``bao`` itself; a FaultProxy's to make outages);
+    ``upstream_options`` go to ``Upstream`` (``outage_gate``, ``order_seed``) as the daemon
+    passes them."""
     seeded = new_seeded()
     for name in names:
         bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
-    cfg = _with_approle(UpstreamConfig(addresses=(bao.address,), timeout=timeout), approle_files)
-    up = Upstream(cfg)
+    cfg = UpstreamConfig(addresses=addresses or (bao.address,), timeout=timeout)
+    if max_concurrency is not None:
+        cfg = dataclasses.replace(cfg, max_concurrency=max_concurrency)
+    cfg = _with_approle(cfg, approle_files)
+    up = Upstream(cfg, **upstream_options)
     auth = Authenticator(cfg, up)
+    cache = Cache() if cache is None else cache
     config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
                                            path=f"secret/data/{seeded.prefix}/{n}",
                                            refresh=refresh) for n in names})
-    return up, auth, Refresher(config, up, auth, cache, rng=random.Random(seed))
+    refresher = Refresher(config, up, auth, cache, rng=random.Random(seed))
+    return KvRig(up, auth, refresher, cache, seeded)
 
 
 def _with_approle(cfg: UpstreamConfig, files: tuple[Path, Path]) -> UpstreamConfig:
@@ -713,22 +725,13 @@ async def test_polls_held_over_a_hung_upstream_are_spread_after_it_answers(
     files = role_files(tmp_path, own_bao.approle("agentd", policies=["agentd-read"],
                                                  token_ttl="1h"))
     names = [f"s{i:02d}" for i in range(24)]
-    seeded = new_seeded()
-    for name in names:
-        own_bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
     refresh = 4.0
     proxy = FaultProxy(own_bao.port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
-        cfg = _with_approle(UpstreamConfig(addresses=(proxy.address,), timeout=3.0,
-                                           max_concurrency=2), files)
-        up = Upstream(cfg, outage_gate=True)
-        auth = Authenticator(cfg, up)
-        cache = Cache()
-        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
-                                               path=f"secret/data/{seeded.prefix}/{n}",
-                                               refresh=refresh) for n in names})
-        refresher = Refresher(config, up, auth, cache, rng=random.Random(5))
+        rig = _kv_refresher(own_bao, files, names, refresh=refresh, timeout=3.0, seed=5,
+                            addresses=(proxy.address,), max_concurrency=2, outage_gate=True)
+        up, auth, refresher = rig.up, rig.auth, rig.refresher
         await nursery.start(auth.run)
         await nursery.start(refresher.run)
         try:
@@ -770,22 +773,13 @@ async def test_secrets_in_backoff_are_polled_at_their_phases_after_a_recovery(
     own phase within its refresh: every secret once in the refresh after the recovery, and
     not all in its first instant. Counted at the proxy, in virtual time."""
     names = [f"b{i:02d}" for i in range(12)]
-    seeded = new_seeded()
-    for name in names:
-        bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
     refresh = 4.0
     proxy = FaultProxy(bao.port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
-        cfg = _with_approle(UpstreamConfig(addresses=(proxy.address,), timeout=2.0),
-                            approle_files)
-        up = Upstream(cfg, outage_gate=True)
-        auth = Authenticator(cfg, up)
-        cache = Cache()
-        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
-                                               path=f"secret/data/{seeded.prefix}/{n}",
-                                               refresh=refresh) for n in names})
-        refresher = Refresher(config, up, auth, cache, rng=random.Random(3))
+        rig = _kv_refresher(bao, approle_files, names, refresh=refresh, timeout=2.0, seed=3,
+                            addresses=(proxy.address,), outage_gate=True)
+        up, auth, refresher = rig.up, rig.auth, rig.refresher
         await nursery.start(auth.run)
         await nursery.start(refresher.run)
         with trio.fail_after(600):
@@ -820,22 +814,14 @@ async def test_a_poll_answered_after_a_failover_takes_a_new_phase(
     shared instant, so the fleet does not keep the hung node's rhythm (the periodic spikes of
     bench/fleet.py's recovery). Counted at the real node's proxy, in virtual time."""
     names = [f"f{i:02d}" for i in range(24)]
-    seeded = new_seeded()
-    for name in names:
-        bao.kv_put(f"{seeded.prefix}/{name}", {"value": seeded.marker(name)})
     refresh = 8.0
     hung, real = FaultProxy(bao.port), FaultProxy(bao.port)
     async with trio.open_nursery() as nursery:
         await nursery.start(hung.run)
         await nursery.start(real.run)
-        cfg = _with_approle(UpstreamConfig(addresses=(hung.address, real.address),
-                                           timeout=1.0), approle_files)
-        up = Upstream(cfg, order_seed="host-a")
-        auth = Authenticator(cfg, up)
-        config = _config(cfg, {n: SecretConfig(name=n, kind="kv2",
-                                               path=f"secret/data/{seeded.prefix}/{n}",
-                                               refresh=refresh) for n in names})
-        refresher = Refresher(config, up, auth, Cache(), rng=random.Random(7))
+        rig = _kv_refresher(bao, approle_files, names, refresh=refresh, timeout=1.0, seed=7,
+                            addresses=(hung.address, real.address), order_seed="host-a")
+        up, auth, refresher = rig.up, rig.auth, rig.refresher
         await nursery.start(auth.run)
         await nursery.start(refresher.run)
         with trio.fail_after(300):
@@ -849,7 +835,7 @@ async def test_a_poll_answered_after_a_failover_takes_a_new_phase(
     # over to the real node, and the poll after that came ...
     both = (hung.address, real.address)
     first = {n for n in names
-             if spread_addresses(both, "host-a", f"secret/data/{seeded.prefix}/{n}")[0]
+             if spread_addresses(both, "host-a", f"secret/data/{rig.seeded.prefix}/{n}")[0]
              == hung.address}
     assert len(first) >= 4
     gaps = []
@@ -966,8 +952,8 @@ async def test_refreshes_share_wake_up_slots(
     from agentd.refresh import WAKE_SLOT
 
     names = [f"s{i}" for i in range(20)]
-    up, auth, refresher = _kv_refresher(bao, approle_files, names, Cache(), refresh=1.0,
-                                        timeout=5.0, seed=3)
+    rig = _kv_refresher(bao, approle_files, names, refresh=1.0, timeout=5.0, seed=3)
+    up, auth, refresher = rig.up, rig.auth, rig.refresher
     seen: set[float] = set()
     async with trio.open_nursery() as nursery:
         await nursery.start(auth.run)
@@ -992,8 +978,8 @@ async def test_first_values_log_at_debug_and_changes_at_info(
 ) -> None:
     caplog.set_level("DEBUG", logger="agentd.refresh")
     names = ["a", "b", "c"]
-    up, auth, refresher = _kv_refresher(bao, approle_files, names, Cache(), refresh=300.0,
-                                        timeout=5.0, seed=5)
+    rig = _kv_refresher(bao, approle_files, names, refresh=300.0, timeout=5.0, seed=5)
+    up, auth, refresher = rig.up, rig.auth, rig.refresher
     async with trio.open_nursery() as nursery:
         await nursery.start(auth.run)
         await nursery.start(refresher.run)
