@@ -11,6 +11,7 @@ container, so the daemon sees the peer as it is.
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -179,6 +180,15 @@ def test_socket_answers_get_with_each_uids_grants(booted: Booted) -> None:
     bob = booted.as_uid(BOB, "agentd", "get", "db")
     assert bob.returncode != 0 and "forbidden" in bob.stderr
     assert booted.markers["db"] not in bob.stdout + bob.stderr
+    # alice's private socket (decision 13), made by the sandboxed unit in its RuntimeDirectory:
+    # alice reaches it, bob (named by no policy) gets EACCES
+    mine = f"/run/agentd/agentd.sock.d/uid-{ALICE}"
+    connect = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+               "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+               "except OSError as e:\n    print(e.errno)")
+    python = "/opt/agentd/venv/bin/python"
+    assert booted.as_uid(ALICE, python, "-c", connect, mine).stdout.strip() == "connected"
+    assert booted.as_uid(BOB, python, "-c", connect, mine).stdout.strip() == str(errno.EACCES)
     # The audit trail (flushed every second) saw alice's uid as it is, not mapped to nobody.
     wait_until(lambda: f'"uid":{ALICE}' in booted.run("cat", "/var/log/agentd/audit.jsonl",
                                                      check=False).stdout, "alice in the audit")
