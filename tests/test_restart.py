@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 import trio
 
 from agentd.errors import NotFound, Unavailable
-from tests.agentfixture import running_agent
+from tests.agentfixture import RunningAgent, running_agent
 from tests.faultproxy import FaultProxy
 from tests.kindsupport import approle_with_policy, call, write_config
 from tests.openbao import ROOT_TOKEN, DevServer, bao_binary, free_port
@@ -32,6 +34,35 @@ pytestmark = pytest.mark.slow
 
 WINDOW = 3.0            # > the restored-refresh spread (refresh = 1 s)
 WRITES = ("create", "update", "delete")
+
+
+KV_RESTART_POLICY = 'path "secret/data/restart/*" { capabilities = ["read"] }\n'
+
+
+@asynccontextmanager
+async def restarted_cut_off(
+    bao: DevServer, config: Callable[..., Path]
+) -> AsyncIterator[tuple[RunningAgent, FaultProxy]]:
+    """The agent started again, from its snapshot, with its upstream cut off: its config is
+    ``config(address=...)`` with a FaultProxy in front of ``bao`` that resets every connection
+    until the test sets ``proxy.mode = "pass"``."""
+    proxy = FaultProxy(bao.port)
+    proxy.mode = "reset"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        async with running_agent(config(address=proxy.address)) as agent:
+            yield agent, proxy
+        nursery.cancel_scope.cancel()
+
+
+async def until_not_found(sock: Path, name: str) -> None:
+    """Read ``name`` until the agent answers ``not_found`` (bounded by the caller)."""
+    while True:
+        try:
+            await call(sock, "get", name=name)
+        except NotFound:
+            return
+        await trio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -231,26 +262,21 @@ async def test_restart_past_the_reissue_point_issues_one_certificate_and_down_se
 
     # C: past its re-issue point again, and the upstream is down: served stale until it
     # expires, then unavailable; "long" is served as current all along.
-    proxy = FaultProxy(bao.port)
-    proxy.mode = "reset"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        async with running_agent(config(0.5, proxy.address)) as c:
-            with trio.fail_after(short_ttl + 10):
-                while True:
-                    try:
-                        reply = await call(c.socket, "get", name="short")
-                    except Unavailable:
-                        break
-                    assert reply["data"]["serial_number"] == short_serial
-                    assert reply["stale"] is True
-                    assert time.time() < reply["expires_at"] + 1
-                    long_reply = await call(c.socket, "get", name="long")
-                    assert long_reply["data"]["serial_number"] == long_serial
-                    assert long_reply["stale"] is False
-                    await trio.sleep(0.3)
-            assert time.time() >= reply["expires_at"] - 1    # unavailable only at its expiry
-        nursery.cancel_scope.cancel()
+    async with restarted_cut_off(bao, partial(config, 0.5)) as (c, _):
+        with trio.fail_after(short_ttl + 10):
+            while True:
+                try:
+                    reply = await call(c.socket, "get", name="short")
+                except Unavailable:
+                    break
+                assert reply["data"]["serial_number"] == short_serial
+                assert reply["stale"] is True
+                assert time.time() < reply["expires_at"] + 1
+                long_reply = await call(c.socket, "get", name="long")
+                assert long_reply["data"]["serial_number"] == long_serial
+                assert long_reply["stale"] is False
+                await trio.sleep(0.3)
+        assert time.time() >= reply["expires_at"] - 1    # unavailable only at its expiry
     assert certificates(bao, mount) == before + 1
 
 
@@ -364,33 +390,23 @@ renew_at = 0.1
     bao.api("PUT", f"sys/leases/revoke/{lease_id}", {})
     bao.api("DELETE", f"{mount}/roles/app")
 
-    proxy = FaultProxy(bao.port)
-    proxy.mode = "reset"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
-        async with running_agent(path) as second:
-            with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
-                while True:
-                    reply = await call(second.socket, "get", name="pg")
-                    assert reply["data"]["username"] == user and reply["stale"] is True
-                    await trio.sleep(0.2)
-            proxy.mode = "pass"                  # the upstream says the lease is revoked
-            with trio.fail_after(30):
-                while True:
-                    try:
-                        await call(second.socket, "get", name="pg")
-                    except NotFound:
-                        break
-                    await trio.sleep(0.2)
-            status = (await call(second.socket, "status"))["secrets"]["pg"]
-            assert status["revoked"] is True and status["from_snapshot"] is False
-            with trio.move_on_after(WINDOW):     # and stays so while no new one can be read
-                while True:
-                    with pytest.raises(NotFound):
-                        await call(second.socket, "get", name="pg")
-                    await trio.sleep(0.2)
-        nursery.cancel_scope.cancel()
+    async with restarted_cut_off(bao, partial(write_config, tmp_path, bao, approle, secrets)
+                                 ) as (second, proxy):
+        with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
+            while True:
+                reply = await call(second.socket, "get", name="pg")
+                assert reply["data"]["username"] == user and reply["stale"] is True
+                await trio.sleep(0.2)
+        proxy.mode = "pass"                  # the upstream says the lease is revoked
+        with trio.fail_after(30):
+            await until_not_found(second.socket, "pg")
+        status = (await call(second.socket, "status"))["secrets"]["pg"]
+        assert status["revoked"] is True and status["from_snapshot"] is False
+        with trio.move_on_after(WINDOW):     # and stays so while no new one can be read
+            while True:
+                with pytest.raises(NotFound):
+                    await call(second.socket, "get", name="pg")
+                await trio.sleep(0.2)
 
 
 def reads_of(log: Path, since: int, path: str) -> int:
@@ -411,8 +427,7 @@ async def test_kv_secrets_deleted_while_down_answer_not_found_once_the_upstream_
     bao, log = audited
     bao.kv_put("restart/deleted", {"value": "a"})
     bao.kv_put("restart/gone", {"value": "b"})
-    approle = approle_with_policy(bao, tmp_path,
-                                  'path "secret/data/restart/*" { capabilities = ["read"] }\n')
+    approle = approle_with_policy(bao, tmp_path, KV_RESTART_POLICY)
     secrets = """
 [secrets.deleted]
 kind = "kv2"
@@ -432,41 +447,36 @@ refresh = "1s"
     bao.api("DELETE", "secret/data/restart/deleted")
     bao.api("DELETE", "secret/metadata/restart/gone")
 
-    proxy = FaultProxy(bao.port)
-    proxy.mode = "reset"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
-        async with running_agent(path) as second:
-            # restored current (younger than its refresh) until its first poll fails
-            with trio.fail_after(10):
-                for name in ("deleted", "gone"):
-                    while not (await call(second.socket, "get", name=name))["stale"]:
-                        await trio.sleep(0.1)
-            with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
-                while True:
-                    for name in ("deleted", "gone"):
-                        assert (await call(second.socket, "get", name=name))["stale"] is True
-                    await trio.sleep(0.2)
-            mark = audit_lines(log)
-            proxy.mode = "pass"
-            with trio.fail_after(30):
-                answered: dict[str, int] = {}
-                while len(answered) < 2:
-                    for name in ("deleted", "gone"):
-                        if name in answered:
-                            continue
-                        try:
-                            await call(second.socket, "get", name=name)
-                        except NotFound:
-                            answered[name] = reads_of(log, mark, f"secret/data/restart/{name}")
+    async with restarted_cut_off(bao, partial(write_config, tmp_path, bao, approle, secrets)
+                                 ) as (second, proxy):
+        # restored current (younger than its refresh) until its first poll fails
+        with trio.fail_after(10):
+            for name in ("deleted", "gone"):
+                while not (await call(second.socket, "get", name=name))["stale"]:
                     await trio.sleep(0.1)
-            # a deletion marker is evidence at once; a plain 404 once a second request says so
-            assert answered["deleted"] >= 1
-            assert answered["gone"] >= 2
-            status = (await call(second.socket, "status"))["secrets"]
-            assert status["deleted"]["revoked"] and status["gone"]["revoked"]
-        nursery.cancel_scope.cancel()
+        with trio.move_on_after(WINDOW):     # the upstream cannot say: served stale
+            while True:
+                for name in ("deleted", "gone"):
+                    assert (await call(second.socket, "get", name=name))["stale"] is True
+                await trio.sleep(0.2)
+        mark = audit_lines(log)
+        proxy.mode = "pass"
+        with trio.fail_after(30):
+            answered: dict[str, int] = {}
+            while len(answered) < 2:
+                for name in ("deleted", "gone"):
+                    if name in answered:
+                        continue
+                    try:
+                        await call(second.socket, "get", name=name)
+                    except NotFound:
+                        answered[name] = reads_of(log, mark, f"secret/data/restart/{name}")
+                await trio.sleep(0.1)
+        # a deletion marker is evidence at once; a plain 404 once a second request says so
+        assert answered["deleted"] >= 1
+        assert answered["gone"] >= 2
+        status = (await call(second.socket, "status"))["secrets"]
+        assert status["deleted"]["revoked"] and status["gone"]["revoked"]
 
 
 async def test_a_secret_revoked_before_a_restart_answers_not_found_while_the_upstream_is_down(
@@ -474,8 +484,7 @@ async def test_a_secret_revoked_before_a_restart_answers_not_found_while_the_ups
 ) -> None:
     bao, _ = audited
     bao.kv_put("restart/revoked", {"value": "a"})
-    approle = approle_with_policy(bao, tmp_path,
-                                  'path "secret/data/restart/*" { capabilities = ["read"] }\n')
+    approle = approle_with_policy(bao, tmp_path, KV_RESTART_POLICY)
     secrets = """
 [secrets.revoked]
 kind = "kv2"
@@ -486,35 +495,25 @@ refresh = "1s"
         await call(first.socket, "get", name="revoked")
         bao.api("DELETE", "secret/data/restart/revoked")
         with trio.fail_after(20):
+            await until_not_found(first.socket, "revoked")
+    async with restarted_cut_off(bao, partial(write_config, tmp_path, bao, approle, secrets)
+                                 ) as (second, proxy):
+        with trio.move_on_after(WINDOW):     # the evidence survived the restart
+            while True:
+                with pytest.raises(NotFound):
+                    await call(second.socket, "get", name="revoked")
+                await trio.sleep(0.2)
+        bao.kv_put("restart/revoked", {"value": "back"})
+        proxy.mode = "pass"
+        with trio.fail_after(20):               # and a value coming back is served again
             while True:
                 try:
-                    await call(first.socket, "get", name="revoked")
+                    reply = await call(second.socket, "get", name="revoked")
                 except NotFound:
-                    break
-                await trio.sleep(0.1)
-    proxy = FaultProxy(bao.port)
-    proxy.mode = "reset"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
-        async with running_agent(path) as second:
-            with trio.move_on_after(WINDOW):     # the evidence survived the restart
-                while True:
-                    with pytest.raises(NotFound):
-                        await call(second.socket, "get", name="revoked")
-                    await trio.sleep(0.2)
-            bao.kv_put("restart/revoked", {"value": "back"})
-            proxy.mode = "pass"
-            with trio.fail_after(20):               # and a value coming back is served again
-                while True:
-                    try:
-                        reply = await call(second.socket, "get", name="revoked")
-                    except NotFound:
-                        await trio.sleep(0.1)
-                        continue
-                    assert reply["data"]["value"] == "back"
-                    break
-        nursery.cancel_scope.cancel()
+                    await trio.sleep(0.1)
+                    continue
+                assert reply["data"]["value"] == "back"
+                break
 
 
 async def test_a_restored_kv_value_younger_than_its_refresh_is_served_current(
@@ -525,8 +524,7 @@ async def test_a_restored_kv_value_younger_than_its_refresh_is_served_current(
     upstream unreachable meanwhile (its first poll is an hour away)."""
     bao, _ = audited
     bao.kv_put("restart/young", {"value": "y"})
-    approle = approle_with_policy(bao, tmp_path,
-                                  'path "secret/data/restart/*" { capabilities = ["read"] }\n')
+    approle = approle_with_policy(bao, tmp_path, KV_RESTART_POLICY)
     secrets = """
 [secrets.young]
 kind = "kv2"
@@ -535,18 +533,13 @@ refresh = "1h"
 """
     async with running_agent(write_config(tmp_path, bao, approle, secrets)) as first:
         await call(first.socket, "get", name="young")
-    proxy = FaultProxy(bao.port)
-    proxy.mode = "reset"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        path = write_config(tmp_path, bao, approle, secrets, address=proxy.address)
-        async with running_agent(path) as second:
-            with trio.move_on_after(WINDOW):
-                while True:
-                    reply = await call(second.socket, "get", name="young")
-                    assert reply["data"] == {"value": "y"}
-                    assert reply["stale"] is False
-                    status = (await call(second.socket, "status"))["secrets"]["young"]
-                    assert status["stale"] is False and status["from_snapshot"] is True
-                    await trio.sleep(0.2)
-        nursery.cancel_scope.cancel()
+    async with restarted_cut_off(bao, partial(write_config, tmp_path, bao, approle, secrets)
+                                 ) as (second, _):
+        with trio.move_on_after(WINDOW):
+            while True:
+                reply = await call(second.socket, "get", name="young")
+                assert reply["data"] == {"value": "y"}
+                assert reply["stale"] is False
+                status = (await call(second.socket, "status"))["secrets"]["young"]
+                assert status["stale"] is False and status["from_snapshot"] is True
+                await trio.sleep(0.2)
