@@ -88,7 +88,8 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from socket_bench import agent_cpu_seconds, percentile
 
-from agentd.demo import DemoError, DevServer, find_bao, wait_for, write_private
+from agentd.demo import DemoError, write_private
+from agentd.devserver import DevServer, find_bao, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTD = "agentd"
@@ -947,11 +948,11 @@ def scenario_read(b: Bench, res: Results) -> None:
     # agentd as a fraction of the echo ceiling, per level (medians).
     for c in levels:
         echo = res.metrics.get(("1 read", f"echo ceiling req/s, {c} clients"))
-        ours = res.metrics.get(("1 read", f"req/s, {c} clients"))
-        if echo and ours and echo.values[AGENTD] and ours.values[AGENTD]:
+        served = res.metrics.get(("1 read", f"req/s, {c} clients"))
+        if echo and served and echo.values[AGENTD] and served.values[AGENTD]:
             m = res.metric("1 read", f"agentd / echo ceiling, {c} clients", fmt="{:.0%}",
                            target=">= 50%", check=lambda v: v >= 0.5)
-            m.values[AGENTD].append(statistics.median(ours.values[AGENTD])
+            m.values[AGENTD].append(statistics.median(served.values[AGENTD])
                                     / statistics.median(echo.values[AGENTD]))
             m.notes[BAO] = "-"
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from socket_bench import POLICY, SECRET, UNLIMITED, agent_cpu_seconds
 
 from agentd.client import Client
-from agentd.demo import AgentProcess, DevServer, find_bao, wait_for, write_agent_files
+from agentd.demo import AgentProcess, write_agent_files
+from agentd.devserver import DevServer, find_bao, wait_for
 
 Counter = Callable[[bytes], tuple[int, bytes]]
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import functools
 import json
 import math
 import os
@@ -484,14 +485,16 @@ class Bench:
             out.append({200: "active", 429: "standby"}.get(code or 0, f"health {code}"))
         return out
 
-    def node_table(self, start: float, end: float, roles: list[str]) -> tuple[str, list[dict]]:
-        rows, data = [], []
+    def node_table(self, start: float, end: float, roles: list[str]
+                   ) -> tuple[str, list[dict[str, Any]]]:
+        rows: list[list[str]] = []
+        data: list[dict[str, Any]] = []
         seconds = max(1e-3, end - start)
         for n in range(3):
             series = self.counts.series(n, start, end)
             kv = sum(self.counts.series(n, start, end, ["kv_read"]))
             logins = sum(self.counts.series(n, start, end, ["login"]))
-            d = {"node": f"n{n + 1}", "role": roles[n], "requests": sum(series),
+            d: dict[str, Any] = {"node": f"n{n + 1}", "role": roles[n], "requests": sum(series),
                  "mean_rps": sum(series) / seconds, "peak_rps": max(series, default=0),
                  "kv_reads": kv, "logins": logins}
             data.append(d)
@@ -644,7 +647,7 @@ class Bench:
         for w in range(self.args.writes):
             active = await trio.to_thread.run_sync(self.cluster.wait_active)
             meta = await trio.to_thread.run_sync(
-                lambda a=active: a.api("GET", f"secret/metadata/{KV_PREFIX}/s00"))
+                functools.partial(active.api, "GET", f"secret/metadata/{KV_PREFIX}/s00"))
             target = int(meta["data"]["current_version"]) + 1
             self.watch_hits = {}
             written = trio.Event()
@@ -653,9 +656,8 @@ class Bench:
                     nursery.start_soon(self.watch_one, agent, target, written)
                 await trio.sleep(1.0)       # the watches are set up
                 t_write = time.monotonic()
-                version = await trio.to_thread.run_sync(
-                    lambda a=active: a.kv_put(f"{KV_PREFIX}/s00",
-                                              {"password": secrets.token_hex(12)}))
+                version = await trio.to_thread.run_sync(functools.partial(
+                    active.kv_put, f"{KV_PREFIX}/s00", {"password": secrets.token_hex(12)}))
                 assert version == target, (version, target)
                 written.set()
                 with trio.move_on_after(self.refresh_s * 1.1 + 10):

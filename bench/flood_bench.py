@@ -53,7 +53,8 @@ import msgpack
 
 import agentd
 from agentd.client import Client
-from agentd.demo import AgentProcess, DevServer, find_bao, wait_for, write_agent_files
+from agentd.demo import AgentProcess, write_agent_files
+from agentd.devserver import DevServer, find_bao, wait_for
 
 NOBODY = 65534
 POLICY = 'path "secret/data/bench/*" { capabilities = ["read"] }\n'

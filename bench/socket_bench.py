@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from agentd.client import Client
-from agentd.demo import AgentProcess, DemoError, DevServer, find_bao, wait_for, write_agent_files
+from agentd.demo import AgentProcess, DemoError, write_agent_files
+from agentd.devserver import DevServer, find_bao, wait_for
 
 POLICY = 'path "secret/data/bench/*" { capabilities = ["read"] }\n' \
          'path "secret/metadata/bench/*" { capabilities = ["read", "list"] }\n'

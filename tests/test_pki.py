@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.error
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def pki_policy(mount: str) -> str:
            f'path "{mount}/revoke" {{ capabilities = ["create", "update"] }}\n'
 
 
-def assert_pair(data: dict[str, object], root_pem: str) -> x509.Certificate:
+def assert_pair(data: Mapping[str, object], root_pem: str) -> x509.Certificate:
     """The key matches the certificate and the certificate is signed by the root (independently
     of agentd's own check)."""
     cert = x509.load_pem_x509_certificate(str(data["certificate"]).encode())
