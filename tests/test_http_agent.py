@@ -167,6 +167,22 @@ async def test_bao_kv_get_reads_through_the_agent_without_a_token(
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_bao_pointed_at_its_private_socket_reads_and_other_uids_cannot_connect(
+    agent: RunningAgent, seeded: Seeded, home: Path
+) -> None:
+    """What docs/security.md tells Go clients to do about connect storms: the bao CLI with
+    its agent address at its own uid's private socket (decision 13)."""
+    bao_bin, p, password = bao_binary(), seeded.prefix, seeded.markers["db"]
+    env = client_env(Path(f"{agent.socket}.d/uid-{NOBODY}"), home)
+    argv = [bao_bin, "kv", "get", "-field=password", f"secret/{p}/db"]
+    done = await run(argv, env, uid=NOBODY)
+    assert (done.returncode, done.stdout.decode()) == (0, password), done.stderr
+    done = await run(argv, env, uid=STRANGER)
+    assert done.returncode != 0
+    assert b"connect: permission denied" in done.stderr         # refused by the kernel
+    assert password.encode() not in done.stdout + done.stderr
+
+
 async def test_curl_reads_the_same(agent: RunningAgent, seeded: Seeded, home: Path) -> None:
     env, p = client_env(agent.socket, home), seeded.prefix
     sock = str(agent.socket)
