@@ -13,9 +13,10 @@ Start order (decision 10):
    wait until every secret has a value (fetched or restored) and every template was rendered
    once, or ``ready_timeout`` at the latest, so a dead upstream on first boot or one broken
    template never blocks boot;
-4. bind the socket (or take systemd's) and start accepting, then send ``READY=1``;
+4. bind the socket (or take systemd's) and the private sockets of the uids and groups the
+   policies name (decision 13), start accepting, then send ``READY=1``;
 5. run until SIGTERM/SIGINT; on the way out write the snapshot, flush the audit stream, revoke
-   a login token that no lease depends on, and remove the socket.
+   a login token that no lease depends on, and remove the sockets.
 
 Every long-running piece is ``async def run(..., task_status)`` and nothing holds a nursery.
 """
@@ -248,8 +249,9 @@ class Agent:
                         group=config.agent.socket_group,
                         backlog=config.agent.listen_backlog,
                     )
+                # a queue per uid and group named, there before anything is served
+                await nursery.start(self.private.run)
                 await nursery.start(self.server.serve, listener)
-                await nursery.start(self.private.run)   # a queue per uid and group named
                 if config.agent.credentials_socket is not None:
                     creds_listener = open_credentials_listener(config.agent.credentials_socket)
                     await nursery.start(self.credentials.serve, creds_listener)
