@@ -108,7 +108,7 @@ async def _run_command_timed(target: Target) -> bool:
                 if proc.returncode is None:
                     _killpg(proc, signal.SIGKILL)
                     await proc.wait()
-                await _close_pipes(proc)
+                await close_pipes(proc)
     if timed_out:
         return _command_failed(
             target, f"timed out after {c.command_timeout:g}s: killed", bytes(output))
@@ -129,7 +129,9 @@ def _command_failed(target: Target, reason: str, output: bytes) -> bool:
     return False
 
 
-async def _close_pipes(proc: trio.Process) -> None:
+async def close_pipes(proc: trio.Process) -> None:
+    """Close a child's pipes (a reload command's here, the render worker's in pool.py): each
+    is a descriptor of ours until it is closed."""
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             await stream.aclose()

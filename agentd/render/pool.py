@@ -20,7 +20,7 @@ import trio
 
 from agentd import jsonnum
 from agentd.errors import RenderError
-from agentd.render.commands import _close_pipes
+from agentd.render.commands import close_pipes
 from agentd.render.worker import _frame
 
 RENDER_TIMEOUT = 5.0            # seconds a single render may take in the worker
@@ -210,7 +210,7 @@ class RenderWorker:
                 proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
-                await _close_pipes(proc)
+                await close_pipes(proc)
 
     async def aclose(self) -> None:
         await self._kill()
