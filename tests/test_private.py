@@ -95,7 +95,8 @@ def test_only_its_groups_members_can_connect_to_a_gid_socket(
 
 def test_the_directory_is_agentds_and_loses_an_earlier_runs_sockets(place: Path) -> None:
     where = place / "agentd.sock.d"
-    where.mkdir(mode=0o777)
+    where.mkdir()
+    where.chmod(0o777)                              # as a careless operator left it
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(where / "uid-7"))
     stale.close()                                   # what a SIGKILLed agent leaves
