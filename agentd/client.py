@@ -87,6 +87,18 @@ def private_paths(where: str) -> list[str]:
     return [f"{base}/uid-{os.geteuid()}", *(f"{base}/gid-{gid}" for gid in groups)]
 
 
+def _candidates(where: str, private: bool) -> list[str]:
+    """Where to connect, in order: this process's private sockets (if ``private``), then the
+    main socket ``where``."""
+    return [*(private_paths(where) if private else ()), where]
+
+
+def _not_mine(path: str, where: str, exc: OSError) -> bool:
+    """Whether a failed connect to ``path`` means "try the next": a private socket that is
+    another's, or one left by an agent that is gone. The main socket's errors are errors."""
+    return path != where and exc.errno in _NOT_MINE
+
+
 def _connect_one(path: str, deadline: float) -> socket.socket:
     """A socket connected to ``path`` by a blocking ``connect()`` that waits until
     ``deadline`` (``time.monotonic()``) in the kernel for a place in a full listen queue. The
@@ -129,12 +141,12 @@ def _connect_waiting(where: str, wait: float, *, private: bool = True) -> socket
     """
     whole = max(0.001, wait)
     deadline = time.monotonic() + whole
-    for path in [*(private_paths(where) if private else ()), where]:
+    for path in _candidates(where, private):
         try:
             return _connect_one(path, deadline)
         except OSError as exc:
-            if path != where and exc.errno in _NOT_MINE:
-                continue                # not this process's socket (or a stale one)
+            if _not_mine(path, where, exc):
+                continue
             if _queue_full(exc) or exc.errno == errno.ENOTCONN:
                 raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
                                   f"stayed full for {whole:.1f} s") from exc
@@ -512,11 +524,11 @@ async def open_client(path: str | os.PathLike[str], *, private: bool = True) -> 
         ClientError: the socket is missing or refuses the connection.
     """
     where = os.fspath(path)
-    for candidate in [*(private_paths(where) if private else ()), where]:
+    for candidate in _candidates(where, private):
         try:
             stream = await _open_unix_stream(candidate)
         except OSError as exc:
-            if candidate != where and exc.errno in _NOT_MINE:
+            if _not_mine(candidate, where, exc):
                 continue
             if not _queue_full(exc):
                 raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}"

@@ -188,7 +188,7 @@ class PrivateSockets:
                 os.rmdir(self.path)
 
     def _sync(self, config: Config, nursery: trio.Nursery) -> None:
-        want = wanted(config.policies) if config.agent.private_sockets else []
+        want = wanted(config.policies)      # private_sockets itself needs a restart (run)
         for queue in set(self._open) - set(want):
             self._close(queue)
         backlog = config.agent.listen_backlog
