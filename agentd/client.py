@@ -150,7 +150,8 @@ def _connect_waiting(where: str, wait: float, *, private: bool = True) -> socket
             if _queue_full(exc) or exc.errno == errno.ENOTCONN:
                 raise ClientError(f"cannot connect to agentd at {where}: its connection queue "
                                   f"stayed full for {whole:.1f} s") from exc
-            raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}") from exc
+            raise ClientError(
+                f"cannot connect to agentd at {where}: {_connect_reason(exc)}") from exc
     raise AssertionError("unreachable: the main socket's outcome is returned or raised")
 
 
@@ -369,6 +370,13 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def _connect_reason(exc: OSError) -> str:
+    if exc.errno == errno.EPERM:    # what the connect guard answers (decision 13)
+        return ("refused: agentd's connect guard refuses this uid's connects while it connects "
+                "faster than its rate (a connect storm); try again when it has slowed down")
+    return _reason(exc)
+
+
 # --- trio client --------------------------------------------------------------------------------
 
 
@@ -531,7 +539,7 @@ async def open_client(path: str | os.PathLike[str], *, private: bool = True) -> 
             if _not_mine(candidate, where, exc):
                 continue
             if not _queue_full(exc):
-                raise ClientError(f"cannot connect to agentd at {where}: {_reason(exc)}"
+                raise ClientError(f"cannot connect to agentd at {where}: {_connect_reason(exc)}"
                                   ) from exc
             log.debug("agentd's connection queue is full; waiting for a place")
             sock = await trio.to_thread.run_sync(functools.partial(

@@ -45,6 +45,7 @@ from agentd.audit import Audit
 from agentd.auth import Authenticator
 from agentd.cache import Cache
 from agentd.config import Config
+from agentd.connectguard import ConnectGuard, open_guard
 from agentd.creds import CredentialsServer, close_listener, open_credentials_listener
 from agentd.crypto import Sealer, harden_process
 from agentd.errors import ConfigError, UnsafePath
@@ -61,7 +62,8 @@ log = logging.getLogger("agentd.daemon")
 class Agent:
     """One running agent: the components built from one config and their shared state."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None,
+                 guard: ConnectGuard | None = None) -> None:
         preflight(config, activated=systemd.socket_activated())  # before anything touches a path
         # Known before any upgrade replaces them, so a process still running an old binary
         # keeps matching (access.ExePaths).
@@ -84,7 +86,8 @@ class Agent:
                                    rng=random.Random(f"agentd-schedule:{self.host_id}"))
         self.snapshot.states_source = self.refresher.kinds.export_states
         self.snapshot.revoked_source = self.refresher.revoked_names
-        self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
+        self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status,
+                             guard=guard)
         self.private = private.PrivateSockets(self.server, config.agent.socket)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
         self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
@@ -179,6 +182,7 @@ class Agent:
                 socket_group=old.agent.socket_group,
                 credentials_socket=old.agent.credentials_socket,
                 private_sockets=old.agent.private_sockets,
+                connect_guard=old.agent.connect_guard,
             ),
         )
         self.config = new
@@ -356,7 +360,16 @@ def _unlink_socket(path: Path) -> None:
 async def serve(config: Config, *, config_path: Path | None = None) -> None:
     """Run an agent until SIGTERM or SIGINT; SIGHUP reloads the config."""
     harden_process()
-    agent = Agent(config, config_path=config_path)
+    # before anything is served, and the privileges to load it go with it (decision 13)
+    guard = open_guard(config.agent.connect_guard, config.agent.socket)
+    try:
+        await _serve(Agent(config, config_path=config_path, guard=guard))
+    finally:
+        if guard is not None:
+            guard.close()
+
+
+async def _serve(agent: Agent) -> None:
     async with trio.open_nursery() as nursery:
         watched = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         stall_hook = os.environ.get("AGENTD_TEST_STALL_ON_SIGUSR2") == "1"

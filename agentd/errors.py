@@ -121,6 +121,10 @@ class UnsafePath(AgentdError):
         self.reason = reason
 
 
+class GuardUnavailable(AgentdError):
+    """The connect guard (decision 13) cannot run here: the message says why, in one line."""
+
+
 class RenderError(AgentdError):
     """A template could not be rendered or written. The message never holds a secret value."""
 

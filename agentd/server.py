@@ -87,6 +87,7 @@ from agentd.audit import Audit
 from agentd.cache import Cache, stale_deadline
 from agentd.cell import Cell
 from agentd.config import AgentConfig, Config, SecretConfig
+from agentd.connectguard import Blocks, ConnectGuard
 from agentd.errors import (
     BadRequest,
     Forbidden,
@@ -441,6 +442,12 @@ class ServerStatistics:
                                  name="agentd_listen_backlog")
     private_sockets: int = metric("Private sockets listening (one per uid or group named)",
                                   name="agentd_private_sockets")
+    connect_guard: int = metric("1 if the connect guard is loaded (storms refused in the kernel)",
+                                name="agentd_connect_guard")
+    blocked_uids: int = metric("uids whose connects the kernel refuses now (connect storms)",
+                               name="agentd_connect_blocked_uids")
+    kernel_refused_connections: int = metric("Connects the kernel refused for the connect guard",
+                                             COUNTER, name="agentd_connections_refused_in_kernel")
 
 
 
@@ -473,6 +480,7 @@ class Server:
         *,
         status: Callable[[], Mapping[str, Any]],
         clock: Callable[[], float] = time.time,
+        guard: ConnectGuard | None = None,
     ) -> None:
         self._config = config
         self._reloads: Cell[int] = Cell(0)     # moves when the config is replaced (watchers)
@@ -489,6 +497,7 @@ class Server:
         self._warnings = _Warnings()
         self.refused_connections = 0
         self.storm = _Storm()
+        self.blocks = Blocks(guard, threshold=STORM_REFUSALS, hold=STORM_HOLD)
         self.connect_storms = 0
         self._backlog = 0           # the listen queue length set last (0: not yet)
         self.private_sockets = 0    # set by agentd.private
@@ -530,6 +539,9 @@ class Server:
             connect_storms=self.connect_storms,
             listen_backlog=self._backlog,
             private_sockets=self.private_sockets,
+            connect_guard=int(self.blocks.guard is not None),
+            blocked_uids=self.blocks.blocked,
+            kernel_refused_connections=self.blocks.kernel_refused,
         )
 
     @property
@@ -553,14 +565,18 @@ class Server:
         The main socket (``shared``) has its listen queue sized here: ``listen_backlog`` long
         (as the config is after a reload), and ``STORM_BACKLOG`` during a connect storm. A
         private socket (``agentd.private``, decision 13) is sized by its owner: only its own
-        uid or group can fill it."""
+        uid or group can fill it. With the main socket run the connect guard's blocks
+        (``Blocks.run``: lifted when quiet, and all when this returns)."""
         if not shared:
             await serve_listener(listener, None, admit=self._admit, task_status=task_status)
             return
         self._size_queue(listener)
-        await serve_listener(listener, None, admit=self._admit,
-                             after_turn=functools.partial(self._size_queue, listener),
-                             task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.blocks.run,
+                               lambda: self.config.agent.connects_per_second_per_uid)
+            await serve_listener(listener, None, admit=self._admit,
+                                 after_turn=functools.partial(self._size_queue, listener),
+                                 task_status=task_status)
 
     def _size_queue(self, listener: socket.socket) -> int | None:
         """Size the main socket's queue for now; during a storm, return its next turn's batch."""
@@ -601,7 +617,9 @@ class Server:
             or not _budget(self._connect_budgets, uid, burst).take(rate, burst)
         ):
             self.refused_connections += 1
-            self.storm.refused(trio.current_time())
+            now = trio.current_time()
+            self.storm.refused(now)
+            self.blocks.refused(uid, now)
             self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])

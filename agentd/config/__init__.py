@@ -32,6 +32,7 @@ from agentd.config.kindkeys import SECRET_KINDS
 from agentd.config.locate import KeyPath, format_key
 from agentd.config.schema import (
     AUTH_METHODS,
+    CONNECT_GUARD_MODES,
     DEFAULT_CONFIG_PATH,
     DEFAULT_SOCKET,
     LOG_LEVELS,
@@ -56,6 +57,7 @@ from agentd.errors import ConfigError
 
 __all__ = [
     "AUTH_METHODS",
+    "CONNECT_GUARD_MODES",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_SOCKET",
     "LOG_LEVELS",

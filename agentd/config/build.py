@@ -27,6 +27,7 @@ from agentd.config.kindkeys import KIND_ONLY, SECRET_KEYS, SECRET_KINDS
 from agentd.config.locate import KeyPath
 from agentd.config.schema import (
     AUTH_METHODS,
+    CONNECT_GUARD_MODES,
     LOG_LEVELS,
     ON_REVOKE,
     SECRET_NAME_PATTERN,
@@ -75,6 +76,7 @@ _AGENT: conv.Converters = {
     "connect_burst_per_uid": conv.integer(1),
     "listen_backlog": conv.integer(1),
     "private_sockets": conv.boolean,
+    "connect_guard": conv.choice(CONNECT_GUARD_MODES),
     "max_watchers_per_uid": conv.integer(0),
     "max_request_bytes": conv.integer(64),
     "idle_timeout": conv.positive_duration,

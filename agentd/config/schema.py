@@ -20,6 +20,7 @@ ON_REVOKE = ("keep", "remove")      # what a template does with its file when an
 SECRET_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"  # noqa: S105 (a name, not a password)
 AUTH_METHODS: tuple[str, ...] = ("approle", "token_file", "cert", "jwt")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+CONNECT_GUARD_MODES: tuple[str, ...] = ("auto", "on", "off")
 UNIT_SUFFIXES: tuple[str, ...] = (
     ".service", ".socket", ".timer", ".scope", ".slice", ".target", ".path",
     ".mount", ".automount", ".swap", ".device",
@@ -45,6 +46,7 @@ class AgentConfig:
     connect_burst_per_uid: int = 1000            # new connections: bucket size, per uid
     listen_backlog: int = 1024                   # connections the kernel queues (decision 13)
     private_sockets: bool = True                 # a socket per uid/group named (decision 13)
+    connect_guard: str = "auto"                  # auto | on | off: storms refused in the kernel
     max_watchers_per_uid: int = 16               # open watch streams, per uid
     max_request_bytes: int = 65536
     idle_timeout: float = 300.0              # close a connection idle this long
