@@ -28,7 +28,8 @@ pinned, so a killed agent leaves no block behind.
 
 Privileges: loading needs ``CAP_BPF`` and ``CAP_PERFMON`` (the program reads kernel memory
 through BTF), attaching ``CAP_NET_ADMIN``; updating the map needs none. ``drop_privileges``
-gives all three up once the guard is loaded or not, before anything is served.
+gives all three up, and ``CAP_SYS_ADMIN``, which could load programs too, once the guard is
+loaded or not, before anything is served.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ BPF_FUNC_map_lookup_elem: Final = 1
 BPF_FUNC_get_current_uid_gid: Final = 15
 _ATTR_SIZE: Final = 128         # union bpf_attr, zero-padded past what each command reads
 # <linux/capability.h>
-CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 _CAPABILITY_VERSION_3: Final = 0x20080522
 
 MAX_BLOCKED: Final = 1024       # uids blocked at once (the map's size)
@@ -269,6 +270,20 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
     raise GuardUnavailable("no cgroup v2 hierarchy is mounted")
 
 
+def _step(what: str, cmd: int, attr: bytearray,
+          verifier: Callable[[], str] | None = None) -> int:
+    """``_bpf(cmd, attr)``, its failure told as ``GuardUnavailable`` starting with ``what``
+    (with the verifier's last line, if it said anything)."""
+    try:
+        return _bpf(cmd, attr)
+    except OSError as exc:
+        said = (verifier() if verifier is not None else "").strip().splitlines()
+        hint = (" (loading the connect guard needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
+                if exc.errno == errno.EPERM else "")
+        detail = f": {said[-1]}" if said else ""
+        raise GuardUnavailable(f"{what}: {exc.strerror}{detail}{hint}") from exc
+
+
 def _attr(layout: str, *values: int | bytes) -> bytearray:
     attr = bytearray(_ATTR_SIZE)
     struct.pack_into(layout, attr, 0, *values)
@@ -304,9 +319,9 @@ class ConnectGuard:
         where = cgroup if cgroup is not None else cgroup2_root()
         fds: list[int] = []
         try:
-            name = b"agentd_blocked"
-            fds.append(_bpf(BPF_MAP_CREATE, _attr("<IIIII8x16s", BPF_MAP_TYPE_HASH, 4, 8,
-                                                   MAX_BLOCKED, 0, name[:15])))
+            fds.append(_step("cannot create the map", BPF_MAP_CREATE, _attr(
+                "<IIIII8x16s", BPF_MAP_TYPE_HASH, _UID.size, _COUNT.size, MAX_BLOCKED, 0,
+                b"agentd_blocked")))
             code = program(encoded, fds[0], types)
             instructions = ctypes.create_string_buffer(code, len(code))
             license_ = ctypes.create_string_buffer(LICENSE)
@@ -316,25 +331,14 @@ class ConnectGuard:
                          len(verifier_log), ctypes.addressof(verifier_log))
             attr[48:48 + 13] = b"agentd_guard\0"
             struct.pack_into("<I", attr, 68, BPF_CGROUP_UNIX_CONNECT)   # expected_attach_type
-            try:
-                fds.append(_bpf(BPF_PROG_LOAD, attr))
-            except OSError as exc:
-                said = verifier_log.value.decode(errors="replace").strip().splitlines()
-                raise GuardUnavailable(f"the kernel refused the program: {exc.strerror}"
-                                       + (f" ({said[-1]})" if said else "")) from exc
+            fds.append(_step("the kernel refused the program", BPF_PROG_LOAD, attr,
+                             lambda: verifier_log.value.decode(errors="replace")))
             directory = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                link = _bpf(BPF_LINK_CREATE, _attr("<IIII", fds[1], directory,
-                                                   BPF_CGROUP_UNIX_CONNECT, 0))
-            except OSError as exc:
-                raise GuardUnavailable(f"cannot attach the program at {where}: "
-                                       f"{exc.strerror}") from exc
+                link = _step(f"cannot attach the program at {where}", BPF_LINK_CREATE,
+                             _attr("<IIII", fds[1], directory, BPF_CGROUP_UNIX_CONNECT, 0))
             finally:
                 os.close(directory)
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise GuardUnavailable(f"bpf(): {exc.strerror}") from exc
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -402,8 +406,10 @@ _BPF_NOEXIST: Final = 1
 
 def drop_privileges() -> None:
     """Give up ``CAP_BPF``, ``CAP_PERFMON`` and ``CAP_NET_ADMIN`` (effective and permitted):
-    the guard needs them to load and attach, and nothing after. Failures are logged, never
-    raised (a process that never had them has nothing to drop)."""
+    the guard needs them to load and attach, and nothing after; and ``CAP_SYS_ADMIN``, which
+    stands for all three (the packaged unit never grants it; agentd uses it for nothing).
+    Commands agentd runs as root get their capabilities from the bounding set, as before.
+    Failures are logged, never raised (a process that never had them has nothing to drop)."""
     header = _CAP_HEADER.pack(_CAPABILITY_VERSION_3, 0)
     data = ctypes.create_string_buffer(_CAP_DATA.size)
     libc = _libc()
@@ -411,7 +417,7 @@ def drop_privileges() -> None:
         log.warning("capget failed: %s", os.strerror(ctypes.get_errno()))
         return
     words = list(_CAP_DATA.unpack(data.raw))    # effective, permitted, inheritable; twice
-    for capability in (CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF):
+    for capability in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF):
         half, bit = divmod(capability, 32)
         for slot in (0, 1):
             words[3 * half + slot] &= ~(1 << bit) & 0xFFFFFFFF

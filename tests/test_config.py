@@ -35,6 +35,10 @@ BAD: dict[str, list[tuple[str, int, str]]] = {
     "bad-mode.toml": [
         ("", 3, "agent.socket_mode: invalid mode '0668': expected a mode like \"0640\""),
     ],
+    "bad-connect-guard.toml": [
+        ("", 3, "agent.connect_guard: unknown value 'sometimes': expected one of 'auto', 'on', "
+                "'off'"),
+    ],
     "bad-host-id.toml": [
         ("", 3, "agent.host_id: must be 1 to 128 printable ASCII characters without spaces"),
     ],
@@ -428,6 +432,8 @@ EVERY_KEY: list[tuple[str, str, object]] = [
     ("[agent]", "connect_burst_per_uid = 13", 13),
     ("[agent]", "listen_backlog = 17", 17),
     ("[agent]", "private_sockets = false", False),
+    ("[agent]", 'connect_guard = "on"', "on"),
+    ("[agent]", "connect_guard = false", "off"),
     ("[agent]", "max_watchers_per_uid = 3", 3),
     ("[agent]", "max_request_bytes = 1000", 1000),
     ("[agent]", 'idle_timeout = "1m"', 60.0),

@@ -76,7 +76,7 @@ _AGENT: conv.Converters = {
     "connect_burst_per_uid": conv.integer(1),
     "listen_backlog": conv.integer(1),
     "private_sockets": conv.boolean,
-    "connect_guard": conv.choice(CONNECT_GUARD_MODES),
+    "connect_guard": conv.switch(CONNECT_GUARD_MODES),
     "max_watchers_per_uid": conv.integer(0),
     "max_request_bytes": conv.integer(64),
     "idle_timeout": conv.positive_duration,

@@ -208,6 +208,18 @@ def choice(options: tuple[str, ...]) -> Callable[[object], str]:
     return convert
 
 
+def switch(options: tuple[str, ...]) -> Callable[[object], str]:
+    """``choice(options)`` that also takes ``true`` (for "on") and ``false`` (for "off")."""
+    named = choice(options)
+
+    def convert(value: object) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return named(value)
+
+    return convert
+
+
 def url_list(value: object) -> tuple[str, ...]:
     urls = string_list(value)
     for url in urls:
