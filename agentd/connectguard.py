@@ -28,8 +28,9 @@ pinned, so a killed agent leaves no block behind.
 
 Privileges: loading needs ``CAP_BPF`` and ``CAP_PERFMON`` (the program reads kernel memory
 through BTF), attaching ``CAP_NET_ADMIN``; updating the map needs none. ``drop_privileges``
-gives all three up, and ``CAP_SYS_ADMIN``, which could load programs too, once the guard is
-loaded or not, before anything is served.
+gives all three up for good (and ``CAP_SYS_ADMIN``, which could load programs too, and
+``CAP_SETPCAP``, which the dropping takes) once the guard is loaded or not, before anything is
+served: the running agent holds the capabilities it held before the guard existed.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ BPF_FUNC_map_lookup_elem: Final = 1
 BPF_FUNC_get_current_uid_gid: Final = 15
 _ATTR_SIZE: Final = 128         # union bpf_attr, zero-padded past what each command reads
 # <linux/capability.h>
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+CAP_SETPCAP, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 8, 12, 21, 38, 39
+# <linux/prctl.h>
+PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
 _CAPABILITY_VERSION_3: Final = 0x20080522
 
 MAX_BLOCKED: Final = 1024       # uids blocked at once (the map's size)
@@ -405,26 +408,35 @@ _BPF_NOEXIST: Final = 1
 
 
 def drop_privileges() -> None:
-    """Give up ``CAP_BPF``, ``CAP_PERFMON`` and ``CAP_NET_ADMIN`` (effective and permitted):
-    the guard needs them to load and attach, and nothing after; and ``CAP_SYS_ADMIN``, which
-    stands for all three (the packaged unit never grants it; agentd uses it for nothing).
-    Commands agentd runs as root get their capabilities from the bounding set, as before.
-    Failures are logged, never raised (a process that never had them has nothing to drop)."""
+    """Give up, for good, the capabilities the guard needs to load and attach and nothing
+    after: ``CAP_BPF``, ``CAP_PERFMON``, ``CAP_NET_ADMIN``, and ``CAP_SYS_ADMIN``, which stands
+    for all three (the packaged unit never grants it; agentd uses it for nothing). They leave
+    the bounding set first (``PR_CAPBSET_DROP``, so no command agentd runs as root gets them
+    back), then ``CAP_SETPCAP``, which that takes, and all five leave the effective and
+    permitted sets. Failures are logged, never raised: a process that never had them has
+    nothing to drop."""
+    libc = _libc()
+    for capability in (*_GUARD_CAPABILITIES, CAP_SETPCAP):
+        if libc.prctl(PR_CAPBSET_READ, capability, 0, 0, 0) == 1 and libc.prctl(
+                PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            log.warning("cannot drop a capability from the bounding set",
+                        extra={"capability": capability,
+                               "error": os.strerror(ctypes.get_errno())})
     header = _CAP_HEADER.pack(_CAPABILITY_VERSION_3, 0)
     data = ctypes.create_string_buffer(_CAP_DATA.size)
-    libc = _libc()
     if libc.capget(header, data) != 0:
-        log.warning("capget failed: %s", os.strerror(ctypes.get_errno()))
+        log.warning("capget failed", extra={"error": os.strerror(ctypes.get_errno())})
         return
     words = list(_CAP_DATA.unpack(data.raw))    # effective, permitted, inheritable; twice
-    for capability in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF):
+    for capability in (*_GUARD_CAPABILITIES, CAP_SETPCAP):
         half, bit = divmod(capability, 32)
         for slot in (0, 1):
             words[3 * half + slot] &= ~(1 << bit) & 0xFFFFFFFF
     if libc.capset(header, _CAP_DATA.pack(*words)) != 0:
-        log.warning("capset failed: %s", os.strerror(ctypes.get_errno()))
+        log.warning("capset failed", extra={"error": os.strerror(ctypes.get_errno())})
 
 
+_GUARD_CAPABILITIES: Final = (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF)
 _CAP_HEADER: Final = struct.Struct("<Ii")
 _CAP_DATA: Final = struct.Struct("<6I")
 

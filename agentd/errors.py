@@ -122,7 +122,10 @@ class UnsafePath(AgentdError):
 
 
 class GuardUnavailable(AgentdError):
-    """The connect guard (decision 13) cannot run here: the message says why, in one line."""
+    """The connect guard (decision 13) cannot run here: the message says why, in one line.
+    Exit status 2 when ``connect_guard = "on"`` stops the start: restarting would not help."""
+
+    exit_code = 2
 
 
 class RenderError(AgentdError):

@@ -29,6 +29,7 @@ from agentd.connectguard import (
     CAP_BPF,
     CAP_NET_ADMIN,
     CAP_PERFMON,
+    CAP_SETPCAP,
     CAP_SYS_ADMIN,
     Blocks,
     ConnectGuard,
@@ -50,7 +51,8 @@ from tests.peers import run_as, run_as_blocking
 from tests.support import until
 
 OTHER_UID = 4242
-DROPPED = 1 << CAP_BPF | 1 << CAP_PERFMON | 1 << CAP_NET_ADMIN | 1 << CAP_SYS_ADMIN
+DROPPED = (1 << CAP_BPF | 1 << CAP_PERFMON | 1 << CAP_NET_ADMIN | 1 << CAP_SYS_ADMIN
+           | 1 << CAP_SETPCAP)
 
 
 def _kernel() -> tuple[int, int]:
@@ -251,11 +253,11 @@ def _in_child(call: Any) -> dict[str, Any]:
     return run_as_blocking(0, 0, call)
 
 
-def _capabilities() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    raise AssertionError("no CapEff line")
+def capabilities(pid: int | str = "self") -> dict[str, int]:
+    """A process's capability sets (``CapEff``, ``CapPrm``, ``CapBnd``...) as numbers."""
+    return {key: int(value, 16) for key, _, value in (
+        line.partition(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        if key.startswith("Cap")}
 
 
 def test_open_guard_drops_the_privileges_to_load_it_and_keeps_working(
@@ -273,13 +275,14 @@ def test_open_guard_drops_the_privileges_to_load_it_and_keeps_working(
             again = "loaded"
         except GuardUnavailable as exc:
             again = str(exc)
-        return {"capabilities": _capabilities(), "refused": refused, "again": again}
+        return {"capabilities": capabilities(), "refused": refused, "again": again}
 
     result = _in_child(load_drop_block)
     assert result["ok"], result
     held = result["value"]["capabilities"]
-    assert held & DROPPED == 0
-    assert held & 1 << 0                                # CAP_CHOWN and the rest stay
+    for kind in ("CapEff", "CapPrm", "CapBnd"):
+        assert held[kind] & DROPPED == 0, kind
+        assert held[kind] & 1 << 0, kind                # CAP_CHOWN and the rest stay
     assert result["value"]["refused"] == errno.EPERM
     assert result["value"]["again"] == (
         "cannot create the map: Operation not permitted (loading the connect guard needs "
@@ -427,9 +430,9 @@ def test_agentd_run_loads_the_guard_as_configured_and_drops_its_privileges(
         trio.run(partial_until(proc, sock))
         status = _status(sock)
         assert status["server"]["connect_guard"] == loaded
-        held = int(re.search(r"CapEff:\s+([0-9a-f]+)",
-                             Path(f"/proc/{proc.pid}/status").read_text())[1], 16)
-        assert held & DROPPED == 0
+        held = capabilities(proc.pid)           # whether it loaded the guard or not
+        for kind in ("CapEff", "CapPrm", "CapBnd"):
+            assert held[kind] & DROPPED == 0, kind
         text = stderr.read_text()
         assert ("connect guard loaded" in text) == (loaded == 1)
         assert ("connect guard not loaded" in text) == (mode == "auto" and loaded == 0)

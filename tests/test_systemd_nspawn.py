@@ -28,7 +28,12 @@ from tests.test_packages import SUITES, fresh_root, install_deb, package
 pytestmark = pytest.mark.slow
 
 ALICE, BOB = 1000, 1001
-MAX_EXPOSURE = 2.5
+# the shipped unit as systemd scores it: the connect guard's capabilities are in its bounding
+# set (tests/test_units.py; agentd drops them at start, test_the_connect_guard_...)
+MAX_EXPOSURE = 2.9
+# CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SETPCAP (<linux/capability.h>)
+GUARD_CAPABILITIES = 1 << 39 | 1 << 38 | 1 << 12 | 1 << 8
+CAP_CHOWN = 1 << 0
 
 CONFIG = """\
 [agent]
@@ -142,7 +147,10 @@ def booted(
     with console.open("wb") as out:
         process = subprocess.Popen(
             ["systemd-nspawn", "-D", str(root), "-b", "--register=no", "--keep-unit",
-             "-M", f"agentd-ops-{uuid.uuid4().hex[:6]}"],
+             "-M", f"agentd-ops-{uuid.uuid4().hex[:6]}",
+             # what a host gives its services and nspawn keeps from its own by default: the
+             # unit's bounding set decides what agentd gets (the connect guard's, decision 13)
+             "--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN", "--system-call-filter=bpf"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )
     box = Container(process, console)
@@ -192,6 +200,49 @@ def test_socket_answers_get_with_each_uids_grants(booted: Booted) -> None:
     # The audit trail (flushed every second) saw alice's uid as it is, not mapped to nobody.
     wait_until(lambda: f'"uid":{ALICE}' in booted.run("cat", "/var/log/agentd/audit.jsonl",
                                                      check=False).stdout, "alice in the audit")
+
+
+STORM = """\
+import errno, socket, sys
+tally = {}
+for _ in range(200_000):
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    try:
+        s.connect(sys.argv[1]); key = "connected"
+    except OSError as e:
+        key = errno.errorcode.get(e.errno, "other")
+    s.close()
+    tally[key] = tally.get(key, 0) + 1
+    if tally.get("EPERM", 0) >= 100:
+        break
+print(tally)
+"""
+
+
+def test_the_connect_guard_is_loaded_and_its_capabilities_dropped(booted: Booted) -> None:
+    """Under the shipped unit agentd loads the guard, then holds none of its capabilities;
+    a storm by nobody (no grants) is refused by the kernel, and alice still reads."""
+    booted.run("systemctl", "restart", "agentd.service")
+    journal = booted.journal()
+    assert "connect guard loaded" in journal, [line for line in journal.splitlines()
+                                               if "connect guard" in line]
+    pid = booted.show("MainPID")["MainPID"]
+    status = booted.run("cat", f"/proc/{pid}/status").stdout
+    sets = {key: int(value, 16) for key, _, value in (
+        line.partition(":\t") for line in status.splitlines()) if key.startswith("Cap")}
+    for kind in ("CapEff", "CapPrm", "CapBnd"):
+        assert sets[kind] & GUARD_CAPABILITIES == 0, (kind, hex(sets[kind]))
+        assert sets[kind] & CAP_CHOWN, (kind, hex(sets[kind]))
+    # a service of nobody's in the container (the program is attached at the root of the
+    # container's cgroups, which nsenter'd processes are not in)
+    storm = booted.run("systemd-run", "--wait", "--pipe", "--quiet", "--uid=nobody",
+                       "/opt/agentd/venv/bin/python", "-c", STORM, "/run/agentd/agentd.sock")
+    assert "'EPERM': 100" in storm.stdout, storm.stdout + storm.stderr
+    alice = booted.as_uid(ALICE, "agentd", "get", "db", "password")
+    assert (alice.returncode, alice.stdout.strip()) == (0, booted.markers["db"]), alice.stderr
+    wait_until(lambda: "this uid may connect again" in booted.journal(), "the block lifted",
+               timeout=60)
 
 
 def test_reload_applies_a_config_change(booted: Booted) -> None:
