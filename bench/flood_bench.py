@@ -16,13 +16,17 @@ each read's latency or failure:
 3. ``CPU burn``: ``--storm-procs`` processes of nobody spin without touching the socket: the
    floor the next phase cannot go below, because on a host with as many busy processes as
    cores every process waits for a CPU, whatever the agent does;
-4. ``connect storm``: ``--storm-procs`` processes of nobody connect and close in a loop.
+4. ``connect storm``: ``--storm-procs`` processes of nobody connect and close in a loop (with
+   the connect guard, decision 13, the kernel refuses them after their first thousand);
+5. ``storm-relative`` (not run unless asked for): the same, by the socket's name from its
+   directory, which the connect guard does not match: the agent refuses them itself.
 
 Each phase lasts ``--duration`` seconds (bounded; attackers are killed at its end). Prints a
 markdown table: per phase and connection kind, reads, failures, p50 and p99 in ms. Target (issue
 13): p99 under 10 ms and no failure during the floods. ``--phases storm,burn`` runs some
 phases only; ``--no-private`` runs the agent with ``private_sockets = false`` (root's clients
-then share the main socket's queue with the storm); ``--cgroups`` puts the agent, the reader and
+then share the main socket's queue with the storm); ``--no-guard`` with ``connect_guard =
+"off"``; ``--cgroups`` puts the agent, the reader and
 the attackers in sibling CPU cgroups of equal weight, as systemd places agentd.service, a
 client's service and a local user's session: without it all three share one cgroup, the worst
 case for CPU, where two attackers get two thirds of the machine.
@@ -166,10 +170,16 @@ def burn_cpu(deadline: float) -> None:
         pass
 
 
-def connect_storm(path: str) -> Callable[[float], None]:
+def connect_storm(path: str, *, relative: bool = False) -> Callable[[float], None]:
+    """Connect and close in a loop; ``relative``: by the socket's name from its directory,
+    which the connect guard does not match (decision 13: it is a fast path, not a wall)."""
     def run(deadline: float) -> None:
+        where = path
+        if relative:
+            os.chdir(os.path.dirname(path))
+            where = os.path.basename(path)
         while time.monotonic() < deadline:
-            sock = _connect(path)
+            sock = _connect(where)
             if sock is not None:
                 sock.close()
     return run
@@ -181,7 +191,8 @@ FRESH_MAIN = "fresh, main socket"
 NO_WAIT = "fresh, no wait (Go, curl), main socket"
 NO_WAIT_PRIVATE = "fresh, no wait (Go, curl), private socket"
 KINDS = ("kept", "fresh", FRESH_MAIN, NO_WAIT, NO_WAIT_PRIVATE)
-PHASES = ("baseline", "flood", "burn", "storm")
+PHASES = ("baseline", "flood", "burn", "storm", "storm-relative")
+DEFAULT_PHASES = PHASES[:4]
 GET = _frame({"v": 1, "id": 1, "op": "get", "name": SECRET})
 
 
@@ -281,10 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (10)")
     parser.add_argument("--rate", type=float, default=50.0, help="root's reads per second (50)")
     parser.add_argument("--storm-procs", type=int, default=2, help="connect storm processes (2)")
-    parser.add_argument("--phases", default=",".join(PHASES),
+    parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
                         help=f"which phases, in order ({','.join(PHASES)})")
     parser.add_argument("--no-private", action="store_true",
                         help="run the agent with private_sockets = false (decision 13)")
+    parser.add_argument("--no-guard", action="store_true",
+                        help='run the agent with connect_guard = "off" (decision 13)')
     parser.add_argument("--cgroups", action="store_true",
                         help="agent, reader and attackers in sibling CPU cgroups, as systemd "
                              "places a service and a user session")
@@ -301,10 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for d in (work, sock_dir):
         d.chmod(0o755)                   # nobody must reach the socket
     groups: CpuGroups | None = None
+    guarded = False
     try:
-        with bench_agent(work, socket=sock_dir / "agentd.sock",
-                         agent_lines="private_sockets = false\n" if args.no_private else ""
-                         ) as ba:
+        lines = ("private_sockets = false\n" if args.no_private else "") + (
+            'connect_guard = "off"\n' if args.no_guard else "")
+        with bench_agent(work, socket=sock_dir / "agentd.sock", agent_lines=lines) as ba:
             path = ba.socket
             if args.cgroups:
                 groups = CpuGroups()
@@ -312,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 groups.place("client", os.getpid())
             with Client.connect(path, timeout=2.0) as probe:
                 through = probe._sock.getpeername()
+                guarded = bool(probe.status()["server"]["connect_guard"])
             expected = path if args.no_private else f"{path}.d/uid-0"
             if through != expected:
                 raise RuntimeError(f"root's client connected through {through}, not {expected}")
@@ -323,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          [burn_cpu] * args.storm_procs),
                 "storm": (f"connect storm ({args.storm_procs} processes)",
                           [connect_storm(path)] * args.storm_procs),
+                "storm-relative": (f"connect storm by a relative path ({args.storm_procs} "
+                                   "processes)",
+                                   [connect_storm(path, relative=True)] * args.storm_procs),
             }
             rows: list[list[str]] = []
             for n, name in enumerate(phases):
@@ -345,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
           f"{args.duration:g} s per phase"
           f"{'; private_sockets = false' if args.no_private else ''}"
+          f"; connect guard {'loaded' if guarded else 'not loaded'}"
           f"{'; agent, reader and attackers in sibling CPU cgroups' if args.cgroups else ''}\n")
     header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms", "max ms"]
     print("| " + " | ".join(header) + " |")
