@@ -371,9 +371,10 @@ def _reason(exc: OSError) -> str:
 
 
 def _connect_reason(exc: OSError) -> str:
-    if exc.errno == errno.EPERM:    # what the connect guard answers (decision 13)
-        return ("refused: agentd's connect guard refuses this uid's connects while it connects "
-                "faster than its rate (a connect storm); try again when it has slowed down")
+    if exc.errno == errno.EACCES:   # the socket's mode, or the connect guard (decision 13)
+        return ("permission denied: the socket's mode does not let this uid connect, or "
+                "agentd's connect guard has shut this uid out for a while after it opened "
+                "connections far over its rate")
     return _reason(exc)
 
 

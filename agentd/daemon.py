@@ -45,7 +45,7 @@ from agentd.audit import Audit
 from agentd.auth import Authenticator
 from agentd.cache import Cache
 from agentd.config import Config
-from agentd.connectguard import ConnectGuard, open_guard
+from agentd.connectguard import open_guard
 from agentd.creds import CredentialsServer, close_listener, open_credentials_listener
 from agentd.crypto import Sealer, harden_process
 from agentd.errors import ConfigError, UnsafePath
@@ -62,8 +62,7 @@ log = logging.getLogger("agentd.daemon")
 class Agent:
     """One running agent: the components built from one config and their shared state."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None,
-                 guard: ConnectGuard | None = None) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         preflight(config, activated=systemd.socket_activated())  # before anything touches a path
         # Known before any upgrade replaces them, so a process still running an old binary
         # keeps matching (access.ExePaths).
@@ -86,8 +85,7 @@ class Agent:
                                    rng=random.Random(f"agentd-schedule:{self.host_id}"))
         self.snapshot.states_source = self.refresher.kinds.export_states
         self.snapshot.revoked_source = self.refresher.revoked_names
-        self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status,
-                             guard=guard)
+        self.server = Server(config, self.cache, self.refresher, self.audit, status=self.status)
         self.private = private.PrivateSockets(self.server, config.agent.socket)
         self.credentials = CredentialsServer(config, self.cache, self.refresher, self.audit)
         self.renderer = Renderer(config, self.cache, is_revoked=self.refresher.is_revoked)
@@ -360,10 +358,13 @@ def _unlink_socket(path: Path) -> None:
 async def serve(config: Config, *, config_path: Path | None = None) -> None:
     """Run an agent until SIGTERM or SIGINT; SIGHUP reloads the config."""
     harden_process()
-    # before anything is served, and the privileges to load it go with it (decision 13)
-    guard = open_guard(config.agent.connect_guard, config.agent.socket)
+    agent = Agent(config, config_path=config_path)      # the paths are checked first
+    # here, not in Agent.run: connect_guard = "on" fails the start with one line (decision 13)
+    guard = open_guard(config.agent.connect_guard, config.agent.socket,
+                       also=[config.agent.credentials_socket])
+    agent.server.blocks.guard = guard
     try:
-        await _serve(Agent(config, config_path=config_path, guard=guard))
+        await _serve(agent)
     finally:
         if guard is not None:
             guard.close()

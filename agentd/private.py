@@ -31,7 +31,6 @@ import os
 import re
 import socket
 import stat
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Final
 
 import trio
 
+from agentd import posixacl
 from agentd.config import Config, PolicyConfig
 from agentd.server import Server, open_listener
 
@@ -47,14 +47,6 @@ log = logging.getLogger("agentd.private")
 MAX_PRIVATE_SOCKETS: Final = 256      # descriptors, and the client's tries, stay bounded
 _NAME: Final = re.compile(r"(uid|gid)-[0-9]{1,10}")
 
-# The xattr form of a POSIX ACL (linux/posix_acl_xattr.h): a version, then (tag, perm, id)
-# entries sorted by tag, then id.
-_ACL_XATTR: Final = "system.posix_acl_access"
-_ACL_VERSION: Final = struct.Struct("<I")
-_ACL_ENTRY: Final = struct.Struct("<HHI")
-_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-_NO_ID: Final = 0xFFFFFFFF
-_RW: Final = 6
 
 
 def directory(socket_path: Path) -> Path:
@@ -88,12 +80,11 @@ def wanted(policies: Iterable[PolicyConfig]) -> list[Queue]:
     return queues[:MAX_PRIVATE_SOCKETS]
 
 
-def acl(queue: Queue) -> bytes:
-    """The access ACL that lets ``queue``'s uid or group (and the file's owner) connect."""
-    entries = [(_USER_OBJ, _RW, _NO_ID), (_GROUP_OBJ, 0, _NO_ID), (_MASK, _RW, _NO_ID),
-               (_OTHER, 0, _NO_ID),
-               (_USER if queue.kind == "uid" else _GROUP, _RW, queue.ident)]
-    return _ACL_VERSION.pack(2) + b"".join(_ACL_ENTRY.pack(*e) for e in sorted(entries))
+def acl_entries(queue: Queue) -> list[posixacl.Entry]:
+    """The access ACL that lets ``queue``'s uid or group (and the file's owner) connect: a
+    0600 socket's entries, and read-write for that uid or group."""
+    return posixacl.from_mode(0o600, [(posixacl.USER if queue.kind == "uid" else posixacl.GROUP,
+                                       posixacl.RW, queue.ident)])
 
 
 def open_private(path: Path, queue: Queue, *, backlog: int) -> socket.socket:
@@ -106,7 +97,7 @@ def open_private(path: Path, queue: Queue, *, backlog: int) -> socket.socket:
     sock = open_listener(path, mode=0o600, group=None, backlog=backlog)
     try:
         try:
-            os.setxattr(path, _ACL_XATTR, acl(queue), follow_symlinks=False)
+            posixacl.write(path, acl_entries(queue))
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP) or os.geteuid() != 0:
                 raise

@@ -87,7 +87,7 @@ from agentd.audit import Audit
 from agentd.cache import Cache, stale_deadline
 from agentd.cell import Cell
 from agentd.config import AgentConfig, Config, SecretConfig
-from agentd.connectguard import Blocks, ConnectGuard
+from agentd.connectguard import Blocks
 from agentd.errors import (
     BadRequest,
     Forbidden,
@@ -442,12 +442,12 @@ class ServerStatistics:
                                  name="agentd_listen_backlog")
     private_sockets: int = metric("Private sockets listening (one per uid or group named)",
                                   name="agentd_private_sockets")
-    connect_guard: int = metric("1 if the connect guard is loaded (storms refused in the kernel)",
+    connect_guard: int = metric("1 if the connect guard can shut storming uids out",
                                 name="agentd_connect_guard")
-    blocked_uids: int = metric("uids whose connects the kernel refuses now (connect storms)",
+    blocked_uids: int = metric("uids shut out of the socket's directory now (connect storms)",
                                name="agentd_connect_blocked_uids")
-    kernel_refused_connections: int = metric("Connects the kernel refused for the connect guard",
-                                             COUNTER, name="agentd_connections_refused_in_kernel")
+    connect_blocks: int = metric("uids shut out for a connect storm, each time", COUNTER,
+                                 name="agentd_connect_blocks")
 
 
 
@@ -480,7 +480,6 @@ class Server:
         *,
         status: Callable[[], Mapping[str, Any]],
         clock: Callable[[], float] = time.time,
-        guard: ConnectGuard | None = None,
     ) -> None:
         self._config = config
         self._reloads: Cell[int] = Cell(0)     # moves when the config is replaced (watchers)
@@ -497,7 +496,8 @@ class Server:
         self._warnings = _Warnings()
         self.refused_connections = 0
         self.storm = _Storm()
-        self.blocks = Blocks(guard, threshold=STORM_REFUSALS, hold=STORM_HOLD)
+        # the connect guard, set by the daemon once the socket's directory is known good
+        self.blocks = Blocks(None, threshold=STORM_REFUSALS, hold=STORM_HOLD)
         self.connect_storms = 0
         self._backlog = 0           # the listen queue length set last (0: not yet)
         self.private_sockets = 0    # set by agentd.private
@@ -541,7 +541,7 @@ class Server:
             private_sockets=self.private_sockets,
             connect_guard=int(self.blocks.guard is not None),
             blocked_uids=self.blocks.blocked,
-            kernel_refused_connections=self.blocks.kernel_refused,
+            connect_blocks=self.blocks.blocks,
         )
 
     @property
@@ -566,14 +566,13 @@ class Server:
         (as the config is after a reload), and ``STORM_BACKLOG`` during a connect storm. A
         private socket (``agentd.private``, decision 13) is sized by its owner: only its own
         uid or group can fill it. With the main socket run the connect guard's blocks
-        (``Blocks.run``: lifted when quiet, and all when this returns)."""
+        (``Blocks.run``: each lifted when its time is up, and all when this returns)."""
         if not shared:
             await serve_listener(listener, None, admit=self._admit, task_status=task_status)
             return
         self._size_queue(listener)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.blocks.run,
-                               lambda: self.config.agent.connects_per_second_per_uid)
+            nursery.start_soon(self.blocks.run)
             await serve_listener(listener, None, admit=self._admit,
                                  after_turn=functools.partial(self._size_queue, listener),
                                  task_status=task_status)

@@ -25,7 +25,7 @@ import trio
 from agentd import config as config_mod
 from agentd import logs
 from agentd.client import Client
-from agentd.connectguard import ConnectGuard
+from agentd.connectguard import DirectoryGuard
 from agentd.daemon import Agent
 from tests.openbao import DevServer
 
@@ -171,14 +171,15 @@ def seed(bao: DevServer) -> Seeded:
 @asynccontextmanager
 async def running_agent(
     config_path: Path, *, configure: Callable[[Agent], None] | None = None,
-    guard: ConnectGuard | None = None,
+    guard: DirectoryGuard | None = None,
 ) -> AsyncIterator[RunningAgent]:
     """Run an Agent (with the connect ``guard`` if given; it stays the caller's to close) in
     this trio loop until the block exits; JSON logs go to a StringIO."""
     buf = io.StringIO()
     logs.setup("debug", stream=buf)
     config = config_mod.load(config_path)
-    agent = Agent(config, guard=guard)
+    agent = Agent(config)
+    agent.server.blocks.guard = guard
     if configure:
         configure(agent)
     async with trio.open_nursery() as nursery:
