@@ -18,8 +18,8 @@ each read's latency or failure:
    cores every process waits for a CPU, whatever the agent does;
 4. ``connect storm``: ``--storm-procs`` processes of nobody connect and close in a loop (with
    the connect guard, decision 13, the kernel refuses them after their first thousand);
-5. ``storm-relative`` (not run unless asked for): the same, by the socket's name from its
-   directory, which the connect guard does not match: the agent refuses them itself.
+5. ``storm-relative`` (not run unless asked for): the same, by the socket's name from inside
+   its directory: the guard's ACL on the directory refuses those too.
 
 Each phase lasts ``--duration`` seconds (bounded; attackers are killed at its end). Prints a
 markdown table: per phase and connection kind, reads, failures, p50 and p99 in ms. Target (issue
@@ -171,8 +171,8 @@ def burn_cpu(deadline: float) -> None:
 
 
 def connect_storm(path: str, *, relative: bool = False) -> Callable[[float], None]:
-    """Connect and close in a loop; ``relative``: by the socket's name from its directory,
-    which the connect guard does not match (decision 13: it is a fast path, not a wall)."""
+    """Connect and close in a loop; ``relative``: by the socket's name from inside its
+    directory (what a path-matching guard would miss; decision 13's does not)."""
     def run(deadline: float) -> None:
         where = path
         if relative:
