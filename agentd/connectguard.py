@@ -55,9 +55,10 @@ class DirectoryGuard:
     are sync and quick (one ``setxattr`` each).
     """
 
-    def __init__(self, directory: Path, allowed: frozenset[str]) -> None:
+    def __init__(self, directory: Path, allowed: frozenset[str], socket: str = "") -> None:
         self.directory = directory
         self._allowed = allowed         # names agentd keeps there
+        self._socket = socket           # the main socket's name
         self._blocked: set[int] = set()
 
     @classmethod
@@ -74,7 +75,7 @@ class DirectoryGuard:
             directory.mkdir(parents=True, exist_ok=True, mode=0o755)
         names = {socket.name, f"{socket.name}.d"} | {
             path.name for path in also if path is not None and path.parent == directory}
-        guard = cls(directory, frozenset(names))
+        guard = cls(directory, frozenset(names), socket.name)
         guard._check()
         guard._write()      # no entries: an earlier run's blocks are lifted
         return guard
@@ -108,6 +109,13 @@ class DirectoryGuard:
             self._blocked.discard(uid)
             with contextlib.suppress(GuardUnavailable):
                 self._write()
+
+    def other_links(self) -> int:
+        """Hard links to the main socket outside the directory: the way past the guard."""
+        try:
+            return os.stat(self.directory / self._socket, follow_symlinks=False).st_nlink - 1
+        except (OSError, ValueError):
+            return 0
 
     def close(self) -> None:
         """Lift every block. Idempotent."""
@@ -195,6 +203,7 @@ class Blocks:
     _until: dict[int, float] = field(default_factory=dict)      # blocked uid: its block's end
     _strikes: dict[int, tuple[int, float]] = field(default_factory=dict)  # (blocks, last end)
     _failure_logged: bool = False
+    _links_logged: bool = False
 
     @property
     def blocked(self) -> int:
@@ -228,6 +237,11 @@ class Blocks:
         self.blocks += 1
         log.warning("connect storm: this uid is shut out of agentd's socket directory",
                     extra={"uid": uid, "seconds": hold})
+        links = self.guard.other_links()
+        if links and not self._links_logged:
+            self._links_logged = True
+            log.warning("the main socket has hard links elsewhere: a storm through them "
+                        "reaches the agent", extra={"links": links})
 
     def lift_due(self, now: float) -> None:
         """Lift the blocks whose time is up; forget refusal counts and strikes gone stale."""

@@ -226,6 +226,21 @@ def test_blocks_start_at_the_threshold_and_come_back_longer(sockets: Path) -> No
     assert MAX_HOLD >= 40.0
 
 
+def test_a_hard_link_made_before_the_block_is_the_way_past_it_and_is_logged(
+    sockets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the guard cannot stop (docs/security.md): a link to the socket elsewhere on the
+    same file system, made while the uid could still reach it. It says so when it blocks."""
+    elsewhere = socket_dir() / "link"
+    os.link(sockets, elsewhere)
+    blocks = Blocks(DirectoryGuard.open(sockets), threshold=1, hold=10.0)
+    with caplog.at_level("WARNING", logger="agentd.connectguard"):
+        blocks.refused(NOBODY, 1.0)
+    assert connect_as(NOBODY, sockets) == errno.EACCES
+    assert connect_as(NOBODY, elsewhere) == 0
+    assert [r.links for r in caplog.records if "hard links" in r.getMessage()] == [1]
+
+
 def test_without_a_guard_blocks_do_nothing() -> None:
     blocks = Blocks(None, threshold=1, hold=1.0)
     for n in range(10):

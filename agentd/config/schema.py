@@ -46,7 +46,7 @@ class AgentConfig:
     connect_burst_per_uid: int = 1000            # new connections: bucket size, per uid
     listen_backlog: int = 1024                   # connections the kernel queues (decision 13)
     private_sockets: bool = True                 # a socket per uid/group named (decision 13)
-    connect_guard: str = "auto"                  # auto | on | off: storms refused in the kernel
+    connect_guard: str = "auto"                  # auto | on | off: storming uids shut out
     max_watchers_per_uid: int = 16               # open watch streams, per uid
     max_request_bytes: int = 65536
     idle_timeout: float = 300.0              # close a connection idle this long
