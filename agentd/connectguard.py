@@ -11,9 +11,10 @@ any socket is reached, however the path is spelt (absolute, relative from inside
 there, the private ones in ``<socket>.d`` included. The agent never sees the storm.
 
 ``Blocks`` decides: a uid is blocked when the agent refused ``threshold`` (``STORM_REFUSALS``)
-of its connects within one second, for ``hold`` (``STORM_HOLD``) seconds, twice as long each
-time it is blocked again within a hold of the last block's end (at most ``MAX_HOLD``). uid 0
-is never blocked: root passes any permission check, and systemd fetches credentials as root.
+of its connects within one second (a tenth of that if it was blocked in the last ten minutes
+or so), for ``hold`` (``STORM_HOLD``) seconds, twice as long each time it is blocked again
+within a hold of the last block's end (at most ``MAX_HOLD``). uid 0 is never blocked: root
+passes any permission check, and systemd fetches credentials as root.
 
 What it does not stop: a hard link to the main socket made before the block, in a directory
 the uid may write on the same file system (``fs.protected_hardlinks`` allows it for a 0666
@@ -217,7 +218,10 @@ class Blocks:
         if now - start >= 1.0:
             start, count = now, 0
         count += 1
-        if count < self.threshold:
+        # a uid blocked not long ago is known: a tenth of the evidence blocks it again, so its
+        # comeback fills the main socket's queue for less long
+        needed = self.threshold if uid not in self._strikes else max(1, self.threshold // 10)
+        if count < needed:
             self._windows[uid] = (start, count)
             return
         self._windows.pop(uid, None)

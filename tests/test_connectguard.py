@@ -209,18 +209,25 @@ def test_blocks_start_at_the_threshold_and_come_back_longer(sockets: Path) -> No
     blocks.lift_due(112.5)
     assert blocks.blocked == 0
     assert connect_as(NOBODY, sockets) == 0
-    # back within a hold of the end: twice as long, then four times
+    # back within a hold of the end: a tenth of the evidence blocks it again, for twice as
+    # long, then four times
     for start, hold in ((115.0, 20.0), (140.0, 40.0)):
-        for n in range(50):
+        for n in range(4):
             blocks.refused(NOBODY, start + n / 100)
+        assert blocks.blocked == 0
+        blocks.refused(NOBODY, start + 0.05)
         assert blocks.blocked == 1
         blocks.lift_due(start + hold - 0.1)
         assert blocks.blocked == 1
         blocks.lift_due(start + hold + 0.5)
         assert blocks.blocked == 0
-    # quiet for long enough: back to the first hold
-    for n in range(50):
+    # quiet for long enough: forgotten, so the whole evidence again, and the first hold
+    blocks.lift_due(1000.0)
+    for n in range(49):
         blocks.refused(NOBODY, 1000.0 + n / 100)
+    assert blocks.blocked == 0
+    blocks.refused(NOBODY, 1000.5)
+    assert blocks.blocked == 1
     blocks.lift_due(1000.5 + 10.0)
     assert (blocks.blocked, blocks.blocks) == (0, 4)
     assert MAX_HOLD >= 40.0
