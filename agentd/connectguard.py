@@ -203,12 +203,18 @@ class Blocks:
     _windows: dict[int, tuple[float, int]] = field(default_factory=dict)
     _until: dict[int, float] = field(default_factory=dict)      # blocked uid: its block's end
     _strikes: dict[int, tuple[int, float]] = field(default_factory=dict)  # (blocks, last end)
+    _lifted: float = -math.inf      # when a block was last lifted
     _failure_logged: bool = False
     _links_logged: bool = False
 
     @property
     def blocked(self) -> int:
         return len(self._until)
+
+    def guarding(self, now: float) -> bool:
+        """Whether a uid is blocked, or one was let in again less than ``hold`` ago (the
+        server keeps its storm footing meanwhile)."""
+        return bool(self._until) or now - self._lifted < self.hold
 
     def refused(self, uid: int, now: float) -> None:
         """The agent refused a connect by ``uid`` (over its connect rate or a cap)."""
@@ -259,6 +265,7 @@ class Blocks:
             if now >= until:
                 self.guard.unblock(uid)
                 del self._until[uid]
+                self._lifted = now
                 log.info("connect storm over: this uid may connect again", extra={"uid": uid})
 
     async def run(self, *, interval: float = 1.0) -> None:

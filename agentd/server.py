@@ -580,7 +580,10 @@ class Server:
     def _size_queue(self, listener: socket.socket) -> int | None:
         """Size the main socket's queue for now; during a storm, return its next turn's batch."""
         deep = self.config.agent.listen_backlog
-        raging = self.storm.raging(trio.current_time())
+        # and while a uid is shut out, and for a while after: when its block ends and it
+        # comes back storming, it finds a short queue, and is blocked again soon (decision 13)
+        now = trio.current_time()
+        raging = self.storm.raging(now) or self.blocks.guarding(now)
         wanted = min(STORM_BACKLOG, deep) if raging else deep
         if raging != self._storming:
             self._storming = raging

@@ -208,6 +208,7 @@ def test_blocks_start_at_the_threshold_and_come_back_longer(sockets: Path) -> No
     assert blocks.blocked == 1
     blocks.lift_due(112.5)
     assert blocks.blocked == 0
+    assert blocks.guarding(122.4) and not blocks.guarding(122.6)    # a hold after the lift
     assert connect_as(NOBODY, sockets) == 0
     # back within a hold of the end: a tenth of the evidence blocks it again, for twice as
     # long, then four times
