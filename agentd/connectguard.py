@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -199,6 +199,9 @@ class Blocks:
     guard: DirectoryGuard | None
     threshold: int
     hold: float
+    # called with a uid let in again: the server empties its connect bucket, so a comeback is
+    # refused (and blocked again) from its first connect, not admitted a burst's worth first
+    on_lift: Callable[[int], None] | None = None
     blocks: int = 0                 # blocks imposed (a counter)
     _windows: dict[int, tuple[float, int]] = field(default_factory=dict)
     _until: dict[int, float] = field(default_factory=dict)      # blocked uid: its block's end
@@ -266,6 +269,8 @@ class Blocks:
                 self.guard.unblock(uid)
                 del self._until[uid]
                 self._lifted = now
+                if self.on_lift is not None:
+                    self.on_lift(uid)
                 log.info("connect storm over: this uid may connect again", extra={"uid": uid})
 
     async def run(self, *, interval: float = 1.0) -> None:

@@ -497,7 +497,8 @@ class Server:
         self.refused_connections = 0
         self.storm = _Storm()
         # the connect guard, set by the daemon once the socket's directory is known good
-        self.blocks = Blocks(None, threshold=STORM_REFUSALS, hold=STORM_HOLD)
+        self.blocks = Blocks(None, threshold=STORM_REFUSALS, hold=STORM_HOLD,
+                             on_lift=self._empty_connect_budget)
         self.connect_storms = 0
         self._backlog = 0           # the listen queue length set last (0: not yet)
         self.private_sockets = 0    # set by agentd.private
@@ -596,6 +597,13 @@ class Server:
             listener.listen(wanted)
             self._backlog = wanted
         return STORM_BATCH if raging else None
+
+    def _empty_connect_budget(self, uid: int) -> None:
+        """A uid let in after a block (decision 13) starts with no connect tokens: they come
+        back at its rate, so a storm that resumes is refused from its first connect."""
+        burst = float(self.config.agent.connect_burst_per_uid)
+        budget = _budget(self._connect_budgets, uid, burst)
+        budget.tokens, budget.at = 0.0, trio.current_time()
 
     def _admit(self, sock: _socket.socket) -> Handler | None:
         """Admit a new connection or refuse it at once, from ``SO_PEERCRED`` alone (no /proc):

@@ -329,8 +329,13 @@ async def test_a_storming_uid_is_shut_out_until_its_block_ends(
         said = await run_as(NOBODY, NOBODY, client_error)
         assert "connect guard" in said["value"], said
         await until(lambda: server.statistics().blocked_uids == 0, "the block lifted")
+        # let in again, with an empty connect bucket: a storm that resumes is refused from
+        # its first connect (and soon blocked again), not admitted a burst's worth first
+        before = server.statistics().refused_connections
         assert await run_as(NOBODY, NOBODY, lambda: connect_errno(path)) == {
             "ok": True, "value": 0}
+        await until(lambda: server.statistics().refused_connections == before + 1,
+                    "the first connect after the block refused")
     # the agent saw the storm until the block (threshold refusals), and then only what was in
     # its queue already (listen_backlog + 1), never the 3,000 after
     assert server.statistics().refused_connections <= 100 + 1024 + 1
