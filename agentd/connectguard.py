@@ -11,8 +11,8 @@ any socket is reached, however the path is spelt (absolute, relative from inside
 there, the private ones in ``<socket>.d`` included. The agent never sees the storm.
 
 ``Blocks`` decides: a uid is blocked when the agent refused ``threshold`` (``STORM_REFUSALS``)
-of its connects within one second (a tenth of that if it was blocked in the last ten minutes
-or so), for ``hold`` (``STORM_HOLD``) seconds, twice as long each time it is blocked again
+of its connects within one second (a fiftieth of that, 20, if it was blocked in the last ten
+minutes or so), for ``hold`` (``STORM_HOLD``) seconds, twice as long each time it is blocked again
 within a hold of the last block's end (at most ``MAX_HOLD``). uid 0 is never blocked: root
 passes any permission check, and systemd fetches credentials as root.
 
@@ -227,9 +227,10 @@ class Blocks:
         if now - start >= 1.0:
             start, count = now, 0
         count += 1
-        # a uid blocked not long ago is known: a tenth of the evidence blocks it again, so its
-        # comeback fills the main socket's queue for less long
-        needed = self.threshold if uid not in self._strikes else max(1, self.threshold // 10)
+        # a uid blocked not long ago is known: a fiftieth of the evidence (its bucket is empty,
+        # so these are 20 connects over its rate) blocks it again, and its comeback holds the
+        # main socket's queue for a millisecond or so, not for a thousand refusals
+        needed = self.threshold if uid not in self._strikes else max(1, self.threshold // 50)
         if count < needed:
             self._windows[uid] = (start, count)
             return

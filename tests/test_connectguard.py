@@ -193,30 +193,29 @@ def test_the_credentials_socket_may_share_the_directory(sockets: Path) -> None:
 
 
 def test_blocks_start_at_the_threshold_and_come_back_longer(sockets: Path) -> None:
-    blocks = Blocks(DirectoryGuard.open(sockets), threshold=50, hold=10.0)
-    for n in range(49):
-        blocks.refused(NOBODY, 100.0 + n / 100)
-        blocks.refused(0, 100.0 + n / 100)              # root: never blocked
+    blocks = Blocks(DirectoryGuard.open(sockets), threshold=100, hold=10.0)
+    for n in range(99):
+        blocks.refused(NOBODY, 100.0 + n / 200)
+        blocks.refused(0, 100.0 + n / 200)              # root: never blocked
     blocks.refused(NOBODY, 101.5)                       # a new second: the count starts again
     assert blocks.blocked == 0
-    for n in range(50):
-        blocks.refused(NOBODY, 102.0 + n / 100)
-        blocks.refused(0, 102.0 + n / 100)
+    for n in range(100):
+        blocks.refused(NOBODY, 102.0 + n / 200)
+        blocks.refused(0, 102.0 + n / 200)
     assert (blocks.blocked, blocks.blocks) == (1, 1)
     assert connect_as(NOBODY, sockets) == errno.EACCES
-    blocks.lift_due(111.9)                              # blocked at 102.49 for 10 s
+    blocks.lift_due(111.9)                              # blocked at 102.495 for 10 s
     assert blocks.blocked == 1
     blocks.lift_due(112.5)
     assert blocks.blocked == 0
     assert blocks.guarding(122.4) and not blocks.guarding(122.6)    # a hold after the lift
     assert connect_as(NOBODY, sockets) == 0
-    # back within a hold of the end: a tenth of the evidence blocks it again, for twice as
+    # back within a hold of the end: a fiftieth of the evidence blocks it again, for twice as
     # long, then four times
     for start, hold in ((115.0, 20.0), (140.0, 40.0)):
-        for n in range(4):
-            blocks.refused(NOBODY, start + n / 100)
+        blocks.refused(NOBODY, start)
         assert blocks.blocked == 0
-        blocks.refused(NOBODY, start + 0.05)
+        blocks.refused(NOBODY, start + 0.01)
         assert blocks.blocked == 1
         blocks.lift_due(start + hold - 0.1)
         assert blocks.blocked == 1
@@ -224,8 +223,8 @@ def test_blocks_start_at_the_threshold_and_come_back_longer(sockets: Path) -> No
         assert blocks.blocked == 0
     # quiet for long enough: forgotten, so the whole evidence again, and the first hold
     blocks.lift_due(1000.0)
-    for n in range(49):
-        blocks.refused(NOBODY, 1000.0 + n / 100)
+    for n in range(99):
+        blocks.refused(NOBODY, 1000.0 + n / 200)
     assert blocks.blocked == 0
     blocks.refused(NOBODY, 1000.5)
     assert blocks.blocked == 1
