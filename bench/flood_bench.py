@@ -119,12 +119,15 @@ class CpuGroups:
 
 
 def _as_nobody(body: Callable[[float], None], deadline: float,
-               groups: CpuGroups | None = None) -> int:
+               groups: CpuGroups | None = None, cwd: str = "/") -> int:
+    """Fork ``body(deadline)`` as nobody, working in ``cwd`` (entered as root, before a
+    connect guard's block could keep nobody out of it)."""
     pid = os.fork()
     if pid == 0:
         try:
             if groups is not None:
                 groups.place("attack", os.getpid())
+            os.chdir(cwd)
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
@@ -174,10 +177,7 @@ def connect_storm(path: str, *, relative: bool = False) -> Callable[[float], Non
     """Connect and close in a loop; ``relative``: by the socket's name from inside its
     directory (what a path-matching guard would miss; decision 13's does not)."""
     def run(deadline: float) -> None:
-        where = path
-        if relative:
-            os.chdir(os.path.dirname(path))
-            where = os.path.basename(path)
+        where = os.path.basename(path) if relative else path    # the attackers' cwd: its dir
         while time.monotonic() < deadline:
             sock = _connect(where)
             if sock is not None:
@@ -266,7 +266,8 @@ def measure(path: str, duration: float, rate: float, kinds: Sequence[str] = KIND
 def phase(path: str, name: str, attackers: list[Callable[[float], None]], duration: float,
           rate: float, *, private: bool = True, groups: CpuGroups | None = None
           ) -> list[list[str]]:
-    pids = [_as_nobody(body, time.monotonic() + duration + 1.0, groups) for body in attackers]
+    pids = [_as_nobody(body, time.monotonic() + duration + 1.0, groups,
+                       cwd=os.path.dirname(path)) for body in attackers]
     try:
         if pids:
             time.sleep(0.5)                  # let the flood get going
