@@ -146,7 +146,8 @@ class DirectoryGuard:
 
     def _write(self) -> None:
         """The directory's ACL: its mode's entries, and no permission for each blocked uid;
-        none at all when no uid is blocked."""
+        just the mode's when no uid is blocked (which also tells that the file system takes
+        ACLs, at ``open``)."""
         try:
             fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
@@ -155,10 +156,11 @@ class DirectoryGuard:
                     mode = stat.S_IMODE(os.fstat(fd).st_mode)
                     posixacl.write(fd, posixacl.from_mode(
                         mode, [(posixacl.USER, posixacl.NONE, uid) for uid in self._blocked]))
-                else:
-                    with contextlib.suppress(OSError):
-                        if os.getxattr(fd, posixacl.XATTR):
-                            os.removexattr(fd, posixacl.XATTR)
+                else:       # the mode's own entries: a no-op that fails without ACLs
+                    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+                    posixacl.write(fd, posixacl.from_mode(mode))
+                    with contextlib.suppress(OSError):      # kept as the mode, not an xattr
+                        os.removexattr(fd, posixacl.XATTR)
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -165,6 +165,20 @@ def test_a_directory_that_is_not_agentds_alone_is_refused(tmp_path: Path, defect
     assert str(main.parent) in str(caught.value)
 
 
+def test_a_file_system_without_acls_is_refused_at_open(tmp_path: Path) -> None:
+    """ramfs takes no ACLs: said at start, not at the first storm."""
+    mounted = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(tmp_path)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs here: {mounted.stderr.strip()}")
+    try:
+        tmp_path.chmod(0o755)
+        with pytest.raises(GuardUnavailable, match="its file system has no ACLs"):
+            DirectoryGuard.open(tmp_path / "agentd.sock")
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=True)
+
+
 def test_a_block_checks_the_directory_again(sockets: Path) -> None:
     guard = DirectoryGuard.open(sockets)
     (sockets.parent / "later").write_text("an operator's file")
