@@ -417,7 +417,9 @@ def _ago(when: Any, now: float) -> str:
 def format_status(status: Mapping[str, Any], *, now: float) -> str:
     """``agentd status`` for people: upstream, auth, secrets, templates, recent errors."""
     up, auth = status.get("upstream", {}), status.get("auth", {})
+    server = status.get("server", {})
     uptime = _ago(now - float(status.get("uptime", 0)), now).replace(" ago", "")
+    shut_out = server.get("blocked_uids") or 0
     lines = [
         f"agentd {status.get('version')}  pid {status.get('pid')}  "
         f"{'ready' if status.get('ready') else 'NOT READY'}  up {uptime}",
@@ -425,6 +427,11 @@ def format_status(status: Mapping[str, Any], *, now: float) -> str:
         f"requests {up.get('requests')}  errors {up.get('errors')}",
         f"auth      {auth.get('method')}  {auth.get('state')}  "
         f"token expires {_ago(auth.get('expires_at'), now) if auth.get('expires_at') else 'never'}",
+        f"socket    connections {server.get('connections', 0)}  "
+        f"refused {server.get('refused_connections', 0)}  "
+        f"connect guard {'ready' if server.get('connect_guard') else 'off'}"
+        + (f"  {shut_out} uid{'s' if shut_out > 1 else ''} shut out (storming; see the log)"
+           if shut_out else ""),
         "",
         f"{'SECRET':<24} {'KIND':<7} {'VERSION':>7}  {'FETCHED':<14} {'STATE':<9} "
         f"{'FROM':<8} NEXT",

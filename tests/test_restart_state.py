@@ -177,8 +177,13 @@ def test_status_shows_where_each_value_came_from_and_its_next_step() -> None:
         "gone": {"kind": "kv2", "version": None, "revoked": True, "from_snapshot": False,
                  "next_step": "poll", "next_step_at": None},
     }
-    text = format_status({"secrets": secrets, "uptime": 1}, now=NOW)
+    text = format_status({"secrets": secrets, "uptime": 1, "server": {
+        "connections": 3, "refused_connections": 1200, "connect_guard": 1, "blocked_uids": 1}},
+        now=NOW)
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert lines["socket"].split() == [
+        "socket", "connections", "3", "refused", "1200", "connect", "guard", "ready", "1", "uid",
+        "shut", "out", "(storming;", "see", "the", "log)"]
     assert "FROM" in lines["SECRET"]
     assert "snapshot" in lines["web"] and "re-issue 30.0m from now" in lines["web"]
     assert "upstream" in lines["db"] and "poll 4.9m from now" in lines["db"]
