@@ -221,10 +221,11 @@ class Blocks:
         server keeps its storm footing meanwhile)."""
         return bool(self._until) or now - self._lifted < self.hold
 
-    def refused(self, uid: int, now: float) -> None:
-        """The agent refused a connect by ``uid`` (over its connect rate or a cap)."""
+    def refused(self, uid: int, now: float) -> bool:
+        """The agent refused a connect by ``uid`` (over its connect rate or a cap); True if
+        that blocked the uid (the server audits it)."""
         if self.guard is None or uid == 0 or uid in self._until:
-            return
+            return False
         start, count = self._windows.get(uid, (-math.inf, 0))
         if now - start >= 1.0:
             start, count = now, 0
@@ -235,7 +236,7 @@ class Blocks:
         needed = self.threshold if uid not in self._strikes else max(1, self.threshold // 50)
         if count < needed:
             self._windows[uid] = (start, count)
-            return
+            return False
         self._windows.pop(uid, None)
         try:
             self.guard.block(uid)
@@ -244,7 +245,7 @@ class Blocks:
                 self._failure_logged = True
                 log.warning("connect guard: cannot block a uid; the agent refuses it alone",
                             extra={"uid": uid, "error": str(exc)})
-            return
+            return False
         strikes, ended = self._strikes.get(uid, (0, -math.inf))
         strikes = strikes + 1 if now - ended < self.hold * 2 ** strikes else 0
         hold = min(self.hold * 2 ** strikes, MAX_HOLD)
@@ -258,6 +259,7 @@ class Blocks:
             self._links_logged = True
             log.warning("the main socket has hard links elsewhere: a storm through them "
                         "reaches the agent", extra={"links": links})
+        return True
 
     def lift_due(self, now: float) -> None:
         """Lift the blocks whose time is up; forget refusal counts and strikes gone stale."""

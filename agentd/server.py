@@ -629,8 +629,9 @@ class Server:
             self.refused_connections += 1
             now = trio.current_time()
             self.storm.refused(now)
-            self.blocks.refused(uid, now)
             self._audit.record(op="connect", decision="rate_limited", pid=pid, uid=uid)
+            if self.blocks.refused(uid, now):       # the connect guard shut the uid out
+                self._audit.record(op="connect", decision="shut_out", pid=pid, uid=uid)
             self._warnings.warn(uid, "connections", "too many connections; refusing",
                                 pid=pid, connections=self._per_uid[uid])
             if not self._storming:      # in a storm, a reply is work for nobody's benefit

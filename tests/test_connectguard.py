@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -352,6 +353,9 @@ async def test_a_storming_uid_is_shut_out_until_its_block_ends(
     # the agent saw the storm until the block (threshold refusals), and then only what was in
     # its queue already (listen_backlog + 1), never the 3,000 after
     assert server.statistics().refused_connections <= 100 + 1024 + 1
+    audited = [json.loads(line) for line in guarded.audit_path.read_text().splitlines()
+               if '"shut_out"' in line]
+    assert [(line["op"], line["uid"]) for line in audited] == [("connect", NOBODY)]
     log = guarded.log.getvalue()
     assert "shut out of agentd's socket directory" in log
     assert "this uid may connect again" in log
