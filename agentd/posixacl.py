@@ -18,7 +18,7 @@ _VERSION: Final = struct.Struct("<I")
 _ENTRY: Final = struct.Struct("<HHI")
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 NO_ID: Final = 0xFFFFFFFF
-NONE, X, RW, RX, RWX = 0, 1, 6, 5, 7
+NONE, RW = 0, 6                 # permission bits: none; read and write
 
 Entry = tuple[int, int, int]    # (tag, perm, id)
 

@@ -48,7 +48,6 @@ MAX_PRIVATE_SOCKETS: Final = 256      # descriptors, and the client's tries, sta
 _NAME: Final = re.compile(r"(uid|gid)-[0-9]{1,10}")
 
 
-
 def directory(socket_path: Path) -> Path:
     """Where the private sockets of the agent listening at ``socket_path`` are."""
     return Path(f"{socket_path}.d")
