@@ -26,10 +26,10 @@ markdown table: per phase and connection kind, reads, failures, p50 and p99 in m
 13): p99 under 10 ms and no failure during the floods. ``--phases storm,burn`` runs some
 phases only; ``--no-private`` runs the agent with ``private_sockets = false`` (root's clients
 then share the main socket's queue with the storm); ``--no-guard`` with ``connect_guard =
-"off"``; ``--cgroups`` puts the agent, the reader and
-the attackers in sibling CPU cgroups of equal weight, as systemd places agentd.service, a
-client's service and a local user's session: without it all three share one cgroup, the worst
-case for CPU, where two attackers get two thirds of the machine.
+"off"``; ``--cgroups`` puts the agent, the reader and the attackers in sibling CPU cgroups of
+equal weight, as systemd places agentd.service, a client's service and a local user's session:
+without it all three share one cgroup, the worst case for CPU, where two attackers get two
+thirds of the machine.
 
 Run it as root: ``.venv/bin/python bench/flood_bench.py``. To measure another tree (say, the code
 before the fix), put its ``agentd`` first: ``cd /tmp && PYTHONPATH=/path/to/old .venv/bin/python
@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"Linux {platform.release()}; root reads at {args.rate:g}/s, "
           f"{args.duration:g} s per phase"
           f"{'; private_sockets = false' if args.no_private else ''}"
-          f"; connect guard {'loaded' if guarded else 'not loaded'}"
+          f"; connect guard {'ready' if guarded else 'off'}"
           f"{'; agent, reader and attackers in sibling CPU cgroups' if args.cgroups else ''}\n")
     header = ["phase", "root's connection", "reads", "failures", "p50 ms", "p99 ms", "max ms"]
     print("| " + " | ".join(header) + " |")
