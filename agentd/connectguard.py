@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -77,8 +77,9 @@ class DirectoryGuard:
         names = {socket.name, f"{socket.name}.d"} | {
             path.name for path in also if path is not None and path.parent == directory}
         guard = cls(directory, frozenset(names), socket.name)
-        guard._check()
-        guard._write()      # no entries: an earlier run's blocks are lifted
+        with guard._opened() as fd:
+            guard._check(fd)
+            guard._write(fd)        # no entries: an earlier run's blocks are lifted
         return guard
 
     @property
@@ -96,20 +97,20 @@ class DirectoryGuard:
             return
         if len(self._blocked) >= MAX_BLOCKED:
             raise GuardUnavailable(f"{MAX_BLOCKED} uids are blocked already")
-        self._check()
-        self._blocked.add(uid)
-        try:
-            self._write()
-        except GuardUnavailable:
-            self._blocked.discard(uid)
-            raise
+        with self._opened() as fd:
+            self._check(fd)
+            self._blocked.add(uid)
+            try:
+                self._write(fd)
+            except GuardUnavailable:
+                self._blocked.discard(uid)
+                raise
 
     def unblock(self, uid: int) -> None:
         """Let ``uid`` in again (nothing if it was not blocked)."""
         if uid in self._blocked:
             self._blocked.discard(uid)
-            with contextlib.suppress(GuardUnavailable):
-                self._write()
+            self._rewrite()
 
     def other_links(self) -> int:
         """Hard links to the main socket outside the directory: the way past the guard."""
@@ -122,51 +123,57 @@ class DirectoryGuard:
         """Lift every block. Idempotent."""
         if self._blocked:
             self._blocked.clear()
-            with contextlib.suppress(GuardUnavailable):
-                self._write()
+            self._rewrite()
 
-    def _check(self) -> None:
-        """The directory is agentd's (its owner, not a symlink, writable by nobody else) and
-        holds only agentd's sockets: an ACL on it keeps a uid from nothing else."""
+    def _rewrite(self) -> None:
+        """``_write`` after an unblock: a failure leaves the uid out a little longer, logged
+        by nobody (the next block reports a directory gone wrong)."""
+        with contextlib.suppress(GuardUnavailable), self._opened() as fd:
+            self._write(fd)
+
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[int]:
+        """A descriptor of the directory itself (never through a symlink), closed after.
+
+        Raises:
+            GuardUnavailable: it cannot be opened.
+        """
         try:
             fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
         except OSError as exc:
             raise GuardUnavailable(f"{self.directory}: {exc.strerror}") from exc
         try:
-            info = os.fstat(fd)
-            if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise GuardUnavailable(f"{self.directory} is not a directory of agentd's own")
-            others = sorted(set(os.listdir(fd)) - self._allowed)
+            yield fd
         finally:
             os.close(fd)
+
+    def _check(self, fd: int) -> None:
+        """The directory is agentd's (its owner, writable by nobody else) and holds only
+        agentd's sockets: an ACL on it keeps a uid from nothing else."""
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise GuardUnavailable(f"{self.directory} is not a directory of agentd's own")
+        others = sorted(set(os.listdir(fd)) - self._allowed)
         if others:
             raise GuardUnavailable(f"{self.directory} holds more than agentd's sockets "
                                    f"({others[0]})")
 
-    def _write(self) -> None:
-        """The directory's ACL: its mode's entries, and no permission for each blocked uid;
-        just the mode's when no uid is blocked (which also tells that the file system takes
-        ACLs, at ``open``)."""
+    def _write(self, fd: int) -> None:
+        """The directory's ACL: its mode's entries, and no permission for each blocked uid.
+        With none blocked, the mode's entries alone, which the kernel keeps as the mode: a
+        no-op that still fails where the file system takes no ACLs (so ``open`` can tell)."""
         try:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                         | os.O_CLOEXEC)
-            try:
-                if self._blocked:
-                    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-                    posixacl.write(fd, posixacl.from_mode(
-                        mode, [(posixacl.USER, posixacl.NONE, uid) for uid in self._blocked]))
-                else:       # the mode's own entries: a no-op that fails without ACLs
-                    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-                    posixacl.write(fd, posixacl.from_mode(mode))
-                    with contextlib.suppress(OSError):      # kept as the mode, not an xattr
-                        os.removexattr(fd, posixacl.XATTR)
-            finally:
-                os.close(fd)
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            posixacl.write(fd, posixacl.from_mode(
+                mode, [(posixacl.USER, posixacl.NONE, uid) for uid in self._blocked]))
         except OSError as exc:
             reason = ("its file system has no ACLs"
                       if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP) else exc.strerror)
             raise GuardUnavailable(f"cannot set the ACL of {self.directory}: {reason}") from exc
+        if not self._blocked:
+            with contextlib.suppress(OSError):      # none left as an xattr either
+                os.removexattr(fd, posixacl.XATTR)
 
 
 def open_guard(mode: str, socket: Path, *, also: Iterable[Path | None] = ()
