@@ -286,13 +286,10 @@ class Blocks:
                 log.info("connect storm over: this uid may connect again", extra={"uid": uid})
 
     async def run(self, *, interval: float = 1.0) -> None:
-        """Lift blocks as they end, every ``interval``, until cancelled; then lift them all."""
+        """Lift blocks as they end, every ``interval``, until cancelled. What is blocked then
+        is lifted by whoever opened the guard, as it closes it (the daemon, at exit)."""
         if self.guard is None:
             return
-        try:
-            while True:
-                await trio.sleep(interval)
-                self.lift_due(trio.current_time())
-        finally:
-            self.guard.close()
-            self._until.clear()
+        while True:
+            await trio.sleep(interval)
+            self.lift_due(trio.current_time())

@@ -567,7 +567,7 @@ class Server:
         (as the config is after a reload), and ``STORM_BACKLOG`` during a connect storm. A
         private socket (``agentd.private``, decision 13) is sized by its owner: only its own
         uid or group can fill it. With the main socket run the connect guard's blocks
-        (``Blocks.run``: each lifted when its time is up, and all when this returns)."""
+        (``Blocks.run``: each lifted when its time is up)."""
         if not shared:
             await serve_listener(listener, None, admit=self._admit, task_status=task_status)
             return
