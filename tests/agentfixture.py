@@ -199,9 +199,14 @@ async def running_agent(
     os.environ.pop("NOTIFY_SOCKET", None)
 
 
-def agent_fixture(agent_extra: str = "") -> Any:
+def agent_fixture(
+    agent_extra: str = "", *, configure: Callable[[Agent], None] | None = None,
+    audit_flush: str = "1s", guard: bool = False,
+) -> Any:
     """A fixture running the ``write_config`` agent (with ``agent_extra`` in its ``[agent]``
-    table) over the ``seeded`` secrets, its socket in a ``socket_dir()``; assign it to a name::
+    table, its audit flushed every ``audit_flush``) over the ``seeded`` secrets, its socket in
+    a ``socket_dir()``, ``configure(agent)`` called before it runs, and with ``guard`` the
+    connect guard on that directory (decision 13); assign it to a name::
 
         agent = agent_fixture('frame_timeout = "1s"')
     """
@@ -213,7 +218,14 @@ def agent_fixture(agent_extra: str = "") -> Any:
         sock = socket_dir() / "agentd.sock"
         cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
                            agent_extra=agent_extra)
-        async with running_agent(cfg) as ra:
-            yield ra
+        cfg.write_text(cfg.read_text().replace('flush_interval = "1s"',
+                                               f'flush_interval = "{audit_flush}"'))
+        opened = DirectoryGuard.open(sock) if guard else None
+        try:
+            async with running_agent(cfg, configure=configure, guard=opened) as ra:
+                yield ra
+        finally:
+            if opened is not None:
+                opened.close()
 
     return agent

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
-    running_agent,
+    agent_fixture,
     socket_dir,
     write_config,
 )
@@ -300,19 +300,8 @@ def quick_blocks(agent: Any) -> None:
     agent.server.blocks.hold = 3.0
 
 
-@pytest.fixture
-async def guarded(
-    tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
-) -> AsyncIterator[RunningAgent]:
-    sock = socket_dir() / "agentd.sock"
-    cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
-                       agent_extra="connects_per_second_per_uid = 1\nconnect_burst_per_uid = 10")
-    guard = DirectoryGuard.open(sock)
-    try:
-        async with running_agent(cfg, guard=guard, configure=quick_blocks) as ra:
-            yield ra
-    finally:
-        guard.close()
+guarded = agent_fixture("connects_per_second_per_uid = 1\nconnect_burst_per_uid = 10",
+                        configure=quick_blocks, guard=True)
 
 
 async def test_a_storming_uid_is_shut_out_until_its_block_ends(

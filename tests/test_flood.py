@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,8 @@ from tests.agentfixture import (
     NOBODY,
     RunningAgent,
     Seeded,
-    running_agent,
+    agent_fixture,
     seed,
-    socket_dir,
-    write_config,
 )
 from tests.openbao import DevServer
 from tests.peers import run_as
@@ -50,24 +48,6 @@ PING = frame({"v": 1, "id": 1, "op": "ping"})
 @pytest.fixture
 def seeded(bao: DevServer) -> Seeded:
     return seed(bao)
-
-
-def agent_with(
-    agent_extra: str, *, configure: Callable[[agentd.daemon.Agent], None] | None = None,
-    audit_flush: str = "1s",
-):  # type: ignore[no-untyped-def]
-    @pytest.fixture
-    async def agent(
-        tmp_path: Path, bao: DevServer, approle_files: tuple[Path, Path], seeded: Seeded
-    ) -> AsyncIterator[RunningAgent]:
-        sock = socket_dir() / "agentd.sock"
-        cfg = write_config(tmp_path, bao, approle_files, seeded, sock=sock,
-                           agent_extra=agent_extra)
-        cfg.write_text(cfg.read_text().replace('flush_interval = "1s"',
-                                               f'flush_interval = "{audit_flush}"'))
-        async with running_agent(cfg, configure=configure) as ra:
-            yield ra
-    return agent
 
 
 def read_until_eof(sock: socket.socket, limit: int) -> tuple[list[dict[str, Any]], bool]:
@@ -101,8 +81,8 @@ async def root_reads(path: Path, count: int) -> int:
 
 # --- item 2: a pipeline over the rate is not read, and closed if it keeps going ---------------
 
-flooded = agent_with('requests_per_second_per_uid = 20\nrequest_burst_per_uid = 80\n'
-                     'frame_timeout = "1s"')
+flooded = agent_fixture('requests_per_second_per_uid = 20\nrequest_burst_per_uid = 80\n'
+                        'frame_timeout = "1s"')
 
 
 async def test_connections_flooding_over_the_rate_are_closed_and_others_served(
@@ -204,7 +184,7 @@ def counting_identify(agent: agentd.daemon.Agent) -> None:
     agent.server.identify = identify
 
 
-capped = agent_with("max_connections_per_uid = 2", configure=counting_identify)
+capped = agent_fixture("max_connections_per_uid = 2", configure=counting_identify)
 
 
 async def test_a_connection_over_the_cap_is_closed_at_accept_without_identity_work(
@@ -240,7 +220,7 @@ async def test_a_connection_over_the_cap_is_closed_at_accept_without_identity_wo
     assert capped.agent.server.statistics().refused_connections == 1
 
 
-connect_limited = agent_with("connects_per_second_per_uid = 1\nconnect_burst_per_uid = 3")
+connect_limited = agent_fixture("connects_per_second_per_uid = 1\nconnect_burst_per_uid = 3")
 
 
 async def test_new_connections_draw_from_their_own_bucket_not_the_request_budget(
@@ -303,8 +283,8 @@ async def settled(count: Callable[[], int], quiet: float = 0.3) -> None:
             last, since = now, trio.current_time()
 
 
-storm_sized = agent_with("listen_backlog = 300\nconnects_per_second_per_uid = 1\n"
-                         "connect_burst_per_uid = 10", configure=quick_storm)
+storm_sized = agent_fixture("listen_backlog = 300\nconnects_per_second_per_uid = 1\n"
+                            "connect_burst_per_uid = 10", configure=quick_storm)
 
 
 async def test_a_connect_storm_shortens_the_listen_queue_until_it_is_over(
@@ -381,7 +361,7 @@ async def test_a_reload_resizes_the_listen_queue_at_the_next_turn(
     assert server.statistics().connect_storms == 0
 
 
-stormed = agent_with("")
+stormed = agent_fixture("")
 
 
 async def test_a_connect_storm_does_not_make_other_uids_connects_fail(
@@ -553,8 +533,8 @@ async def test_the_async_client_waits_in_the_kernel_for_a_place_in_a_full_queue(
 
 # --- item 8: refusals cost bounded log and audit lines --------------------------------------
 
-quick_exit = agent_with("requests_per_second_per_uid = 1000\nrequest_burst_per_uid = 1000",
-                        audit_flush="1h")
+quick_exit = agent_fixture("requests_per_second_per_uid = 1000\nrequest_burst_per_uid = 1000",
+                           audit_flush="1h")
 
 
 async def test_a_fork_connect_exit_loop_costs_one_audit_line(quick_exit: RunningAgent) -> None:
@@ -602,7 +582,7 @@ async def test_a_fork_connect_exit_loop_costs_one_audit_line(quick_exit: Running
 
 # --- item 10: deadlines per frame and per connection, not per byte --------------------------
 
-trickled = agent_with('frame_timeout = "1s"\nidle_timeout = "2s"')
+trickled = agent_fixture('frame_timeout = "1s"\nidle_timeout = "2s"')
 
 
 async def test_a_frame_trickled_a_byte_at_a_time_is_closed(trickled: RunningAgent) -> None:
