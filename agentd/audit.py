@@ -38,6 +38,7 @@ failures, never raised to callers.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -276,6 +277,10 @@ class Audit:
         self._write_errors = 0
         self._failing = False
         self._lock = threading.Lock()  # one writer at a time: run()'s thread or flush()
+        # Batches taken from the table and not written yet, oldest first. run() queues one and
+        # writes it in a worker thread; a sync flush() meanwhile writes it itself, first, so a
+        # line recorded before flush() is in the sink when flush() returns, in order.
+        self._unwritten: collections.deque[list[str]] = collections.deque()
         self.flushed: Cell[int] = Cell(0)  # number of completed flushes
 
     @property
@@ -320,10 +325,13 @@ class Audit:
             log.exception("audit record failed")
 
     def flush(self) -> None:
-        """Write what is pending now. Sync: blocks on file or journal I/O."""
-        lines = self._take()
-        if lines:
-            self._write(lines)
+        """Write what is pending now, and what a running flush took and has not written yet.
+
+        Sync: blocks on file or journal I/O (and on a write ``run()``'s thread has begun).
+        """
+        self._queue_pending()
+        if self._unwritten:
+            self._write_unwritten()
         self.flushed.set(self.flushed.value + 1)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -351,11 +359,18 @@ class Audit:
                                dropped=self._dropped, write_errors=self._write_errors)
 
     async def _flush_async(self, *, final: bool) -> None:
-        lines = self._take()
-        if lines or final:
+        self._queue_pending()
+        if self._unwritten or final:
             # The final flush may be abandoned by its timeout; the thread then finishes alone.
-            await trio.to_thread.run_sync(self._write, lines, final, abandon_on_cancel=final)
+            await trio.to_thread.run_sync(self._write_unwritten, final,
+                                          abandon_on_cancel=final)
         self.flushed.set(self.flushed.value + 1)
+
+    def _queue_pending(self) -> None:
+        """Take the table's lines into the queue of batches to write (trio thread)."""
+        lines = self._take()
+        if lines:
+            self._unwritten.append(lines)
 
     def _take(self) -> list[str]:
         """Swap out the pending table and format it (trio thread: no lock needed)."""
@@ -386,35 +401,39 @@ class Audit:
         # ensure_ascii: an exe path with odd bytes (surrogate escapes) or newlines stays one line
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
-    def _write(self, lines: list[str], close: bool = False) -> None:
-        """Write ``lines`` to the sink (worker thread or sync flush); count, never raise."""
+    def _write_unwritten(self, close: bool = False) -> None:
+        """Write the queued batches, oldest first (worker thread or sync flush); never raise."""
         sink = self._sink
         if sink is None:
             return
         with self._lock:
-            done = 0
-            try:
-                sink.begin()
-                for line in lines:
-                    sink.write_line(line)
-                    done += 1
-                    self._lines_written += 1
-            except (OSError, ValueError) as exc:
-                self._write_errors += len(lines) - done
+            while self._unwritten:
+                self._write(sink, self._unwritten.popleft())
+            if close:
                 with contextlib.suppress(OSError):
                     sink.close()
-                if not self._failing:
-                    self._failing = True
-                    log.error("audit write failed (%s); lines are being lost", exc)
-            else:
-                if self._failing:
-                    self._failing = False
-                    log.warning("audit writes work again after %d lost lines",
-                                self._write_errors)
-            finally:
-                try:
-                    sink.end()
-                    if close:
-                        sink.close()
-                except OSError:
-                    pass
+
+    def _write(self, sink: _Sink, lines: list[str]) -> None:
+        """Write ``lines`` to ``sink`` (under ``_lock``); count, never raise."""
+        done = 0
+        try:
+            sink.begin()
+            for line in lines:
+                sink.write_line(line)
+                done += 1
+                self._lines_written += 1
+        except (OSError, ValueError) as exc:
+            self._write_errors += len(lines) - done
+            with contextlib.suppress(OSError):
+                sink.close()
+            if not self._failing:
+                self._failing = True
+                log.error("audit write failed (%s); lines are being lost", exc)
+        else:
+            if self._failing:
+                self._failing = False
+                log.warning("audit writes work again after %d lost lines",
+                            self._write_errors)
+        finally:
+            with contextlib.suppress(OSError):
+                sink.end()

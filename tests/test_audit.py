@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,38 @@ async def test_run_flushes_when_cancelled(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     lines = read_lines(tmp_path / "log" / "audit.jsonl")
     assert [(line["name"], line["count"]) for line in lines] == [("last", 1)]
+
+
+async def test_a_sync_flush_writes_what_a_running_flush_took_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run()'s flush takes the table and writes it in a worker thread. A sync flush() while that
+    # thread has not written yet (a test's audit_text(), the daemon's exit) must still leave
+    # every line recorded before it in the file, in order: the CI once read an audit file that
+    # lacked the allow lines a periodic flush had taken a moment before.
+    audit = Audit(file_cfg(tmp_path, flush_interval=0.01), clock=FakeClock())
+    path = tmp_path / "log" / "audit.jsonl"
+    taken, release = threading.Event(), threading.Event()
+    write_unwritten = audit._write_unwritten
+
+    def held(close: bool = False) -> None:
+        taken.set()
+        release.wait(10)
+        write_unwritten(close)
+
+    monkeypatch.setattr(audit, "_write_unwritten", held)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            get(audit, name="first")
+            await nursery.start(audit.run)
+            await trio.to_thread.run_sync(taken.wait, 10)   # its thread holds "first"
+            get(audit, name="second")
+            audit.flush()
+            assert [line["name"] for line in read_lines(path)] == ["first", "second"]
+            release.set()
+            nursery.cancel_scope.cancel()
+    assert [line["name"] for line in read_lines(path)] == ["first", "second"]
+    assert audit.statistics().lines_written == 2
 
 
 async def test_run_when_off_just_waits(autojump_clock: trio.testing.MockClock) -> None:
