@@ -45,7 +45,7 @@ Every /proc read goes through ``proc`` (default ``/proc``) so tests can inject a
 ``grants(policies, peer)`` is the pure allow/deny decision: deny by default; within one rule every
 listed attribute must match (a list matches when any element does); a peer's grants are the union
 of the ``allow`` globs of every rule that matches it. A rule whose only selectors are ``exe`` or
-``exe_sha256`` matches nobody (any user can run a program): ``policy_problems`` reports it.
+``exe_sha256`` matches nobody (any user can run a program): ``config.policy_problems`` reports it.
 
 What this does not protect against: a process of the *same* uid can ptrace a granted process or
 be handed its connection; exe and unit rules distinguish processes of different uids (see
@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from agentd.config import UNIT_SUFFIXES, PolicyConfig
+from agentd.config import PROGRAM_ONLY_MESSAGE, UNIT_SUFFIXES, PolicyConfig
 
 log = logging.getLogger("agentd.access")
 
@@ -635,35 +635,6 @@ class ExePaths:
 EXE_PATHS = ExePaths()
 """The process-wide default ``rule_matches`` and ``grants`` use."""
 
-PROGRAM_ONLY_MESSAGE = "name a uid, user, gid or group too: exe alone can be run by any user"
-
-
-class PolicyProblem(NamedTuple):
-    """One problem of a policy rule: where (a key path relative to the rule) and what."""
-
-    key: tuple[str, ...]
-    message: str
-
-
-def policy_problems(rule: PolicyConfig) -> list[PolicyProblem]:
-    """What is wrong with ``rule`` for the decision in this module (no file:line prefix).
-
-    A rule whose only selectors are ``exe`` and/or ``exe_sha256`` grants every uid that can run
-    that program (``LD_PRELOAD`` into it, exec it after connecting, bind-mount another program
-    over its path in a user namespace): it must name who, too. ``rule_matches`` never matches
-    such a rule, whatever the config builder does.
-    """
-    if not _program_only(rule):
-        return []
-    return [PolicyProblem(("exe",) if rule.exe else ("exe_sha256",), PROGRAM_ONLY_MESSAGE)]
-
-
-def _program_only(rule: PolicyConfig) -> bool:
-    names_program = bool(rule.exe or rule.exe_sha256)
-    names_who = bool(rule.uids or rule.gids or rule.users or rule.groups or rule.units)
-    return names_program and not names_who
-
-
 _warned: set[tuple[str, str]] = set()
 
 
@@ -743,10 +714,10 @@ def rule_matches(
     """Every attribute the rule lists must match; a list matches when any element does.
 
     ``exe`` compares files, not path text (``exe_paths``, default the process-wide
-    ``EXE_PATHS``). A rule that ``policy_problems`` refuses for naming a program and nobody
+    ``EXE_PATHS``). A rule that ``config.policy_problems`` refuses for naming a program and nobody
     matches no process.
     """
-    if _program_only(rule):
+    if rule.names_only_a_program:
         _warn_once(("program-only", rule.name), "policy %r names only exe/exe_sha256 and "
                    "matches no process: %s", rule.name, PROGRAM_ONLY_MESSAGE)
         return False

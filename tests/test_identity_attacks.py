@@ -28,18 +28,15 @@ import trio
 
 import agentd
 from agentd.access import (
-    PROGRAM_ONLY_MESSAGE,
     ExeHasher,
     ExePaths,
     FileId,
     Peer,
-    PolicyProblem,
     grants,
     pidfd_supported,
-    policy_problems,
     rule_matches,
 )
-from agentd.config import PolicyConfig
+from agentd.config import PROGRAM_ONLY_MESSAGE, PolicyConfig, PolicyProblem, policy_problems
 from tests.agentfixture import NOBODY, running_agent, seed, socket_dir, write_config
 from tests.openbao import DevServer
 from tests.test_identity import (

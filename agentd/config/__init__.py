@@ -37,6 +37,7 @@ from agentd.config.schema import (
     DEFAULT_SOCKET,
     LOG_LEVELS,
     ON_REVOKE,
+    PROGRAM_ONLY_MESSAGE,
     SECRET_NAME_PATTERN,
     UNIT_SUFFIXES,
     AgentConfig,
@@ -47,10 +48,12 @@ from agentd.config.schema import (
     Config,
     MetricsConfig,
     PolicyConfig,
+    PolicyProblem,
     SecretConfig,
     TemplateConfig,
     UpstreamConfig,
     WaitConfig,
+    policy_problems,
 )
 from agentd.config.source import Problem, SourceFile, parse, sorted_texts
 from agentd.errors import ConfigError
@@ -62,6 +65,7 @@ __all__ = [
     "DEFAULT_SOCKET",
     "LOG_LEVELS",
     "ON_REVOKE",
+    "PROGRAM_ONLY_MESSAGE",
     "SECRET_KINDS",
     "SECRET_NAME_PATTERN",
     "UNIT_SUFFIXES",
@@ -74,6 +78,7 @@ __all__ = [
     "KeyPath",
     "MetricsConfig",
     "PolicyConfig",
+    "PolicyProblem",
     "SecretConfig",
     "TemplateConfig",
     "UpstreamConfig",
@@ -81,6 +86,7 @@ __all__ = [
     "format_key",
     "load",
     "parse_duration",
+    "policy_problems",
 ]
 
 

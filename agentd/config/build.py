@@ -43,6 +43,7 @@ from agentd.config.schema import (
     TemplateConfig,
     UpstreamConfig,
     WaitConfig,
+    policy_problems,
 )
 from agentd.config.source import SourceFile
 from agentd.errors import RenderError, UnsafePath
@@ -367,8 +368,6 @@ class Builder:
             exe_sha256=tuple(exe_sha256_lower),
         )
         self.policies.append(policy)
-        # Deferred import: agentd.access imports agentd.config.
-        from agentd.access import policy_problems
         for problem in policy_problems(policy):
             f.problem((*key, *problem.key), problem.message)
 

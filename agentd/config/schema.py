@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from agentd.refs import Engine
 
@@ -137,6 +138,34 @@ class PolicyConfig:
     units: tuple[str, ...] = ()
     admin: bool = False
     exe_sha256: tuple[str, ...] = ()         # lowercase hex sha256 of the executable
+
+    @property
+    def names_only_a_program(self) -> bool:
+        """True when ``exe``/``exe_sha256`` are the rule's only selectors: any user who can run
+        that program would match it (``LD_PRELOAD`` into it, exec it after connecting,
+        bind-mount another program over its path in a user namespace), so such a rule is a
+        config error (``policy_problems``) and matches no process (``access.rule_matches``)."""
+        names_program = bool(self.exe or self.exe_sha256)
+        names_who = bool(self.uids or self.gids or self.users or self.groups or self.units)
+        return names_program and not names_who
+
+
+PROGRAM_ONLY_MESSAGE = "name a uid, user, gid or group too: exe alone can be run by any user"
+
+
+class PolicyProblem(NamedTuple):
+    """One problem of a policy rule: where (a key path relative to the rule) and what."""
+
+    key: tuple[str, ...]
+    message: str
+
+
+def policy_problems(rule: PolicyConfig) -> list[PolicyProblem]:
+    """What is wrong with ``rule`` (no file:line prefix): a rule must name who, not only
+    which program (``PolicyConfig.names_only_a_program``)."""
+    if not rule.names_only_a_program:
+        return []
+    return [PolicyProblem(("exe",) if rule.exe else ("exe_sha256",), PROGRAM_ONLY_MESSAGE)]
 
 
 @dataclass(frozen=True)
