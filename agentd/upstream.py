@@ -423,19 +423,6 @@ class Upstream:
             self._count_error(exc)
             raise _plain(exc) from exc.__cause__
 
-    async def read_secret(self, kind: str, path: str) -> SecretValue:
-        """Read a KV secret as kind ``kind`` ("kv2", path like ``secret/data/x``, or "kv1") does.
-
-        A KV v2 version that is deleted or destroyed raises UpstreamNotFound saying so.
-        """
-        # the kinds build on this module, not the reverse: imported when called
-        from agentd.kinds import KINDS, KV1
-
-        reader = KINDS.get(kind)
-        if not isinstance(reader, KV1):
-            raise ValueError(f"unsupported secret kind {kind!r}")
-        return await reader.read(self, path)
-
     async def renew_client_identity(self) -> None:
         """Re-read the cert auth method's certificate and key for new connections, so the next
         request (the cert login) presents them: a pooled connection would present the

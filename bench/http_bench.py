@@ -5,7 +5,8 @@ makes ``--requests`` GETs of it from ``--concurrency`` trio tasks and prints the
 per request (``time.process_time``: the figure that decides what polling costs the agent) and the
 requests per second:
 
-- ``agentd``: ``agentd.upstream.Upstream.read_secret`` (transport.py, keep-alive pool, decoding);
+- ``agentd``: ``agentd.kinds.KV2.read`` over ``agentd.upstream.Upstream`` (transport.py,
+  keep-alive pool, decoding);
 - ``httpx``: an ``httpx.AsyncClient`` on trio, what agentd used before (a test dependency now);
 - ``h11``: a bare h11 loop over one trio TCP stream per task, the floor.
 
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentd.config import UpstreamConfig  # noqa: E402
+from agentd.kinds import KV2  # noqa: E402
 from agentd.upstream import Upstream  # noqa: E402
 from tests.openbao import DevServer  # noqa: E402
 
@@ -50,9 +52,10 @@ async def _spread(requests: int, concurrency: int, one: Callable[[], Awaitable[N
 async def run_agentd(address: str, token: str, requests: int, concurrency: int) -> None:
     up = Upstream(UpstreamConfig(addresses=(address,)))
     up.token_source = lambda: token
+    kv2 = KV2()
 
     async def one() -> None:
-        await up.read_secret("kv2", PATH)
+        await kv2.read(up, PATH)
 
     try:
         await _spread(requests, concurrency, one)

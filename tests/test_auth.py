@@ -27,6 +27,7 @@ from agentd.errors import AuthError
 from agentd.upstream import Upstream
 from tests.faultproxy import FaultProxy
 from tests.openbao import DevServer
+from tests.test_upstream import read_kv
 
 SECRET_MARKER = "SECRET-MARKER-c41d"
 
@@ -125,7 +126,7 @@ async def test_approle_login_token_reads(
             await nursery.start(auth.run)
             token = auth.token()
             assert token is not None and token == await auth.wait_for_token()
-            value = await upstream.read_secret("kv2", secret_path)  # via token_source
+            value = await read_kv(upstream, "kv2", secret_path)  # via token_source
             nursery.cancel_scope.cancel()
     assert value.data["password"] == SECRET_MARKER
     stats = auth.statistics()
@@ -156,7 +157,7 @@ async def test_token_file_login(
         async with trio.open_nursery() as nursery:
             await nursery.start(auth.run)
             assert auth.token() == value
-            secret = await upstream.read_secret("kv2", secret_path)
+            secret = await read_kv(upstream, "kv2", secret_path)
             nursery.cancel_scope.cancel()
         await auth.revoke()  # a token file's token is not ours to revoke
     assert secret.data["password"] == SECRET_MARKER
@@ -210,7 +211,7 @@ async def test_short_ttl_token_is_renewed_then_replaced(
                 # every token the authenticator hands out reads the secret
                 assert token is not None
                 tokens.append(token)
-                value = await upstream.read_secret("kv2", secret_path)
+                value = await read_kv(upstream, "kv2", secret_path)
                 assert value.data["password"] == SECRET_MARKER
                 stats = auth.statistics()
                 if stats.logins >= 2 and stats.renewals >= 1:
@@ -241,12 +242,12 @@ async def test_invalidate_checks_then_logs_in_again(
             # a token the upstream refuses is replaced at once
             bao.api("POST", "auth/token/revoke", {"token": first})
             with pytest.raises(AuthError):
-                await upstream.read_secret("kv2", secret_path)
+                await read_kv(upstream, "kv2", secret_path)
             seen = auth.token_generation
             auth.invalidate(first)
             _, second = await auth.wait_token_changed(seen)
             assert second is not None and second != first
-            value = await upstream.read_secret("kv2", secret_path)
+            value = await read_kv(upstream, "kv2", secret_path)
             nursery.cancel_scope.cancel()
     assert value.data["password"] == SECRET_MARKER
     assert auth.statistics().logins == 2
@@ -277,7 +278,7 @@ async def test_wrong_secret_id_backs_off_until_fixed(
 
             secret_file.write_text(good_secret_id)  # re-read at the next login
             token = await auth.wait_for_token()
-            value = await upstream.read_secret("kv2", secret_path)
+            value = await read_kv(upstream, "kv2", secret_path)
             nursery.cancel_scope.cancel()
     assert value.data["password"] == SECRET_MARKER
     assert auth.statistics().state == "ok"
@@ -315,7 +316,7 @@ async def test_renewal_outage_keeps_token_then_recovers(
                 fault.mode = "pass"
                 await _wait_stats(auth, lambda s: s.state == "ok")
                 second = await auth.wait_for_token()
-                value = await up.read_secret("kv2", secret_path)
+                value = await read_kv(up, "kv2", secret_path)
                 nursery.cancel_scope.cancel()
         await up.aclose()
         outer.cancel_scope.cancel()
@@ -344,7 +345,7 @@ async def test_revoke_makes_token_unusable(
         await auth.revoke()
         assert auth.token() is None
         with pytest.raises(AuthError) as info:
-            await upstream.read_secret("kv2", secret_path)
+            await read_kv(upstream, "kv2", secret_path)
         with pytest.raises(AuthError):
             await upstream.request("GET", "auth/token/lookup-self", token=token)
         await auth.revoke()  # nothing left: a no-op

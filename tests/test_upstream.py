@@ -13,9 +13,19 @@ import trio
 
 from agentd.config import UpstreamConfig
 from agentd.errors import AuthError, PermanentError, TransientError, UpstreamNotFound
+from agentd.kinds import KINDS, KV1
 from agentd.upstream import SecretValue, Upstream
 from tests.faultproxy import FaultProxy
 from tests.openbao import DevServer, free_port
+
+
+async def read_kv(upstream: Upstream, kind: str, path: str) -> SecretValue:
+    """Read a KV secret through ``upstream`` as kind ``kind`` does ("kv2": a path like
+    ``secret/data/x``; "kv1"): what the refresher asks of the kinds, without a cache."""
+    reader = KINDS[kind]
+    assert isinstance(reader, KV1)
+    return await reader.read(upstream, path)
+
 
 SECRET_MARKER = "SECRET-MARKER-7f3a"
 TOKEN_MARKER = "s.TOKEN-MARKER-91c2"
@@ -67,7 +77,7 @@ async def test_kv2_read_gives_data_and_version(bao: DevServer, upstream: Upstrea
     path = _path()
     version = bao.kv_put(path, {"password": SECRET_MARKER, "port": 5432})
     with trio.fail_after(10):
-        value = await upstream.read_secret("kv2", f"secret/data/{path}")
+        value = await read_kv(upstream, "kv2", f"secret/data/{path}")
     assert value.data == {"password": SECRET_MARKER, "port": 5432}
     assert value.version == version == 1
     assert value.expires_at is None and value.lease_id is None
@@ -78,9 +88,9 @@ async def test_kv2_new_version_after_put(bao: DevServer, upstream: Upstream) -> 
     path = _path()
     bao.kv_put(path, {"v": "one"})
     with trio.fail_after(10):
-        first = await upstream.read_secret("kv2", f"secret/data/{path}")
+        first = await read_kv(upstream, "kv2", f"secret/data/{path}")
         bao.kv_put(path, {"v": "two"})
-        second = await upstream.read_secret("kv2", f"secret/data/{path}")
+        second = await read_kv(upstream, "kv2", f"secret/data/{path}")
     assert (first.version, dict(first.data)) == (1, {"v": "one"})
     assert (second.version, dict(second.data)) == (2, {"v": "two"})
 
@@ -89,14 +99,14 @@ async def test_kv1_read_has_no_version(bao: DevServer, upstream: Upstream) -> No
     path = _path()
     bao.api("POST", f"kv1/{path}", {"user": "app", "password": SECRET_MARKER})
     with trio.fail_after(10):
-        value = await upstream.read_secret("kv1", f"kv1/{path}")
+        value = await read_kv(upstream, "kv1", f"kv1/{path}")
     assert value == SecretValue(data={"user": "app", "password": SECRET_MARKER}, version=None)
 
 
 @pytest.mark.parametrize("kind, prefix", [("kv2", "secret/data"), ("kv1", "kv1")])
 async def test_missing_path_is_not_found(upstream: Upstream, kind: str, prefix: str) -> None:
     with trio.fail_after(10), pytest.raises(UpstreamNotFound) as info:
-        await upstream.read_secret(kind, f"{prefix}/{_path()}")
+        await read_kv(upstream, kind, f"{prefix}/{_path()}")
     assert info.value.status == 404
 
 
@@ -105,7 +115,7 @@ async def test_deleted_kv2_version_is_not_found(bao: DevServer, upstream: Upstre
     bao.kv_put(path, {"password": SECRET_MARKER})
     bao.api("DELETE", f"secret/data/{path}")
     with trio.fail_after(10), pytest.raises(UpstreamNotFound, match="version 1 deleted"):
-        await upstream.read_secret("kv2", f"secret/data/{path}")
+        await read_kv(upstream, "kv2", f"secret/data/{path}")
 
 
 async def test_destroyed_kv2_version_is_not_found(bao: DevServer, upstream: Upstream) -> None:
@@ -113,7 +123,7 @@ async def test_destroyed_kv2_version_is_not_found(bao: DevServer, upstream: Upst
     bao.kv_put(path, {"password": SECRET_MARKER})
     bao.api("POST", f"secret/destroy/{path}", {"versions": [1]})
     with trio.fail_after(10), pytest.raises(UpstreamNotFound, match="version 1 destroyed") as info:
-        await upstream.read_secret("kv2", f"secret/data/{path}")
+        await read_kv(upstream, "kv2", f"secret/data/{path}")
     assert SECRET_MARKER not in str(info.value)
 
 
@@ -122,7 +132,7 @@ async def test_metadata_deleted_path_is_not_found(bao: DevServer, upstream: Upst
     bao.kv_put(path, {"password": SECRET_MARKER})
     bao.api("DELETE", f"secret/metadata/{path}")
     with trio.fail_after(10), pytest.raises(UpstreamNotFound):
-        await upstream.read_secret("kv2", f"secret/data/{path}")
+        await read_kv(upstream, "kv2", f"secret/data/{path}")
 
 
 async def test_bad_token_is_auth_error(bao: DevServer) -> None:
@@ -131,7 +141,7 @@ async def test_bad_token_is_auth_error(bao: DevServer) -> None:
     up = _upstream(bao.address, token=TOKEN_MARKER)
     try:
         with trio.fail_after(10), pytest.raises(AuthError) as info:
-            await up.read_secret("kv2", f"secret/data/{path}")
+            await read_kv(up, "kv2", f"secret/data/{path}")
     finally:
         await up.aclose()
     assert info.value.status == 403
@@ -207,10 +217,10 @@ async def test_failover_from_closed_port_is_sticky(bao: DevServer) -> None:
     up = _upstream(dead, bao.address, token=bao.token)
     try:
         with trio.fail_after(10):
-            assert (await up.read_secret("kv2", f"secret/data/{path}")).data == {"k": "v"}
+            assert (await read_kv(up, "kv2", f"secret/data/{path}")).data == {"k": "v"}
             stats = up.statistics()
             assert stats.address == bao.address and stats.up
-            await up.read_secret("kv2", f"secret/data/{path}")
+            await read_kv(up, "kv2", f"secret/data/{path}")
     finally:
         await up.aclose()
     assert up.statistics().errors == 0
@@ -225,8 +235,8 @@ async def test_failover_from_black_hole_then_sticky(
     up = _upstream(proxy.address, bao.address, token=bao.token, timeout=0.5)
     try:
         with trio.fail_after(10):
-            await up.read_secret("kv2", f"secret/data/{path}")
-            await up.read_secret("kv2", f"secret/data/{path}")
+            await read_kv(up, "kv2", f"secret/data/{path}")
+            await read_kv(up, "kv2", f"secret/data/{path}")
     finally:
         await up.aclose()
     assert proxy.connections == 1  # the second read went straight to the good address
@@ -239,7 +249,7 @@ async def test_all_addresses_down_is_transient() -> None:
     )
     try:
         with trio.fail_after(10), pytest.raises(TransientError) as info:
-            await up.read_secret("kv2", "secret/data/x")
+            await read_kv(up, "kv2", "secret/data/x")
     finally:
         await up.aclose()
     assert type(info.value) is TransientError
@@ -253,7 +263,7 @@ async def test_reset_is_transient(bao: DevServer, proxy: FaultProxy) -> None:
     up = _upstream(proxy.address, token=TOKEN_MARKER)
     try:
         with trio.fail_after(10), pytest.raises(TransientError) as info:
-            await up.read_secret("kv2", "secret/data/x")
+            await read_kv(up, "kv2", "secret/data/x")
     finally:
         await up.aclose()
     assert TOKEN_MARKER not in str(info.value)
@@ -267,7 +277,7 @@ async def test_delay_past_timeout_is_transient(bao: DevServer, proxy: FaultProxy
     up = _upstream(proxy.address, token=bao.token, timeout=0.2)
     try:
         with trio.fail_after(10), pytest.raises(TransientError, match="timed out"):
-            await up.read_secret("kv2", f"secret/data/{path}")
+            await read_kv(up, "kv2", f"secret/data/{path}")
     finally:
         await up.aclose()
 
@@ -281,7 +291,7 @@ async def test_concurrency_is_capped(bao: DevServer, proxy: FaultProxy) -> None:
     results: list[SecretValue] = []
 
     async def read() -> None:
-        results.append(await up.read_secret("kv2", f"secret/data/{path}"))
+        results.append(await read_kv(up, "kv2", f"secret/data/{path}"))
 
     try:
         with trio.fail_after(10):
@@ -326,9 +336,9 @@ async def test_sealed_server_is_transient_and_failed_over(
         try:
             with trio.fail_after(10):
                 with pytest.raises(TransientError, match="sealed") as info:
-                    await alone.read_secret("kv2", f"secret/data/{path}")
+                    await read_kv(alone, "kv2", f"secret/data/{path}")
                 assert info.value.status == 503
-                value = await both.read_secret("kv2", f"secret/data/{path}")
+                value = await read_kv(both, "kv2", f"secret/data/{path}")
         finally:
             await alone.aclose()
             await both.aclose()
@@ -351,9 +361,9 @@ async def test_logs_hold_no_token_or_secret(
     errors: list[str] = []
     try:
         with trio.fail_after(10):
-            value = await up.read_secret("kv2", f"secret/data/{path}")
+            value = await read_kv(up, "kv2", f"secret/data/{path}")
             try:
-                await bad.read_secret("kv2", f"secret/data/{path}")
+                await read_kv(bad, "kv2", f"secret/data/{path}")
             except AuthError as exc:
                 errors.append(str(exc))
     finally:
@@ -382,12 +392,12 @@ async def test_a_404_that_is_not_openbaos_answer_is_transient_and_fails_over(
             hostile = f"http://127.0.0.1:{port}"
             alone = _upstream(hostile, token=bao.token, timeout=5.0)
             with pytest.raises(TransientError, match="not OpenBao's answer") as info:
-                await alone.read_secret("kv2", f"secret/data/{path}")
+                await read_kv(alone, "kv2", f"secret/data/{path}")
             assert not isinstance(info.value, UpstreamNotFound)
             await alone.aclose()
             # the next address is asked, and it has the secret
             both = _upstream(hostile, bao.address, token=bao.token, timeout=5.0)
-            value = await both.read_secret("kv2", f"secret/data/{path}")
+            value = await read_kv(both, "kv2", f"secret/data/{path}")
             assert value.data["password"] == SECRET_MARKER
             await both.aclose()
             nursery.cancel_scope.cancel()
@@ -395,4 +405,4 @@ async def test_a_404_that_is_not_openbaos_answer_is_transient_and_fails_over(
 
 async def test_openbaos_own_404_is_still_evidence(upstream: Upstream) -> None:
     with trio.fail_after(10), pytest.raises(UpstreamNotFound):
-        await upstream.read_secret("kv2", f"secret/data/{_path()}")
+        await read_kv(upstream, "kv2", f"secret/data/{_path()}")

@@ -16,6 +16,7 @@ from agentd.upstream import HEALTH_PATH, Upstream, spread_addresses
 from tests.cluster import RaftCluster
 from tests.faultproxy import FaultProxy
 from tests.support import wait_until
+from tests.test_upstream import read_kv
 
 pytestmark = pytest.mark.slow
 
@@ -65,15 +66,15 @@ async def test_a_request_returns_to_its_preferred_node_after_a_failover(
         preferred, others = proxies[0], proxies[1:]
         try:
             with trio.fail_after(60):
-                await up.read_secret("kv2", path)
+                await read_kv(up, "kv2", path)
                 assert reads(preferred, path) == 1
                 assert sum(reads(p, path) for p in others) == 0
 
                 preferred.mode = "reset"          # the node is unreachable: fail over
-                await up.read_secret("kv2", path)
+                await read_kv(up, "kv2", path)
                 assert up.statistics().down == (preferred.address,)
                 tried = reads(preferred, path)
-                await up.read_secret("kv2", path)
+                await read_kv(up, "kv2", path)
                 assert sum(reads(p, path) for p in others) == 2
                 # the second read went straight to another node
                 assert reads(preferred, path) == tried
@@ -84,7 +85,7 @@ async def test_a_request_returns_to_its_preferred_node_after_a_failover(
                 probes = [line for _, _, line in preferred.requests
                           if line == f"GET /v1/{HEALTH_PATH}"]
                 assert probes and up.statistics().health_probes >= len(probes)
-                await up.read_secret("kv2", path)
+                await read_kv(up, "kv2", path)
                 assert reads(preferred, path) == tried + 1    # back at its preferred node
                 assert sum(reads(p, path) for p in others) == 2
                 assert up.statistics().address in addresses
