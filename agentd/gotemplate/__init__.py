@@ -41,22 +41,26 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any
 
 from agentd.errors import RenderError
 from agentd.gotemplate import parse as _p
-from agentd.gotemplate.exec import ExecError, State
+from agentd.gotemplate.exec import ExecError, Func, State
 from agentd.gotemplate.funcs import (
     BUILTINS,
+    CONSUL_TEMPLATE,
     SECRET_FUNCS,
     UNSUPPORTED,
     Environment,
     SecretLookup,
-    all_functions,
 )
+from agentd.gotemplate.sprig import SPRIG
 from agentd.gotemplate.values import NO_VALUE, JsonNumber, decode_json
 
 DEFAULT_MAX_STEPS = 1_000_000
+# Every function a template may call: Go's builtins, consul-template's, sprig's cheap part.
+FUNCTIONS: Mapping[str, Func] = MappingProxyType({**BUILTINS, **CONSUL_TEMPLATE, **SPRIG})
 MISSING_KEY_MODES = ("zero", "error", "default")
 
 
@@ -81,7 +85,7 @@ class SecretRef:
 
 def supported_functions() -> frozenset[str]:
     """Every function name the engine implements (builtins and consul-template's)."""
-    return frozenset(all_functions())
+    return frozenset(FUNCTIONS)
 
 
 class Template:
@@ -117,8 +121,7 @@ class Template:
         ``dot`` is the data, as Go values (consul-template, hence the default, executes with
         nil data; ints are Go ints here, use decode_json for JSON numbers).
         """
-        funcs = all_functions()
-        state = State(self._trees, funcs, max_output=max_output, max_steps=max_steps,
+        state = State(self._trees, FUNCTIONS, max_output=max_output, max_steps=max_steps,
                       missing_key=self._missing_key)
         environ = os.environ if env is None else env
         state.extra["environment"] = Environment(
@@ -156,11 +159,11 @@ def parse(
     """
     if missing_key not in MISSING_KEY_MODES:
         raise ValueError(f"missing_key must be one of {MISSING_KEY_MODES}")
-    allowed = frozenset(all_functions() if funcs is None else funcs) | frozenset(BUILTINS)
+    allowed = frozenset(FUNCTIONS if funcs is None else funcs) | frozenset(BUILTINS)
     allowed_env = frozenset(env_allow)
     refs: list[SecretRef] = []
 
-    known = frozenset(all_functions()) | UNSUPPORTED
+    known = frozenset(FUNCTIONS) | UNSUPPORTED
 
     def has_function(fn: str) -> bool:
         # consul-template's sprig_* all exist; those not implemented are "not supported"

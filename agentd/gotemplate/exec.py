@@ -16,7 +16,7 @@ Error messages name the template, line and the template text at fault, never a d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ class State:
     def __init__(
         self,
         trees: dict[str, p.Tree],
-        funcs: dict[str, Func],
+        funcs: Mapping[str, Func],
         *,
         max_output: int,
         max_steps: int,

@@ -4,7 +4,8 @@ openbao-template v1.0.1, has them: the OpenBao Agent renders with it).
 Builtins follow ``text/template/funcs.go``; consul-template's follow its ``template/funcs.go``
 (argument order included: ``subtract b a`` is ``a - b`` so ``{{ 5 | subtract 1 }}`` is 4).
 Functions that reach outside the template (``secret``, ``secrets``, ``pkiCert``, ``env``) go
-through the lookups the caller hands to :func:`make_funcs`. Error messages never hold a value.
+through the :class:`Environment` that ``Template.execute`` puts in the state. The package's
+``FUNCTIONS`` joins these tables with ``sprig.py``'s. Error messages never hold a value.
 """
 
 from __future__ import annotations
@@ -1003,15 +1004,6 @@ UNSUPPORTED = frozenset({
 SECRET_FUNCS = frozenset({"secret", "secrets", "pkiCert"})
 
 
-def all_functions() -> dict[str, Func]:
-    from agentd.gotemplate.sprig import SPRIG
-
-    funcs = dict(BUILTINS)
-    funcs.update(CONSUL_TEMPLATE)
-    funcs.update(SPRIG)
-    return funcs
-
-
 __all__ = ["BUILTINS", "CONSUL_TEMPLATE", "SECRET_FUNCS", "UNSUPPORTED", "Environment",
-           "all_functions", "go_time_format", "make_pem", "make_secret", "new_scratch",
+           "go_time_format", "make_pem", "make_secret", "new_scratch",
            "sprintf"]
