@@ -15,7 +15,7 @@ import pytest
 
 from agentd.config import TemplateConfig
 from agentd.render.outputs import TemplateOutput
-from agentd.render.service import TRANSITIONS, Target, TargetState
+from agentd.render.target import TRANSITIONS, Target, TargetState
 
 HEAVY = ("trio", "cryptography", "agentd.config", "agentd.cache", "agentd.crypto")
 

@@ -7,7 +7,8 @@ One module per job (decision 8)::
     files.py     the one atomic-write and bundle-swap implementation (also snapshot, metrics,
                  key files); no trio, no config
     outputs.py   Output: TemplateOutput and BundleOutput, looked up by config type
-    service.py   Renderer and Target (one explicit TargetState)
+    service.py   Renderer: every target's task, its inputs, batched writes
+    target.py    Target: one template or bundle, its explicit TargetState, its status
     commands.py  change commands: debounce, timeout, kill
     dryrun.py    ``agentd render --dry-run``
 
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
         write_files,
     )
     from agentd.render.pool import RenderWorker
-    from agentd.render.service import Renderer, Target, TargetState, TargetStatus
+    from agentd.render.service import Renderer
+    from agentd.render.target import Target, TargetState, TargetStatus
 
 _WHERE = {
     "RenderError": "agentd.errors",
@@ -55,8 +57,8 @@ _WHERE = {
                      "replace_file", "write_bundle", "write_file", "write_files"],
                     "agentd.render.files"),
     "RenderWorker": "agentd.render.pool",
-    **dict.fromkeys(["Renderer", "Target", "TargetState", "TargetStatus"],
-                    "agentd.render.service"),
+    "Renderer": "agentd.render.service",
+    **dict.fromkeys(["Target", "TargetState", "TargetStatus"], "agentd.render.target"),
 }
 
 __all__ = [

@@ -23,7 +23,7 @@ import trio
 from agentd.backoff import Backoff
 
 if TYPE_CHECKING:
-    from agentd.render.service import Target
+    from agentd.render.target import Target
 
 log = logging.getLogger("agentd.render")
 
