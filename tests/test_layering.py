@@ -15,6 +15,9 @@ The rules:
 - ``agentd/devserver.py`` and ``agentd/demo.py`` use only the standard library (and the demo the
   dev server), so that the demo does not depend on the code it demonstrates.
 - ``agentd/errors.py`` imports nothing from agentd: every module may raise its exceptions.
+- No circle: no two modules of agentd import each other, directly or around a loop. Here every
+  import counts, those for type checking and lazy ones too: they tie two modules' designs
+  together as much as the others (a circle is where a name belongs in a third module).
 
 What counts as an import: every ``import`` and ``from ... import`` in a module, at any depth
 (also inside functions: they run when the function does), except those under
@@ -64,35 +67,36 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _import_nodes(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+def _import_nodes(tree: ast.Module, *, every: bool = False
+                  ) -> Iterator[ast.Import | ast.ImportFrom]:
     """Every import statement that can run, skipping TYPE_CHECKING blocks and PEP 562
-    ``__getattr__``."""
+    ``__getattr__`` (with ``every``: every import statement)."""
     todo: list[ast.AST] = [tree]
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
             continue
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if not every and isinstance(node, ast.If) and _is_type_checking(node.test):
             todo.extend(node.orelse)
             continue
         lazy = isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
-        if lazy and node in tree.body:
+        if not every and lazy and node in tree.body:
             continue
         todo.extend(ast.iter_child_nodes(node))
 
 
-def direct_imports(root: Path, name: str) -> set[str]:
+def direct_imports(root: Path, name: str, *, every: bool = False) -> set[str]:
     """The absolute names module ``name`` imports: ``import a.b`` gives ``a.b``; ``from a import
     b`` gives ``a.b`` when that is a module under ``root``, else ``a``; relative imports are
-    resolved against the module's package."""
+    resolved against the module's package. ``every``: TYPE_CHECKING and lazy imports too."""
     path = module_path(root, name)
     if path is None:
         raise FileNotFoundError(f"no module {name} under {root}")
     is_package = path.name == "__init__.py"
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: set[str] = set()
-    for node in _import_nodes(tree):
+    for node in _import_nodes(tree, every=every):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
             continue
@@ -145,6 +149,53 @@ def importers(root: Path, library: str, package: str = PACKAGE) -> set[str]:
         if library in top_level(direct_imports(root, name)):
             found.add(name)
     return found
+
+
+def circles(root: Path, package: str = PACKAGE) -> list[list[str]]:
+    """The groups of modules of ``package`` that import each other around a loop (strongly
+    connected, more than one module; a module importing itself is not counted), by imports of
+    every kind, each group sorted."""
+    names = sorted(module_name(root, path) for path in (root / package).rglob("*.py"))
+    edges = {name: sorted(m for m in direct_imports(root, name, every=True)
+                          if m in names and m != name) for name in names}
+    # Tarjan's algorithm, iterative (the graph is small; recursion would do as well).
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in names:
+        if start in index:
+            continue
+        work = [(start, iter(edges[start]))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        found.append(sorted(group))
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(edges[child])))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return sorted(found)
 
 
 # --- the rules -----------------------------------------------------------------------------------
@@ -220,9 +271,11 @@ DEMO_INTERNAL = imports_only("agentd.demo", {"agentd.devserver"}, "the demo runs
 DEVSERVER = imports_only("agentd.devserver", set(), "shared with the tests: stdlib only")
 DEVSERVER_STDLIB = third_party_only("agentd.devserver", set(), "shared with the tests")
 ERRORS_IS_A_LEAF = imports_only("agentd.errors", set(), "every module raises its exceptions")
+NO_CIRCLE = Rule("no modules of agentd import each other around a loop",
+                 lambda root: [f"a circle: {' -> '.join(group)}" for group in circles(root)])
 
 RULES = [PROTOCOL_IS_SANS_IO, CRYPTOGRAPHY, PYINOTIFY, H11, DEMO_STDLIB, DEMO_INTERNAL,
-         DEVSERVER, DEVSERVER_STDLIB, ERRORS_IS_A_LEAF]
+         DEVSERVER, DEVSERVER_STDLIB, ERRORS_IS_A_LEAF, NO_CIRCLE]
 WORKER_RULES = [WORKER_OPENS_NO_CACHE, WORKER_THIRD_PARTY]
 
 
@@ -320,6 +373,13 @@ BAD_TREES: dict[str, dict[str, str]] = {
     DEVSERVER_STDLIB.name: {"agentd/devserver.py": "import requests\n"},
     ERRORS_IS_A_LEAF.name: {"agentd/errors.py": "from agentd.config import Config\n",
                             "agentd/config.py": ""},
+    # three modules around a loop, one of its links only for type checking
+    NO_CIRCLE.name: {
+        "agentd/a.py": "from agentd.b import x\n",
+        "agentd/b.py": "from agentd import c\nx = 1\n",
+        "agentd/c.py": "from typing import TYPE_CHECKING\n"
+                       "if TYPE_CHECKING:\n    from agentd.a import y\n",
+    },
 }
 
 
