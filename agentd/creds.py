@@ -45,9 +45,9 @@ from agentd.access import Peer
 from agentd.audit import Audit
 from agentd.cache import Cache
 from agentd.config import Config, PolicyConfig
+from agentd.listen import open_listener, serve_listener
 from agentd.readmodel import COUNTER, metric
 from agentd.refresh import Refresher
-from agentd.server import open_listener, serve_listener
 
 log = logging.getLogger("agentd.creds")
 

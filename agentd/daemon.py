@@ -49,10 +49,11 @@ from agentd.connectguard import open_guard
 from agentd.creds import CredentialsServer, close_listener, open_credentials_listener
 from agentd.crypto import Sealer, harden_process
 from agentd.errors import ConfigError, UnsafePath
+from agentd.listen import open_listener
 from agentd.readmodel import as_status
 from agentd.refresh import Refresher
 from agentd.render import Renderer
-from agentd.server import Server, open_listener
+from agentd.server import Server
 from agentd.snapshot import Session, Snapshot, host_id
 from agentd.upstream import Upstream
 

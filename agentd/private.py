@@ -40,7 +40,8 @@ import trio
 
 from agentd import posixacl
 from agentd.config import Config, PolicyConfig
-from agentd.server import Server, open_listener
+from agentd.listen import open_listener
+from agentd.server import Server
 
 log = logging.getLogger("agentd.private")
 

@@ -28,7 +28,7 @@ import agentd.daemon
 from agentd.access import Peer
 from agentd.client import AsyncClient, Client, open_client
 from agentd.errors import ClientError
-from agentd.server import STORM_BACKLOG
+from agentd.listen import STORM_BACKLOG
 from tests.agentfixture import (
     NOBODY,
     RunningAgent,
