@@ -41,6 +41,7 @@ from tests.conftest import READ_ALL_SECRETS
 from tests.faultproxy import FaultProxy
 from tests.openbao import DevServer, free_port
 from tests.support import until
+from tests.test_upstream import read_kv
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -475,11 +476,11 @@ async def test_first_address_closed_port_second_real(
     up.token_source = lambda: bao.token
     try:
         with trio.fail_after(20):
-            value = await up.read_secret("kv2", f"secret/data/{seeded.prefix}/db")
+            value = await read_kv(up, "kv2", f"secret/data/{seeded.prefix}/db")
             assert value.data["password"] == seeded.markers["db"]
             assert up.statistics().address == bao.address
             # sticky: the next request starts at the address that answered
-            await up.read_secret("kv2", f"secret/data/{seeded.prefix}/db")
+            await read_kv(up, "kv2", f"secret/data/{seeded.prefix}/db")
             assert up.statistics().errors == 0
     finally:
         await up.aclose()
@@ -496,7 +497,7 @@ async def test_upstream_fails_over_from_a_black_hole_in_config_order(bao: DevSer
         up.token_source = lambda: bao.token
         try:
             with trio.fail_after(20):
-                value = await up.read_secret("kv2", f"secret/data/{seeded.prefix}/db")
+                value = await read_kv(up, "kv2", f"secret/data/{seeded.prefix}/db")
             assert value.data["password"] == seeded.markers["db"]
             assert hole.connections == 1
             assert up.statistics().address == bao.address
