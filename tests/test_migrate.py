@@ -25,6 +25,7 @@ import pytest
 
 from agentd import config as config_mod
 from agentd import migrate
+from agentd.migrate import translate
 from tests.openbao import DevServer, bao_binary
 
 if sys.version_info >= (3, 11):
@@ -565,4 +566,4 @@ def test_parse_keeps_lines_and_hcl1_strings() -> None:
     assert (block.type, block.labels, block.line) == ("b", ("x", "y"), 3)
     assert block.get("c") == "z\n" and block.line_of("c") == 4
     assert block.children("d")[0].get("e") == 2
-    assert migrate._mode(root.get("perms")) == "0640"
+    assert translate._mode(root.get("perms")) == "0640"

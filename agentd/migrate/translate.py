@@ -1,83 +1,38 @@
-"""``agentd migrate AGENT.hcl``: an OpenBao/Vault Agent configuration -> an agentd TOML.
-
-Theory of operation: the HCL is parsed with python-hcl2 (a maintained HCL parser on lark) into
-blocks and attributes that keep their line; nothing of it is evaluated. Each stanza the agent knows
-is translated, or turned into a comment where agentd does the job differently (a listener, the
-cache, ``exec``), or refused where agentd cannot do what the agent did (another auth method, a
-token sink, a template ``plugin``, a stanza we do not know). Every template's text (``contents``,
-or the file ``source`` names) is parsed by agentd's own Go engine, as ``check-config`` will parse
-it, for the consul-template functions that read the upstream (``secret``, ``pkiCert``,
-``secrets``; a small scan of our own names the functions agentd refuses on purpose, with the
-reason, first): each distinct upstream path becomes one ``[secrets.NAME]``
-(decision 3: the config is the catalog), its kind asked of the upstream's
-``sys/internal/ui/mounts/<path>`` when ``--upstream`` is given, else inferred from the path and
-flagged so in a comment.
-
-Either the whole translation succeeds (``Result.toml``, plus ``notes`` for stderr) or ``problems``
-lists everything that cannot be carried over, each ``FILE:LINE: what: why``, and there is no TOML.
-The TOML is written by hand (agentd has no TOML writer) and read back with tomllib before it is
-returned: a template's text must come back byte for byte.
-
-HCL dialect: the OpenBao and Vault agents read HCL 1, python-hcl2 parses HCL 2. The two agree on
-what agent configs use (blocks, ``key = value``, ``config = { ... }``, lists, heredocs, ``#`` and
-``//`` comments). Strings are taken as HCL 1 does: ``${...}`` stays literal text, and a heredoc
-keeps the newline before its closing marker (decoded here from the raw heredoc, since python-hcl2
-drops it). An octal ``perms = 0640`` written as a number is read as octal, as HCL 1 does.
-"""
+"""One translation of one agent config (``Migration``): each stanza translated, turned into a
+comment where agentd does the job differently, or refused where it cannot do what the agent did;
+each distinct upstream path a template reads becomes one ``[secrets.NAME]``."""
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
 import re
 import shlex
-import ssl
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agentd.config import SECRET_NAME_PATTERN, parse_duration
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+from agentd.migrate.hcl import Block
+from agentd.migrate.mounts import Mount, MountLookup
+from agentd.migrate.scan import (
+    ENV_FUNCTIONS,
+    REFUSED_FUNCTIONS,
+    SECRET_FUNCTIONS,
+    env_names,
+    scan_template,
+)
+from agentd.migrate.tomlwrite import comment, toml_text, toml_value
 
 AGENT_SOCKET_ADDR = "unix:///run/agentd/agentd.sock"
 
-# consul-template functions a migrated template may not use: agentd renders in a sandbox with no
-# file, process or network access, and talks to OpenBao only (no Consul, no Nomad).
-_REFUSED_FUNCTIONS: dict[str, str] = {
-    "plugin": "runs a program from a template; agentd's renderer runs no program",
-    "writeToFile": "writes a file from a template; agentd's renderer has no file access",
-    "file": "reads a local file from a template; agentd's renderer has no file access",
-    "sockaddr": "probes the host's network; agentd's renderer has no network access",
-}
-for _consul in ("key", "keyExists", "keyOrDefault", "ls", "safeLs", "tree", "safeTree", "node",
-                "nodes", "service", "services", "connect", "datacenters", "caRoots", "caLeaf",
-                "partitions", "peerings", "exportedServices", "importedServices"):
-    _REFUSED_FUNCTIONS[_consul] = "reads Consul; agentd talks to OpenBao/Vault only"
-for _nomad in ("nomadServices", "nomadService", "nomadVarList", "nomadVarListSafe", "nomadVar",
-               "nomadVarExists"):
-    _REFUSED_FUNCTIONS[_nomad] = "reads Nomad; agentd talks to OpenBao/Vault only"
 
-_SECRET_FUNCTIONS = ("secret", "secrets", "pkiCert")
-_ENV_FUNCTIONS = ("env", "mustEnv", "envOrDefault")
 _SUPPORTED_AUTH = ("approle", "token_file", "cert", "jwt")
 _LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning",
                "warning": "warning", "error": "error", "err": "error"}
 _SHELL_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./'\" -]*")
-_HEREDOC = re.compile(r"\A<<(-?)([A-Za-z_][A-Za-z0-9_.-]*)\r?\n(.*?)\Z", re.S)
-
-
-# --- problems and results ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -89,328 +44,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.what}: {self.why}"
-
-
-@dataclass
-class Result:
-    toml: str | None                          # None when there are problems
-    problems: list[Problem] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-class UpstreamLookupError(Exception):
-    """The upstream named with --upstream could not be asked at all (exit 1)."""
-
-
-# --- HCL -> blocks with lines --------------------------------------------------------------------
-
-
-@dataclass
-class Block:
-    """One HCL block (or the file's body, or an object assigned to an attribute)."""
-
-    type: str
-    labels: tuple[str, ...]
-    line: int
-    attrs: dict[str, tuple[Any, int]] = field(default_factory=dict)
-    blocks: list[Block] = field(default_factory=list)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.attrs[name][0] if name in self.attrs else default
-
-    def line_of(self, name: str) -> int:
-        return self.attrs[name][1] if name in self.attrs else self.line
-
-    def children(self, name: str) -> list[Block]:
-        """Blocks ``name { }`` and objects ``name = { }`` (HCL 1 treats them alike)."""
-        found = [b for b in self.blocks if b.type == name]
-        if name in self.attrs and isinstance(self.attrs[name][0], dict):
-            value, line = self.attrs[name]
-            found.append(_object_block(name, (), value, line))
-        return found
-
-    def entries(self) -> Iterator[tuple[str, int]]:
-        for name, (_, line) in self.attrs.items():
-            yield name, line
-        for block in self.blocks:
-            yield block.type, block.line
-
-
-def _object_block(name: str, labels: tuple[str, ...], value: dict[str, Any], line: int) -> Block:
-    block = Block(name, labels, line)
-    for key, item in value.items():
-        block.attrs[str(key)] = (item, line)
-    return block
-
-
-def _decode_heredoc(text: str) -> str:
-    """An HCL 1 heredoc's value: the lines between the markers, each with its newline."""
-    match = _HEREDOC.match(text)
-    if match is None:
-        return text
-    trim, marker, rest = match.group(1), match.group(2), match.group(3)
-    if not rest.endswith(marker):
-        return text
-    body = rest[: -len(marker)]               # ends with the newline before the closing marker
-    if not trim:
-        return body
-    # <<-: HCL 1 removes the closing marker's indentation from every line, if each has it.
-    lines = body.split("\n")
-    indent = lines[-1]
-    if lines[-1].strip(" \t") or not all(line.startswith(indent) for line in lines[:-1]):
-        return body[: len(body) - len(indent)] if not indent.strip(" \t") else body
-    return "\n".join(line[len(indent):] for line in lines[:-1]) + "\n"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, str):
-        return _unescape(_decode_heredoc(value) if value.startswith("<<") else value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k).strip('"'): _plain(v) for k, v in value.items()
-                if not str(k).startswith("__")}
-    return value
-
-
-def _escape_templates(text: str) -> str:
-    """Escape HCL 2's ``${`` and ``%{`` inside strings and heredocs (``$${``, ``%%{``).
-
-    HCL 1 has no string templates: ``"${HOME:-/}"`` or ``%{`` are plain text to the OpenBao
-    Agent, but python-hcl2 would parse them as HCL 2 interpolations or directives (and refuse
-    many). python-hcl2 keeps ``$${`` and ``%%{`` as written; ``_unescape`` undoes this. Newlines
-    are untouched, so lines stay where they were.
-    """
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "#" or text.startswith("//", i):
-            end = text.find("\n", i)
-            end = n if end < 0 else end
-            out.append(text[i:end])
-            i = end
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            out.append(text[i:end])
-            i = end
-        elif ch == '"':
-            j = i + 1
-            while j < n and text[j] not in '"\n':
-                j += 2 if text[j] == "\\" else 1
-            out.append('"' + _escape_part(text[i + 1:j]))
-            i = j
-            if i < n and text[i] == '"':
-                out.append('"')
-                i += 1
-        elif (match := re.compile(r"<<-?([A-Za-z_][A-Za-z0-9_.-]*)\r?\n").match(text, i)):
-            marker = match.group(1)
-            close = re.compile(rf"^[ \t]*{re.escape(marker)}[ \t]*$", re.M).search(
-                text, match.end())
-            stop = close.start() if close else n
-            out.append(match.group() + _escape_part(text[match.end():stop]))
-            i = stop
-            if close is not None:
-                out.append(close.group())
-                i = close.end()
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def _escape_part(text: str) -> str:
-    return text.replace("${", "$${").replace("%{", "%%{")
-
-
-def _unescape(text: str) -> str:
-    return text.replace("$${", "${").replace("%%{", "%{")
-
-
-def parse_hcl(text: str) -> Block:
-    """Parse HCL text into Blocks. Raises ``HclError`` with the line of a syntax error."""
-    import hcl2
-    import lark
-    from hcl2.rules.base import AttributeRule, BlockRule, BodyRule
-    from hcl2.utils import SerializationOptions
-
-    options = SerializationOptions(with_comments=False, strip_string_quotes=True,
-                                   preserve_heredocs=True, explicit_blocks=False)
-    try:
-        start = hcl2.parses(_escape_templates(text.removeprefix("\ufeff")),
-                            discard_comments=True)
-    except lark.exceptions.UnexpectedInput as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise HclError(max(int(getattr(exc, "line", 0) or 0), 0), first) from None
-    except (lark.exceptions.LarkError, RuntimeError, ValueError) as exc:
-        raise HclError(0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-
-    def line_of(rule: Any) -> int:
-        meta = getattr(rule, "_meta", None)
-        return int(getattr(meta, "line", 0) or 0)
-
-    def body(rule: BodyRule, block: Block) -> Block:
-        for child in rule.children:
-            if isinstance(child, AttributeRule):
-                name = str(child.identifier.serialize(options))
-                try:
-                    value = _plain(child.expression.serialize(options))
-                except (RuntimeError, ValueError) as exc:
-                    raise HclError(line_of(child), f"{name}: {exc}") from None
-                block.attrs[name] = (value, line_of(child))
-            elif isinstance(child, BlockRule):
-                labels = [str(label.serialize(options)).strip('"') for label in child.labels]
-                sub = Block(labels[0], tuple(labels[1:]), line_of(child))
-                block.blocks.append(body(child.body, sub))
-        return block
-
-    return body(start.body, Block("", (), 1))
-
-
-class HclError(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
-# --- scanning Go templates -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Call:
-    """One call in a template: the function, its literal string arguments, its line."""
-
-    function: str
-    args: tuple[str, ...]
-    line: int
-    literal: bool = True                      # the first argument is a string literal
-
-
-_TOKEN = re.compile(r"""
-    (?P<comment>/\*.*?\*/)
-  | (?P<string>"(?:[^"\\\n]|\\.)*")
-  | (?P<raw>`[^`]*`)
-  | (?P<char>'(?:[^'\\\n]|\\.)+')
-  | (?P<field>\.[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<var>\$[A-Za-z0-9_]*)
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<space>\s+)
-  | (?P<other>.)
-""", re.S | re.X)
-
-
-def _go_string(token: str) -> str:
-    if token.startswith("`"):
-        return token[1:-1]
-    try:
-        value = ast.literal_eval(token)
-    except (ValueError, SyntaxError):
-        return token[1:-1]
-    return value if isinstance(value, str) else token[1:-1]
-
-
-def scan_template(text: str, left: str = "{{", right: str = "}}") -> list[Call]:
-    """The calls of interest in a Go template: secret functions, env, refused functions."""
-    calls: list[Call] = []
-    pos = 0
-    while True:
-        start = text.find(left, pos)
-        if start < 0:
-            return calls
-        i = start + len(left)
-        tokens: list[tuple[str, str, int]] = []
-        while i < len(text):
-            if text.startswith(right, i) or text.startswith(" -" + right, i):
-                break
-            match = _TOKEN.match(text, i)
-            if match is None:                  # pragma: no cover - "other" matches anything
-                break
-            kind = match.lastgroup or "other"
-            if kind not in ("space", "comment"):
-                tokens.append((kind, match.group(), i))
-            i = match.end()
-        pos = i + len(right)
-        for index, (kind, value, at) in enumerate(tokens):
-            if kind != "ident":
-                continue
-            if index > 0 and tokens[index - 1][1] in ("define", "template", "block"):
-                continue
-            line = text.count("\n", 0, at) + 1
-            if value in _SECRET_FUNCTIONS or value in _ENV_FUNCTIONS:
-                args: list[str] = []
-                rest = tokens[index + 1:]
-                while rest and rest[0][0] in ("string", "raw"):
-                    args.append(_go_string(rest[0][1]))
-                    rest = rest[1:]
-                # anything but the end of the call after the strings is a computed argument
-                computed = bool(rest) and (rest[0][0] in ("field", "var", "ident", "char")
-                                           or rest[0][1] == "(")
-                calls.append(Call(value, tuple(args), line, literal=bool(args) and not computed))
-            elif value in _REFUSED_FUNCTIONS:
-                calls.append(Call(value, (), line))
-
-
-def _env_names(calls: list[Call]) -> list[str]:
-    """The environment variables a template reads with a literal name, once each."""
-    return list(dict.fromkeys(c.args[0] for c in calls if c.function in _ENV_FUNCTIONS and c.args))
-
-
-# --- the upstream: mount lookups -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mount:
-    path: str                                 # "secret/"
-    type: str                                 # "kv", "pki", "database", ...
-    version: str                              # KV: "1" or "2"; "" otherwise
-
-
-class MountLookup:
-    """``GET /v1/sys/internal/ui/mounts/<path>`` on the upstream, once per path."""
-
-    def __init__(self, address: str, token: str, *, ca_file: str | None = None,
-                 namespace: str | None = None, timeout: float = 10.0) -> None:
-        self.address = address.rstrip("/")
-        self.token = token
-        self.namespace = namespace
-        self.timeout = timeout
-        self.context: ssl.SSLContext | None = None
-        if self.address.startswith("https://"):
-            self.context = ssl.create_default_context(cafile=ca_file)
-        self.cache: dict[str, Mount | str] = {}
-
-    def __call__(self, path: str) -> Mount | str:
-        """The mount holding ``path``, or why the upstream did not say."""
-        if path not in self.cache:
-            self.cache[path] = self._ask(path)
-        return self.cache[path]
-
-    def _ask(self, path: str) -> Mount | str:
-        url = f"{self.address}/v1/sys/internal/ui/mounts/{urllib.parse.quote(path)}"
-        request = urllib.request.Request(  # noqa: S310 (http/https: the --upstream address)
-            url, headers={"X-Vault-Token": self.token})
-        if self.namespace:
-            request.add_header("X-Vault-Namespace", self.namespace)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout,  # noqa: S310 (http/s only)
-                                        context=self.context) as reply:
-                body = json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            return f"the upstream answered {exc.code} for sys/internal/ui/mounts/{path}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UpstreamLookupError(f"cannot ask {self.address}: {reason}") from None
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
-            return f"the upstream's reply for sys/internal/ui/mounts/{path} names no mount"
-        options = data.get("options") if isinstance(data.get("options"), dict) else {}
-        version = str((options or {}).get("version") or "")
-        return Mount(data["path"], str(data.get("type", "")), version)
-
-
-# --- translation ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -430,60 +63,6 @@ class Secret:
     uses: list[SecretUse]
     origin: str                               # how the kind was decided (a comment)
     inferred: bool
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_text(text: str) -> str:
-    """A template's text: a multi-line literal string when that keeps it exactly, else basic."""
-    if "\n" in text and "'''" not in text and not text.endswith("'") and \
-            not any((ord(c) < 0x20 and c not in "\n\t") or ord(c) == 0x7F for c in text):
-        return "'''\n" + text + "'''"
-    return _toml_string(text)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) \
-            + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def _comment(text: str, width: int = 98) -> list[str]:
-    import textwrap
-
-    return ["# " + line for line in textwrap.wrap(text, width - 2, break_long_words=False,
-                                                  break_on_hyphens=False)] or ["#"]
 
 
 def secret_name(path: str, taken: Mapping[str, str]) -> str:
@@ -596,7 +175,7 @@ class Migration:
         for block in self.root.children("listener"):
             kind = block.labels[0] if block.labels else str(block.get("type", ""))
             address = block.get("address", "")
-            self.head += _comment(
+            self.head += comment(
                 f"listener \"{kind}\" {address} ({self.where(block.line)}): agentd does not "
                 "proxy to the upstream and never uses a token a client sends. Its one Unix "
                 "socket answers reads of the declared secrets by upstream path, who may read "
@@ -606,13 +185,13 @@ class Migration:
                    if kind == "tcp" else ""))
         for name in ("cache", "api_proxy"):
             for block in self.root.children(name):
-                self.head += _comment(
+                self.head += comment(
                     f"{name} ({self.where(block.line)}): agentd always caches the declared "
                     "secrets (sealed in memory, and in an encrypted snapshot across restarts) and "
                     f"serves them on its socket ({AGENT_SOCKET_ADDR}, HTTP and msgpack); it "
                     "proxies nothing else and forwards no token.")
         for block in self.root.children("telemetry"):
-            self.head += _comment(
+            self.head += comment(
                 f"telemetry ({self.where(block.line)}): see [metrics] listen and textfile "
                 "(Prometheus) in docs/configuration.md.")
         self.exec_stanzas()
@@ -638,13 +217,13 @@ class Migration:
         for name in ("log_file", "log_format", "log_rotate_bytes", "log_rotate_duration",
                      "log_rotate_max_files"):
             if name in root.attrs:
-                self.head += _comment(f"{name} ({self.where(root.line_of(name))}): agentd logs "
+                self.head += comment(f"{name} ({self.where(root.line_of(name))}): agentd logs "
                                       "JSON lines on stderr (the journal under systemd).")
         if "pid_file" in root.attrs:
-            self.head += _comment(f"pid_file ({self.where(root.line_of('pid_file'))}): agentd "
+            self.head += comment(f"pid_file ({self.where(root.line_of('pid_file'))}): agentd "
                                   "writes no pid file; systemd tracks it (Type=notify).")
         if root.get("exit_after_auth") is True:
-            self.head += _comment(
+            self.head += comment(
                 f"exit_after_auth ({self.where(root.line_of('exit_after_auth'))}): agentd is a "
                 "daemon and keeps the files current; it has no render-once-and-exit mode.")
             self.notes.append(f"{self.file}:{root.line_of('exit_after_auth')}: exit_after_auth: "
@@ -668,14 +247,14 @@ class Migration:
                         self.problem(line, f"template_config.{name}",
                                      "expected a fraction between 0 and 1")
                 elif name == "exit_on_retry_failure":
-                    self.head += _comment(
+                    self.head += comment(
                         f"template_config.exit_on_retry_failure = {toml_value(value)} "
                         f"({self.where(line)}): agentd never exits because the upstream or a "
                         "template fails: it serves the last good values (up to max_stale), backs "
                         "off and retries, and reports the failure in `agentd status`, its "
                         "metrics and its logs.")
                 elif name == "max_connections_per_host":
-                    self.head += _comment(
+                    self.head += comment(
                         f"template_config.max_connections_per_host ({self.where(line)}): see "
                         "[upstream] max_concurrency (default 8).")
                 else:
@@ -726,7 +305,7 @@ class Migration:
                 self.problem(line, "vault.ca_path", "agentd takes one CA bundle file "
                              "(ca_file), not a directory: concatenate the certificates")
             elif name == "retry":
-                self.upstream += _comment(
+                self.upstream += comment(
                     f"vault.retry ({self.where(line)}): agentd retries every upstream request "
                     "with jittered exponential backoff (backoff_min, backoff_max) and never "
                     "gives up.")
@@ -773,7 +352,7 @@ class Migration:
                 self.upstream.append(f"namespace = {toml_value(method.get(name))}   "
                                      f"# {what} namespace")
             elif name in ("min_backoff", "max_backoff", "exit_on_err"):
-                self.auth += _comment(f"{name} ({self.where(line)}): agentd re-logs in with "
+                self.auth += comment(f"{name} ({self.where(line)}): agentd re-logs in with "
                                       "jittered backoff up to [upstream] login_backoff_max "
                                       "(default 5m) and never exits for a failed login.")
             else:
@@ -807,7 +386,7 @@ class Migration:
             if key in found:
                 self.auth.append(f"{key} = {toml_value(self.auth_file(config, found, key))}")
         if config.get("remove_secret_id_file_after_reading", True) is not False:
-            self.auth += _comment(
+            self.auth += comment(
                 "The OpenBao Agent deletes the secret_id file after reading it (unless "
                 "remove_secret_id_file_after_reading = false); agentd keeps it and reads it "
                 "again at each login: it must be a reusable secret_id, mode 0600 or 0640.")
@@ -837,7 +416,7 @@ class Migration:
         if "role" in found:
             self.auth.append(f"role = {toml_value(found['role'])}")
         if "ca_cert" in config.attrs:
-            self.auth += _comment("config.ca_cert of the cert method: agentd verifies the "
+            self.auth += comment("config.ca_cert of the cert method: agentd verifies the "
                                   "upstream with [upstream] ca_file for every request.")
 
     def _auth_jwt(self, config: Block, what: str) -> None:
@@ -849,7 +428,7 @@ class Migration:
                 value = self.auth_file(config, found, key) if key == "jwt_file" else found[key]
                 self.auth.append(f"{key} = {toml_value(value)}")
         if config.get("remove_jwt_after_reading", True) is not False:
-            self.auth += _comment("The OpenBao Agent deletes the JWT file after reading it; "
+            self.auth += comment("The OpenBao Agent deletes the JWT file after reading it; "
                                   "agentd leaves it and reads it again at each login.")
 
     # -- exec and env_template
@@ -885,7 +464,7 @@ class Migration:
             command = block.get("command")
             argv = command if isinstance(command, list) else \
                 (shlex.split(command) if isinstance(command, str) else [])
-            self.exec_notes += _comment(
+            self.exec_notes += comment(
                 f"exec ({self.where(block.line)}): agentd does not supervise the program "
                 "itself: run it with `agentd exec` (for example in the unit's ExecStart=), which "
                 "asks the agent as the calling user (a [[policy]] must grant it) and puts the "
@@ -901,7 +480,7 @@ class Migration:
                 + " -- " + " ".join(shlex.quote(str(a)) for a in argv)
             self.exec_notes.append(line)
         if env_blocks and not exec_blocks:
-            self.exec_notes += _comment(
+            self.exec_notes += comment(
                 "env_template without exec: pass the values with `agentd exec "
                 + " ".join(envs) + " -- PROGRAM`.")
 
@@ -943,11 +522,11 @@ class Migration:
         clean = True
         for call in calls:
             line = offset + call.line
-            if call.function in _REFUSED_FUNCTIONS:
-                self.problem(line, f"{what}: {call.function}", _REFUSED_FUNCTIONS[call.function],
+            if call.function in REFUSED_FUNCTIONS:
+                self.problem(line, f"{what}: {call.function}", REFUSED_FUNCTIONS[call.function],
                              file=file)
                 clean = False
-            elif call.function not in _ENV_FUNCTIONS and not call.literal:
+            elif call.function not in ENV_FUNCTIONS and not call.literal:
                 self.problem(line, f"{what}: {call.function}", "the path or an argument is not "
                              "a string literal: agentd declares every secret a template reads "
                              "(and its parameters) in its config, so each must be written out",
@@ -956,11 +535,11 @@ class Migration:
         # (function, path, args, line) of each secret read: the engine's, or, when the text
         # is refused anyway, this scan's literal ones (so that every problem is named at once)
         refs = [(c.function, c.args[0], c.args[1:], c.line) for c in calls
-                if c.function in _SECRET_FUNCTIONS and c.literal]
+                if c.function in SECRET_FUNCTIONS and c.literal]
         if clean:
             try:
                 parsed = gotemplate.parse(text, name=what, left_delim=str(left),
-                                          right_delim=str(right), env_allow=_env_names(calls))
+                                          right_delim=str(right), env_allow=env_names(calls))
             except gotemplate.GoTemplateError as exc:
                 message = str(exc)
                 for prefix in (f"{what}:{exc.line}: ", f"{what}: "):
@@ -1095,13 +674,13 @@ class Migration:
             path = Path(source)
             absolute = path if path.is_absolute() else (self.path.parent / path).resolve()
             if not path.is_absolute():
-                out += _comment(f"source {source!r} was relative: taken from {self.path.parent} "
+                out += comment(f"source {source!r} was relative: taken from {self.path.parent} "
                                 "(the OpenBao Agent resolves it from its working directory)")
             out.append(f"source = {toml_value(str(absolute))}")
             text, file = self.read_source(str(absolute), block.line_of("source"),
                                           f"{what}.source")
         elif isinstance(contents, str):
-            out.append(f"contents = {_toml_text(contents)}")
+            out.append(f"contents = {toml_text(contents)}")
             text = contents
             heredoc = self.raw_attr(block, "contents").startswith("<<")
             offset = block.line_of("contents") + (1 if heredoc else 0) - 1
@@ -1115,7 +694,7 @@ class Migration:
         else:
             dest = Path(destination)
             if not dest.is_absolute():
-                out += _comment(f"destination {destination!r} was relative: taken from "
+                out += comment(f"destination {destination!r} was relative: taken from "
                                 f"{self.path.parent}")
                 dest = (self.path.parent / dest).resolve()
             out.append(f"destination = {toml_value(str(dest))}")
@@ -1142,12 +721,12 @@ class Migration:
                 out.append("error_on_missing_key = false   # as the HCL says: a missing key "
                            "renders <no value>")
             else:
-                out += _comment(
+                out += comment(
                     "agentd fails closed: a key missing from a secret fails the render and the "
                     "previous file stays (the OpenBao Agent writes <no value> unless "
                     "error_on_missing_key = true). Add error_on_missing_key = false to render "
                     "<no value> as it did.")
-        envs = _env_names(scan_template(text, str(left), str(right))) if text else []
+        envs = env_names(scan_template(text, str(left), str(right))) if text else []
         if envs:
             out.append(f"env = {toml_value(envs)}   # agentd's Go engine reads only the "
                        "environment variables listed here")
@@ -1175,7 +754,7 @@ class Migration:
         if block.get("create_dest_dirs") is not False:
             self.create_dirs.append(self.where(block.line))
         if "error_fatal" in block.attrs:
-            out += _comment("error_fatal: agentd never exits because one template fails; the "
+            out += comment("error_fatal: agentd never exits because one template fails; the "
                             "failure is logged, counted and retried, the other files go on.")
         self.templates.append(out)
 
@@ -1205,11 +784,11 @@ class Migration:
             except ValueError:                     # unbalanced quotes: leave it to the shell
                 words = []
             if words:
-                out += _comment("command was a string without shell syntax: split into words "
+                out += comment("command was a string without shell syntax: split into words "
                                 "(agentd runs an argv, never a shell by itself).")
                 out.append(f"command = {toml_value(words)}")
             else:
-                out += _comment("command was a shell string: agentd never uses a shell by "
+                out += comment("command was a shell string: agentd never uses a shell by "
                                 "itself, so it is run through /bin/sh -c explicitly, as the "
                                 "OpenBao Agent did. An argv without a shell is safer.")
                 out.append(f"command = {toml_value(['/bin/sh', '-c', command])}")
@@ -1243,7 +822,7 @@ class Migration:
             "# through the socket until a [[policy]] grants it (deny by default).",
         ]
         if self.create_dirs:
-            self.head += _comment(
+            self.head += comment(
                 "create_dest_dirs (the default, in template " + ", ".join(self.create_dirs) +
                 "): agentd does not create a missing destination directory; create it "
                 "beforehand (tmpfiles.d, the package, or StateDirectory=/RuntimeDirectory=).")
@@ -1256,9 +835,9 @@ class Migration:
             lines += ["", f"[secrets.{secret.name}]"]
             used = ", ".join(dict.fromkeys(u.where for u in secret.uses[:4]))
             more = f" and {len(secret.uses) - 4} more" if len(secret.uses) > 4 else ""
-            lines += _comment(f"{secret.uses[0].function} {json.dumps(secret.uses[0].path)} "
+            lines += comment(f"{secret.uses[0].function} {json.dumps(secret.uses[0].path)} "
                               f"({used}{more})")
-            lines += _comment(("INFERRED, check it: " if secret.inferred else "kind: ")
+            lines += comment(("INFERRED, check it: " if secret.inferred else "kind: ")
                               + secret.origin)
             lines.append(f"kind = {toml_value(secret.kind)}")
             lines.append(f"path = {toml_value(secret.path)}")
@@ -1271,7 +850,7 @@ class Migration:
                 lines.append(f"renew_at = {self.renew_at!r}   "
                              "# template_config.lease_renewal_threshold")
         names = sorted(s.name for s in self.secrets.values())
-        lines += ["", *_comment(
+        lines += ["", *comment(
             "agentd is deny-by-default: templates render without a policy, but no process reads "
             "a secret over the socket, `agentd exec` or the HTTP face until a [[policy]] grants "
             "it. migrate invents none; an example:"),
@@ -1282,47 +861,3 @@ class Migration:
         for table in self.templates:
             lines += ["", "[[template]]", *table]
         return "\n".join(lines) + "\n"
-
-
-def migrate(path: Path, *, upstream: str | None = None, token: str | None = None,
-            ca_file: str | None = None) -> Result:
-    """Translate the agent config at ``path``. ``upstream`` and ``token``: ask the server for
-    each mount's type and version. Raises UpstreamLookupError if the upstream cannot be asked."""
-    file = str(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        return Result(None, [Problem(file, 0, "file", str(getattr(exc, "strerror", exc)))])
-    try:
-        root = parse_hcl(text)
-    except HclError as exc:
-        return Result(None, [Problem(file, exc.line, "HCL syntax error", exc.message)])
-    lookup = None
-    if upstream is not None:
-        vault = (root.children("vault") or [Block("vault", (), 0)])[0]
-        namespace = vault.get("namespace")
-        lookup = MountLookup(upstream, token or "", ca_file=ca_file or vault.get("ca_cert"),
-                             namespace=namespace if isinstance(namespace, str) else None)
-    migration = Migration(path, text, root, lookup=lookup, fallback_address=upstream)
-    output = migration.run()
-    problems = sorted(migration.problems, key=lambda p: (p.file != file, p.file, p.line))
-    if output is None:
-        return Result(None, problems, migration.notes)
-    _check_round_trip(output, migration)
-    notes = [*migration.notes,
-             f"{file}: no [[policy]] generated (agentd is deny-by-default): the output has a "
-             "commented example; grant each reading process its secrets"]
-    if any(s.inferred for s in migration.secrets.values()):
-        count = sum(1 for s in migration.secrets.values() if s.inferred)
-        notes.append(f"{file}: the kind of {count} secret(s) is inferred from the path, marked "
-                     "INFERRED: check them, or run with --upstream ADDR to ask the server")
-    return Result(output, [], notes)
-
-
-def _check_round_trip(output: str, migration: Migration) -> None:
-    """The TOML must parse, and every template's contents come back byte for byte."""
-    data = tomllib.loads(output)
-    expected = [b.get("contents") for b in migration.root.children("template")]
-    got = [t.get("contents") for t in data.get("template", [])]
-    if expected != got:                        # pragma: no cover - a bug in the writer
-        raise AssertionError("migrate: a template's contents did not survive TOML writing")
