@@ -494,7 +494,7 @@ class Upstream:
         return ([a for a in order if a not in self._down]
                 + [a for a in order if a in self._down])
 
-    def _mark_down(self, address: str, exc: UpstreamError) -> None:
+    def _mark_down(self, address: str, exc: _Failover) -> None:
         if address in self._down:
             return
         backoff = Backoff(self._cfg.backoff_min, self._cfg.backoff_max, rng=self._health_rng)
@@ -502,6 +502,20 @@ class Upstream:
         self._health_wake.set()
         log.warning("upstream address marked down; its requests go to the others until it "
                     "answers again", extra={"address": address, "error": str(exc)})
+        if (self._gate is not None and not self._gate.failures
+                and len(self._down) == len(self._addresses)):
+            # every address failed, in this request's attempts or in several requests' (a hung
+            # cluster holds each attempt for a whole timeout): the outage gate closes now
+            self._close_gate(exc)
+
+    def _close_gate(self, exc: _Failover) -> None:
+        """Stop sending for a backoff window, one longer than the last (each failed probe)."""
+        assert self._gate is not None
+        delay = self._gate.next_delay(at_least=exc.retry_after or 0.0)
+        self._gate_until = trio.current_time() + delay
+        if self._gate.failures == 1:
+            log.warning("upstream unreachable on every address; backing off",
+                        extra={"retry_in": round(delay, 2)})
 
     def _mark_up(self, address: str) -> None:
         if address not in self._down:
@@ -575,14 +589,12 @@ class Upstream:
                 headers.append(("X-Vault-Token", value))
         probe = self._pass_gate(method, path)
         try:
-            response, body = await self._try_addresses(method, path, json, headers, entered)
+            response, body = await self._try_addresses(method, path, json, headers, entered,
+                                                       probe)
         except _Failover as exc:
-            if self._gate is not None:
-                delay = self._gate.next_delay(at_least=exc.retry_after or 0.0)
-                self._gate_until = trio.current_time() + delay
-                if self._gate.failures == 1:
-                    log.warning("upstream unreachable on every address; backing off",
-                                extra={"retry_in": round(delay, 2)})
+            # the gate closed when the last address was marked down; a failed probe extends it
+            if self._gate is not None and (probe or not self._gate.failures):
+                self._close_gate(exc)
             raise
         else:
             if self._gate is not None and self._gate.failures:
@@ -598,24 +610,28 @@ class Upstream:
         """Raise at once while the outage gate is closed; True when this request is the probe."""
         if self._gate is None or not self._gate.failures:
             return False
-        left = self._gate_until - trio.current_time()
-        if left > 0 or self._probing:
-            self._gated += 1
-            raise TransientError(
-                f"{method} {path}: upstream unreachable; next attempt in {max(left, 0.0):.1f} s",
-                retry_after=max(left, 0.0),
-            )
+        if self._gate_until > trio.current_time() or self._probing:
+            raise self._gated_error(method, path)
         self._probing = True
         return True
 
+    def _gated_error(self, method: str, path: str) -> TransientError:
+        """The error of a request (or a failover attempt) the closed outage gate stops."""
+        self._gated += 1
+        left = max(self._gate_until - trio.current_time(), 0.0)
+        return TransientError(
+            f"{method} {path}: upstream unreachable; next attempt in {left:.1f} s",
+            retry_after=left)
+
     async def _try_addresses(
-        self, method: str, path: str, json: Any, headers: list[tuple[str, str]], entered: float
+        self, method: str, path: str, json: Any, headers: list[tuple[str, str]], entered: float,
+        probe: bool,
     ) -> tuple[Response, Any]:
         last: _Failover | None = None
         for address in self._order(path):
             try:
                 response, body = await self._attempt(address, method, path, json, headers,
-                                                     entered)
+                                                     entered, probe)
             except _Failover as exc:
                 self._up = False
                 last = exc
@@ -677,7 +693,7 @@ class Upstream:
 
     async def _attempt(
         self, address: str, method: str, path: str, json: Any, headers: list[tuple[str, str]],
-        entered: float,
+        entered: float, probe: bool,
     ) -> tuple[Response, Any]:
         target = f"/v1/{path.lstrip('/')}"
         body = None
@@ -686,6 +702,10 @@ class Upstream:
             headers = [*headers, ("Content-Type", "application/json")]
         await self._acquire(entered)
         try:
+            if not probe and self._gate is not None and self._gate.failures:
+                # the gate closed while this request waited for its slot or failed over from
+                # an address that held it: nothing more goes into an unreachable cluster
+                raise self._gated_error(method, path)
             self._in_flight += 1
             self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
             started = time.perf_counter()

@@ -715,33 +715,43 @@ def _config(upstream: UpstreamConfig, secrets: dict[str, SecretConfig]) -> Confi
 
 
 @pytest.mark.slow
-async def test_polls_held_over_a_hung_upstream_are_spread_after_it_answers(
+async def test_polls_into_a_hung_cluster_stop_at_the_gate_and_are_spread_after_it_answers(
     own_bao: DevServer, tmp_path: Path, idle_jump_clock: trio.testing.MockClock
 ) -> None:
-    """The recovery ramp (decision 9): the server is SIGSTOPped long enough for one request to
-    time out (a failure streak) while most polls queue behind the hung ones; after SIGCONT the
-    polls that were held over the outage go out at random phases within their refresh, not
-    all in the instant the server answers. Counted at a proxy, in the test's (virtual) time."""
+    """The outage gate and the recovery ramp (decision 9) on a hung three-node cluster (three
+    proxies in front of one SIGSTOPped server): every secret comes due during the outage. The
+    first polls hang on their first addresses until they time out; once every address has
+    failed so, whichever requests' attempts those were, the gate closes, and neither their
+    failovers nor the polls queued behind them go into the hung cluster. After SIGCONT the
+    secrets are polled at random phases within their refresh, not all in the instant the
+    cluster answers. Counted at the proxies, in the test's (virtual) time."""
     own_bao.put_policy("agentd-read", READ_ALL_SECRETS)
     files = role_files(tmp_path, own_bao.approle("agentd", policies=["agentd-read"],
                                                  token_ttl="1h"))
     names = [f"s{i:02d}" for i in range(24)]
-    refresh = 4.0
-    proxy = FaultProxy(own_bao.port)
+    refresh, timeout, slots = 4.0, 3.0, 4
+    proxies = [FaultProxy(own_bao.port) for _ in range(3)]
+
+    def polls() -> list[float]:
+        return sorted(t for p in proxies for t, _, line in p.requests
+                      if line.startswith("GET /v1/secret/data/"))
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        rig = _kv_refresher(own_bao, files, names, refresh=refresh, timeout=3.0, seed=5,
-                            addresses=(proxy.address,), max_concurrency=2, outage_gate=True)
+        for proxy in proxies:
+            await nursery.start(proxy.run)
+        rig = _kv_refresher(own_bao, files, names, refresh=refresh, timeout=timeout, seed=5,
+                            addresses=tuple(p.address for p in proxies), max_concurrency=slots,
+                            outage_gate=True, order_seed="host-1")
         up, auth, refresher = rig.up, rig.auth, rig.refresher
         await nursery.start(auth.run)
         await nursery.start(refresher.run)
         try:
             with trio.fail_after(120):
                 await refresher.wait_all_fetched()
+                before = len(polls())
                 own_bao.pause()
-                # every secret comes due (within 1.1 refresh); the first two requests time out
-                # (3 s: the streak), the next two hang in their place, the rest queue behind
-                await trio.sleep(2 * refresh)
+                await trio.sleep(4 * refresh)
+                into_the_outage = len(polls()) - before
                 own_bao.resume()
                 resumed = trio.current_time()
                 await trio.sleep(2 * refresh)
@@ -751,18 +761,65 @@ async def test_polls_held_over_a_hung_upstream_are_spread_after_it_answers(
     await up.aclose()
     stats = up.statistics()
     assert stats.recoveries == 1
-    assert stats.held >= 8                       # most polls were held over the outage
-    reads = [t - resumed for t, _, line in proxy.requests
-             if line.startswith("GET /v1/secret/data/") and resumed <= t < resumed + refresh]
-    assert len(reads) >= stats.held
-    # spread over the refresh after the recovery, not all in its first instant: without the
-    # ramp every held poll goes out the moment the server answers (20 of 24 here)
+    # the gate closed during the outage (before, with three addresses, a request held its slot
+    # for three timeouts before it could close it, and 20 polls went into this outage, not 10)
+    assert stats.gated > 0
+    assert into_the_outage < 2 * len(names)
+    reads = [t - resumed for t in polls() if resumed <= t < resumed + refresh]
+    # spread over the refresh after the recovery, not all in its first instant
     early = sum(1 for t in reads if t < refresh / 16)
     assert early <= len(reads) // 4, sorted(reads)
     assert len({int(t) for t in reads}) >= 3     # several distinct seconds
     # and about once per secret: a poll that completed with the recovery takes a new phase
     # within its refresh instead of following its held-over neighbours a refresh later
     assert len(reads) <= len(names) + 4, sorted(reads)
+
+
+async def test_the_gate_closes_once_every_address_has_failed_whichever_requests_tried_them(
+    idle_jump_clock: trio.testing.MockClock
+) -> None:
+    """Proposal 2 of docs/scaling.md: on a hung cluster (three black holes) the first attempts
+    of three requests, one per address, time out together. That every address has now failed
+    closes the outage gate: their failovers and the six requests queued for a slot are not
+    sent, where before each request went on to the next address (another whole timeout
+    each) until one of them had failed on all three."""
+    proxies = [FaultProxy(free_port()) for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        for proxy in proxies:
+            await nursery.start(proxy.run)
+            proxy.mode = "blackhole"
+        addresses = tuple(p.address for p in proxies)
+        up = Upstream(UpstreamConfig(addresses=addresses, timeout=2.0, max_concurrency=3),
+                      outage_gate=True, order_seed="host-1")
+        # one path whose first address is each proxy: the three slots cover the cluster
+        paths: dict[str, str] = {}
+        for i in range(200):
+            path = f"secret/data/p{i}"
+            paths.setdefault(spread_addresses(addresses, "host-1", path)[0], path)
+        assert len(paths) == 3
+        queued = [f"secret/data/q{i}" for i in range(6)]
+        outcomes: list[str] = []
+
+        async def read(path: str) -> None:
+            try:
+                await up.request("GET", path)
+                outcomes.append("answered")
+            except TransientError as exc:
+                outcomes.append("gated" if "next attempt in" in str(exc) else "timed out")
+
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as readers:
+                    for path in [*paths.values(), *queued]:
+                        readers.start_soon(read, path)
+                        await trio.sleep(0)
+        finally:
+            await up.aclose()
+        nursery.cancel_scope.cancel()
+    sent = sorted(line for p in proxies for _, _, line in p.requests)
+    assert sent == sorted(f"GET /v1/{path}" for path in paths.values())
+    assert sorted(outcomes) == ["gated"] * 9
+    assert up.statistics().gated == 9
 
 
 @pytest.mark.slow
