@@ -29,12 +29,16 @@ failover); other 4xx and malformed replies -> PermanentError.
 Messages carry method, path, status and the upstream's own ``errors`` strings (capped), never a
 request body, a header, a token or secret data.
 
-Outage gate (``outage_gate=True``, what the daemon uses; decision 9): once a request has failed on
-every address (connection failures, 5xx, sealed, standby), the host stops sending for a
-full-jitter backoff window (``backoff_min`` .. ``backoff_max``, growing with each failed probe);
-requests in the window fail at once with a TransientError whose ``retry_after`` is the time left,
-and when it ends a single request goes out as the probe (others keep failing fast meanwhile). A
-probe that gets any answer from a node closes the gate. So however many secrets a host has, an
+Outage gate (``outage_gate=True``, what the daemon uses; decision 9): once every address has
+failed (connection failures, timeouts, 5xx, sealed, standby: the mark that leaves no address up,
+whichever requests' attempts failed), the host stops sending for a full-jitter backoff window
+(``backoff_min`` .. ``backoff_max``, growing with each failed probe); requests in the window
+fail at once with a TransientError whose ``retry_after`` is the time left, and when it ends a
+single request goes out as the probe (others keep failing fast meanwhile). A
+request that entered before the gate closed is stopped as well when it would next send (it
+waited for a slot, or would fail over from an address that held it): on a hung cluster nothing
+more goes in than the attempts already on their way. A probe that gets any answer from a node
+opens the gate; a failed one lengthens the window. So however many secrets a host has, an
 outage costs the upstream about one request per window from it, not one per secret.
 
 Recovery ramp (decision 9): a failure streak starts at the first failed attempt and ends at the
@@ -126,7 +130,7 @@ class UpstreamStatistics:
     in_flight_peak: int = metric("The most upstream requests in flight at once (at most "
                                  "max_concurrency)", name="agentd_upstream_in_flight_peak",
                                  default=0)
-    gated: int = metric("Requests failed at once by the outage gate (never sent)", COUNTER,
+    gated: int = metric("Requests (or failovers) the outage gate stopped before sending", COUNTER,
                         name="agentd_upstream_gated", default=0)
     down: tuple[str, ...] = ()   # addresses marked down (tried last; probed by run())
     recoveries: int = metric("Failure streaks (of at least backoff_min) that ended in an answer",
