@@ -11,7 +11,8 @@ Theory of operation (decision 8):
 - **Each target** runs one task: wait for a request (``Target.wake``), render, write (batched
   with other targets' writes into one thread job, ``agentd.render.files``), and tell its command
   task (``agentd.render.commands``) when a file changed. Its progress is one explicit state,
-  ``TargetState``; what the target writes is its ``Output`` (``agentd.render.outputs``).
+  ``TargetState`` (``agentd.render.target``); what the target writes is its ``Output``
+  (``agentd.render.outputs``).
 - **Fail closed**: a render or write that fails keeps the last good file; the error is logged
   with the target and reason, counted, and retried with backoff; other targets go on.
 
