@@ -506,11 +506,16 @@ class Upstream:
         self._health_wake.set()
         log.warning("upstream address marked down; its requests go to the others until it "
                     "answers again", extra={"address": address, "error": str(exc)})
-        if (self._gate is not None and not self._gate.failures
+        if (self._gate is not None and not self._gate_closed
                 and len(self._down) == len(self._addresses)):
             # every address failed, in this request's attempts or in several requests' (a hung
             # cluster holds each attempt for a whole timeout): the outage gate closes now
             self._close_gate(exc)
+
+    @property
+    def _gate_closed(self) -> bool:
+        """True from the moment every address failed until an answer (a failed probe keeps it)."""
+        return self._gate is not None and self._gate.failures > 0
 
     def _close_gate(self, exc: _Failover) -> None:
         """Stop sending for a backoff window, one longer than the last (each failed probe)."""
@@ -542,8 +547,7 @@ class Upstream:
         outage gate is closed (requests themselves find out when the cluster is back)."""
         healthy = False
         try:
-            if len(self._down) < len(self._addresses) and (
-                    self._gate is None or not self._gate.failures):
+            if len(self._down) < len(self._addresses) and not self._gate_closed:
                 self._health_probes += 1
                 async with self._limiter:
                     response = await self._transport.request(
@@ -597,11 +601,11 @@ class Upstream:
                                                        probe)
         except _Failover as exc:
             # the gate closed when the last address was marked down; a failed probe extends it
-            if self._gate is not None and (probe or not self._gate.failures):
+            if self._gate is not None and (probe or not self._gate_closed):
                 self._close_gate(exc)
             raise
         else:
-            if self._gate is not None and self._gate.failures:
+            if self._gate is not None and self._gate_closed:
                 log.info("upstream reachable again")
                 self._gate.reset()
                 self._gate_until = -math.inf
@@ -612,7 +616,7 @@ class Upstream:
 
     def _pass_gate(self, method: str, path: str) -> bool:
         """Raise at once while the outage gate is closed; True when this request is the probe."""
-        if self._gate is None or not self._gate.failures:
+        if not self._gate_closed:
             return False
         if self._gate_until > trio.current_time() or self._probing:
             raise self._gated_error(method, path)
@@ -662,8 +666,7 @@ class Upstream:
         if self._streak_since is None:
             return
         now = trio.current_time()
-        gate_closed = self._gate is not None and self._gate.failures > 0
-        if now - self._streak_since >= self._cfg.backoff_min or gate_closed:
+        if now - self._streak_since >= self._cfg.backoff_min or self._gate_closed:
             self.recovered.set(now)
             log.info("upstream answers again after a failure streak; requests held over it "
                      "are spread", extra={"streak_s": round(now - self._streak_since, 2)})
@@ -706,7 +709,7 @@ class Upstream:
             headers = [*headers, ("Content-Type", "application/json")]
         await self._acquire(entered)
         try:
-            if not probe and self._gate is not None and self._gate.failures:
+            if not probe and self._gate_closed:
                 # the gate closed while this request waited for its slot or failed over from
                 # an address that held it: nothing more goes into an unreachable cluster
                 raise self._gated_error(method, path)
